@@ -8,6 +8,7 @@ Every default lives here, next to the reason for it.
 
 from __future__ import annotations
 
+import logging
 import os
 from enum import Enum
 from pathlib import Path
@@ -18,6 +19,8 @@ from omegaconf.errors import OmegaConfBaseException
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from inf_llm.errors import ConfigError
+
+logger = logging.getLogger(__name__)
 
 # Environment variable naming the config file the server loads.
 CONFIG_ENV_VAR = "INFLLM_CONFIG"
@@ -166,9 +169,18 @@ class InfLLMConfig(_Strict):
                     f"model.repr_topk ({m.repr_topk}) must be <= model.block_size ({m.block_size})"
                 )
             if m.score_decay is not None and m.cache_strategy is not CacheStrategy.LRU_S:
-                raise ValueError(
-                    f"model.score_decay is only used with cache_strategy: lru-s, "
-                    f"not {m.cache_strategy.value}"
+                # The original presets (vicuna-inf-llm, mistral-inf-llm-12k) set score_decay and leave
+                # cache_strategy at its default, where the original code ignores it: accept that verbatim.
+                # Only an explicit contradiction is an error.
+                if "cache_strategy" in m.model_fields_set:
+                    raise ValueError(
+                        f"model.score_decay is only used with cache_strategy: lru-s, "
+                        f"not {m.cache_strategy.value}; remove score_decay or set cache_strategy: lru-s"
+                    )
+                logger.info(
+                    "model.score_decay=%s has no effect with the default cache_strategy lru "
+                    "(as in the original project); set cache_strategy: lru-s to use it",
+                    m.score_decay,
                 )
         if self.chunk_size % m.exc_block_size != 0:
             raise ValueError(
