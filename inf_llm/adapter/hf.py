@@ -1,0 +1,342 @@
+"""The transformers 5.x hook: InfLLM attention through supported extension points only.
+
+- `IdentityRotary` replaces `model.model.rotary_emb` (cos=1, sin=0): q and k reach the cache and the
+  attention function un-rotated and bit-exact; the memory applies RoPE at the positions it chooses.
+- `InfLLMCache` (a `Cache` of `InfLLMLayer`s) owns one `ContextMemory` per layer for ONE sequence.
+- `infllm_attention`, registered as attention implementation "infllm", hands each layer's new q/k/v to
+  its memory. No mask function is registered, so transformers never builds an N x N mask.
+
+How the attention function finds its layer: the cache's `update()` runs right before the attention
+call, in the same thread, for the same layer (Llama, Mistral, Qwen2, Qwen3 on transformers 5.17 and 5.2x).
+`update()` records the layer in a context variable and the function checks the layer index matches.
+Knows nothing of HTTP or tokenizers.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import hashlib
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AttentionInterface
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from inf_llm.config import MemoryType, ModelConfig
+from inf_llm.errors import GenerationCancelled, SessionStateError, UnsupportedModelError
+from inf_llm.kernels import get_backend
+from inf_llm.memory import ContextMemory, LayerStats, RotaryTable
+
+log = logging.getLogger(__name__)
+
+ATTN_IMPLEMENTATION = "infllm"
+# Bumped when the saved session layout changes.
+SESSION_FORMAT = 1
+
+# The layer whose update() ran last in this thread/context. A ContextVar, not a global: each worker
+# thread sees its own value, so two sequences in two threads never see each other's layers.
+_ACTIVE_LAYER: contextvars.ContextVar["InfLLMLayer | None"] = contextvars.ContextVar("infllm_layer", default=None)
+
+
+class IdentityRotary(nn.Module):
+    """Drop-in for LlamaRotaryEmbedding & co.: returns cos=1, sin=0, so apply_rotary_pos_emb is a no-op.
+
+    The real module is kept as `.real` (its inv_freq is a non-persistent buffer: the state dict is
+    unchanged) and supplies the frequencies of the memory's RotaryTable.
+    """
+
+    def __init__(self, real: nn.Module):
+        super().__init__()
+        self.real = real
+        self.dim = real.inv_freq.shape[-1] * 2
+
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = (*position_ids.shape[:2], self.dim)
+        one = torch.ones((), dtype=x.dtype, device=x.device)
+        return one.expand(shape), torch.zeros((), dtype=x.dtype, device=x.device).expand(shape)
+
+
+@dataclass
+class PatchState:
+    """What patch_model leaves on the model (as `model.infllm`): config, shapes, RoPE source."""
+
+    cfg: ModelConfig
+    num_layers: int
+    num_q_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rotary: nn.Module
+    ropes: dict = field(default_factory=dict)  # device -> RotaryTable
+    copy_streams: dict = field(default_factory=dict)  # device -> side CUDA stream (async_global_stream)
+
+    def rope_for(self, device: torch.device) -> RotaryTable:
+        if device not in self.ropes:
+            real = self.rotary
+            self.ropes[device] = RotaryTable(
+                real.inv_freq.detach().to(device), self.head_dim,
+                attention_scaling=float(getattr(real, "attention_scaling", 1.0) or 1.0),
+                base=self.cfg.base, distance_scale=self.cfg.distance_scale,
+            )
+        return self.ropes[device]
+
+    def copy_stream_for(self, device: torch.device):
+        if device.type != "cuda" or not self.cfg.async_global_stream:
+            return None  # no side stream on CPU: async_global_stream is a no-op there
+        if device not in self.copy_streams:
+            self.copy_streams[device] = torch.cuda.Stream(device=device)
+        return self.copy_streams[device]
+
+    def fingerprint(self) -> dict:
+        memory_keys = ("type", "n_init", "n_local", "topk", "repr_topk", "block_size", "exc_block_size",
+                       "base", "distance_scale", "perhead", "dense_decoding")
+        return {"layers": self.num_layers, "q_heads": self.num_q_heads, "kv_heads": self.num_kv_heads,
+                "head_dim": self.head_dim, **{k: _plain(getattr(self.cfg, k)) for k in memory_keys}}
+
+
+def _plain(value):
+    return value.value if hasattr(value, "value") else value
+
+
+def _decoder(model: nn.Module) -> nn.Module:
+    inner = getattr(model, "model", None)
+    if inner is None or not hasattr(inner, "rotary_emb"):
+        raise UnsupportedModelError(
+            f"{type(model).__name__} has no model.rotary_emb: InfLLM supports Llama-family decoders "
+            f"(Llama, Mistral, Qwen2, Qwen3, SmolLM2)"
+        )
+    return inner
+
+
+def patch_model(model: nn.Module, cfg: ModelConfig) -> nn.Module:
+    """Route attention through the context memory. Idempotent; the weights are untouched."""
+    inner = _decoder(model)
+    text_cfg = model.config.get_text_config(decoder=True)
+    rotary = inner.rotary_emb.real if isinstance(inner.rotary_emb, IdentityRotary) else inner.rotary_emb
+    if not hasattr(rotary, "inv_freq"):
+        raise UnsupportedModelError(f"{type(rotary).__name__} has no inv_freq: unsupported rotary embedding")
+    head_dim = getattr(text_cfg, "head_dim", None) or text_cfg.hidden_size // text_cfg.num_attention_heads
+    if rotary.inv_freq.shape[-1] * 2 != head_dim:
+        raise UnsupportedModelError("partial rotary embeddings are not supported")
+    AttentionInterface.register(ATTN_IMPLEMENTATION, infllm_attention)
+    inner.rotary_emb = IdentityRotary(rotary)
+    model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    model.infllm = PatchState(
+        cfg=cfg, num_layers=text_cfg.num_hidden_layers, num_q_heads=text_cfg.num_attention_heads,
+        num_kv_heads=getattr(text_cfg, "num_key_value_heads", None) or text_cfg.num_attention_heads,
+        head_dim=head_dim, rotary=rotary,
+    )
+    log.info("patched %s with %s attention", type(model).__name__, MemoryType(cfg.type).value)
+    return model
+
+
+def unpatch_model(model: nn.Module, implementation: str = "sdpa") -> nn.Module:
+    inner = _decoder(model)
+    if isinstance(inner.rotary_emb, IdentityRotary):
+        inner.rotary_emb = inner.rotary_emb.real
+    model.set_attn_implementation(implementation)
+    if hasattr(model, "infllm"):
+        del model.infllm
+    return model
+
+
+class InfLLMLayer(CacheLayerMixin):
+    """One decoder layer's slot in the cache; its ContextMemory is created at the first update (when the
+    layer's device and dtype are known: with device_map, layers live on different devices)."""
+
+    is_sliding = False
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self, cache: "InfLLMCache", layer_idx: int):
+        super().__init__()
+        self.cache = cache
+        self.layer_idx = layer_idx
+        self.memory: ContextMemory | None = None
+        self.pending_state: dict | None = None  # a loaded session waiting for the device to be known
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        state: PatchState = self.cache.patch_state
+        device = key_states.device
+        self.memory = ContextMemory(
+            state.cfg, state.rope_for(device), state.num_q_heads, state.num_kv_heads, state.head_dim,
+            key_states.dtype, device, get_backend(state.cfg.fattn, device.type),
+            offload=self.cache.offload, copy_stream=state.copy_stream_for(device),
+        )
+        if self.pending_state is not None:
+            self.memory.load_state(self.pending_state)
+            self.pending_state = None
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        return key_states, value_states
+
+    def get_seq_length(self) -> int:
+        if self.memory is None:
+            return int(self.pending_state["seen"]) if self.pending_state else 0
+        return self.memory.seen
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0  # only consulted if a mask function were registered
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.memory = None
+        self.pending_state = None
+        self.is_initialized = False
+
+    def crop(self, max_length: int) -> None:
+        raise NotImplementedError("InfLLM memory cannot be rolled back (no assisted decoding)")
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        raise NotImplementedError("InfLLM memory holds one sequence (no beam search)")
+
+
+class InfLLMCache(Cache):
+    """The context memory of one sequence across all layers. Pass as `past_key_values=`.
+
+    `should_stop`: optional callable checked before every layer; when it returns True the forward pass
+    raises `GenerationCancelled` (used to cancel a long prefill). A pass cancelled half-way leaves the
+    layers out of step: `is_consistent()` is then False and the cache must be discarded.
+    """
+
+    def __init__(self, model: nn.Module, offload: bool | None = None):
+        state = getattr(model, "infllm", None)
+        if not isinstance(state, PatchState):
+            raise UnsupportedModelError("call inf_llm.adapter.patch_model(model, cfg) before making a cache")
+        self.patch_state = state
+        self.offload = offload
+        self.should_stop: Callable[[], bool] | None = None
+        super().__init__(layers=[InfLLMLayer(self, i) for i in range(state.num_layers)])
+
+    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        if self.should_stop is not None and self.should_stop():
+            raise GenerationCancelled("generation cancelled")
+        if key_states.shape[0] != 1:
+            raise UnsupportedModelError(f"InfLLM memory holds one sequence; got batch size {key_states.shape[0]}")
+        layer = self.layers[layer_idx]
+        result = layer.update(key_states, value_states)
+        _ACTIVE_LAYER.set(layer)
+        return result
+
+    # --- sessions -----------------------------------------------------------------------------------
+    def is_consistent(self) -> bool:
+        return len({layer.get_seq_length() for layer in self.layers}) == 1
+
+    def state_dict(self) -> dict:
+        if not self.is_consistent():
+            raise SessionStateError("the memory state is inconsistent (a cancelled forward); discard it")
+        layers = []
+        for layer in self.layers:
+            if layer.memory is not None:
+                layers.append(_to_cpu(layer.memory.state()))
+            else:
+                layers.append(layer.pending_state)
+        return {"format": SESSION_FORMAT, "fingerprint": self.patch_state.fingerprint(), "layers": layers}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("format") != SESSION_FORMAT:
+            raise SessionStateError(f"saved memory has format {state.get('format')}, expected {SESSION_FORMAT}")
+        mine = self.patch_state.fingerprint()
+        theirs = state.get("fingerprint", {})
+        diff = {k: (theirs.get(k), v) for k, v in mine.items() if theirs.get(k) != v}
+        if diff:
+            raise SessionStateError(f"saved memory does not match this model/config: {diff} (saved, current)")
+        for layer, layer_state in zip(self.layers, state["layers"]):
+            layer.reset()
+            layer.pending_state = layer_state  # applied at the next update, on the layer's device
+
+    def clone(self) -> "InfLLMCache":
+        """An independent copy (e.g. a document read once, then several conversations branch from it)."""
+        twin = InfLLMCache.__new__(InfLLMCache)
+        twin.patch_state, twin.offload, twin.should_stop = self.patch_state, self.offload, None
+        Cache.__init__(twin, layers=[InfLLMLayer(twin, i) for i in range(self.patch_state.num_layers)])
+        twin.load_state_dict(self.state_dict())
+        return twin
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        torch.save(self.state_dict(), tmp)
+        tmp.replace(path)  # atomic: a crash never leaves half a file under the real name
+
+    @classmethod
+    def load(cls, path: str | Path, model: nn.Module, offload: bool | None = None) -> "InfLLMCache":
+        try:
+            state = torch.load(Path(path), map_location="cpu", weights_only=True)
+        except (OSError, RuntimeError, EOFError) as exc:
+            raise SessionStateError(f"cannot read saved memory {str(path)!r}: {exc}") from None
+        cache = cls(model, offload=offload)
+        cache.load_state_dict(state)
+        return cache
+
+    # --- introspection ------------------------------------------------------------------------------
+    def stats(self) -> list[LayerStats]:
+        return [layer.memory.stats() for layer in self.layers if layer.memory is not None]
+
+    def reset_retrieval_counts(self) -> None:
+        for layer in self.layers:
+            if layer.memory is not None:
+                layer.memory.retrieval_counts.clear()
+
+    def retrieval_summary(self) -> list[tuple[int, int, int]]:
+        """(start_pos, end_pos, times selected summed over layers and lookups), most retrieved first."""
+        totals: dict[int, int] = {}
+        starts: dict[int, tuple[int, int]] = {}
+        for layer in self.layers:
+            memory = layer.memory
+            if memory is None or memory.store is None:
+                continue
+            for block, count in memory.retrieval_counts.items():
+                span = memory.block_range(block)
+                totals[span[0]] = totals.get(span[0], 0) + count
+                starts[span[0]] = span
+        return sorted(((*starts[s], c) for s, c in totals.items()), key=lambda t: (-t[2], t[0]))
+
+
+def _to_cpu(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_to_cpu(v) for v in obj]
+    return obj
+
+
+def infllm_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     attention_mask, scaling: float | None = None, dropout: float = 0.0, **kwargs):
+    """Registered attention: query (1, Hq, L, D), key/value (1, Hkv, L, D) un-rotated, current tokens only.
+
+    Returns ((1, L, Hq, D), None) as transformers' attention functions do.
+    """
+    layer = _ACTIVE_LAYER.get()
+    if layer is None or layer.layer_idx != getattr(module, "layer_idx", None) or layer.memory is None:
+        raise UnsupportedModelError(
+            "attention 'infllm' needs an InfLLMCache passed as past_key_values with use_cache=True"
+        )
+    scale = scaling if scaling is not None else module.scaling
+    out = layer.memory.process(query[0], key[0], value[0], scale)  # (Hq, L, D)
+    return out.transpose(0, 1).unsqueeze(0), None
+
+
+def config_digest(cfg: ModelConfig) -> str:
+    """Short stable id of a memory config (used in cache file names)."""
+    return hashlib.sha1(json.dumps(cfg.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def cache_kwargs(model: nn.Module, cache: Cache) -> dict:
+    """`{"cache": cache}` on transformers versions whose models take `cache=` (5.2x), else
+    `{"past_key_values": cache}` (5.17). Works for both `model(...)` and `model.generate(...)`."""
+    import inspect
+
+    takes_cache = "cache" in inspect.signature(type(model).forward).parameters
+    return {"cache": cache} if takes_cache else {"past_key_values": cache}

@@ -1,0 +1,107 @@
+"""Bounded accelerator cache of memory blocks (`max_cached_block` slots), with LRU, FIFO or LRU-S eviction.
+
+Used when blocks are offloaded to host memory: each lookup's selected blocks are made resident (copied
+from the `BlockStore` into free or evicted slots) and the global stage reads them from the slots.
+Pure bookkeeping plus copies; knows nothing of attention.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from inf_llm.config import CacheStrategy
+from inf_llm.errors import ConfigError
+
+
+class BlockCache:
+    """Slots (capacity, Hkv, block_size, D) on the compute device, keyed by block id."""
+
+    def __init__(
+        self,
+        capacity: int,
+        strategy: CacheStrategy,
+        score_decay: float,
+        block_shape: tuple[int, int, int],
+        dtype: torch.dtype,
+        device: torch.device,
+        copy_stream: "torch.cuda.Stream | None" = None,
+    ):
+        self.capacity = capacity
+        self.strategy = strategy
+        self.score_decay = score_decay
+        self.k = torch.zeros(capacity, *block_shape, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+        self.copy_stream = copy_stream
+        self.slot_of: dict[int, int] = {}
+        self.priority: dict[int, float] = {}  # lru: last use tick; fifo: load tick; lru-s: decayed score
+        self.free = list(range(capacity - 1, -1, -1))
+        self.tick = 0
+        self.hits = 0
+        self.misses = 0
+
+    def _victim(self, protected: set[int]) -> int:
+        candidates = [b for b in self.slot_of if b not in protected]
+        return min(candidates, key=lambda b: (self.priority[b], b))
+
+    def fetch(self, block_ids: list[int], store_k: torch.Tensor, store_v: torch.Tensor) -> torch.Tensor:
+        """Make `block_ids` resident and return their slots (len(block_ids),) int64 on the cache device."""
+        if len(set(block_ids)) > self.capacity:
+            raise ConfigError(
+                f"a lookup selected {len(set(block_ids))} distinct blocks but max_cached_block is "
+                f"{self.capacity}; raise model.max_cached_block"
+            )
+        self.tick += 1
+        wanted = set(block_ids)
+        slots = []
+        for block in block_ids:
+            slot = self.slot_of.get(block)
+            if slot is None:
+                self.misses += 1
+                if self.free:
+                    slot = self.free.pop()
+                else:
+                    evicted = self._victim(wanted)
+                    slot = self.slot_of.pop(evicted)
+                    del self.priority[evicted]
+                self._load(slot, block, store_k, store_v)
+                self.slot_of[block] = slot
+                self.priority[block] = self.tick if self.strategy is not CacheStrategy.LRU_S else 0.0
+            else:
+                self.hits += 1
+            if self.strategy is CacheStrategy.LRU:
+                self.priority[block] = self.tick
+            elif self.strategy is CacheStrategy.LRU_S:
+                self.priority[block] = 0.0  # a selected block's score restarts from what it receives now
+            slots.append(slot)
+        return torch.tensor(slots, dtype=torch.int64).to(self.k.device, non_blocking=True)
+
+    def _load(self, slot: int, block: int, store_k: torch.Tensor, store_v: torch.Tensor) -> None:
+        if self.copy_stream is not None:
+            with torch.cuda.stream(self.copy_stream):
+                self.k[slot].copy_(store_k[block], non_blocking=True)
+                self.v[slot].copy_(store_v[block], non_blocking=True)
+        else:
+            self.k[slot].copy_(store_k[block], non_blocking=True)
+            self.v[slot].copy_(store_v[block], non_blocking=True)
+
+    def wait_for_copies(self) -> None:
+        if self.copy_stream is not None:
+            torch.cuda.current_stream(self.k.device).wait_stream(self.copy_stream)
+
+    def add_scores(self, block_ids: list[int], received: list[float]) -> None:
+        """LRU-S: decay every cached score by `score_decay`, then add the probability each used block got."""
+        if self.strategy is not CacheStrategy.LRU_S:
+            return
+        for block in self.priority:
+            self.priority[block] *= self.score_decay
+        for block, score in zip(block_ids, received):
+            if block in self.priority:
+                self.priority[block] += score
+
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+    def clear(self) -> None:
+        self.slot_of.clear()
+        self.priority.clear()
+        self.free = list(range(self.capacity - 1, -1, -1))

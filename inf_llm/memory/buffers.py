@@ -1,0 +1,169 @@
+"""Preallocated storage for the context memory: no `torch.cat` per chunk.
+
+- `TokenBuffer`: K/V (and per-token scores) of consecutive positions, appended at the back and dropped at
+  the front (the local window plus the remainder). Grows by doubling; compacts in place when the dropped
+  front is large, so memory stays bounded by what is live.
+- `BlockStore`: the memory blocks (K/V of `block_size` tokens each, plus one representative vector per
+  block), in growing-by-doubling tensors, on the host when offloading.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Smallest allocation of a buffer, in tokens (or blocks): avoids many tiny regrowths at the start.
+MIN_CAPACITY = 256
+
+
+def _grown(old: torch.Tensor, dim: int, capacity: int, used: slice) -> torch.Tensor:
+    shape = list(old.shape)
+    shape[dim] = capacity
+    new = torch.zeros(shape, dtype=old.dtype, device=old.device, pin_memory=old.is_pinned())
+    index = [slice(None)] * old.dim()
+    index[dim] = slice(0, used.stop - used.start)
+    src = [slice(None)] * old.dim()
+    src[dim] = used
+    new[tuple(index)] = old[tuple(src)]
+    return new
+
+
+class TokenBuffer:
+    """K/V of the positions [first_pos, first_pos + length), stored as (H, capacity, D)."""
+
+    def __init__(self, num_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device, with_scores: bool):
+        self.k = torch.zeros(num_heads, MIN_CAPACITY, head_dim, dtype=dtype, device=device)  # (Hkv, cap, D)
+        self.v = torch.zeros_like(self.k)
+        self.score = torch.zeros(num_heads, MIN_CAPACITY, dtype=torch.float32, device=device) if with_scores else None
+        self.offset = 0  # index of first_pos inside the tensors
+        self.length = 0
+        self.first_pos = 0
+
+    @property
+    def end_pos(self) -> int:
+        return self.first_pos + self.length
+
+    def _reserve(self, extra: int) -> None:
+        capacity = self.k.shape[1]
+        if self.offset + self.length + extra <= capacity:
+            return
+        live = slice(self.offset, self.offset + self.length)
+        if self.length + extra > capacity // 2:
+            capacity = max(2 * capacity, self.length + extra)
+        # Either grow, or compact in place (move the live part to the front of a same-size buffer).
+        self.k = _grown(self.k, 1, capacity, live)
+        self.v = _grown(self.v, 1, capacity, live)
+        if self.score is not None:
+            self.score = _grown(self.score, 1, capacity, live)
+        self.offset = 0
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """k, v: (H, L, D) for positions end_pos .. end_pos+L-1."""
+        n = k.shape[1]
+        self._reserve(n)
+        at = self.offset + self.length
+        self.k[:, at : at + n].copy_(k)
+        self.v[:, at : at + n].copy_(v)
+        if self.score is not None:
+            self.score[:, at : at + n].zero_()
+        self.length += n
+
+    def _index(self, start_pos: int, end_pos: int) -> slice:
+        if not (self.first_pos <= start_pos <= end_pos <= self.end_pos):
+            raise IndexError(f"positions [{start_pos}, {end_pos}) outside [{self.first_pos}, {self.end_pos})")
+        return slice(self.offset + start_pos - self.first_pos, self.offset + end_pos - self.first_pos)
+
+    def keys(self, start_pos: int, end_pos: int) -> torch.Tensor:
+        return self.k[:, self._index(start_pos, end_pos)]
+
+    def values(self, start_pos: int, end_pos: int) -> torch.Tensor:
+        return self.v[:, self._index(start_pos, end_pos)]
+
+    def scores(self, start_pos: int, end_pos: int) -> torch.Tensor:
+        assert self.score is not None
+        return self.score[:, self._index(start_pos, end_pos)]
+
+    def drop_front(self, n: int) -> None:
+        assert 0 <= n <= self.length
+        self.offset += n
+        self.first_pos += n
+        self.length -= n
+
+    def nbytes(self) -> int:
+        total = self.k.nbytes + self.v.nbytes
+        return total + (self.score.nbytes if self.score is not None else 0)
+
+    def state(self) -> dict:
+        live = slice(self.offset, self.offset + self.length)
+        state = {"k": self.k[:, live].clone(), "v": self.v[:, live].clone(), "first_pos": self.first_pos}
+        if self.score is not None:
+            state["score"] = self.score[:, live].clone()
+        return state
+
+    def load_state(self, state: dict) -> None:
+        self.offset, self.length, self.first_pos = 0, 0, int(state["first_pos"])
+        self.append(state["k"].to(self.k.device, self.k.dtype), state["v"].to(self.v.device, self.v.dtype))
+        if self.score is not None and "score" in state:
+            self.score[:, : self.length].copy_(state["score"])
+
+
+class BlockStore:
+    """Memory blocks: keys/values (N, Hkv, block_size, D) and representatives (N, Hkv * D).
+
+    K/V live on `storage_device` (the host when offloading, pinned if asked); representatives live on the
+    compute device because every lookup reads all of them.
+    """
+
+    def __init__(
+        self,
+        num_heads: int,
+        block_size: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        storage_device: torch.device,
+        compute_device: torch.device,
+        pin_memory: bool,
+    ):
+        pin = pin_memory and storage_device.type == "cpu" and torch.cuda.is_available()
+        cap = MIN_CAPACITY // 8
+        self.k = torch.zeros(cap, num_heads, block_size, head_dim, dtype=dtype, device=storage_device, pin_memory=pin)
+        self.v = torch.zeros_like(self.k, pin_memory=pin)
+        self.repr = torch.zeros(cap, num_heads * head_dim, dtype=dtype, device=compute_device)
+        self.start_pos: list[int] = []  # absolute position of each block's first token
+        self.count = 0
+
+    def _reserve(self) -> None:
+        if self.count < self.k.shape[0]:
+            return
+        cap = 2 * self.k.shape[0]
+        used = slice(0, self.count)
+        self.k = _grown(self.k, 0, cap, used)
+        self.v = _grown(self.v, 0, cap, used)
+        self.repr = _grown(self.repr, 0, cap, used)
+
+    def add(self, k: torch.Tensor, v: torch.Tensor, representative: torch.Tensor, start_pos: int) -> int:
+        """k, v (Hkv, block_size, D); representative (Hkv * D,). Returns the new block id."""
+        self._reserve()
+        self.k[self.count].copy_(k, non_blocking=True)
+        self.v[self.count].copy_(v, non_blocking=True)
+        self.repr[self.count].copy_(representative)
+        self.start_pos.append(start_pos)
+        self.count += 1
+        return self.count - 1
+
+    def representatives(self) -> torch.Tensor:
+        return self.repr[: self.count]  # (N, Hkv * D)
+
+    def nbytes(self) -> tuple[int, int]:
+        """(storage bytes, compute-device bytes)."""
+        return self.k.nbytes + self.v.nbytes, self.repr.nbytes
+
+    def state(self) -> dict:
+        n = self.count
+        return {"k": self.k[:n].clone(), "v": self.v[:n].clone(), "repr": self.repr[:n].clone(),
+                "start_pos": list(self.start_pos)}
+
+    def load_state(self, state: dict) -> None:
+        self.count = 0
+        self.start_pos = []
+        for i in range(state["k"].shape[0]):
+            self.add(state["k"][i], state["v"][i], state["repr"][i].to(self.repr.device), state["start_pos"][i])

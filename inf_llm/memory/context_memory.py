@@ -1,0 +1,473 @@
+"""The per-layer context memory of one sequence: sinks, local window, memory blocks, lookup, block cache.
+
+One engine, four policies (`MemoryPolicy`): `inf-llm`, `stream-llm`, `infinite-lm` and `origin` differ only
+in what they keep and how they place positions (see shared/design/ALGORITHM.md). Tokens arrive
+un-rotated; this module applies RoPE at the positions the policy chooses.
+
+For an execution block of queries at positions [s, e) (blocks split at multiples of `exc_block_size`):
+  local stage   keys (p - n_local, p] of each query p, window-relative RoPE positions;
+  global stage  [retrieved blocks | sinks | remainder] for keys out of p's window (j <= p - n_local);
+                keys un-rotated, queries at one fixed angle (stream-llm: sinks at 0..n_init-1);
+  one softmax   both stages merged by log-sum-exp;
+  scores        every local key accumulates the final softmax probability it receives;
+  formation     tokens behind the window fill the sinks once, then become blocks of `block_size`
+                (inf-llm; representative = mean of the `repr_topk` best-scored keys per head) or are
+                dropped (stream-llm, infinite-lm).
+Knows nothing of transformers.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from types import ModuleType
+
+import torch
+
+from inf_llm.config import CacheStrategy, MemoryType, ModelConfig
+from inf_llm.errors import MissingDependencyError
+from inf_llm.memory.block_cache import BlockCache
+from inf_llm.memory.buffers import BlockStore, TokenBuffer
+from inf_llm.memory.rope import RotaryTable
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class MemoryPolicy:
+    """What a memory type keeps and where it puts positions."""
+
+    windowed: bool  # False: plain full attention over everything (origin)
+    keeps_blocks: bool  # evicted tokens become retrievable blocks (inf-llm) instead of being dropped
+    sink_positions: bool  # sinks rotated at 0..n_init-1 (stream-llm) instead of un-rotated
+    global_query_pos: int  # the fixed angle of global-stage queries
+
+    @staticmethod
+    def of(cfg: ModelConfig) -> "MemoryPolicy":
+        t = MemoryType(cfg.type)
+        if t is MemoryType.ORIGIN:
+            return MemoryPolicy(windowed=False, keeps_blocks=False, sink_positions=False, global_query_pos=0)
+        if t is MemoryType.STREAM_LLM:
+            return MemoryPolicy(True, False, True, cfg.n_init + cfg.n_local - 1)
+        # inf-llm and infinite-lm: memory keys sit at distance ~n_local (code: row n_local - 1).
+        return MemoryPolicy(True, t is MemoryType.INF_LLM, False, cfg.n_local - 1)
+
+
+@dataclass
+class LayerStats:
+    """Introspection of one layer after forward passes (see ContextMemory.stats)."""
+
+    seen_tokens: int
+    init_tokens: int
+    window_tokens: int
+    blocks: int
+    retrieved_last: list[list[int]]  # block ids selected per execution block of the last forward
+    cache_hits: int
+    cache_misses: int
+    device_bytes: int
+    host_bytes: int
+
+
+@dataclass
+class _Lookup:
+    """Batched lookups of several execution blocks (chunk_topk_calc): top-k over the blocks existing when
+    the batch was scored; blocks formed later are scored individually and merged (exact)."""
+
+    first_block: int  # index of the first execution block of the batch
+    known_blocks: int  # blocks that existed when scored
+    values: torch.Tensor  # (n_exec, Hsel, k) scores of the top-k among known blocks
+    indices: torch.Tensor  # (n_exec, Hsel, k)
+    query_vectors: torch.Tensor  # (n_exec, Hsel, Hkv*D or D): to score blocks formed later
+
+
+class ContextMemory:
+    """State of one attention layer for one sequence (batch size 1)."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        rope: RotaryTable,
+        num_q_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        ops: ModuleType,
+        offload: bool | None = None,
+        copy_stream: "torch.cuda.Stream | None" = None,
+    ):
+        self.cfg = cfg
+        self.policy = MemoryPolicy.of(cfg)
+        self.rope = rope
+        self.ops = ops
+        self.hq, self.hkv, self.d = num_q_heads, num_kv_heads, head_dim
+        self.group = num_q_heads // num_kv_heads
+        self.dtype, self.device = dtype, device
+        self.n_local = cfg.n_local if self.policy.windowed else None
+        self.n_init = cfg.n_init if self.policy.windowed else 0
+        self.exc = cfg.exc_block_size if self.policy.windowed else None
+        self.seen = 0
+        self.tail = TokenBuffer(num_kv_heads, head_dim, dtype, device, with_scores=self.policy.keeps_blocks)
+        self.init_k = torch.zeros(num_kv_heads, self.n_init, head_dim, dtype=dtype, device=device)
+        self.init_v = torch.zeros_like(self.init_k)
+        self.init_len = 0
+        self.retrieved_last: list[list[int]] = []
+        self.retrieval_counts: dict[int, int] = {}  # block id -> times selected (summed over heads/steps)
+        self._lookup: _Lookup | None = None
+        self._call_qvecs: torch.Tensor | None = None
+        self._staging_k: torch.Tensor | None = None
+        self._staging_v: torch.Tensor | None = None
+        self.store: BlockStore | None = None
+        self.cache: BlockCache | None = None
+        self._faiss_index = None
+        if self.policy.keeps_blocks:
+            offload = device.type != "cpu" if offload is None else offload
+            storage = torch.device("cpu") if offload else device
+            self.store = BlockStore(num_kv_heads, cfg.block_size, head_dim, dtype, storage, device, cfg.pin_memory)
+            if offload:
+                self.cache = BlockCache(
+                    cfg.max_cached_block, CacheStrategy(cfg.cache_strategy), cfg.effective_score_decay,
+                    (num_kv_heads, cfg.block_size, head_dim), dtype, device, copy_stream,
+                )
+            if cfg.faiss:
+                self._faiss_index = _new_faiss_index(num_kv_heads * head_dim if not cfg.perhead else head_dim,
+                                                     num_kv_heads if cfg.perhead else 1)
+
+    # ------------------------------------------------------------------------------------------ public
+    def process(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        """Attend the new tokens and store them.
+
+        q (Hq, L, D), k/v (Hkv, L, D): un-rotated projections of positions seen .. seen+L-1, on `device`.
+        Returns the attention output (Hq, L, D) in q's dtype.
+        """
+        length = q.shape[1]
+        start = self.seen
+        self.tail.append(k, v)
+        self.retrieved_last = []
+        out = torch.empty_like(q)
+        bounds = self._exec_bounds(start, start + length)
+        self._lookup = None
+        self._call_qvecs = None
+        if self.policy.keeps_blocks and self.cfg.chunk_topk_calc and len(bounds) > 1:
+            self._call_qvecs = torch.stack([self._query_vector(q[:, s - start : e - start]) for s, e in bounds])
+        for i, (s, e) in enumerate(bounds):
+            qb = q[:, s - start : e - start]
+            out[:, s - start : e - start] = self._attend(qb, s, e, i, scale)
+            self.seen = e
+            self._form_memory(e)
+        return out
+
+    def stats(self) -> LayerStats:
+        device_bytes = self.tail.nbytes() + self.init_k.nbytes * 2
+        host_bytes = 0
+        if self.store is not None:
+            storage, reprs = self.store.nbytes()
+            device_bytes += reprs
+            if self.cache is not None:
+                device_bytes += self.cache.nbytes()
+                host_bytes += storage
+            elif self.device.type == "cpu":
+                host_bytes += storage
+            else:
+                device_bytes += storage
+        if self.device.type == "cpu":
+            host_bytes, device_bytes = host_bytes + device_bytes, 0
+        return LayerStats(
+            seen_tokens=self.seen,
+            init_tokens=self.init_len,
+            window_tokens=self.tail.length,
+            blocks=self.store.count if self.store is not None else 0,
+            retrieved_last=self.retrieved_last,
+            cache_hits=self.cache.hits if self.cache is not None else 0,
+            cache_misses=self.cache.misses if self.cache is not None else 0,
+            device_bytes=device_bytes,
+            host_bytes=host_bytes,
+        )
+
+    def block_range(self, block_id: int) -> tuple[int, int]:
+        """Token positions [start, end) of a memory block."""
+        assert self.store is not None
+        start = self.store.start_pos[block_id]
+        return start, start + self.cfg.block_size
+
+    # --------------------------------------------------------------------------------------- internals
+    def _exec_bounds(self, start: int, end: int) -> list[tuple[int, int]]:
+        if self.exc is None:
+            return [(start, end)]
+        bounds = []
+        s = start
+        while s < end:
+            e = min(end, (s // self.exc + 1) * self.exc)
+            bounds.append((s, e))
+            s = e
+        return bounds
+
+    def _attend(self, qb: torch.Tensor, s: int, e: int, index: int, scale: float) -> torch.Tensor:
+        ops = self.ops
+        # ---- local stage: window-relative positions, so distances never exceed n_local + exc_block_size
+        kv_start = self.tail.first_pos if self.n_local is None else max(s - self.n_local + 1, self.tail.first_pos)
+        k_loc = self.rope.rotate(self.tail.keys(kv_start, e), 0)
+        v_loc = self.tail.values(kv_start, e)
+        q_loc = self.rope.rotate(qb, s - kv_start)
+        out, lse = ops.windowed_attention(
+            q_loc[None], k_loc[None], v_loc[None], scale=scale, q_offset=s - kv_start, window=self.n_local
+        )
+        # ---- global stage: only if some query of this block has tokens out of its window
+        if self.n_local is not None and e - 1 - self.n_local >= 0:
+            q_glb = self.rope.rotate_at(qb, self.policy.global_query_pos)
+            k_glb, v_glb, visible, selected = self._global_keys(qb, s, e, index)
+            if k_glb.shape[1] > 0:
+                out_g, lse_g = ops.prefix_attention(q_glb[None], k_glb[None], v_glb[None], scale=scale,
+                                                    visible=visible)
+                out, lse = ops.merge_partials(out, lse, out_g, lse_g)
+                if self.cache is not None and selected and self.cfg.cache_strategy == CacheStrategy.LRU_S:
+                    self._update_block_scores(q_glb, k_glb, lse[0], selected, scale)
+        # ---- scores: probability each local key receives from the final softmax (for representatives)
+        if self.policy.keeps_blocks:
+            received = ops.window_key_scores(
+                q_loc[None], k_loc[None], scale=scale, q_offset=s - kv_start, window=self.n_local, lse=lse
+            )
+            self.tail.scores(kv_start, e).add_(received[0])
+        return out[0]
+
+    def _global_keys(self, qb: torch.Tensor, s: int, e: int, index: int):
+        """Assemble [selected blocks | sinks | visible remainder] for queries s..e-1.
+
+        Returns k (Hkv, Lg, D), v (Hkv, Lg, D), visible (Lq,) int64, selected block ids (flat list).
+        """
+        n_local = self.n_local
+        block_ids_per_head = self._select_blocks(qb, index) if self.policy.keeps_blocks else None
+        # tail tokens usable in the global stage: all (inf-llm) or only sink positions still in the tail
+        tail_first = self.tail.first_pos
+        tail_end = e - n_local  # positions <= e - 1 - n_local can be visible to some query here
+        if not self.policy.keeps_blocks:
+            tail_end = min(tail_end, self.n_init)
+        tail_end = max(tail_end, tail_first)
+        n_tail = tail_end - tail_first
+        n_sel = 0 if block_ids_per_head is None else len(block_ids_per_head[0])
+        bs = self.cfg.block_size
+        total = n_sel * bs + self.init_len + n_tail
+        k_glb, v_glb = self._staging(total)
+        at = 0
+        selected: list[int] = []
+        if n_sel:
+            block_k, block_v, selected = self._gather_blocks(block_ids_per_head)  # (Hkv, n_sel*bs, D)
+            k_glb[:, : n_sel * bs].copy_(block_k)
+            v_glb[:, : n_sel * bs].copy_(block_v)
+            at = n_sel * bs
+        if self.init_len:
+            init_k = self.init_k[:, : self.init_len]
+            k_glb[:, at : at + self.init_len].copy_(
+                self.rope.rotate(init_k, 0) if self.policy.sink_positions else init_k
+            )
+            v_glb[:, at : at + self.init_len].copy_(self.init_v[:, : self.init_len])
+            at += self.init_len
+        if n_tail:
+            tail_k = self.tail.keys(tail_first, tail_end)
+            k_glb[:, at : at + n_tail].copy_(
+                self.rope.rotate(tail_k, tail_first) if self.policy.sink_positions else tail_k
+            )
+            v_glb[:, at : at + n_tail].copy_(self.tail.values(tail_first, tail_end))
+        # query p sees the remainder tokens j <= p - n_local, i.e. a prefix of the tail part
+        q_pos = torch.arange(s, e, device=self.device)
+        visible_tail = (q_pos - n_local - tail_first + 1).clamp(0, n_tail)
+        visible = visible_tail + (n_sel * bs + self.init_len)
+        return k_glb[:, :total], v_glb[:, :total], visible, selected
+
+    def _staging(self, total: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._staging_k is None or self._staging_k.shape[1] < total:
+            cap = max(total, 2 * (self._staging_k.shape[1] if self._staging_k is not None else 0))
+            self._staging_k = torch.empty(self.hkv, cap, self.d, dtype=self.dtype, device=self.device)
+            self._staging_v = torch.empty_like(self._staging_k)
+        return self._staging_k, self._staging_v
+
+    # ------------------------------------------------------------------------------------------ lookup
+    def _query_vector(self, qb: torch.Tensor) -> torch.Tensor:
+        """Lookup vector of an execution block: the mean of its un-rotated queries rotated to the global
+        angle (rotation is linear), heads of each KV group summed. (Hsel, Hkv*D), or (Hkv, D) with perhead."""
+        q_mean = self.rope.rotate_at(qb.float().mean(dim=1, keepdim=True), self.policy.global_query_pos)
+        per_kv = q_mean[:, 0].view(self.hkv, self.group, self.d).sum(dim=1)  # (Hkv, D)
+        return per_kv if self.cfg.perhead else per_kv.reshape(1, -1)
+
+    def _block_scores(self, qvec: torch.Tensor, first: int, last: int) -> torch.Tensor:
+        """Scores (..., Hsel, last-first) of blocks [first, last) for query vectors qvec (..., Hsel, X)."""
+        reprs = self.store.representatives()[first:last].float()  # (N, Hkv*D)
+        if self.cfg.perhead:
+            return torch.einsum("...hd,nhd->...hn", qvec, reprs.view(-1, self.hkv, self.d))
+        return qvec @ reprs.T  # (..., 1, N)
+
+    def _select_blocks(self, qb: torch.Tensor, index: int) -> list[list[int]] | None:
+        """Top-k block ids for this execution block: one list, or Hkv lists with perhead."""
+        n_blocks = self.store.count
+        if n_blocks == 0:
+            return None
+        topk = self.cfg.topk
+        heads = self.hkv if self.cfg.perhead else 1
+        if n_blocks <= topk or (self.cfg.dense_decoding and qb.shape[1] == 1):
+            ids = [list(range(n_blocks))] * heads
+        elif topk == 0:
+            self._record([[]])
+            return None
+        elif self._call_qvecs is not None:
+            ids = self._batched_select(index)
+        else:
+            qvec = self._query_vector(qb)
+            if self._faiss_index is not None:
+                ids = self._faiss_search(qvec, topk)
+            else:
+                scores = self._block_scores(qvec, 0, n_blocks)  # (Hsel, N)
+                ids = scores.topk(topk, dim=-1).indices.sort(dim=-1).values.tolist()  # host sync: ids drive the gather
+        self._record(ids)
+        return ids
+
+    def _batched_select(self, index: int) -> list[list[int]]:
+        """chunk_topk_calc: score the execution blocks of `chunk_topk_calc` tokens in one matmul and one host
+        sync. Blocks formed after the batch was scored are merged in exactly (the overall top-k is inside
+        old top-k plus new blocks), so the selection equals the per-block lookup."""
+        topk, n_blocks = self.cfg.topk, self.store.count
+        batch = self._lookup
+        if batch is None or index >= batch.first_block + batch.values.shape[0]:
+            per_batch = max(1, self.cfg.chunk_topk_calc // self.cfg.exc_block_size)
+            qvecs = self._call_qvecs[index : index + per_batch]  # (n, Hsel, X)
+            scores = self._block_scores(qvecs, 0, n_blocks)  # (n, Hsel, N)
+            values, indices = scores.topk(min(topk, n_blocks), dim=-1)
+            # host sync: once per batch of execution blocks
+            batch = _Lookup(index, n_blocks, values.cpu(), indices.cpu(), qvecs)
+            self._lookup = batch
+        j = index - batch.first_block
+        values, ids = batch.values[j], batch.indices[j]  # (Hsel, k)
+        if n_blocks > batch.known_blocks:
+            fresh = self._block_scores(batch.query_vectors[j], batch.known_blocks, n_blocks).cpu()  # host sync
+            fresh_ids = torch.arange(batch.known_blocks, n_blocks).expand(fresh.shape[0], -1)
+            values, ids = torch.cat([values, fresh], dim=-1), torch.cat([ids, fresh_ids], dim=-1)
+            ids = ids.gather(-1, values.topk(topk, dim=-1).indices)
+        return ids.sort(dim=-1).values.tolist()
+
+    def _record(self, ids_per_head: list[list[int]]) -> None:
+        flat = sorted({i for ids in ids_per_head for i in ids})
+        self.retrieved_last.append(flat)
+        for i in flat:
+            self.retrieval_counts[i] = self.retrieval_counts.get(i, 0) + 1
+
+    def _faiss_search(self, qvec: torch.Tensor, topk: int) -> list[list[int]]:
+        import numpy as np
+
+        indexes = self._faiss_index
+        result = []
+        for h, index in enumerate(indexes):
+            query = np.ascontiguousarray(qvec[h : h + 1].detach().cpu().numpy().astype("float32"))  # host sync
+            _, ids = index.search(query, topk)
+            result.append(sorted(int(i) for i in ids[0]))
+        return result
+
+    def _gather_blocks(self, ids_per_head: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """K/V of the selected blocks laid out (Hkv, n_sel * block_size, D)."""
+        bs = self.cfg.block_size
+        n_sel = len(ids_per_head[0])
+        flat = sorted({i for ids in ids_per_head for i in ids})
+        if self.cache is not None:
+            slots = self.cache.fetch(flat, self.store.k, self.store.v)
+            self.cache.wait_for_copies()
+            slot_of = dict(zip(flat, slots.tolist()))
+            source_k, source_v = self.cache.k, self.cache.v
+            rows = [[slot_of[i] for i in ids] for ids in ids_per_head]
+        else:
+            source_k, source_v = self.store.k, self.store.v
+            rows = ids_per_head
+        if len(rows) == 1:
+            idx = torch.tensor(rows[0], dtype=torch.int64, device=source_k.device)
+            blk_k = source_k.index_select(0, idx)  # (n_sel, Hkv, bs, D)
+            blk_v = source_v.index_select(0, idx)
+            blk_k = blk_k.permute(1, 0, 2, 3).reshape(self.hkv, n_sel * bs, self.d)
+            blk_v = blk_v.permute(1, 0, 2, 3).reshape(self.hkv, n_sel * bs, self.d)
+        else:  # perhead: head h reads its own blocks
+            idx = torch.tensor(rows, dtype=torch.int64, device=source_k.device)  # (Hkv, n_sel)
+            heads = torch.arange(self.hkv, device=source_k.device).unsqueeze(1)
+            blk_k = source_k[idx, heads].reshape(self.hkv, n_sel * bs, self.d)  # (Hkv, n_sel, bs, D) -> flat
+            blk_v = source_v[idx, heads].reshape(self.hkv, n_sel * bs, self.d)
+        return blk_k.to(self.device, non_blocking=True), blk_v.to(self.device, non_blocking=True), flat
+
+    def _update_block_scores(self, q_glb, k_glb, lse, selected: list[int], scale: float) -> None:
+        """LRU-S: attention probability each selected block received in this execution block."""
+        n = len(selected) * self.cfg.block_size
+        kk = k_glb[:, :n].repeat_interleave(self.group, dim=0).float()  # (Hq, n, D)
+        probs = torch.exp(q_glb.float() @ kk.transpose(-1, -2) * scale - lse.unsqueeze(-1))  # (Hq, Lq, n)
+        per_block = probs.sum(dim=(0, 1)).view(len(selected), self.cfg.block_size).sum(-1)
+        self.cache.add_scores(selected, per_block.tolist())  # host sync: cache bookkeeping lives on host
+
+    # --------------------------------------------------------------------------------------- formation
+    def _form_memory(self, end: int) -> None:
+        """After queries up to `end`: move tokens behind the window to the sinks, then to blocks (or drop)."""
+        if self.n_local is None:
+            return
+        behind = end - self.n_local - self.tail.first_pos
+        if behind <= 0:
+            return
+        if self.init_len < self.n_init:
+            m = min(self.n_init - self.init_len, behind)
+            first = self.tail.first_pos
+            self.init_k[:, self.init_len : self.init_len + m].copy_(self.tail.keys(first, first + m))
+            self.init_v[:, self.init_len : self.init_len + m].copy_(self.tail.values(first, first + m))
+            self.init_len += m
+            self.tail.drop_front(m)
+            behind -= m
+        if not self.policy.keeps_blocks:
+            if behind > 0 and self.init_len == self.n_init:
+                self.tail.drop_front(behind)
+            return
+        bs = self.cfg.block_size
+        while behind >= bs:
+            first = self.tail.first_pos
+            keys = self.tail.keys(first, first + bs)  # (Hkv, bs, D)
+            scores = self.tail.scores(first, first + bs)  # (Hkv, bs)
+            best = scores.topk(self.cfg.repr_topk, dim=-1).indices  # (Hkv, repr_topk)
+            chosen = keys.gather(1, best.unsqueeze(-1).expand(-1, -1, self.d))  # (Hkv, repr_topk, D)
+            representative = chosen.float().mean(dim=1).to(self.dtype).reshape(-1)  # (Hkv*D,)
+            block_id = self.store.add(keys, self.tail.values(first, first + bs), representative, first)
+            if self._faiss_index is not None:
+                self._faiss_add(representative)
+            del block_id
+            self.tail.drop_front(bs)
+            behind -= bs
+
+    def _faiss_add(self, representative: torch.Tensor) -> None:
+        vec = representative.float().detach().cpu().numpy()  # host sync: faiss lives on the host
+        if self.cfg.perhead:
+            for h, index in enumerate(self._faiss_index):
+                index.add(vec[None, h * self.d : (h + 1) * self.d])
+        else:
+            self._faiss_index[0].add(vec[None])
+
+    # ---------------------------------------------------------------------------------------- sessions
+    def state(self) -> dict:
+        state = {"seen": self.seen, "init_k": self.init_k[:, : self.init_len].clone(),
+                 "init_v": self.init_v[:, : self.init_len].clone(), "tail": self.tail.state()}
+        if self.store is not None:
+            state["store"] = self.store.state()
+        return state
+
+    def load_state(self, state: dict) -> None:
+        self.seen = int(state["seen"])
+        self.init_len = state["init_k"].shape[1]
+        self.init_k[:, : self.init_len].copy_(state["init_k"])
+        self.init_v[:, : self.init_len].copy_(state["init_v"])
+        self.tail.load_state(state["tail"])
+        if self.store is not None:
+            self.store.load_state(state["store"])
+            if self.cache is not None:
+                self.cache.clear()
+            if self._faiss_index is not None:
+                for index in self._faiss_index:
+                    index.reset()
+                for i in range(self.store.count):
+                    self._faiss_add(self.store.repr[i])
+
+
+def _new_faiss_index(dim: int, count: int) -> list:
+    try:
+        import faiss
+    except ImportError as exc:
+        raise MissingDependencyError(
+            "model.faiss: true needs the faiss package (pip install faiss-cpu), or set model.faiss=false"
+        ) from exc
+    return [faiss.IndexFlatIP(dim) for _ in range(count)]
