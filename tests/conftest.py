@@ -43,7 +43,8 @@ class ColdLoad:
     """The session's first (cold) SmolLM2 load and what it computed before any test could patch it."""
 
     loaded: LoadedModel
-    probe_logits: torch.Tensor  # (1, T, V) float32 logits of PROBE_TEXT right after loading
+    probe_text: str
+    probe_logits: torch.Tensor  # (1, T, V) float32 logits of probe_text right after loading
 
 
 @pytest.fixture(scope="session")
@@ -52,7 +53,7 @@ def smollm2_cold(smollm2_config: InfLLMConfig) -> ColdLoad:
     ids = loaded.tokenizer(PROBE_TEXT, return_tensors="pt").input_ids
     with torch.no_grad():
         logits = loaded.model(ids).logits
-    return ColdLoad(loaded, logits)
+    return ColdLoad(loaded, PROBE_TEXT, logits)
 
 
 @pytest.fixture(scope="session")

@@ -26,7 +26,6 @@ from inf_llm.engine.loading import (
     resolve_path,
 )
 from inf_llm.errors import ConfigError, ModelLoadError, ModelNotFoundError
-from tests.conftest import PROBE_TEXT, ColdLoad
 from tests.models import EOS_ID, PAD_ID, build_tiny_model, build_tiny_tokenizer, save_tiny_model
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -37,8 +36,8 @@ def config(path: str | Path, *overrides: str) -> InfLLMConfig:
     return load_config(None, [f"model.path={path}", *overrides])
 
 
-def probe_logits(loaded) -> torch.Tensor:
-    ids = loaded.tokenizer(PROBE_TEXT, return_tensors="pt").input_ids
+def probe_logits(loaded, text: str) -> torch.Tensor:
+    ids = loaded.tokenizer(text, return_tensors="pt").input_ids
     with torch.no_grad():
         return loaded.model(ids).logits
 
@@ -57,20 +56,20 @@ def test_smollm2_loads_from_its_package(smollm2) -> None:
     assert smollm2.tokenizer.pad_token is not None and smollm2.tokenizer.chat_template
 
 
-def test_smollm2_is_a_working_language_model(smollm2_cold: ColdLoad) -> None:
+def test_smollm2_is_a_working_language_model(smollm2_cold) -> None:
     """Greedy next token after "The capital of France is" is " Paris": weights and tokenizer match."""
     next_id = int(smollm2_cold.probe_logits[0, -1].argmax())  # host sync: one scalar
     assert smollm2_cold.loaded.tokenizer.decode([next_id]).strip() == "Paris"
 
 
-def test_cached_load_is_fast_and_identical(smollm2_cold: ColdLoad, smollm2_config: InfLLMConfig) -> None:
+def test_cached_load_is_fast_and_identical(smollm2_cold, smollm2_config: InfLLMConfig) -> None:
     cold = smollm2_cold.loaded
     cached = load_model(smollm2_config)
     logger.info("SmolLM2 load: cold %.2f s, cached %.2f s", cold.load_seconds, cached.load_seconds)
     assert cached.from_cache is True and cached.cache_dir == cold.cache_dir
     assert cached.load_seconds < cold.load_seconds / 3, (cold.load_seconds, cached.load_seconds)
     assert type(cached.model) is type(cold.model) and cached.dtype == torch.float32
-    assert torch.equal(probe_logits(cached), smollm2_cold.probe_logits)
+    assert torch.equal(probe_logits(cached, smollm2_cold.probe_text), smollm2_cold.probe_logits)
     text = "Héllo <|im_start|> wörld 123"
     assert cached.tokenizer(text).input_ids == cold.tokenizer(text).input_ids
     chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi!"}]
@@ -82,13 +81,13 @@ def test_cached_load_is_fast_and_identical(smollm2_cold: ColdLoad, smollm2_confi
     assert meta["gguf"] == str(cold.source.gguf_path.resolve()) and meta["dtype"] == "float32"
 
 
-def test_gguf_file_path_directly(smollm2_cold: ColdLoad, smollm2_cache_dir: Path) -> None:
+def test_gguf_file_path_directly(smollm2_cold, smollm2_cache_dir: Path) -> None:
     """A .gguf path names the same file as the package, so it shares the converted cache."""
     gguf = smollm2_cold.loaded.source.gguf_path
     loaded = load_model(config(gguf, f"model.weights_cache_dir={smollm2_cache_dir}", "model.device=cpu"))
     assert loaded.source.kind == "gguf" and loaded.source.gguf_path == gguf
     assert loaded.from_cache is True
-    assert torch.equal(probe_logits(loaded), smollm2_cold.probe_logits)
+    assert torch.equal(probe_logits(loaded, smollm2_cold.probe_text), smollm2_cold.probe_logits)
 
 
 def test_package_is_found_without_importing_it() -> None:
