@@ -1,0 +1,60 @@
+// What the page sends: the user message content (with attached documents) and the /chat body.
+// Knows nothing of the DOM. The composition must be deterministic: the server reuses its memory state
+// when a new prompt starts with the previous one, so earlier turns must be re-sent byte for byte.
+
+export const DOC_OPEN = '"""';
+export const DOC_CLOSE = '"""';
+
+/** The text the model sees for a user message: its documents, then the question. */
+export function composeUserContent(msg) {
+  const docs = msg.attachments || [];
+  if (!docs.length) return msg.content;
+  const parts = docs.map((a) => `Document: ${a.name}\n${DOC_OPEN}\n${a.text}\n${DOC_CLOSE}`);
+  const question = (msg.content || "").trim();
+  if (question) parts.push(`Question: ${question}`);
+  return parts.join("\n\n");
+}
+
+/** Messages as the model sees them, `[{role, content}]`, skipping replies that produced no text. */
+export function toWireMessages(messages) {
+  const out = [];
+  for (const m of messages) {
+    if (m.role === "user") out.push({ role: "user", content: composeUserContent(m) });
+    else if (m.content) out.push({ role: "assistant", content: m.content });
+  }
+  return out;
+}
+
+const NUMERIC_SETTINGS = ["temperature", "top_p", "top_k", "max_new_tokens", "repetition_penalty", "seed"];
+
+/**
+ * The POST /chat body for the assistant message at `replyIndex` of `conv`: the last user message before it
+ * is the prompt, everything earlier the history. `settings` holds only the user's overrides; the server
+ * fills in its defaults for anything left out.
+ */
+export function buildChatRequest(conv, replyIndex, settings) {
+  const before = conv.messages.slice(0, replyIndex);
+  let promptIndex = before.length - 1;
+  while (promptIndex >= 0 && before[promptIndex].role !== "user") promptIndex -= 1;
+  if (promptIndex < 0) throw new Error("there is no user message to answer");
+  const body = {
+    prompt: composeUserContent(before[promptIndex]),
+    history: toWireMessages(before.slice(0, promptIndex)),
+    session_id: conv.id,
+  };
+  if (typeof settings.system === "string") body.system = settings.system;
+  for (const key of NUMERIC_SETTINGS) {
+    const v = settings[key];
+    if (typeof v === "number" && Number.isFinite(v)) body[key] = v;
+  }
+  if (Array.isArray(settings.stop)) body.stop = settings.stop.filter((s) => s.length > 0);
+  return body;
+}
+
+/** A short title for a conversation from its first user message. */
+export function deriveTitle(msg) {
+  const text = (msg.content || "").replace(/\s+/g, " ").trim();
+  if (text) return text.length > 60 ? `${text.slice(0, 57)}…` : text;
+  const doc = msg.attachments && msg.attachments[0];
+  return doc ? doc.name : "New chat";
+}

@@ -1,0 +1,606 @@
+"""End-to-end tests of the web chat page (inf_llm/static) in real headless Chromium against the real server.
+
+The session starts `python -m inf_llm.serve` with the default served config (SmolLM2-135M on CPU) on a free
+loopback port, with a fresh converted-weights cache so the model really loads and the page's loading screen
+can be seen. Generation uses temperature 0 and few new tokens to stay fast. Screenshots (light, dark, phone)
+go to artifacts/screenshots/.
+
+Set INF_LLM_WEBUI_URL=http://host:port/ to run the same tests against a server that is already running.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+playwright_sync = pytest.importorskip("playwright.sync_api")
+from playwright.sync_api import Browser, BrowserContext, Page, expect  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CONFIG = REPO_ROOT / "config" / "working" / "smollm2-135m-inf-llm.yaml"
+SCREENSHOTS = REPO_ROOT / "artifacts" / "screenshots"
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+EXTERNAL_URL = os.environ.get("INF_LLM_WEBUI_URL")
+# The port answers at once; loading the model (cold GGUF conversion included) takes ~15-20 s on 2 cores.
+PORT_TIMEOUT_S = 60
+READY_TIMEOUT_S = 180
+# One short reply of SmolLM2-135M on CPU takes a few seconds; a long prefill a few more.
+REPLY_TIMEOUT_MS = 90_000
+XSS_IMG = "<img src=x onerror=window.__xss=1>"
+XSS_SCRIPT = "<script>window.__xss=1</script>"
+
+if not EXTERNAL_URL and importlib.util.find_spec("inf_llm.serve") is None:
+    pytest.skip("inf_llm.serve (the server) is not available", allow_module_level=True)
+if not Path(CHROMIUM).exists():
+    pytest.skip(f"{CHROMIUM} not installed", allow_module_level=True)
+
+
+# ------------------------------------------------------------------------------------------- server
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def get_status(base_url: str) -> tuple[int, dict] | None:
+    """(HTTP status, JSON body) of GET /status, or None when the server does not answer."""
+    try:
+        with urllib.request.urlopen(base_url + "status", timeout=5) as res:
+            return res.status, json.loads(res.read())
+    except urllib.error.HTTPError as e:
+        try:
+            return e.code, json.loads(e.read())
+        except ValueError:
+            return e.code, {}
+    except (urllib.error.URLError, ConnectionError, TimeoutError, ValueError):
+        return None
+
+
+class Server:
+    def __init__(self, base_url: str, proc: subprocess.Popen | None, log_path: Path | None):
+        self.base_url = base_url
+        self.proc = proc
+        self.log_path = log_path
+
+    def log_tail(self, n: int = 4000) -> str:
+        if not self.log_path or not self.log_path.exists():
+            return ""
+        return self.log_path.read_text(errors="replace")[-n:]
+
+    def wait_ready(self) -> dict:
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                pytest.fail(f"server exited with {self.proc.returncode}:\n{self.log_tail()}")
+            st = get_status(self.base_url)
+            if st and st[0] == 200 and st[1].get("ready"):
+                return st[1]
+            if st and st[1].get("state") == "error":
+                pytest.fail(f"server failed to load the model: {st[1].get('error')}\n{self.log_tail()}")
+            time.sleep(0.5)
+        pytest.fail(f"server not ready after {READY_TIMEOUT_S} s:\n{self.log_tail()}")
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """The real server on a free loopback port; yields as soon as the port answers (the model still loading)."""
+    if EXTERNAL_URL:
+        yield Server(EXTERNAL_URL.rstrip("/") + "/", None, None)
+        return
+    tmp = tmp_path_factory.mktemp("webui_server")
+    port = _free_port()
+    env = dict(os.environ)
+    # A fresh weights cache: the model really loads, so the loading screen is there to be seen.
+    env["INFLLM_CACHE_DIR"] = str(tmp / "converted")
+    env["PYTHONUNBUFFERED"] = "1"
+    log_path = tmp / "server.log"
+    log = log_path.open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "inf_llm.serve", "--config", str(CONFIG), "--host", "127.0.0.1", "--port", str(port)],
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    srv = Server(f"http://127.0.0.1:{port}/", proc, log_path)
+    try:
+        deadline = time.monotonic() + PORT_TIMEOUT_S
+        while get_status(srv.base_url) is None:
+            if proc.poll() is not None:
+                pytest.fail(f"server exited with {proc.returncode}:\n{srv.log_tail()}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"server port did not answer within {PORT_TIMEOUT_S} s:\n{srv.log_tail()}")
+            time.sleep(0.1)
+        yield srv
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
+        log.close()
+        shutil.rmtree(tmp / "converted", ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def ready_server(server: Server) -> Server:
+    server.wait_ready()
+    return server
+
+
+# ------------------------------------------------------------------------------------------ browser
+
+
+@pytest.fixture(scope="session")
+def browser() -> Iterator[Browser]:
+    with playwright_sync.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture(scope="session")
+def screenshots() -> Path:
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    return SCREENSHOTS
+
+
+class PageErrors:
+    """Uncaught page exceptions and Content-Security-Policy violations seen by a page."""
+
+    def __init__(self) -> None:
+        self.items: list[str] = []
+
+    def watch(self, page: Page) -> None:
+        page.on("pageerror", lambda e: self.items.append(f"pageerror: {e}"))
+        page.on(
+            "console",
+            lambda m: self.items.append(f"console: {m.text}")
+            if m.type == "error" and "Content Security Policy" in m.text
+            else None,
+        )
+
+
+def _new_page(browser: Browser, errors: PageErrors, **context_args) -> tuple[BrowserContext, Page]:
+    ctx = browser.new_context(accept_downloads=True, **context_args)
+    ctx.set_default_timeout(15_000)
+    page = ctx.new_page()
+    errors.watch(page)
+    return ctx, page
+
+
+@pytest.fixture
+def page_errors() -> Iterator[PageErrors]:
+    errors = PageErrors()
+    yield errors
+    assert not errors.items, "\n".join(errors.items)
+
+
+@pytest.fixture
+def page(browser: Browser, ready_server: Server, page_errors: PageErrors) -> Iterator[Page]:
+    """A fresh browser profile (empty storage) on the ready server, desktop size, light theme."""
+    ctx, pg = _new_page(browser, page_errors, viewport={"width": 1280, "height": 860}, color_scheme="light")
+    open_ready(pg, ready_server.base_url)
+    yield pg
+    ctx.close()
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+def open_ready(page: Page, url: str) -> None:
+    page.goto(url)
+    expect(page.locator("#loading-screen")).to_be_hidden(timeout=READY_TIMEOUT_S * 1000)
+    expect(page.locator("#status-dot")).to_have_attribute("data-state", "ready")
+
+
+def configure(page: Page, *, temperature: float = 0, max_new_tokens: int = 24) -> None:
+    """Sets sampling through the settings dialog (stored in localStorage for later reloads)."""
+    page.get_by_role("button", name="Settings", exact=True).click()
+    dialog = page.locator("#settings-dialog")
+    expect(dialog).to_be_visible()
+    dialog.locator("#set-temperature").fill(str(temperature))
+    dialog.locator("#set-max_new_tokens").fill(str(max_new_tokens))
+    dialog.get_by_role("button", name="Done").click()
+    expect(dialog).to_be_hidden()
+
+
+def last_reply(page: Page):
+    return page.locator("#thread .msg.assistant").last
+
+
+def send(page: Page, text: str) -> None:
+    page.locator("#input").fill(text)
+    page.locator("#input").press("Enter")
+
+
+def wait_reply(page: Page) -> str:
+    """Waits for the last reply to finish; returns its rendered text."""
+    reply = last_reply(page)
+    expect(reply).to_have_attribute("aria-busy", "false", timeout=REPLY_TIMEOUT_MS)
+    expect(page.locator("#send-btn")).to_be_visible()
+    return reply.locator(".md").inner_text()
+
+
+def chat_body(request) -> dict:
+    return json.loads(request.post_data)
+
+
+def watch_streaming(page: Page) -> None:
+    """Records the length of the last reply's text at every DOM change (to prove it grew incrementally)."""
+    page.evaluate(
+        """() => {
+            window.__lens = [];
+            const thread = document.getElementById('thread');
+            new MutationObserver(() => {
+                const md = [...thread.querySelectorAll('.msg.assistant .md')].pop();
+                if (md) window.__lens.push(md.textContent.length);
+            }).observe(thread, {subtree: true, childList: true, characterData: true});
+        }"""
+    )
+
+
+# -------------------------------------------------------------------------------------------- tests
+
+
+def test_loading_screen_then_ready(browser: Browser, server: Server, page_errors: PageErrors, screenshots: Path):
+    """While the model loads the page shows the loading screen with progress; then the chat, model and memory."""
+    ctx, page = _new_page(browser, page_errors, viewport={"width": 1280, "height": 860}, color_scheme="light")
+    page.goto(server.base_url)
+    screen = page.locator("#loading-screen")
+    # The page's own view of the server after its first /status poll.
+    seen = page.wait_for_function(
+        """() => {
+            const s = document.getElementById('status-dot').dataset.state;
+            return s === 'loading' || s === 'ready' ? s : null;
+        }"""
+    ).json_value()
+    if EXTERNAL_URL is None:
+        # The session's server started with an empty weights cache: loading takes seconds, not milliseconds.
+        assert seen == "loading", "the page never showed the server loading"
+    if seen == "loading":
+        expect(screen).to_be_visible()
+        expect(page.locator("#loading-title")).to_have_text(re.compile("Loading the model"))
+        expect(page.locator("#loading-progress")).to_be_visible()
+        page.screenshot(path=screenshots / "loading-light.png")
+    status = server.wait_ready()
+    expect(screen).to_be_hidden(timeout=15_000)
+    expect(page.locator("#status-dot")).to_have_attribute("data-state", "ready")
+    expect(page.locator("#banner")).to_be_hidden()
+    # The model name and the context-memory settings are visible.
+    expect(page.locator("#model-name")).not_to_be_empty()
+    facts = page.locator("#empty-facts")
+    expect(facts).to_contain_text("Memory")
+    if status.get("type") == "inf-llm":
+        expect(page.locator("#model-memory")).to_contain_text("InfLLM")
+        mem = status["memory"]
+        page.locator("#model-chip").click()
+        info = page.locator("#memory-info")
+        expect(info).to_contain_text("n_local")
+        expect(info).to_contain_text(f"{mem['n_local']:,}")
+        page.keyboard.press("Escape")
+    page.screenshot(path=screenshots / "ready-light.png")
+    ctx.close()
+
+
+def test_send_message_streams_reply(page: Page):
+    configure(page, max_new_tokens=24)
+    watch_streaming(page)
+    with page.expect_request("**/chat") as req_info:
+        send(page, "Say hello to me in one short sentence.")
+    body = chat_body(req_info.value)
+    assert body["prompt"] == "Say hello to me in one short sentence."
+    assert body["history"] == []
+    assert body["temperature"] == 0 and body["max_new_tokens"] == 24
+    # The stop button replaces send while the reply streams.
+    expect(page.locator("#stop-btn")).to_be_visible()
+    text = wait_reply(page)
+    assert text.strip()
+    lens = [n for n in page.evaluate("() => window.__lens") if n > 0]
+    assert len(set(lens)) >= 2, f"the reply did not grow incrementally: {lens}"
+    stats = last_reply(page).locator(".stats")
+    expect(stats).to_contain_text("prompt")
+    expect(stats).to_contain_text("TTFT")
+    expect(stats).to_contain_text("decode tok/s")
+    expect(page.locator("#conv-list .conv-item")).to_have_count(1)
+
+    # A follow-up sends the first turn as history (and the server can reuse its memory state).
+    with page.expect_request("**/chat") as req_info:
+        send(page, "Thanks!")
+    body = chat_body(req_info.value)
+    assert body["history"][0] == {"role": "user", "content": "Say hello to me in one short sentence."}
+    assert body["history"][1]["role"] == "assistant" and body["history"][1]["content"].strip()
+    wait_reply(page)
+    expect(last_reply(page).locator(".stats")).to_contain_text("cached")
+
+
+def test_stop_mid_reply(page: Page):
+    configure(page, max_new_tokens=400)
+    send(page, "Write a very long story about a dragon who learns to read, with many chapters.")
+    reply = last_reply(page)
+    expect(reply.locator(".md")).not_to_be_empty(timeout=REPLY_TIMEOUT_MS)
+    expect(reply).to_have_attribute("aria-busy", "true")
+    page.keyboard.press("Escape")  # Esc stops, like the stop button
+    expect(reply).to_have_attribute("aria-busy", "false", timeout=10_000)
+    expect(page.locator("#stop-btn")).to_be_hidden()
+    expect(reply.locator(".msg-note")).to_contain_text("Stopped")
+    stopped = reply.locator(".md").inner_text()
+    page.wait_for_timeout(700)
+    assert reply.locator(".md").inner_text() == stopped, "text kept arriving after stop"
+
+    # The server is free again: the next message is answered at once.
+    configure(page, max_new_tokens=8)
+    send(page, "Say OK.")
+    assert wait_reply(page).strip()
+    expect(last_reply(page).locator(".msg-note")).not_to_contain_text("Stopped")
+
+    # Regenerate replaces the last reply with a new one.
+    last_reply(page).get_by_role("button", name="Regenerate reply").click()
+    assert wait_reply(page).strip()
+    expect(page.locator("#thread .msg")).to_have_count(4)
+
+
+def test_reload_keeps_conversation(page: Page):
+    configure(page, max_new_tokens=12)
+    send(page, "My favourite fruit is mango. Reply with one word.")
+    reply_text = wait_reply(page)
+    page.reload()
+    open_ready(page, page.url)
+    item = page.locator("#conv-list .conv-item")
+    expect(item).to_have_count(1)
+    expect(item).to_contain_text("My favourite fruit is mango")
+    expect(page.locator("#thread .msg.user")).to_contain_text("My favourite fruit is mango")
+    expect(last_reply(page).locator(".md")).to_have_text(reply_text.strip())
+
+    # A new chat, then back to the old one from the sidebar.
+    page.get_by_role("button", name="New chat").click()
+    expect(page.locator("#thread .msg")).to_have_count(0)
+    page.locator("#conv-list .conv-open").first.click()
+    expect(page.locator("#thread .msg")).to_have_count(2)
+
+    # Edit and resend the user message: the conversation is cut after it and answered again.
+    page.locator("#thread .msg.user").hover()
+    page.get_by_role("button", name="Edit and resend").click()
+    page.locator(".edit-input").fill("My favourite fruit is papaya. Reply with one word.")
+    with page.expect_request("**/chat") as req_info:
+        page.locator(".edit-input").press("Enter")
+    assert "papaya" in chat_body(req_info.value)["prompt"]
+    wait_reply(page)
+    expect(page.locator("#thread .msg")).to_have_count(2)
+    expect(page.locator("#thread .msg.user")).to_contain_text("papaya")
+
+
+def test_attach_file_and_ask(page: Page, screenshots: Path):
+    configure(page, max_new_tokens=24)
+    doc = "The secret code is 4172.\n"
+    page.locator("#file-input").set_input_files(
+        files=[{"name": "secret.txt", "mimeType": "text/plain", "buffer": doc.encode()}]
+    )
+    chip = page.locator("#attachments .chip")
+    expect(chip).to_contain_text("secret.txt")
+    expect(chip).to_contain_text(re.compile(r"\d+ tokens"))  # counted by the server's /tokenize
+    with page.expect_request("**/chat") as req_info:
+        send(page, "What is the secret code?")
+    body = chat_body(req_info.value)
+    assert "The secret code is 4172" in body["prompt"]
+    assert "What is the secret code?" in body["prompt"]
+    expect(page.locator("#attachments .chip")).to_have_count(0)
+    reply = wait_reply(page)
+    assert reply.strip()
+    # The attachment stays with the message, and opens in the document view.
+    msg_chip = page.locator("#thread .msg.user .chip")
+    expect(msg_chip).to_contain_text("secret.txt")
+    # SmolLM2-135M at temperature 0 copies a code it was just given.
+    assert "4172" in reply
+    page.screenshot(path=screenshots / "chat-light.png")
+    msg_chip.locator(".chip-open").click()
+    expect(page.locator("#doc-text")).to_have_text(doc)
+    page.keyboard.press("Escape")
+
+    # Drag and drop a file anywhere on the page.
+    page.evaluate(
+        """() => {
+            const dt = new DataTransfer();
+            dt.items.add(new File(['dropped file text'], 'dropped.md', {type: 'text/markdown'}));
+            window.dispatchEvent(new DragEvent('dragenter', {dataTransfer: dt}));
+            window.dispatchEvent(new DragEvent('drop', {dataTransfer: dt, cancelable: true}));
+        }"""
+    )
+    expect(page.locator("#attachments .chip")).to_contain_text("dropped.md")
+    expect(page.locator("#drop-overlay")).to_be_hidden()
+    # A long paste becomes an attachment chip instead of filling the input.
+    page.locator("#input").focus()
+    page.evaluate(
+        """() => {
+            const dt = new DataTransfer();
+            dt.setData('text/plain', 'long pasted line\\n'.repeat(300));
+            document.getElementById('input').dispatchEvent(new ClipboardEvent('paste', {clipboardData: dt, bubbles: true, cancelable: true}));
+        }"""
+    )
+    expect(page.locator("#attachments .chip")).to_have_count(2)
+    expect(page.locator("#attachments")).to_contain_text("Pasted text")
+    expect(page.locator("#input")).to_have_value("")
+    page.get_by_role("button", name="Remove dropped.md").click()
+    expect(page.locator("#attachments .chip")).to_have_count(1)
+
+
+def test_html_in_messages_renders_as_text(page: Page):
+    configure(page, max_new_tokens=40)
+    payload = f"Repeat exactly: {XSS_IMG} {XSS_SCRIPT}"
+    send(page, payload)
+    wait_reply(page)
+    user = page.locator("#thread .msg.user .user-text")
+    expect(user).to_have_text(payload)
+    thread = page.locator("#thread")
+    assert thread.locator("img").count() == 0
+    assert thread.locator("script").count() == 0
+    assert page.evaluate("() => window.__xss") is None
+
+    # The reply renderer, fed the payloads directly (the small model may not repeat them exactly), plus
+    # a javascript: link and raw HTML blocks.
+    reply_md = (
+        f"Inline {XSS_IMG} and\n\n{XSS_SCRIPT}\n\n<iframe src=javascript:window.__xss=1></iframe>\n\n"
+        "[click](javascript:window.__xss=1) ![pic](x onerror=window.__xss=1)\n\n"
+        "```html\n<img src=x onerror=window.__xss=1>\n```\n"
+    )
+    result = page.evaluate(
+        """async (md) => {
+            const { renderMarkdown } = await import(new URL('static/js/markdown.js', location.href).href);
+            const box = document.createElement('div');
+            box.className = 'md';
+            box.innerHTML = renderMarkdown(md);
+            document.getElementById('thread').append(box);
+            await new Promise((r) => setTimeout(r, 300));
+            return {
+                html: box.innerHTML,
+                text: box.textContent,
+                dangerous: box.querySelectorAll('img, script, iframe, [onerror], a[href^="javascript"]').length,
+            };
+        }""",
+        reply_md,
+    )
+    assert result["dangerous"] == 0, result["html"]
+    assert XSS_IMG in result["text"] and XSS_SCRIPT in result["text"]
+    assert page.evaluate("() => window.__xss") is None
+
+
+def test_export_then_import(page: Page, tmp_path: Path):
+    configure(page, max_new_tokens=12)
+    send(page, "Name a colour.")
+    reply = wait_reply(page)
+    item = page.locator("#conv-list .conv-item").first
+    with page.expect_download() as dl_info:
+        item.get_by_role("button", name=re.compile("^Export")).click()
+    path = tmp_path / "export.json"
+    dl_info.value.save_as(path)
+    data = json.loads(path.read_text())
+    assert data["format"] == "inf_llm.conversations"
+    (conv,) = data["conversations"]
+    assert [m["role"] for m in conv["messages"]] == ["user", "assistant"]
+    assert conv["messages"][0]["content"] == "Name a colour."
+    assert conv["messages"][1]["done"]["usage"]["completion_tokens"] > 0
+
+    # Delete it, then bring it back from the file.
+    item.get_by_role("button", name=re.compile("^Delete")).click()
+    page.locator("#confirm-ok").click()
+    expect(page.locator("#conv-list .conv-item")).to_have_count(0)
+    expect(page.locator("#thread .msg")).to_have_count(0)
+    page.locator("#import-input").set_input_files(str(path))
+    expect(page.locator("#toast")).to_contain_text("Imported 1 conversation")
+    expect(page.locator("#conv-list .conv-item")).to_have_count(1)
+    expect(page.locator("#thread .msg.user")).to_have_text("Name a colour.")
+    expect(last_reply(page).locator(".md")).to_have_text(reply.strip())
+
+    # Rename survives a reload.
+    item = page.locator("#conv-list .conv-item").first
+    item.get_by_role("button", name=re.compile("^Rename")).click()
+    page.locator(".rename-input").fill("Colours")
+    page.locator(".rename-input").press("Enter")
+    expect(page.locator("#conv-title")).to_have_text("Colours")
+    page.reload()
+    open_ready(page, page.url)
+    expect(page.locator("#conv-list .conv-item")).to_contain_text("Colours")
+
+
+def _long_document(n_facts: int) -> str:
+    lines = [f"Fact {i}: the lamp in room {i} is painted {('red', 'green', 'blue', 'amber')[i % 4]}." for i in range(n_facts)]
+    lines.insert(n_facts // 3, "Important: the vault password is SWORDFISH-88.")
+    return "\n".join(lines) + "\n"
+
+
+def test_memory_inspector_on_long_document(page: Page, screenshots: Path):
+    """A document longer than the local window: prefill progress, then retrieved passages highlighted."""
+    configure(page, max_new_tokens=16)
+    page.locator("#file-input").set_input_files(
+        files=[{"name": "rooms.txt", "mimeType": "text/plain", "buffer": _long_document(260).encode()}]
+    )
+    expect(page.locator("#attachments .chip")).to_contain_text(re.compile(r"\d+ tokens"))
+    send(page, "What is the vault password?")
+    wait_reply(page)
+    stats = last_reply(page).locator(".stats")
+    expect(stats).to_contain_text("prompt")
+    inspect = last_reply(page).locator(".inspect-btn")
+    if inspect.count() == 0:
+        pytest.skip("the server reported no retrieval for a prompt longer than the local window")
+    inspect.click()
+    dialog = page.locator("#inspector-dialog")
+    expect(dialog).to_be_visible()
+    expect(page.locator("#inspector-sub")).to_contain_text("retrieved passages")
+    assert page.locator("#passage-list .passage").count() > 0
+    marks = page.locator("#doc-view mark.heat")
+    assert marks.count() > 0, "no retrieved span was located in the document"
+    page.locator("#passage-list .passage:not([disabled])").first.click()
+    expect(page.locator("#doc-view mark.flash").first).to_be_visible()
+    page.screenshot(path=screenshots / "inspector-light.png")
+    page.keyboard.press("Escape")
+
+
+@pytest.mark.parametrize(
+    "name,context_args",
+    [
+        ("dark", {"viewport": {"width": 1280, "height": 860}, "color_scheme": "dark"}),
+        (
+            "phone",
+            {
+                "viewport": {"width": 390, "height": 844},
+                "device_scale_factor": 2,
+                "is_mobile": True,
+                "has_touch": True,
+                "color_scheme": "light",
+            },
+        ),
+    ],
+)
+def test_screenshots_dark_and_phone(browser: Browser, ready_server: Server, page_errors: PageErrors, screenshots: Path, name, context_args):
+    ctx, page = _new_page(browser, page_errors, **context_args)
+    open_ready(page, ready_server.base_url)
+    page.screenshot(path=screenshots / f"empty-{name}.png")
+    configure(page, max_new_tokens=48)
+    page.locator("#file-input").set_input_files(
+        files=[{"name": "notes.md", "mimeType": "text/markdown", "buffer": b"# Notes\nThe meeting is on Tuesday at 10:00 in room 4.\n"}]
+    )
+    expect(page.locator("#attachments .chip")).to_contain_text(re.compile(r"\d+ tokens"))
+    send(page, "When and where is the meeting?")
+    wait_reply(page)
+    send(page, "Write a Python function that adds two numbers.")
+    wait_reply(page)
+    if name == "phone":
+        # The sidebar is a drawer on a phone.
+        expect(page.locator("#menu-btn")).to_be_visible()
+        assert page.evaluate("() => document.documentElement.scrollWidth") <= 390
+    page.screenshot(path=screenshots / f"chat-{name}.png")
+    if name == "phone":
+        page.locator("#menu-btn").click()
+        expect(page.locator("#sidebar")).to_be_in_viewport()
+        page.wait_for_timeout(300)  # the drawer slides in
+        page.screenshot(path=screenshots / "sidebar-phone.png")
+        page.locator("#sidebar-close").click()
+    page.get_by_role("button", name="Settings", exact=True).click()
+    page.screenshot(path=screenshots / f"settings-{name}.png")
+    page.keyboard.press("Escape")
+    ctx.close()
