@@ -239,6 +239,7 @@ function bindSettings() {
   $("settings-btn").addEventListener("click", () => {
     fillSettingsForm();
     $("settings-dialog").showModal();
+    if (state.status && state.status.auth_required && !state.apiKey) $("set-api-key").focus();
   });
   $("set-api-key").addEventListener("input", (e) => {
     state.apiKey = e.target.value.trim();
@@ -920,6 +921,7 @@ async function generate(conv, reply) {
   } catch (e) {
     if (e.name === "AbortError") reply.cancelled = true;
     else {
+      if (!(e instanceof ApiError)) pollStatus(); // A network failure: is the server still there?
       reply.error = e instanceof ApiError || e.message ? e.message : String(e);
       if (e.status === 401) {
         reply.error = `${e.message} — set the API key in Settings.`;
@@ -1007,10 +1009,10 @@ function openInspector(conv, msg) {
     const item = el("li", {}, [
       el(
         "button",
-        { type: "button", class: "passage", dataset: { span: String(s.index) }, disabled: !loc, "aria-label": `Passage with score ${formatScore(s.score)}${loc ? "" : " (not found in the text)"}` },
+        { type: "button", class: "passage", dataset: { span: String(s.index) }, disabled: !loc, "aria-label": `Passage retrieved ${formatScore(s.score, data.maxScore)}${loc ? "" : " (not found in the text)"}` },
         [
           el("span", { class: "passage-head" }, [
-            el("span", { class: "passage-score", text: `score ${formatScore(s.score)}` }),
+            el("span", { class: "passage-score", text: formatScore(s.score, data.maxScore) }),
             el("span", { class: "passage-where", text: loc ? data.sources[loc.source].label : "not in the shown text" }),
           ]),
           meter,
@@ -1051,7 +1053,7 @@ function bindInspector() {
     if (!mark) return;
     const details = mark.closest("details");
     if (details) details.open = true;
-    mark.scrollIntoView({ block: "center", behavior: "smooth" });
+    mark.scrollIntoView({ block: "center" });
     for (const m of $("doc-view").querySelectorAll("mark.flash")) m.classList.remove("flash");
     for (const m of $("doc-view").querySelectorAll(`mark[data-span="${CSS.escape(btn.dataset.span)}"]`)) m.classList.add("flash");
   });
@@ -1242,6 +1244,9 @@ async function boot() {
   bindAttachments();
   bindComposer();
   $("model-chip").addEventListener("click", openModelDialog);
+  // Re-check at once when the user comes back or the network returns, not at the next slow poll.
+  window.addEventListener("focus", pollStatus);
+  window.addEventListener("online", pollStatus);
   renderAttachments();
   pollStatus();
   state.store = await ConversationStore.open();

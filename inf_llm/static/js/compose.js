@@ -15,13 +15,22 @@ export function composeUserContent(msg) {
   return parts.join("\n\n");
 }
 
-/** Messages as the model sees them, `[{role, content}]`, skipping replies that produced no text. */
+/**
+ * Messages as the model sees them, `[{role, content}]`. A reply that produced no text is left out, and
+ * so is the question of a reply that failed with nothing (e.g. a refused request): from the model's side
+ * that exchange never happened.
+ */
 export function toWireMessages(messages) {
   const out = [];
-  for (const m of messages) {
-    if (m.role === "user") out.push({ role: "user", content: composeUserContent(m) });
-    else if (m.content) out.push({ role: "assistant", content: m.content });
-  }
+  messages.forEach((m, i) => {
+    if (m.role === "user") {
+      const next = messages[i + 1];
+      if (next && next.role === "assistant" && next.error && !next.content) return;
+      out.push({ role: "user", content: composeUserContent(m) });
+    } else if (m.content) {
+      out.push({ role: "assistant", content: m.content });
+    }
+  });
   return out;
 }
 

@@ -13,7 +13,7 @@ const TOP_PASSAGES = 25;
 const MIN_HEAT = 0.12;
 
 // Template markers (`<|im_start|>`, `<s>`, `[INST]`, ...) and the wrapper compose.js adds around documents.
-const SPLIT_RE = /<\|[^|]{0,40}\|>|<\/?s>|\[\/?INST\]|<<\/?SYS>>|"""|^Document: [^\n]*$|Question: /gm;
+const SPLIT_RE = /<\|[^|]{0,40}\|>(?:system|user|assistant)?|<\/?s>|\[\/?INST\]|<<\/?SYS>>|"""|^Document: [^\n]*$|Question: /gm;
 
 /**
  * The texts a reply's prompt was built from, in prompt order: the system prompt, then each earlier
@@ -192,7 +192,7 @@ export function renderHighlighted(container, text, ranges, maxScore) {
     mark.dataset.start = String(a);
     mark.dataset.end = String(b);
     mark.dataset.span = String(best.span);
-    mark.title = `score ${formatScore(best.score)}`;
+    mark.title = `retrieved: ${formatScore(best.score, maxScore)}`;
     mark.textContent = piece;
     frag.append(mark);
   }
@@ -200,9 +200,13 @@ export function renderHighlighted(container, text, ranges, maxScore) {
   container.append(frag);
 }
 
-export function formatScore(score) {
+/**
+ * A span's score for people. The server's score is the fraction of (layer, decode step) lookups that
+ * selected the block, so it reads as a percentage; anything larger is shown as a plain number.
+ */
+export function formatScore(score, maxScore = score) {
   const s = Number(score) || 0;
-  if (s === 0) return "0";
+  if (maxScore <= 1) return `${(s * 100).toFixed(s >= 0.1 || s === 0 ? 0 : 1)}% of lookups`;
   if (Math.abs(s) >= 100) return s.toFixed(0);
   if (Math.abs(s) >= 1) return s.toFixed(2);
   return s.toPrecision(2);
