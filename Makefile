@@ -3,10 +3,12 @@
 #   make test    set everything up (with the test dependencies), then run the CPU test suite
 # Both are idempotent: the set-up steps are skipped while their inputs are unchanged (scripts/setup.sh).
 #
-# Variables: ARGS (extra arguments of `python -m inf_llm.serve`, e.g. ARGS="--config config/working/qwen-4b-inf-llm.yaml"),
-# PYTEST_ARGS (e.g. PYTEST_ARGS="tests/test_config.py -x"), PYTHON (interpreter that creates the venv).
+# Variables: ARGS (extra arguments of `python -m inf_llm.serve`,
+#   e.g. ARGS="--config config/working/qwen-4b-inf-llm.yaml"), PYTEST_ARGS (e.g. PYTEST_ARGS="tests/test_config.py -x"),
+#   PYTHON (interpreter that creates the venv).
 
 VENV ?= .venv
+export VENV
 PY := $(VENV)/bin/python
 ARGS ?=
 PYTEST_ARGS ?=

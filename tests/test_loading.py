@@ -76,7 +76,10 @@ def test_cached_load_is_fast_and_identical(smollm2_cold, smollm2_config: InfLLMC
     assert cached.tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) == (
         cold.tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
     )
-    assert (cached.tokenizer.pad_token, cached.tokenizer.eos_token) == (cold.tokenizer.pad_token, cold.tokenizer.eos_token)
+    assert (cached.tokenizer.pad_token, cached.tokenizer.eos_token) == (
+        cold.tokenizer.pad_token,
+        cold.tokenizer.eos_token,
+    )
     meta = json.loads((cached.cache_dir / CACHE_MARKER).read_text())
     assert meta["gguf"] == str(cold.source.gguf_path.resolve()) and meta["dtype"] == "float32"
 
@@ -169,7 +172,9 @@ def test_device_and_dtype_resolution() -> None:
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error of a machine without CUDA")
 @pytest.mark.parametrize("device", ["cuda", "cuda:3"])
 def test_cuda_without_cuda_is_a_config_error(tiny_folder: Path, device: str) -> None:
-    with pytest.raises(ConfigError, match=rf"model\.device='{device}' but CUDA is not available.*use device: auto or cpu"):
+    with pytest.raises(
+        ConfigError, match=rf"model\.device='{device}' but CUDA is not available.*use device: auto or cpu"
+    ):
         load_model(config(tiny_folder, f"model.device={device}"))
 
 

@@ -178,8 +178,7 @@ def _resolve_package(name: str, gguf_file: str | None, origin: str) -> ResolvedM
         raise ModelNotFoundError(f"package {name!r} ({roots[0]}) contains no .gguf file")
     if len(ggufs) > 1:
         raise ModelNotFoundError(
-            f"package {name!r} holds several GGUF files ({_names(ggufs, roots[0])}); choose one with "
-            f"model.gguf_file"
+            f"package {name!r} holds several GGUF files ({_names(ggufs, roots[0])}); choose one with model.gguf_file"
         )
     return ResolvedModel("gguf", str(ggufs[0].parent), ggufs[0].name, origin=origin)
 
@@ -315,7 +314,12 @@ def load_model(cfg: InfLLMConfig, progress: ProgressCallback | None = None) -> L
     )
     logger.info(
         "loaded %s (%s) on %s in %s in %.1f s%s",
-        source, type(model).__name__, loaded.device, dtype, seconds, " from converted cache" if loaded.from_cache else "",
+        source,
+        type(model).__name__,
+        loaded.device,
+        dtype,
+        seconds,
+        " from converted cache" if loaded.from_cache else "",
     )
     report("ready", 1.0)
     return loaded
@@ -452,6 +456,8 @@ def _write_cache(
         if (cache_dir / CACHE_MARKER).is_file():
             logger.info("another process cached %s first", cache_dir)
         else:
-            logger.warning("could not cache converted weights in %s: %s (the next start converts again)", cache_dir, exc)
+            logger.warning(
+                "could not cache converted weights in %s: %s (the next start converts again)", cache_dir, exc
+            )
         return
     logger.info("cached converted weights in %s (%.1f s)", cache_dir, seconds)
