@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -19,6 +20,7 @@ from inf_llm.engine.loading import (
     CACHE_MARKER,
     ResolvedModel,
     _read_cache,
+    _write_cache,
     cache_root,
     load_model,
     resolve_device,
@@ -123,6 +125,34 @@ def test_unreadable_cache_folder_is_dropped(tmp_path: Path, caplog: pytest.LogCa
         result = _read_cache(broken, torch.float32, {"device_map": {"": "cpu"}}, lambda *a: None, True)
     assert result is None and not broken.exists()
     assert "unreadable" in caplog.text
+
+
+def test_cache_write_then_read_gives_the_same_model(tmp_path: Path) -> None:
+    """The converted-weights cache round trip, on a tiny model (the GGUF step is covered by SmolLM2)."""
+    model, tokenizer = build_tiny_model("qwen2", seed=2), build_tiny_tokenizer()
+    cache_dir = tmp_path / "tiny-float32-0123"
+    stale, busy = tmp_path / ".tiny-float32-0123.killed", tmp_path / ".tiny-float32-0123.writing"
+    stale.mkdir()
+    busy.mkdir()
+    os.utime(stale, (0, 0))  # left by a process killed long ago
+    _write_cache(model, tokenizer, cache_dir, {"gguf": "tiny.gguf"})
+    assert json.loads((cache_dir / CACHE_MARKER).read_text())["gguf"] == "tiny.gguf"
+    assert not stale.exists() and busy.exists()  # a recent temp folder may be another process's write
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([cache_dir.name, busy.name])
+    cached = _read_cache(cache_dir, torch.float32, {"device_map": {"": "cpu"}}, lambda *a: None, True)
+    assert cached is not None
+    cached_model, cached_tokenizer = cached
+    ids = torch.tensor([tokenizer("round trip").input_ids])
+    assert cached_tokenizer("round trip").input_ids == ids[0].tolist()
+    with torch.no_grad():
+        assert torch.equal(cached_model(ids).logits, model(ids).logits)
+
+
+def test_cache_write_failure_is_only_logged(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    (tmp_path / "file").write_text("not a folder")
+    with caplog.at_level(logging.WARNING):
+        _write_cache(build_tiny_model(), None, tmp_path / "file" / "cache", {"gguf": "x"})
+    assert "could not cache converted weights" in caplog.text
 
 
 def test_incomplete_cache_folder_is_ignored(tmp_path: Path) -> None:

@@ -50,6 +50,8 @@ CACHE_ENV_VAR = "INFLLM_CACHE_DIR"
 CACHE_MARKER = "inf_llm_cache.json"
 # Part of the cache key: bump it when the layout of a converted-weights folder changes.
 CACHE_FORMAT = 1
+# A cache write takes seconds; a temp folder older than this was left by a killed process and is removed.
+STALE_TMP_SECONDS = 3600
 # A hub repo id: "name" or "owner/name" with the hub's character set.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
 # Either variable set to a true value means: never ask the hub.
@@ -443,6 +445,9 @@ def _write_cache(
     tmp: Path | None = None
     try:
         cache_dir.parent.mkdir(parents=True, exist_ok=True)
+        for stale in cache_dir.parent.glob(f".{cache_dir.name}.*"):
+            if time.time() - stale.stat().st_mtime > STALE_TMP_SECONDS:
+                shutil.rmtree(stale, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{cache_dir.name}.", dir=cache_dir.parent))
         model.save_pretrained(tmp)
         if tokenizer is not None:
