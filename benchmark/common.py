@@ -1,0 +1,144 @@
+"""Model glue shared by the runners: load + patch a model for evaluation, and greedy generation with chunked
+prefill (timed), the way the engine feeds a prompt (docs/ARCHITECTURE.md, "Adapter API").
+
+Owns nothing of the method: the memory is `inf_llm.adapter`, loading is `inf_llm.engine.loading`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from transformers import GenerationConfig
+
+from inf_llm.adapter import InfLLMCache, cache_kwargs, patch_model
+from inf_llm.config import InfLLMConfig, load_config
+from inf_llm.engine.loading import load_model
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GenerationStats:
+    """Timing of one greedy generation."""
+
+    prompt_tokens: int
+    new_tokens: int
+    prefill_tokens: int  # tokens fed by the chunked prefill (all prompt tokens but the last)
+    prefill_seconds: float
+    decode_seconds: float  # generate(): the last prompt token and every new token
+    stop_reason: str  # "stop" (a stop token) or "length" (max_new_tokens reached)
+
+    @property
+    def prefill_tokens_per_second(self) -> float:
+        return self.prefill_tokens / self.prefill_seconds if self.prefill_seconds > 0 else float("nan")
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        return self.new_tokens / self.decode_seconds if self.decode_seconds > 0 else float("nan")
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "prefill_tokens_per_second": self.prefill_tokens_per_second,
+                "decode_tokens_per_second": self.decode_tokens_per_second}
+
+
+def torchrun_overrides(overrides: Sequence[str]) -> list[str]:
+    """With torchrun (LOCAL_RANK set) and CUDA present, pin each process to its GPU unless the overrides
+    already name a device."""
+    local_rank = os.environ.get("LOCAL_RANK")
+    if local_rank is None or any(o.startswith("model.device=") for o in overrides):
+        return list(overrides)
+    if torch.cuda.is_available():
+        return [*overrides, f"model.device=cuda:{int(local_rank) % torch.cuda.device_count()}"]
+    return list(overrides)
+
+
+def load_for_eval(config_path: str | os.PathLike | None, overrides: Sequence[str] = ()):
+    """Load the config (+ dotlist overrides), the model and tokenizer, and patch the model with InfLLM
+    attention. Returns (model, tokenizer, cfg)."""
+    cfg = load_config(config_path, list(overrides))
+    loaded = load_model(cfg)
+    model = patch_model(loaded.model, cfg.model)
+    model.eval()
+    return model, loaded.tokenizer, cfg
+
+
+def _as_ids(tokenizer, prompt: str | Sequence[int] | torch.Tensor) -> list[int]:
+    if isinstance(prompt, str):
+        return list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
+    if isinstance(prompt, torch.Tensor):
+        return [int(t) for t in prompt.reshape(-1).tolist()]  # host copy of the prompt ids, once
+    return [int(t) for t in prompt]
+
+
+@torch.inference_mode()
+def generate_greedy(
+    model,
+    tokenizer,
+    cfg: InfLLMConfig,
+    prompt: str | Sequence[int] | torch.Tensor,
+    max_new_tokens: int,
+    stop_token_ids: Sequence[int] | None = None,
+) -> tuple[str, GenerationStats]:
+    """Greedy decoding of one prompt with a fresh InfLLM memory.
+
+    `prompt`: text (tokenized with the tokenizer's special tokens) or token ids. All prompt tokens but the
+    last are prefilled in chunks of `cfg.chunk_size` through `model(...)`, then `model.generate` feeds the
+    last one and decodes. The text returned is the decoded new tokens up to (not including) the first stop
+    token (default: the tokenizer's EOS), special tokens kept, as the original benchmark code decodes.
+    """
+    ids = _as_ids(tokenizer, prompt)
+    if not ids:
+        raise ValueError("empty prompt")
+    device = model.get_input_embeddings().weight.device
+    input_ids = torch.tensor([ids], dtype=torch.long, device=device)  # (1, T)
+    stops = list(stop_token_ids) if stop_token_ids else [tokenizer.eos_token_id]
+    cache = InfLLMCache(model)
+    kw = cache_kwargs(model, cache)
+
+    start = time.perf_counter()
+    prefill = len(ids) - 1
+    for a in range(0, prefill, cfg.chunk_size):
+        b = min(a + cfg.chunk_size, prefill)
+        # logits_to_keep=1: the vocabulary projection of a whole chunk would dwarf the attention cost.
+        model(input_ids[:, a:b], use_cache=True, logits_to_keep=1, **kw)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # time the prefill, not just its launch
+    prefill_s = time.perf_counter() - start
+
+    gen_cfg = GenerationConfig(
+        max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stops,
+        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0],
+    )
+    start = time.perf_counter()
+    out = model.generate(input_ids, generation_config=gen_cfg, use_cache=True, **kw)
+    decode_s = time.perf_counter() - start
+
+    new = out[0, len(ids):].tolist()  # host copy of the generated ids, once per generation
+    stop_reason = "length"
+    for i, tok in enumerate(new):
+        if tok in stops:
+            new, stop_reason = new[:i], "stop"
+            break
+    text = tokenizer.decode(new, skip_special_tokens=False)
+    stats = GenerationStats(
+        prompt_tokens=len(ids), new_tokens=len(new), prefill_tokens=prefill,
+        prefill_seconds=prefill_s, decode_seconds=decode_s, stop_reason=stop_reason,
+    )
+    return text, stats
+
+
+def repo_root() -> Path:
+    return Path(__file__).resolve().parent.parent
+
+
+def default_config_path() -> Path:
+    """The served default config (SmolLM2 on CPU) that the runners use when no --config is given."""
+    from inf_llm.config import default_config_path as served
+
+    return served()
