@@ -1,9 +1,10 @@
 """End-to-end tests of the web chat page (inf_llm/static) in real headless Chromium against the real server.
 
-The session starts `python -m inf_llm.serve` with the default served config (SmolLM2-135M on CPU) on a free
-loopback port, with a fresh converted-weights cache so the model really loads and the page's loading screen
-can be seen. Generation uses temperature 0 and few new tokens to stay fast. Screenshots (light, dark, phone)
-go to artifacts/screenshots/.
+The session launches Chromium, then starts `python -m inf_llm.serve` with the default served config
+(SmolLM2-135M on CPU) on a free loopback port and opens the page while the model loads. Converted weights are
+cached under .cache/test_webui/ (not the user's cache): the first run converts the GGUF (tens of seconds),
+later runs load in a couple of seconds. Generation uses temperature 0 and few new tokens to stay fast.
+Screenshots (light, dark, phone) go to artifacts/screenshots/.
 
 Set INF_LLM_WEBUI_URL=http://host:port/ to run the same tests against a server that is already running.
 """
@@ -14,7 +15,7 @@ import importlib.util
 import json
 import os
 import re
-import shutil
+import warnings
 import signal
 import socket
 import subprocess
@@ -32,6 +33,7 @@ from playwright.sync_api import Browser, BrowserContext, Page, expect  # noqa: E
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG = REPO_ROOT / "config" / "working" / "smollm2-135m-inf-llm.yaml"
+WEIGHTS_CACHE = REPO_ROOT / ".cache" / "test_webui" / "converted"
 SCREENSHOTS = REPO_ROOT / "artifacts" / "screenshots"
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -85,6 +87,7 @@ class Server:
         self.base_url = base_url
         self.proc = proc
         self.log_path = log_path
+        self.first_state: str | None = None  # the state of the server's first /status answer
 
     def log_tail(self, n: int = 4000) -> str:
         if not self.log_path or not self.log_path.exists():
@@ -106,35 +109,39 @@ class Server:
 
 
 @pytest.fixture(scope="session")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """The real server on a free loopback port; yields as soon as the port answers (the model still loading)."""
+def server(browser: Browser, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """The real server on a free loopback port; yields as soon as the port answers (the model still loading).
+
+    Depends on `browser` so Chromium is up before the server starts: the first test can open the page
+    while the model loads, even when a warm weights cache makes loading take only a couple of seconds.
+    """
     if EXTERNAL_URL:
         yield Server(EXTERNAL_URL.rstrip("/") + "/", None, None)
         return
     tmp = tmp_path_factory.mktemp("webui_server")
     port = _free_port()
-    env = dict(os.environ)
-    # A fresh weights cache: the model really loads, so the loading screen is there to be seen.
-    env["INFLLM_CACHE_DIR"] = str(tmp / "converted")
-    env["PYTHONUNBUFFERED"] = "1"
     log_path = tmp / "server.log"
     log = log_path.open("wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "inf_llm.serve", "--config", str(CONFIG), "--host", "127.0.0.1", "--port", str(port)],
+        [
+            sys.executable, "-m", "inf_llm.serve", "--config", str(CONFIG), "--host", "127.0.0.1", "--port", str(port),
+            f"model.weights_cache_dir={WEIGHTS_CACHE}",
+        ],
         cwd=REPO_ROOT,
-        env=env,
+        env=dict(os.environ, PYTHONUNBUFFERED="1"),
         stdout=log,
         stderr=subprocess.STDOUT,
     )
     srv = Server(f"http://127.0.0.1:{port}/", proc, log_path)
     try:
         deadline = time.monotonic() + PORT_TIMEOUT_S
-        while get_status(srv.base_url) is None:
+        while (first := get_status(srv.base_url)) is None:
             if proc.poll() is not None:
                 pytest.fail(f"server exited with {proc.returncode}:\n{srv.log_tail()}")
             if time.monotonic() > deadline:
                 pytest.fail(f"server port did not answer within {PORT_TIMEOUT_S} s:\n{srv.log_tail()}")
-            time.sleep(0.1)
+            time.sleep(0.05)
+        srv.first_state = first[1].get("state")
         yield srv
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -144,7 +151,6 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
             proc.kill()
             proc.wait(timeout=5)
         log.close()
-        shutil.rmtree(tmp / "converted", ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -219,13 +225,18 @@ def open_ready(page: Page, url: str) -> None:
     expect(page.locator("#status-dot")).to_have_attribute("data-state", "ready")
 
 
-def configure(page: Page, *, temperature: float = 0, max_new_tokens: int = 24) -> None:
-    """Sets sampling through the settings dialog (stored in localStorage for later reloads)."""
+def configure(page: Page, *, temperature: float = 0, max_new_tokens: int = 24, repetition_penalty: float = 1.0) -> None:
+    """Sets sampling through the settings dialog (stored in localStorage for later reloads).
+
+    Repetition penalty 1.0: the served default (1.1) also penalizes the prompt's tokens, so the small model
+    will not copy a fact out of an attached document.
+    """
     page.get_by_role("button", name="Settings", exact=True).click()
     dialog = page.locator("#settings-dialog")
     expect(dialog).to_be_visible()
     dialog.locator("#set-temperature").fill(str(temperature))
     dialog.locator("#set-max_new_tokens").fill(str(max_new_tokens))
+    dialog.locator("#set-repetition_penalty").fill(str(repetition_penalty))
     dialog.get_by_role("button", name="Done").click()
     expect(dialog).to_be_hidden()
 
@@ -280,14 +291,14 @@ def test_loading_screen_then_ready(browser: Browser, server: Server, page_errors
             return s === 'loading' || s === 'ready' ? s : null;
         }"""
     ).json_value()
-    if EXTERNAL_URL is None:
-        # The session's server started with an empty weights cache: loading takes seconds, not milliseconds.
-        assert seen == "loading", "the page never showed the server loading"
     if seen == "loading":
         expect(screen).to_be_visible()
         expect(page.locator("#loading-title")).to_have_text(re.compile("Loading the model"))
         expect(page.locator("#loading-progress")).to_be_visible()
         page.screenshot(path=screenshots / "loading-light.png")
+    elif server.first_state == "loading":
+        # A warm weights cache loads in about a second: the model was ready before the page's first poll.
+        warnings.warn("the model loaded before the page could show its loading screen", stacklevel=1)
     status = server.wait_ready()
     expect(screen).to_be_hidden(timeout=15_000)
     expect(page.locator("#status-dot")).to_have_attribute("data-state", "ready")
@@ -316,7 +327,7 @@ def test_send_message_streams_reply(page: Page):
     body = chat_body(req_info.value)
     assert body["prompt"] == "Say hello to me in one short sentence."
     assert body["history"] == []
-    assert body["temperature"] == 0 and body["max_new_tokens"] == 24
+    assert body["temperature"] == 0 and body["max_new_tokens"] == 24 and body["repetition_penalty"] == 1.0
     # The stop button replaces send while the reply streams.
     expect(page.locator("#stop-btn")).to_be_visible()
     text = wait_reply(page)
@@ -450,7 +461,7 @@ def test_attach_file_and_ask(page: Page, screenshots: Path):
 
 
 def test_html_in_messages_renders_as_text(page: Page):
-    configure(page, max_new_tokens=40)
+    configure(page, max_new_tokens=24)
     payload = f"Repeat exactly: {XSS_IMG} {XSS_SCRIPT}"
     send(page, payload)
     wait_reply(page)
@@ -527,36 +538,98 @@ def test_export_then_import(page: Page, tmp_path: Path):
     expect(page.locator("#conv-list .conv-item")).to_contain_text("Colours")
 
 
-def _long_document(n_facts: int) -> str:
-    lines = [f"Fact {i}: the lamp in room {i} is painted {('red', 'green', 'blue', 'amber')[i % 4]}." for i in range(n_facts)]
+def _rooms_document(n_facts: int) -> str:
+    colours = ("red", "green", "blue", "amber")
+    lines = [f"Fact {i}: the lamp in room {i} is painted {colours[i % 4]}." for i in range(n_facts)]
     lines.insert(n_facts // 3, "Important: the vault password is SWORDFISH-88.")
     return "\n".join(lines) + "\n"
 
 
-def test_memory_inspector_on_long_document(page: Page, screenshots: Path):
-    """A document longer than the local window: prefill progress, then retrieved passages highlighted."""
-    configure(page, max_new_tokens=16)
+def test_memory_inspector_highlights_retrieved_spans(page: Page, screenshots: Path, tmp_path: Path):
+    """The inspector maps `done.retrieval.spans` (decoded prompt text, chat-template markers and partial words
+    included) back onto the attached document. The reply is imported in the server's `done` shape, so this
+    runs without a multi-thousand-token prefill (test_memory_inspector_on_long_document does it for real)."""
+    doc = _rooms_document(130)
+    question = "What is the vault password?"
+    # The prompt as the server decodes it: ChatML around the page's document wrapper.
+    prompt = f'<|im_start|>user\nDocument: rooms.txt\n"""\n{doc}"""\n\nQuestion: {question}<|im_end|>\n'
+    needle = prompt.index("Important:")
+    spans = [
+        {"token_start": 0, "token_end": 128, "text": prompt[: prompt.index("Fact 3:") + 11], "score": 0.25},
+        {"token_start": 384, "token_end": 512, "text": prompt[needle - 30 : needle + 90], "score": 1.0},
+        {"token_start": 1024, "token_end": 1152, "text": prompt[prompt.index("Fact 90:") + 3 : prompt.index("Fact 93:")], "score": 0.5},
+        {"token_start": 2200, "token_end": 2214, "text": "<|im_start|>assistant\n", "score": 0.1},
+    ]
+    conv = {
+        "id": "inspector-demo",
+        "title": "Vault password",
+        "created": 1,
+        "updated": 2,
+        "messages": [
+            {"id": "u1", "role": "user", "content": question, "attachments": [{"name": "rooms.txt", "text": doc, "tokens": 2265}]},
+            {
+                "id": "a1",
+                "role": "assistant",
+                "content": "The vault password is **SWORDFISH-88**.",
+                "done": {
+                    "finish_reason": "stop",
+                    "usage": {"prompt_tokens": 2314, "completion_tokens": 12, "total_tokens": 2326, "cached_tokens": 0},
+                    "timings": {"ttft_ms": 4980.0, "prefill_ms": 4980.0, "prefill_tokens_per_s": 464.7, "decode_ms": 540.0, "decode_tokens_per_s": 22.2},
+                    "truncated": None,
+                    "retrieval": {"layers": 30, "steps": 12, "spans": spans},
+                },
+            },
+        ],
+    }
+    path = tmp_path / "inspector.json"
+    path.write_text(json.dumps({"format": "inf_llm.conversations", "version": 1, "conversations": [conv]}))
+    page.locator("#import-input").set_input_files(str(path))
+    expect(last_reply(page).locator(".md strong")).to_have_text("SWORDFISH-88")
+    stats = last_reply(page).locator(".stats")
+    expect(stats).to_contain_text("2,314")
+    expect(stats).to_contain_text("465")
+    last_reply(page).get_by_role("button", name=re.compile("memory inspector")).click()
+    expect(page.locator("#inspector-dialog")).to_be_visible()
+    expect(page.locator("#inspector-sub")).to_contain_text("30 layers · 12 decode steps · 4 retrieved passages")
+    passages = page.locator("#passage-list .passage")
+    expect(passages).to_have_count(4)
+    expect(passages.first).to_contain_text("100% of lookups")
+    expect(passages.first).to_contain_text("SWORDFISH-88")
+    # Three spans hold document text; the last is only a template marker and is listed but not located.
+    expect(page.locator("#passage-list .passage:disabled")).to_have_count(1)
+    doc_view = page.locator("#doc-view")
+    marked = "".join(doc_view.locator("mark.heat").all_text_contents())
+    assert "Important: the vault password is SWORDFISH-88." in marked
+    assert "Fact 0: the lamp in room 0" in marked  # after the template markers and the page's wrapper
+    assert "lamp in room 91 is painted" in marked  # a span starting mid-word
+    assert "Fact 120" not in marked
+    strongest = doc_view.locator("mark.heat", has_text="SWORDFISH").first
+    assert strongest.evaluate("(m) => getComputedStyle(m).getPropertyValue('--heat').trim()") == "1.000"
+    passages.first.click()
+    expect(doc_view.locator("mark.flash").first).to_be_in_viewport()
+    page.screenshot(path=screenshots / "inspector-light.png")
+    page.keyboard.press("Escape")
+    expect(page.locator("#inspector-dialog")).to_be_hidden()
+
+
+@pytest.mark.slow
+def test_memory_inspector_on_long_document(page: Page):
+    """For real: a document longer than n_init + n_local, prefill progress, then the retrieved passages."""
+    configure(page, max_new_tokens=12)
     page.locator("#file-input").set_input_files(
-        files=[{"name": "rooms.txt", "mimeType": "text/plain", "buffer": _long_document(260).encode()}]
+        files=[{"name": "rooms.txt", "mimeType": "text/plain", "buffer": _rooms_document(130).encode()}]
     )
     expect(page.locator("#attachments .chip")).to_contain_text(re.compile(r"\d+ tokens"))
     send(page, "What is the vault password?")
-    wait_reply(page)
-    stats = last_reply(page).locator(".stats")
-    expect(stats).to_contain_text("prompt")
-    inspect = last_reply(page).locator(".inspect-btn")
-    if inspect.count() == 0:
-        pytest.skip("the server reported no retrieval for a prompt longer than the local window")
-    inspect.click()
-    dialog = page.locator("#inspector-dialog")
-    expect(dialog).to_be_visible()
-    expect(page.locator("#inspector-sub")).to_contain_text("retrieved passages")
+    expect(last_reply(page).locator(".prefill")).to_be_visible(timeout=REPLY_TIMEOUT_MS)
+    expect(last_reply(page).locator(".prefill")).to_contain_text("Reading the prompt")
+    reply = last_reply(page)
+    expect(reply).to_have_attribute("aria-busy", "false", timeout=300_000)
+    assert "SWORDFISH-88" in reply.locator(".md").inner_text()
+    reply.get_by_role("button", name=re.compile("memory inspector")).click()
+    expect(page.locator("#inspector-dialog")).to_be_visible()
     assert page.locator("#passage-list .passage").count() > 0
-    marks = page.locator("#doc-view mark.heat")
-    assert marks.count() > 0, "no retrieved span was located in the document"
-    page.locator("#passage-list .passage:not([disabled])").first.click()
-    expect(page.locator("#doc-view mark.flash").first).to_be_visible()
-    page.screenshot(path=screenshots / "inspector-light.png")
+    assert page.locator("#doc-view mark.heat").count() > 0, "no retrieved span was located in the document"
     page.keyboard.press("Escape")
 
 
@@ -580,13 +653,11 @@ def test_screenshots_dark_and_phone(browser: Browser, ready_server: Server, page
     ctx, page = _new_page(browser, page_errors, **context_args)
     open_ready(page, ready_server.base_url)
     page.screenshot(path=screenshots / f"empty-{name}.png")
-    configure(page, max_new_tokens=48)
+    configure(page, max_new_tokens=40)
     page.locator("#file-input").set_input_files(
         files=[{"name": "notes.md", "mimeType": "text/markdown", "buffer": b"# Notes\nThe meeting is on Tuesday at 10:00 in room 4.\n"}]
     )
     expect(page.locator("#attachments .chip")).to_contain_text(re.compile(r"\d+ tokens"))
-    send(page, "When and where is the meeting?")
-    wait_reply(page)
     send(page, "Write a Python function that adds two numbers.")
     wait_reply(page)
     if name == "phone":
