@@ -1,10 +1,11 @@
 """End-to-end tests of the web chat page (inf_llm/static) in real headless Chromium against the real server.
 
 The session launches Chromium, then starts `python -m inf_llm.serve` with the default served config
-(SmolLM2-135M on CPU) on a free loopback port and opens the page while the model loads. Converted weights are
-cached under .cache/test_webui/ (not the user's cache): the first run converts the GGUF (tens of seconds),
-later runs load in a couple of seconds. Generation uses temperature 0 and few new tokens to stay fast.
-Screenshots (light, dark, phone) go to artifacts/screenshots/.
+(SmolLM2-135M on CPU) on a free loopback port and opens the page while the model loads. The converted-weights
+cache is a fresh session folder, so the GGUF is really converted (15-50 s): with a warm cache the model is
+ready in about a second, before the server (busy loading) has even sent the page its scripts, and the loading
+screen could not be tested. Generation uses temperature 0 and few new tokens to stay fast. Screenshots
+(light, dark, phone) go to artifacts/screenshots/.
 
 Set INF_LLM_WEBUI_URL=http://host:port/ to run the same tests against a server that is already running.
 """
@@ -15,7 +16,7 @@ import importlib.util
 import json
 import os
 import re
-import warnings
+import shutil
 import signal
 import socket
 import subprocess
@@ -33,7 +34,6 @@ from playwright.sync_api import Browser, BrowserContext, Page, expect  # noqa: E
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG = REPO_ROOT / "config" / "working" / "smollm2-135m-inf-llm.yaml"
-WEIGHTS_CACHE = REPO_ROOT / ".cache" / "test_webui" / "converted"
 SCREENSHOTS = REPO_ROOT / "artifacts" / "screenshots"
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -50,6 +50,23 @@ PORT_TIMEOUT_S = 60
 READY_TIMEOUT_S = 180
 # One short reply of SmolLM2-135M on CPU takes a few seconds; a long prefill a few more.
 REPLY_TIMEOUT_MS = 90_000
+# Injected before the page's own scripts (CDP init script, not subject to the page's CSP): records what the
+# page showed at each change of its status dot, so a loading phase of a second is still seen.
+STATUS_RECORDER_JS = """
+window.__seen = [];
+document.addEventListener('DOMContentLoaded', () => {
+  const dot = document.getElementById('status-dot');
+  const record = () => window.__seen.push({
+    state: dot.dataset.state,
+    screen: !document.getElementById('loading-screen').hidden,
+    title: document.getElementById('loading-title').textContent,
+    bar: !!document.querySelector('#loading-progress .progress-fill'),
+    phase: document.getElementById('loading-phase').textContent,
+  });
+  new MutationObserver(record).observe(dot, {attributes: true, attributeFilter: ['data-state']});
+  record();
+});
+"""
 XSS_IMG = "<img src=x onerror=window.__xss=1>"
 XSS_SCRIPT = "<script>window.__xss=1</script>"
 
@@ -88,6 +105,7 @@ class Server:
         self.proc = proc
         self.log_path = log_path
         self.first_state: str | None = None  # the state of the server's first /status answer
+        self.early_page: Page | None = None  # opened the moment the port answered (records the loading phase)
 
     def log_tail(self, n: int = 4000) -> str:
         if not self.log_path or not self.log_path.exists():
@@ -122,10 +140,15 @@ def server(browser: Browser, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     port = _free_port()
     log_path = tmp / "server.log"
     log = log_path.open("wb")
+    # A warm page (renderer started) waits to open the URL the moment the port answers.
+    early_ctx = browser.new_context(viewport={"width": 1280, "height": 860}, color_scheme="light")
+    early_ctx.add_init_script(STATUS_RECORDER_JS)
+    early_page = early_ctx.new_page()
+    early_page.goto("about:blank")
     proc = subprocess.Popen(
         [
             sys.executable, "-m", "inf_llm.serve", "--config", str(CONFIG), "--host", "127.0.0.1", "--port", str(port),
-            f"model.weights_cache_dir={WEIGHTS_CACHE}",
+            f"model.weights_cache_dir={tmp / 'converted'}",
         ],
         cwd=REPO_ROOT,
         env=dict(os.environ, PYTHONUNBUFFERED="1"),
@@ -140,10 +163,13 @@ def server(browser: Browser, tmp_path_factory: pytest.TempPathFactory) -> Iterat
                 pytest.fail(f"server exited with {proc.returncode}:\n{srv.log_tail()}")
             if time.monotonic() > deadline:
                 pytest.fail(f"server port did not answer within {PORT_TIMEOUT_S} s:\n{srv.log_tail()}")
-            time.sleep(0.05)
+            time.sleep(0.02)
         srv.first_state = first[1].get("state")
+        early_page.goto(srv.base_url)
+        srv.early_page = early_page
         yield srv
     finally:
+        early_ctx.close()
         proc.send_signal(signal.SIGTERM)
         try:
             proc.wait(timeout=15)
@@ -151,6 +177,7 @@ def server(browser: Browser, tmp_path_factory: pytest.TempPathFactory) -> Iterat
             proc.kill()
             proc.wait(timeout=5)
         log.close()
+        shutil.rmtree(tmp / "converted", ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -281,32 +308,30 @@ def watch_streaming(page: Page) -> None:
 
 def test_loading_screen_then_ready(browser: Browser, server: Server, page_errors: PageErrors, screenshots: Path):
     """While the model loads the page shows the loading screen with progress; then the chat, model and memory."""
-    ctx, page = _new_page(browser, page_errors, viewport={"width": 1280, "height": 860}, color_scheme="light")
-    page.goto(server.base_url)
-    screen = page.locator("#loading-screen")
-    # The page's own view of the server after its first /status poll.
-    seen = page.wait_for_function(
-        """() => {
-            const s = document.getElementById('status-dot').dataset.state;
-            return s === 'loading' || s === 'ready' ? s : null;
-        }"""
-    ).json_value()
-    if seen == "loading":
-        expect(screen).to_be_visible()
-        expect(page.locator("#loading-title")).to_have_text(re.compile("Loading the model"))
-        expect(page.locator("#loading-progress")).to_be_visible()
+    ctx = None
+    page = server.early_page
+    if page is None:  # an external server: open the page now (it may be ready already)
+        ctx, page = _new_page(browser, page_errors, viewport={"width": 1280, "height": 860}, color_scheme="light")
+        ctx.add_init_script(STATUS_RECORDER_JS)
+        page.goto(server.base_url)
+    else:
+        page_errors.watch(page)
+    if page.locator("#status-dot[data-state='loading']").count():
         page.screenshot(path=screenshots / "loading-light.png")
-    elif server.first_state == "loading":
-        # A warm weights cache loads in about a second: the model was ready before the page's first poll.
-        warnings.warn("the model loaded before the page could show its loading screen", stacklevel=1)
     status = server.wait_ready()
+    screen = page.locator("#loading-screen")
     expect(screen).to_be_hidden(timeout=15_000)
     expect(page.locator("#status-dot")).to_have_attribute("data-state", "ready")
+    seen = page.evaluate("() => window.__seen")
+    if server.first_state == "loading":
+        loading = [s for s in seen if s["state"] == "loading"]
+        assert loading, f"the page never showed the server loading: {seen}"
+        assert all(s["screen"] and s["bar"] and "Loading the model" in s["title"] for s in loading), loading
+    assert seen[-1]["state"] == "ready" and not seen[-1]["screen"], seen
     expect(page.locator("#banner")).to_be_hidden()
     # The model name and the context-memory settings are visible.
-    expect(page.locator("#model-name")).not_to_be_empty()
-    facts = page.locator("#empty-facts")
-    expect(facts).to_contain_text("Memory")
+    expect(page.locator("#model-name")).to_have_text(status["model"].split("/")[-1])
+    expect(page.locator("#empty-facts")).to_contain_text("Memory")
     if status.get("type") == "inf-llm":
         expect(page.locator("#model-memory")).to_contain_text("InfLLM")
         mem = status["memory"]
@@ -316,7 +341,8 @@ def test_loading_screen_then_ready(browser: Browser, server: Server, page_errors
         expect(info).to_contain_text(f"{mem['n_local']:,}")
         page.keyboard.press("Escape")
     page.screenshot(path=screenshots / "ready-light.png")
-    ctx.close()
+    if ctx is not None:
+        ctx.close()
 
 
 def test_send_message_streams_reply(page: Page):
