@@ -43,8 +43,11 @@ class GenerationStats:
         return self.new_tokens / self.decode_seconds if self.decode_seconds > 0 else float("nan")
 
     def as_dict(self) -> dict:
-        return {**asdict(self), "prefill_tokens_per_second": self.prefill_tokens_per_second,
-                "decode_tokens_per_second": self.decode_tokens_per_second}
+        return {
+            **asdict(self),
+            "prefill_tokens_per_second": self.prefill_tokens_per_second,
+            "decode_tokens_per_second": self.decode_tokens_per_second,
+        }
 
 
 def torchrun_overrides(overrides: Sequence[str]) -> list[str]:
@@ -112,14 +115,17 @@ def generate_greedy(
     prefill_s = time.perf_counter() - start
 
     gen_cfg = GenerationConfig(
-        max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stops,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        eos_token_id=stops,
+        use_cache=True,
         pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0],
     )
     start = time.perf_counter()
-    out = model.generate(input_ids, generation_config=gen_cfg, use_cache=True, **kw)
+    out = model.generate(input_ids, generation_config=gen_cfg, **kw)
     decode_s = time.perf_counter() - start
 
-    new = out[0, len(ids):].tolist()  # host copy of the generated ids, once per generation
+    new = out[0, len(ids) :].tolist()  # host copy of the generated ids, once per generation
     stop_reason = "length"
     for i, tok in enumerate(new):
         if tok in stops:
@@ -127,8 +133,12 @@ def generate_greedy(
             break
     text = tokenizer.decode(new, skip_special_tokens=False)
     stats = GenerationStats(
-        prompt_tokens=len(ids), new_tokens=len(new), prefill_tokens=prefill,
-        prefill_seconds=prefill_s, decode_seconds=decode_s, stop_reason=stop_reason,
+        prompt_tokens=len(ids),
+        new_tokens=len(new),
+        prefill_tokens=prefill,
+        prefill_seconds=prefill_s,
+        decode_seconds=decode_s,
+        stop_reason=stop_reason,
     )
     return text, stats
 

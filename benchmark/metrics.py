@@ -38,9 +38,7 @@ from inf_llm.errors import MissingDependencyError
 
 # ---------------------------------------------------------------------------------- normalization
 # Chinese punctuation removed by the official normalize_zh_answer (verbatim set, ends with ASCII ".").
-_CN_PUNCTUATION = (
-    "！？｡。＂＃＄％＆＇（）＊＋，－／：；＜＝＞＠［＼］＾＿｀｛｜｝～｟｠｢｣､、〃》「」『』【】〔〕〖〗〘〙〚〛〜〝〞〟〰〾〿–—‘’‛“”„‟…‧﹏."
-)
+_CN_PUNCTUATION = "！？｡。＂＃＄％＆＇（）＊＋，－／：；＜＝＞＠［＼］＾＿｀｛｜｝～｟｠｢｣､、〃》「」『』【】〔〕〖〗〘〙〚〛〜〝〞〟〰〾〿–—‘’‛“”„‟…‧﹏."
 _EN_PUNCTUATION = frozenset(string.punctuation)
 _ALL_PUNCTUATION = frozenset(string.punctuation + _CN_PUNCTUATION)
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
@@ -142,7 +140,7 @@ def _fuzz_ratio(s1: str, s2: str) -> int:
         return 100
     if not s1 or not s2:
         return 0
-    return int(round(100 * Indel.normalized_similarity(s1, s2)))
+    return round(100 * Indel.normalized_similarity(s1, s2))
 
 
 def classification_score(prediction: str, ground_truth: str, **kwargs: Any) -> float:
@@ -157,7 +155,7 @@ def classification_score(prediction: str, ground_truth: str, **kwargs: Any) -> f
     for match_term in em_match_list:  # mutating while iterating, as the original
         if match_term in ground_truth and match_term != ground_truth:
             em_match_list.remove(match_term)
-    if em_match_list != 0:  # noqa: SIM300 - always true in the original too; kept for fidelity
+    if em_match_list != 0:  # always true (a list is never 0), as in the original
         return (1.0 / len(em_match_list)) if ground_truth in em_match_list else 0.0
     best_match, highest = None, 0.0  # unreachable, as in the original
     for name in all_classes:
@@ -301,7 +299,7 @@ def ib_code_debug_score(pred: str, label: Sequence[str], **kwargs: Any) -> float
         if len(pred) < idx + len(prefix) + 1:  # the prediction ends with the prefix
             return 0.0
         rest = pred[idx + len(prefix) + 1 :]
-        return float(rest.startswith(label_c) or rest.startswith(fn_name))
+        return float(rest.startswith((label_c, fn_name)))
     return 0.0
 
 
@@ -328,7 +326,7 @@ def ib_code_debug_score_infllm(pred: str, label: Sequence[str], **kwargs: Any) -
             if len(text) < idx + len(prefix) + 1:
                 return False, text
             text = text[idx + len(prefix) + 1 :]
-            return (text.startswith(label_c) or text.startswith(fn_name)), text
+            return text.startswith((label_c, fn_name)), text
         return None, text
 
     ret1, pred = match(("answer is:", "is:", "answer:"), pred)
@@ -411,8 +409,7 @@ def ib_qa_f1_score(pred: str, label: Any, **kwargs: Any) -> float:
 def ib_qa_f1_zh_score(pred: str, label: Any, **kwargs: Any) -> float:
     """Max character F1 over the answers after Chinese normalization (longbook_qa_chn; no jieba)."""
     answers = label if isinstance(label, list) else [label]
-    return max((f1_score(list(normalize_zh_answer(pred)), list(normalize_zh_answer(a))) for a in answers),
-               default=0.0)
+    return max((f1_score(list(normalize_zh_answer(pred)), list(normalize_zh_answer(a))) for a in answers), default=0.0)
 
 
 def ib_rouge_lsum_score(pred: str, label: Any, **kwargs: Any) -> float:
@@ -488,7 +485,7 @@ METRIC_VARIANTS: dict[tuple[str, str], Metric] = {("code_debug", "infllm"): ib_c
 
 
 def benchmark_of(task: str) -> str:
-    """"longbench" or "infinitebench" for a known task name; KeyError otherwise."""
+    """ "longbench" or "infinitebench" for a known task name; KeyError otherwise."""
     if task in LONGBENCH_METRICS:
         return "longbench"
     if task in INFINITEBENCH_METRICS:
@@ -497,8 +494,9 @@ def benchmark_of(task: str) -> str:
 
 
 # -------------------------------------------------------------------------------- task-level scores
-def score_longbench_example(task: str, prediction: str, answers: Sequence[str],
-                            all_classes: Sequence[str] | None) -> float:
+def score_longbench_example(
+    task: str, prediction: str, answers: Sequence[str], all_classes: Sequence[str] | None
+) -> float:
     """One example's score in [0, 1]: max over its answers (never below 0), first line only for few-shot tasks."""
     if task in LONGBENCH_FIRST_LINE_TASKS:
         prediction = prediction.lstrip("\n").split("\n")[0]
@@ -509,8 +507,9 @@ def score_longbench_example(task: str, prediction: str, answers: Sequence[str],
     return score
 
 
-def score_example(task: str, prediction: str, answers: Any, all_classes: Sequence[str] | None = None,
-                  metric: Metric | None = None) -> float:
+def score_example(
+    task: str, prediction: str, answers: Any, all_classes: Sequence[str] | None = None, metric: Metric | None = None
+) -> float:
     """One example's score in [0, 1] with the official rule of its benchmark (`metric` overrides the scorer
     of an InfiniteBench task)."""
     if benchmark_of(task) == "longbench":

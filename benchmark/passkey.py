@@ -50,7 +50,7 @@ class Variant:
 
 
 def parse_length(text: str) -> int:
-    """"4k" / "4K" -> 4096, "1m" -> 1048576, "3000" -> 3000."""
+    """ "4k" / "4K" -> 4096, "1m" -> 1048576, "3000" -> 3000."""
     t = text.strip().lower()
     mult = {"k": 1024, "m": 1024 * 1024}.get(t[-1:], 1)
     number = t[:-1] if mult > 1 else t
@@ -85,8 +85,9 @@ def case_key(record: dict[str, Any]) -> tuple:
     return (record["variant"], record["task"], int(record["length"]), float(record["depth"]), int(record["seed"]))
 
 
-def run_case(model, tokenizer, cfg, variant: Variant, task: str, length: int, depth: float, seed: int,
-             max_new_tokens: int | None) -> dict[str, Any]:
+def run_case(
+    model, tokenizer, cfg, variant: Variant, task: str, length: int, depth: float, seed: int, max_new_tokens: int | None
+) -> dict[str, Any]:
     """Generate one synthetic example, run the model on it, score it."""
     from benchmark.common import generate_greedy
 
@@ -94,8 +95,15 @@ def run_case(model, tokenizer, cfg, variant: Variant, task: str, length: int, de
     max_gen = DATASET2MAXGEN[task]
     enc = encode_prompt(tokenizer, task, example.fields, cfg.conv_type, cfg.max_len, max_gen, cfg.truncation.value)
     record: dict[str, Any] = {
-        "variant": variant.label, "type": cfg.model.type.value, "task": task, "length": length, "depth": depth,
-        "seed": seed, "answer": example.answer, "prompt_tokens": enc.original_tokens, "truncated": enc.truncated,
+        "variant": variant.label,
+        "type": cfg.model.type.value,
+        "task": task,
+        "length": length,
+        "depth": depth,
+        "seed": seed,
+        "answer": example.answer,
+        "prompt_tokens": enc.original_tokens,
+        "truncated": enc.truncated,
     }
     if enc.skipped:
         return {**record, "pred": "", "correct": 0.0, "skipped": True}
@@ -103,8 +111,12 @@ def run_case(model, tokenizer, cfg, variant: Variant, task: str, length: int, de
     text, stats = generate_greedy(model, tokenizer, cfg, enc.ids, gen, stop_token_ids(tokenizer, task, cfg.conv_type))
     pred = post_process(text, cfg.conv_type, task)
     correct = INFINITEBENCH_METRICS[task](pred, [example.answer])
-    return {**record, "pred": pred, "correct": correct, **{k: v for k, v in stats.as_dict().items()
-                                                          if k != "prompt_tokens"}}
+    return {
+        **record,
+        "pred": pred,
+        "correct": correct,
+        **{k: v for k, v in stats.as_dict().items() if k != "prompt_tokens"},
+    }
 
 
 # ------------------------------------------------------------------------------------------ summary
@@ -126,15 +138,19 @@ def summarize(cases: Sequence[dict[str, Any]]) -> dict[str, Any]:
         return {"accuracy": round(100 * statistics.fmean(values), 1), "n": len(values)}
 
     return {
-        "accuracy": {v: {t: {str(n): pct(x) for n, x in sorted(ls.items())} for t, ls in ts.items()}
-                     for v, ts in acc.items()},
+        "accuracy": {
+            v: {t: {str(n): pct(x) for n, x in sorted(ls.items())} for t, ls in ts.items()} for v, ts in acc.items()
+        },
         "accuracy_by_depth": {
-            v: {t: {str(n): {f"{d:g}": pct(x) for d, x in sorted(ds.items())} for n, ds in sorted(ls.items())}
-                for t, ls in ts.items()}
+            v: {
+                t: {str(n): {f"{d:g}": pct(x) for d, x in sorted(ds.items())} for n, ds in sorted(ls.items())}
+                for t, ls in ts.items()
+            }
             for v, ts in by_depth.items()
         },
-        "prefill_tokens_per_second": {v: {str(n): round(statistics.fmean(x), 1) for n, x in sorted(ls.items())}
-                                      for v, ls in speed.items()},
+        "prefill_tokens_per_second": {
+            v: {str(n): round(statistics.fmean(x), 1) for n, x in sorted(ls.items())} for v, ls in speed.items()
+        },
     }
 
 
@@ -152,8 +168,9 @@ def print_tables(summary: dict[str, Any], variants: Sequence[str]) -> None:
             table.add_column(length_label(n), justify="right")
         for v in variants:
             row = summary["accuracy"].get(v, {}).get(task, {})
-            table.add_row(v, *[f"{row[str(n)]['accuracy']:.1f} ({row[str(n)]['n']})" if str(n) in row else "-"
-                               for n in lengths])
+            table.add_row(
+                v, *[f"{row[str(n)]['accuracy']:.1f} ({row[str(n)]['n']})" if str(n) in row else "-" for n in lengths]
+            )
         console.print(table)
     lengths = sorted({int(n) for v in summary["prefill_tokens_per_second"].values() for n in v})
     table = Table(title="prefill tokens/s (mean over cases)")
@@ -187,8 +204,13 @@ def plot_heatmap(data: dict[str, Any], path: Path) -> None:
     import numpy as np
 
     variants, lengths, depths = data["variants"], data["lengths"], data["depths"]
-    fig, axes = plt.subplots(1, len(variants), figsize=(1.2 + 0.9 * max(len(lengths), 2) * len(variants), 3.6),
-                             squeeze=False, constrained_layout=True)
+    fig, axes = plt.subplots(
+        1,
+        len(variants),
+        figsize=(1.2 + 0.9 * max(len(lengths), 2) * len(variants), 3.6),
+        squeeze=False,
+        constrained_layout=True,
+    )
     image = None
     for ax, v in zip(axes[0], variants):
         grid = np.array([[np.nan if x is None else x for x in row] for row in data["accuracy"][v]], dtype=float)
@@ -227,15 +249,26 @@ def write_reports(out_dir: Path, cases: list[dict[str, Any]], variants: Sequence
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=None, help="config YAML (default: the served SmolLM2 config)")
-    p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
-                   help="override applied to every variant (repeatable)")
+    p.add_argument(
+        "--override",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override applied to every variant (repeatable)",
+    )
     p.add_argument("--types", default=None, help="comma-separated model.type values, one variant each")
-    p.add_argument("--variant", action="append", default=[], metavar="LABEL:K=V,K=V",
-                   help="a named variant with its own overrides (repeatable)")
+    p.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="LABEL:K=V,K=V",
+        help="a named variant with its own overrides (repeatable)",
+    )
     p.add_argument("--tasks", default="passkey", help=f"comma-separated, from {', '.join(TASKS)}")
     p.add_argument("--lengths", default="4k", help="comma-separated prompt lengths in tokens (e.g. 2k,4k,32k)")
-    p.add_argument("--depths", default=",".join(f"{d:g}" for d in DEFAULT_DEPTHS),
-                   help="comma-separated needle depths in [0, 1]")
+    p.add_argument(
+        "--depths", default=",".join(f"{d:g}" for d in DEFAULT_DEPTHS), help="comma-separated needle depths in [0, 1]"
+    )
     p.add_argument("--seeds", type=int, default=1, help="examples per (task, length, depth): seeds 0..N-1")
     p.add_argument("--max-new-tokens", type=int, default=None, help="cap on generated tokens (default: task's)")
     p.add_argument("--out-dir", required=True)
@@ -271,8 +304,14 @@ def main(argv: list[str] | None = None) -> int:
     done = {case_key(r) for r in read_records(cases_path)}
     with open(cases_path, "a", encoding="utf-8") as f:
         for variant in variants:
-            todo = [(t, n, d, s) for t in tasks for n in lengths for d in depths for s in range(args.seeds)
-                    if (variant.label, t, n, d, s) not in done]
+            todo = [
+                (t, n, d, s)
+                for t in tasks
+                for n in lengths
+                for d in depths
+                for s in range(args.seeds)
+                if (variant.label, t, n, d, s) not in done
+            ]
             if not todo:
                 continue
             model, tokenizer, cfg = load_for_eval(args.config, [*args.override, *variant.overrides])
@@ -280,9 +319,19 @@ def main(argv: list[str] | None = None) -> int:
                 record = run_case(model, tokenizer, cfg, variant, task, length, depth, seed, args.max_new_tokens)
                 f.write(json.dumps(record) + "\n")
                 f.flush()
-                log.info("[%s %d/%d] %s %s depth %.2f seed %d: %s (pred %r, prefill %.0f tok/s)", variant.label, i,
-                         len(todo), task, length_label(length), depth, seed, "ok" if record["correct"] else "MISS",
-                         record["pred"][:60], record.get("prefill_tokens_per_second", float("nan")))
+                log.info(
+                    "[%s %d/%d] %s %s depth %.2f seed %d: %s (pred %r, prefill %.0f tok/s)",
+                    variant.label,
+                    i,
+                    len(todo),
+                    task,
+                    length_label(length),
+                    depth,
+                    seed,
+                    "ok" if record["correct"] else "MISS",
+                    record["pred"][:60],
+                    record.get("prefill_tokens_per_second", float("nan")),
+                )
             del model
     labels = [v.label for v in variants]
     cases = [c for c in read_records(cases_path) if c["variant"] in labels]

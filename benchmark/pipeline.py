@@ -136,8 +136,9 @@ def predict_task(
     return counts
 
 
-def merge_task(out_dir: str | Path, task: str, world_size: int,
-               order: Sequence[str] | None = None, remove_shards: bool = True) -> dict[str, Any]:
+def merge_task(
+    out_dir: str | Path, task: str, world_size: int, order: Sequence[str] | None = None, remove_shards: bool = True
+) -> dict[str, Any]:
     """Fold `<task>.rank*-of-<world_size>.jsonl` into `<task>.jsonl` (with what it already holds).
 
     Records are ordered by `order` (the data's ids; unknown ids go last) or by (rank, position), i.e. the
@@ -162,8 +163,7 @@ def merge_task(out_dir: str | Path, task: str, world_size: int,
         ids, missing = list(merged), []
     tmp = task_file(out_dir, task).with_suffix(".jsonl.tmp")
     with open(tmp, "w", encoding="utf-8") as f:
-        for id_ in ids:
-            f.write(json.dumps(merged[id_], ensure_ascii=False) + "\n")
+        f.writelines(json.dumps(merged[id_], ensure_ascii=False) + "\n" for id_ in ids)
     os.replace(tmp, task_file(out_dir, task))
     if remove_shards and order is not None and not missing:
         for path in read:
@@ -187,14 +187,17 @@ def parse_variants(specs: Iterable[str]) -> dict[str, Metric]:
     for spec in specs:
         task, _, variant = spec.partition("=")
         if (task, variant) not in METRIC_VARIANTS:
-            raise ValueError(f"unknown scorer variant {spec!r}; known: "
-                             f"{[f'{t}={v}' for t, v in METRIC_VARIANTS]}")
+            raise ValueError(f"unknown scorer variant {spec!r}; known: {[f'{t}={v}' for t, v in METRIC_VARIANTS]}")
         out[task] = METRIC_VARIANTS[(task, variant)]
     return out
 
 
-def score_dir(out_dir: str | Path, tasks: Sequence[str] | None = None,
-              variants: dict[str, Metric] | None = None, write: bool = True) -> dict[str, Any]:
+def score_dir(
+    out_dir: str | Path,
+    tasks: Sequence[str] | None = None,
+    variants: dict[str, Metric] | None = None,
+    write: bool = True,
+) -> dict[str, Any]:
     """Score each task's merged predictions; records marked "skipped" are left out, as the original leaves
     over-long examples out. Writes `result.json` ({"scores", "counts", "longbench", "skipped"})."""
     variants = variants or {}

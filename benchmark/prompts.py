@@ -137,9 +137,7 @@ def add_special_tokens_for(task: str, conv_type: str | None, chat_applied: bool)
         return True
     if conv_type == "mistral-inst":
         return False
-    if conv_type in ("chatml", None) and chat_applied:
-        return False
-    return True
+    return not (conv_type in ("chatml", None) and chat_applied)
 
 
 def _encode(tokenizer: TokenizerLike, text: str, add_special_tokens: bool) -> list[int]:
@@ -203,13 +201,12 @@ def truncate_ids(ids: Sequence[int], limit: int, style: TruncationStyle = Trunca
     if len(ids) <= limit:
         return list(ids)
     if style is TruncationStyle.INFLLM:
-        return list(ids[:TRUNCATION_HEAD_TOKENS]) + list(ids[-(limit - TRUNCATION_HEAD_TOKENS):])
+        return list(ids[:TRUNCATION_HEAD_TOKENS]) + list(ids[-(limit - TRUNCATION_HEAD_TOKENS) :])
     half = limit // 2  # LongBench: int(max_length / 2) from both ends
     return list(ids[:half]) + list(ids[-half:])
 
 
-def stop_token_ids(tokenizer: TokenizerLike, task: str, conv_type: str | None,
-                   extra: Sequence[int] = ()) -> list[int]:
+def stop_token_ids(tokenizer: TokenizerLike, task: str, conv_type: str | None, extra: Sequence[int] = ()) -> list[int]:
     """Token ids that end generation: EOS, the chat format's end-of-turn token, "\\n" for samsum."""
     ids: list[int] = []
     if tokenizer.eos_token_id is not None:

@@ -49,8 +49,8 @@ def expand_tasks(spec: str) -> list[str]:
 
 def rank_and_world(args: argparse.Namespace) -> tuple[int, int]:
     """--rank/--world-size, else torchrun's RANK/WORLD_SIZE, else a single process."""
-    rank = args.rank if args.rank is not None else int(os.environ.get("RANK", 0))
-    world = args.world_size if args.world_size is not None else int(os.environ.get("WORLD_SIZE", 1))
+    rank = args.rank if args.rank is not None else int(os.environ.get("RANK", "0"))
+    world = args.world_size if args.world_size is not None else int(os.environ.get("WORLD_SIZE", "1"))
     if world < 1 or not 0 <= rank < world:
         raise SystemExit(f"rank {rank} is not in [0, world_size={world})")
     return rank, world
@@ -69,15 +69,31 @@ def make_predict_fn(model, tokenizer, cfg, task: str, max_new_tokens: int | None
         enc = encode_prompt(tokenizer, task, example.fields, cfg.conv_type, cfg.max_len, max_gen, truncation, style)
         record = {"answers": example.answers, "all_classes": example.all_classes, "length": example.length}
         if enc.skipped:
-            log.warning("%s %s: %d prompt tokens > max_len - max_gen; skipped (truncation: error)",
-                        task, example.id, enc.original_tokens)
+            log.warning(
+                "%s %s: %d prompt tokens > max_len - max_gen; skipped (truncation: error)",
+                task,
+                example.id,
+                enc.original_tokens,
+            )
             return {**record, "pred": "", "skipped": True, "prompt_tokens": enc.original_tokens}
         text, stats = generate_greedy(model, tokenizer, cfg, enc.ids, gen_tokens, stops)
         pred = post_process(text, cfg.conv_type, task)
-        log.info("%s %s: %d tokens, prefill %.0f tok/s, pred %r", task, example.id, len(enc.ids),
-                 stats.prefill_tokens_per_second, pred[:80])
-        return {**record, "pred": pred, "token_length": len(enc.ids) + max_gen, "prompt_tokens": len(enc.ids),
-                "truncated": enc.truncated, "stats": stats.as_dict()}
+        log.info(
+            "%s %s: %d tokens, prefill %.0f tok/s, pred %r",
+            task,
+            example.id,
+            len(enc.ids),
+            stats.prefill_tokens_per_second,
+            pred[:80],
+        )
+        return {
+            **record,
+            "pred": pred,
+            "token_length": len(enc.ids) + max_gen,
+            "prompt_tokens": len(enc.ids),
+            "truncated": enc.truncated,
+            "stats": stats.as_dict(),
+        }
 
     return predict
 
@@ -135,8 +151,10 @@ def cmd_merge(args: argparse.Namespace) -> int:
     for task in expand_tasks(args.tasks):
         order = [e.id for e in load_task(args.data_dir, task, args.limit)] if args.data_dir else None
         info = merge_task(args.out_dir, task, args.world_size, order=order)
-        print(f"{task}: {info['records']} records from {len(info['shards'])} shards"
-              + (f", {len(info['missing'])} missing" if info["missing"] else ""))
+        print(
+            f"{task}: {info['records']} records from {len(info['shards'])} shards"
+            + (f", {len(info['missing'])} missing" if info["missing"] else "")
+        )
     return 0
 
 
@@ -154,18 +172,31 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="generate predictions (resumable)")
     p.add_argument("--config", default=None, help="config YAML (default: the served SmolLM2 config)")
-    p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
-                   help="config override, e.g. model.type=stream-llm (repeatable)")
+    p.add_argument(
+        "--override",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override, e.g. model.type=stream-llm (repeatable)",
+    )
     p.add_argument("--data-dir", required=True, help="folder with <task>.jsonl (or longbench/, infinite-bench/)")
     p.add_argument("--tasks", required=True, help="comma-separated tasks and groups (longbench, infinitebench)")
     p.add_argument("--out-dir", required=True)
     p.add_argument("--rank", type=int, default=None, help="this process's shard (default: $RANK or 0)")
     p.add_argument("--world-size", type=int, default=None, help="number of shards (default: $WORLD_SIZE or 1)")
     p.add_argument("--limit", type=int, default=None, help="only the first N examples of each task")
-    p.add_argument("--max-new-tokens", type=int, default=None,
-                   help="cap on generated tokens (smoke runs; default: the task's original length)")
-    p.add_argument("--truncation-style", choices=[s.value for s in TruncationStyle], default="infllm",
-                   help="infllm: keep 128 head tokens + the tail (the original); middle: LongBench's halves")
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        help="cap on generated tokens (smoke runs; default: the task's original length)",
+    )
+    p.add_argument(
+        "--truncation-style",
+        choices=[s.value for s in TruncationStyle],
+        default="infllm",
+        help="infllm: keep 128 head tokens + the tail (the original); middle: LongBench's halves",
+    )
     p.add_argument("--no-merge", action="store_true", help="rank 0 does not wait for and merge the shards")
     p.add_argument("--merge-timeout", type=float, default=None, help="seconds rank 0 waits for the others")
     p.set_defaults(func=cmd_predict)
@@ -181,8 +212,13 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("score", help="score <task>.jsonl files and write result.json")
     s.add_argument("--out-dir", required=True)
     s.add_argument("--tasks", default=None, help="default: every task with a prediction file")
-    s.add_argument("--variant", action="append", default=[], metavar="TASK=VARIANT",
-                   help="alternative scorer, e.g. code_debug=infllm (InfLLM's own code_debug scorer)")
+    s.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="TASK=VARIANT",
+        help="alternative scorer, e.g. code_debug=infllm (InfLLM's own code_debug scorer)",
+    )
     s.set_defaults(func=cmd_score)
     return parser
 

@@ -69,8 +69,7 @@ class SyntheticExample:
 
     def to_infinitebench(self) -> dict[str, Any]:
         """The example as a line of InfiniteBench's jsonl."""
-        return {"id": self.id, "context": self.context, "input": self.input, "answer": [self.answer],
-                "options": []}
+        return {"id": self.id, "context": self.context, "input": self.input, "answer": [self.answer], "options": []}
 
 
 def passkey_key(rng: random.Random) -> str:
@@ -89,8 +88,9 @@ def _uuid(rng: random.Random) -> str:
     return str(uuid.UUID(int=rng.getrandbits(128), version=4))
 
 
-def _largest_fitting(build: Callable[[int], tuple[str, str]], measure: Measure, target: int,
-                     limit: int | None = None) -> int:
+def _largest_fitting(
+    build: Callable[[int], tuple[str, str]], measure: Measure, target: int, limit: int | None = None
+) -> int:
     """Largest n (>= 0) whose build(n) measures <= target, assuming length grows with n."""
     base = measure(*build(0))
     if base > target:
@@ -138,8 +138,9 @@ def make_example(task: str, target_tokens: int, depth: float, seed: int, measure
 
         n = _largest_fitting(build, measure, target_tokens)
         context, inp = build(n)
-        return SyntheticExample(task, context, inp, key, depth, seed, target_tokens, measure(context, inp),
-                                round(depth * n), n)
+        return SyntheticExample(
+            task, context, inp, key, depth, seed, target_tokens, measure(context, inp), round(depth * n), n
+        )
 
     # kv_retrieval: pairs are drawn once, in order, so a longer haystack extends a shorter one.
     pairs: list[tuple[str, str]] = []
@@ -158,8 +159,9 @@ def make_example(task: str, target_tokens: int, depth: float, seed: int, measure
     n = max(_largest_fitting(build_kv, measure, target_tokens), 1)
     context, inp = build_kv(n)
     index = round(depth * (n - 1))
-    return SyntheticExample(task, context, inp, pairs[index][1], depth, seed, target_tokens,
-                            measure(context, inp), index, n)
+    return SyntheticExample(
+        task, context, inp, pairs[index][1], depth, seed, target_tokens, measure(context, inp), index, n
+    )
 
 
 def prompt_measurer(tokenizer: TokenizerLike, task: str, conv_type: str | None) -> Measure:
