@@ -30,7 +30,7 @@ from pathlib import Path
 import pytest
 
 playwright_sync = pytest.importorskip("playwright.sync_api")
-from playwright.sync_api import Browser, BrowserContext, Page, expect  # noqa: E402
+from playwright.sync_api import Browser, BrowserContext, Page, expect
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG = REPO_ROOT / "config" / "working" / "smollm2-135m-inf-llm.yaml"
@@ -147,7 +147,15 @@ def server(browser: Browser, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     early_page.goto("about:blank")
     proc = subprocess.Popen(
         [
-            sys.executable, "-m", "inf_llm.serve", "--config", str(CONFIG), "--host", "127.0.0.1", "--port", str(port),
+            sys.executable,
+            "-m",
+            "inf_llm.serve",
+            "--config",
+            str(CONFIG),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
             f"model.weights_cache_dir={tmp / 'converted'}",
         ],
         cwd=REPO_ROOT,
@@ -213,9 +221,11 @@ class PageErrors:
         page.on("pageerror", lambda e: self.items.append(f"pageerror: {e}"))
         page.on(
             "console",
-            lambda m: self.items.append(f"console: {m.text}")
-            if m.type == "error" and "Content Security Policy" in m.text
-            else None,
+            lambda m: (
+                self.items.append(f"console: {m.text}")
+                if m.type == "error" and "Content Security Policy" in m.text
+                else None
+            ),
         )
 
 
@@ -340,12 +350,13 @@ def test_loading_screen_then_ready(browser: Browser, server: Server, page_errors
         expect(info).to_contain_text("n_local")
         expect(info).to_contain_text(f"{mem['n_local']:,}")
         page.keyboard.press("Escape")
+    page.locator("#input").focus()
     page.screenshot(path=screenshots / "ready-light.png")
     if ctx is not None:
         ctx.close()
 
 
-def test_send_message_streams_reply(page: Page):
+def test_send_message_streams_reply(page: Page, ready_server: Server):
     configure(page, max_new_tokens=24)
     watch_streaming(page)
     with page.expect_request("**/chat") as req_info:
@@ -353,7 +364,11 @@ def test_send_message_streams_reply(page: Page):
     body = chat_body(req_info.value)
     assert body["prompt"] == "Say hello to me in one short sentence."
     assert body["history"] == []
-    assert body["temperature"] == 0 and body["max_new_tokens"] == 24 and body["repetition_penalty"] == 1.0
+    # The page sends only what differs from the server's defaults; the server fills in the rest.
+    defaults = get_status(ready_server.base_url)[1]["generation_defaults"]
+    sampling = {**defaults, **body}
+    assert (sampling["temperature"], sampling["max_new_tokens"], sampling["repetition_penalty"]) == (0, 24, 1.0)
+    assert body["session_id"]
     # The stop button replaces send while the reply streams.
     expect(page.locator("#stop-btn")).to_be_visible()
     text = wait_reply(page)
@@ -583,7 +598,12 @@ def test_memory_inspector_highlights_retrieved_spans(page: Page, screenshots: Pa
     spans = [
         {"token_start": 0, "token_end": 128, "text": prompt[: prompt.index("Fact 3:") + 11], "score": 0.25},
         {"token_start": 384, "token_end": 512, "text": prompt[needle - 30 : needle + 90], "score": 1.0},
-        {"token_start": 1024, "token_end": 1152, "text": prompt[prompt.index("Fact 90:") + 3 : prompt.index("Fact 93:")], "score": 0.5},
+        {
+            "token_start": 1024,
+            "token_end": 1152,
+            "text": prompt[prompt.index("Fact 90:") + 3 : prompt.index("Fact 93:")],
+            "score": 0.5,
+        },
         {"token_start": 2200, "token_end": 2214, "text": "<|im_start|>assistant\n", "score": 0.1},
     ]
     conv = {
@@ -592,7 +612,12 @@ def test_memory_inspector_highlights_retrieved_spans(page: Page, screenshots: Pa
         "created": 1,
         "updated": 2,
         "messages": [
-            {"id": "u1", "role": "user", "content": question, "attachments": [{"name": "rooms.txt", "text": doc, "tokens": 2265}]},
+            {
+                "id": "u1",
+                "role": "user",
+                "content": question,
+                "attachments": [{"name": "rooms.txt", "text": doc, "tokens": 2265}],
+            },
             {
                 "id": "a1",
                 "role": "assistant",
@@ -600,7 +625,13 @@ def test_memory_inspector_highlights_retrieved_spans(page: Page, screenshots: Pa
                 "done": {
                     "finish_reason": "stop",
                     "usage": {"prompt_tokens": 2314, "completion_tokens": 12, "total_tokens": 2326, "cached_tokens": 0},
-                    "timings": {"ttft_ms": 4980.0, "prefill_ms": 4980.0, "prefill_tokens_per_s": 464.7, "decode_ms": 540.0, "decode_tokens_per_s": 22.2},
+                    "timings": {
+                        "ttft_ms": 4980.0,
+                        "prefill_ms": 4980.0,
+                        "prefill_tokens_per_s": 464.7,
+                        "decode_ms": 540.0,
+                        "decode_tokens_per_s": 22.2,
+                    },
                     "truncated": None,
                     "retrieval": {"layers": 30, "steps": 12, "spans": spans},
                 },
@@ -675,13 +706,21 @@ def test_memory_inspector_on_long_document(page: Page):
         ),
     ],
 )
-def test_screenshots_dark_and_phone(browser: Browser, ready_server: Server, page_errors: PageErrors, screenshots: Path, name, context_args):
+def test_screenshots_dark_and_phone(
+    browser: Browser, ready_server: Server, page_errors: PageErrors, screenshots: Path, name, context_args
+):
     ctx, page = _new_page(browser, page_errors, **context_args)
     open_ready(page, ready_server.base_url)
     page.screenshot(path=screenshots / f"empty-{name}.png")
     configure(page, max_new_tokens=40)
     page.locator("#file-input").set_input_files(
-        files=[{"name": "notes.md", "mimeType": "text/markdown", "buffer": b"# Notes\nThe meeting is on Tuesday at 10:00 in room 4.\n"}]
+        files=[
+            {
+                "name": "notes.md",
+                "mimeType": "text/markdown",
+                "buffer": b"# Notes\nThe meeting is on Tuesday at 10:00 in room 4.\n",
+            }
+        ]
     )
     expect(page.locator("#attachments .chip")).to_contain_text(re.compile(r"\d+ tokens"))
     send(page, "Write a Python function that adds two numbers.")

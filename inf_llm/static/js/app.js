@@ -285,6 +285,12 @@ function memoryChip(st) {
 
 async function pollStatus() {
   clearTimeout(pollTimer);
+  if (state.generating && isReady()) {
+    // A live stream already proves the server is up, and a slow /status answer during a long CPU prefill
+    // must not flash an "unreachable" banner.
+    pollTimer = setTimeout(pollStatus, POLL_READY_MS);
+    return;
+  }
   const r = await fetchStatus();
   applyStatus(r);
   let delay = POLL_READY_MS;
@@ -427,6 +433,7 @@ function current() {
 }
 
 async function persist(conv) {
+  if (!state.convs.has(conv.id)) return; // Deleted meanwhile (e.g. while its reply was streaming).
   try {
     await state.store.save(stripTransient(conv));
   } catch (e) {
@@ -900,6 +907,7 @@ async function generate(conv, reply) {
   renderSidebar();
   queueRender();
   await persist(conv);
+  let networkFailed = false;
   try {
     await streamChat(body, {
       apiKey: state.apiKey,
@@ -921,8 +929,8 @@ async function generate(conv, reply) {
   } catch (e) {
     if (e.name === "AbortError") reply.cancelled = true;
     else {
-      if (!(e instanceof ApiError)) pollStatus(); // A network failure: is the server still there?
-      reply.error = e instanceof ApiError || e.message ? e.message : String(e);
+      networkFailed = !(e instanceof ApiError);
+      reply.error = networkFailed ? `Lost the connection to the server (${e.message}).` : e.message;
       if (e.status === 401) {
         reply.error = `${e.message} — set the API key in Settings.`;
         $("settings-btn").click();
@@ -943,6 +951,7 @@ async function generate(conv, reply) {
     renderSidebar();
     updateComposer();
     updateContextMeter();
+    if (networkFailed) pollStatus(); // Is the server still there?
   }
 }
 
