@@ -33,6 +33,9 @@ class TokenBuffer:
     def __init__(self, num_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device, with_scores: bool):
         self.k = torch.zeros(num_heads, MIN_CAPACITY, head_dim, dtype=dtype, device=device)  # (Hkv, cap, D)
         self.v = torch.zeros_like(self.k)
+        # Keys rotated to (position - rotation base), kept next to the raw keys so a decode step rotates
+        # one key, not the whole window (the memory owns the base and re-fills this when it moves).
+        self.k_rot = torch.zeros_like(self.k)
         self.score = torch.zeros(num_heads, MIN_CAPACITY, dtype=torch.float32, device=device) if with_scores else None
         self.offset = 0  # index of first_pos inside the tensors
         self.length = 0
@@ -49,20 +52,23 @@ class TokenBuffer:
         live = slice(self.offset, self.offset + self.length)
         if self.length + extra > capacity // 2:
             capacity = max(2 * capacity, self.length + extra)
-        # Either grow, or compact in place (move the live part to the front of a same-size buffer).
+        # Either grow, or compact (copy the live part to the front of a new buffer of the same size).
         self.k = _grown(self.k, 1, capacity, live)
         self.v = _grown(self.v, 1, capacity, live)
+        self.k_rot = _grown(self.k_rot, 1, capacity, live)
         if self.score is not None:
             self.score = _grown(self.score, 1, capacity, live)
         self.offset = 0
 
-    def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        """k, v: (H, L, D) for positions end_pos .. end_pos+L-1."""
+    def append(self, k: torch.Tensor, v: torch.Tensor, k_rot: torch.Tensor | None = None) -> None:
+        """k, v (and optionally rotated k): (H, L, D) for positions end_pos .. end_pos+L-1."""
         n = k.shape[1]
         self._reserve(n)
         at = self.offset + self.length
         self.k[:, at : at + n].copy_(k)
         self.v[:, at : at + n].copy_(v)
+        if k_rot is not None:
+            self.k_rot[:, at : at + n].copy_(k_rot)
         if self.score is not None:
             self.score[:, at : at + n].zero_()
         self.length += n
@@ -74,6 +80,9 @@ class TokenBuffer:
 
     def keys(self, start_pos: int, end_pos: int) -> torch.Tensor:
         return self.k[:, self._index(start_pos, end_pos)]
+
+    def rotated_keys(self, start_pos: int, end_pos: int) -> torch.Tensor:
+        return self.k_rot[:, self._index(start_pos, end_pos)]
 
     def values(self, start_pos: int, end_pos: int) -> torch.Tensor:
         return self.v[:, self._index(start_pos, end_pos)]
@@ -89,7 +98,7 @@ class TokenBuffer:
         self.length -= n
 
     def nbytes(self) -> int:
-        total = self.k.nbytes + self.v.nbytes
+        total = self.k.nbytes + self.v.nbytes + self.k_rot.nbytes
         return total + (self.score.nbytes if self.score is not None else 0)
 
     def state(self) -> dict:

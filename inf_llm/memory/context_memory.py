@@ -32,6 +32,10 @@ from inf_llm.memory.rope import RotaryTable
 
 log = logging.getLogger(__name__)
 
+# Execution blocks the rotation base may lag behind before the window is re-rotated: bounds the largest
+# RoPE angle used (n_local + this many blocks) while re-rotating rarely during decoding.
+ROTATION_SLACK = 4
+
 
 @dataclass(frozen=True)
 class MemoryPolicy:
@@ -107,6 +111,10 @@ class ContextMemory:
         self.n_init = cfg.n_init if self.policy.windowed else 0
         self.exc = cfg.exc_block_size if self.policy.windowed else None
         self.seen = 0
+        # Local-stage keys are kept rotated to (position - rot_base); RoPE depends only on distances, so any
+        # base <= the window start gives the same scores. The base moves forward (and the window is
+        # re-rotated once) when angles would exceed n_local + ROTATION_SLACK execution blocks.
+        self.rot_base: int | None = 0
         self.tail = TokenBuffer(num_kv_heads, head_dim, dtype, device, with_scores=self.policy.keeps_blocks)
         self.init_k = torch.zeros(num_kv_heads, self.n_init, head_dim, dtype=dtype, device=device)
         self.init_v = torch.zeros_like(self.init_k)
@@ -115,8 +123,10 @@ class ContextMemory:
         self.retrieval_counts: dict[int, int] = {}  # block id -> times selected (summed over heads/steps)
         self._lookup: _Lookup | None = None
         self._call_qvecs: torch.Tensor | None = None
-        self._staging_k: torch.Tensor | None = None
+        self._staging_k: torch.Tensor | None = None  # (Hkv, cap, D): [sinks | blocks | remainder]
         self._staging_v: torch.Tensor | None = None
+        self._staged_init = -1  # sink count currently staged
+        self._staged_blocks: list[int] = []  # block id of each staged block slot
         self.store: BlockStore | None = None
         self.cache: BlockCache | None = None
         self._faiss_index = None
@@ -142,7 +152,7 @@ class ContextMemory:
         """
         length = q.shape[1]
         start = self.seen
-        self.tail.append(k, v)
+        self.tail.append(k, v, self.rope.rotate(k, start - self.rot_base) if self.rot_base is not None else None)
         self.retrieved_last = []
         out = torch.empty_like(q)
         bounds = self._exec_bounds(start, start + length)
@@ -206,9 +216,13 @@ class ContextMemory:
         ops = self.ops
         # ---- local stage: window-relative positions, so distances never exceed n_local + exc_block_size
         kv_start = self.tail.first_pos if self.n_local is None else max(s - self.n_local + 1, self.tail.first_pos)
-        k_loc = self.rope.rotate(self.tail.keys(kv_start, e), 0)
+        if self.rot_base is None or (
+            self.n_local is not None and e - 1 - self.rot_base > self.n_local + ROTATION_SLACK * self.exc
+        ):
+            self._rebase_rotation(kv_start)
+        k_loc = self.tail.rotated_keys(kv_start, e)
         v_loc = self.tail.values(kv_start, e)
-        q_loc = self.rope.rotate(qb, s - kv_start)
+        q_loc = self.rope.rotate(qb, s - self.rot_base)
         out, lse = ops.windowed_attention(
             q_loc[None], k_loc[None], v_loc[None], scale=scale, q_offset=s - kv_start, window=self.n_local
         )
@@ -221,7 +235,7 @@ class ContextMemory:
                                                     visible=visible)
                 out, lse = ops.merge_partials(out, lse, out_g, lse_g)
                 if self.cache is not None and selected and self.cfg.cache_strategy == CacheStrategy.LRU_S:
-                    self._update_block_scores(q_glb, k_glb, lse[0], selected, scale)
+                    self._update_block_scores(q_glb, k_glb[:, self.init_len :], lse[0], selected, scale)
         # ---- scores: probability each local key receives from the final softmax (for representatives)
         if self.policy.keeps_blocks:
             received = ops.window_key_scores(
@@ -230,13 +244,22 @@ class ContextMemory:
             self.tail.scores(kv_start, e).add_(received[0])
         return out[0]
 
-    def _global_keys(self, qb: torch.Tensor, s: int, e: int, index: int):
-        """Assemble [selected blocks | sinks | visible remainder] for queries s..e-1.
+    def _rebase_rotation(self, base: int) -> None:
+        """Re-rotate the live keys from `base` on to positions relative to `base`."""
+        self.rot_base = base
+        start, end = max(base, self.tail.first_pos), self.tail.end_pos
+        if end > start:
+            self.tail.rotated_keys(start, end).copy_(self.rope.rotate(self.tail.keys(start, end), start - base))
 
-        Returns k (Hkv, Lg, D), v (Hkv, Lg, D), visible (Lq,) int64, selected block ids (flat list).
+    def _global_keys(self, qb: torch.Tensor, s: int, e: int, index: int):
+        """Assemble [sinks | selected blocks | visible remainder] for queries s..e-1 in a staging buffer.
+
+        Sinks and blocks that were already staged for the previous execution block stay where they are
+        (consecutive decode steps mostly retrieve the same blocks), so a step copies only what changed.
+        Returns k (Hkv, Lg, D), v (Hkv, Lg, D), visible (Lq,) int64, and the staged block ids in order.
         """
         n_local = self.n_local
-        block_ids_per_head = self._select_blocks(qb, index) if self.policy.keeps_blocks else None
+        ids_per_head = self._select_blocks(qb, index) if self.policy.keeps_blocks else None
         # tail tokens usable in the global stage: all (inf-llm) or only sink positions still in the tail
         tail_first = self.tail.first_pos
         tail_end = e - n_local  # positions <= e - 1 - n_local can be visible to some query here
@@ -244,41 +267,81 @@ class ContextMemory:
             tail_end = min(tail_end, self.n_init)
         tail_end = max(tail_end, tail_first)
         n_tail = tail_end - tail_first
-        n_sel = 0 if block_ids_per_head is None else len(block_ids_per_head[0])
+        n_sel = 0 if ids_per_head is None else len(ids_per_head[0])
         bs = self.cfg.block_size
-        total = n_sel * bs + self.init_len + n_tail
-        k_glb, v_glb = self._staging(total)
-        at = 0
-        selected: list[int] = []
-        if n_sel:
-            block_k, block_v, selected = self._gather_blocks(block_ids_per_head)  # (Hkv, n_sel*bs, D)
-            k_glb[:, : n_sel * bs].copy_(block_k)
-            v_glb[:, : n_sel * bs].copy_(block_v)
-            at = n_sel * bs
-        if self.init_len:
+        fixed = self.init_len + n_sel * bs  # sinks + blocks: always visible
+        k_glb, v_glb = self._staging(fixed + n_tail)
+        if self._staged_init != self.init_len:
             init_k = self.init_k[:, : self.init_len]
-            k_glb[:, at : at + self.init_len].copy_(
-                self.rope.rotate(init_k, 0) if self.policy.sink_positions else init_k
-            )
-            v_glb[:, at : at + self.init_len].copy_(self.init_v[:, : self.init_len])
-            at += self.init_len
+            k_glb[:, : self.init_len].copy_(self.rope.rotate(init_k, 0) if self.policy.sink_positions else init_k)
+            v_glb[:, : self.init_len].copy_(self.init_v[:, : self.init_len])
+            self._staged_init, self._staged_blocks = self.init_len, []
+        staged: list[int] = []
+        if n_sel:
+            staged = self._stage_blocks(ids_per_head, k_glb, v_glb, self.init_len)
         if n_tail:
             tail_k = self.tail.keys(tail_first, tail_end)
-            k_glb[:, at : at + n_tail].copy_(
+            k_glb[:, fixed : fixed + n_tail].copy_(
                 self.rope.rotate(tail_k, tail_first) if self.policy.sink_positions else tail_k
             )
-            v_glb[:, at : at + n_tail].copy_(self.tail.values(tail_first, tail_end))
+            v_glb[:, fixed : fixed + n_tail].copy_(self.tail.values(tail_first, tail_end))
         # query p sees the remainder tokens j <= p - n_local, i.e. a prefix of the tail part
         q_pos = torch.arange(s, e, device=self.device)
-        visible_tail = (q_pos - n_local - tail_first + 1).clamp(0, n_tail)
-        visible = visible_tail + (n_sel * bs + self.init_len)
-        return k_glb[:, :total], v_glb[:, :total], visible, selected
+        visible = (q_pos - n_local - tail_first + 1).clamp(0, n_tail) + fixed
+        return k_glb[:, : fixed + n_tail], v_glb[:, : fixed + n_tail], visible, staged
+
+    def _stage_blocks(self, ids_per_head: list[list[int]], k_glb, v_glb, at: int) -> list[int]:
+        """Write the selected blocks into staging slots [at, at + n_sel * block_size); returns the block id of
+        each slot. Blocks staged last time keep their slot; only new ones are copied (from the device cache
+        when offloading, else from the store)."""
+        bs = self.cfg.block_size
+        flat = sorted({i for ids in ids_per_head for i in ids})
+        if self.cache is not None:
+            slots = self.cache.fetch(flat, self.store.k, self.store.v)
+            self.cache.wait_for_copies()
+            slot_of = dict(zip(flat, slots.tolist()))  # host sync: slot ids are cache bookkeeping
+            source_k, source_v = self.cache.k, self.cache.v
+        else:
+            slot_of = {i: i for i in flat}
+            source_k, source_v = self.store.k, self.store.v
+        if len(ids_per_head) > 1:  # perhead: head h reads its own blocks; restage everything
+            rows = torch.tensor([[slot_of[i] for i in ids] for ids in ids_per_head], device=source_k.device)
+            heads = torch.arange(self.hkv, device=source_k.device).unsqueeze(1)
+            n = rows.shape[1] * bs
+            k_glb[:, at : at + n].copy_(source_k[rows, heads].reshape(self.hkv, n, self.d))
+            v_glb[:, at : at + n].copy_(source_v[rows, heads].reshape(self.hkv, n, self.d))
+            self._staged_blocks = []
+            return flat
+        wanted = ids_per_head[0]
+        previous = self._staged_blocks
+        if len(previous) == len(wanted) and self.cache is None:
+            keep = set(previous) & set(wanted)
+            incoming = iter(i for i in wanted if i not in keep)
+            order = [b if b in keep else next(incoming) for b in previous]
+            changed = [slot for slot, b in enumerate(order) if b not in keep]
+        else:  # the cache path restages all: cache slots may have been refilled by other blocks
+            order, changed = list(wanted), list(range(len(wanted)))
+        if changed:
+            src = torch.tensor([slot_of[order[c]] for c in changed], dtype=torch.int64, device=source_k.device)
+            blk_k = source_k.index_select(0, src).to(self.device, non_blocking=True)  # (c, Hkv, bs, D)
+            blk_v = source_v.index_select(0, src).to(self.device, non_blocking=True)
+            if len(changed) == len(order):
+                n = len(order) * bs
+                k_glb[:, at : at + n].view(self.hkv, len(order), bs, self.d).copy_(blk_k.transpose(0, 1))
+                v_glb[:, at : at + n].view(self.hkv, len(order), bs, self.d).copy_(blk_v.transpose(0, 1))
+            else:
+                for j, c in enumerate(changed):
+                    k_glb[:, at + c * bs : at + (c + 1) * bs].copy_(blk_k[j])
+                    v_glb[:, at + c * bs : at + (c + 1) * bs].copy_(blk_v[j])
+        self._staged_blocks = order
+        return order
 
     def _staging(self, total: int) -> tuple[torch.Tensor, torch.Tensor]:
         if self._staging_k is None or self._staging_k.shape[1] < total:
             cap = max(total, 2 * (self._staging_k.shape[1] if self._staging_k is not None else 0))
             self._staging_k = torch.empty(self.hkv, cap, self.d, dtype=self.dtype, device=self.device)
             self._staging_v = torch.empty_like(self._staging_k)
+            self._staged_init, self._staged_blocks = -1, []
         return self._staging_k, self._staging_v
 
     # ------------------------------------------------------------------------------------------ lookup
@@ -360,33 +423,6 @@ class ContextMemory:
             result.append(sorted(int(i) for i in ids[0]))
         return result
 
-    def _gather_blocks(self, ids_per_head: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-        """K/V of the selected blocks laid out (Hkv, n_sel * block_size, D)."""
-        bs = self.cfg.block_size
-        n_sel = len(ids_per_head[0])
-        flat = sorted({i for ids in ids_per_head for i in ids})
-        if self.cache is not None:
-            slots = self.cache.fetch(flat, self.store.k, self.store.v)
-            self.cache.wait_for_copies()
-            slot_of = dict(zip(flat, slots.tolist()))
-            source_k, source_v = self.cache.k, self.cache.v
-            rows = [[slot_of[i] for i in ids] for ids in ids_per_head]
-        else:
-            source_k, source_v = self.store.k, self.store.v
-            rows = ids_per_head
-        if len(rows) == 1:
-            idx = torch.tensor(rows[0], dtype=torch.int64, device=source_k.device)
-            blk_k = source_k.index_select(0, idx)  # (n_sel, Hkv, bs, D)
-            blk_v = source_v.index_select(0, idx)
-            blk_k = blk_k.permute(1, 0, 2, 3).reshape(self.hkv, n_sel * bs, self.d)
-            blk_v = blk_v.permute(1, 0, 2, 3).reshape(self.hkv, n_sel * bs, self.d)
-        else:  # perhead: head h reads its own blocks
-            idx = torch.tensor(rows, dtype=torch.int64, device=source_k.device)  # (Hkv, n_sel)
-            heads = torch.arange(self.hkv, device=source_k.device).unsqueeze(1)
-            blk_k = source_k[idx, heads].reshape(self.hkv, n_sel * bs, self.d)  # (Hkv, n_sel, bs, D) -> flat
-            blk_v = source_v[idx, heads].reshape(self.hkv, n_sel * bs, self.d)
-        return blk_k.to(self.device, non_blocking=True), blk_v.to(self.device, non_blocking=True), flat
-
     def _update_block_scores(self, q_glb, k_glb, lse, selected: list[int], scale: float) -> None:
         """LRU-S: attention probability each selected block received in this execution block."""
         n = len(selected) * self.cfg.block_size
@@ -440,18 +476,23 @@ class ContextMemory:
 
     # ---------------------------------------------------------------------------------------- sessions
     def state(self) -> dict:
-        state = {"seen": self.seen, "init_k": self.init_k[:, : self.init_len].clone(),
+        state = {"seen": self.seen, "rot_base": self.rot_base, "init_k": self.init_k[:, : self.init_len].clone(),
                  "init_v": self.init_v[:, : self.init_len].clone(), "tail": self.tail.state()}
         if self.store is not None:
             state["store"] = self.store.state()
         return state
 
     def load_state(self, state: dict) -> None:
+        self._staged_init, self._staged_blocks = -1, []
         self.seen = int(state["seen"])
         self.init_len = state["init_k"].shape[1]
         self.init_k[:, : self.init_len].copy_(state["init_k"])
         self.init_v[:, : self.init_len].copy_(state["init_v"])
         self.tail.load_state(state["tail"])
+        # rotated keys are not saved: re-rotate them to the same base (so the continuation is bit-identical)
+        self.rot_base = None
+        if state.get("rot_base") is not None:
+            self._rebase_rotation(int(state["rot_base"]))
         if self.store is not None:
             self.store.load_state(state["store"])
             if self.cache is not None:

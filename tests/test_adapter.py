@@ -1,0 +1,185 @@
+"""The transformers integration: identity with stock attention, chunking and session invariances,
+introspection, cancellation, and real retrieval with SmolLM2."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+from inf_llm.adapter import InfLLMCache, cache_kwargs, patch_model, unpatch_model
+from inf_llm.config import ModelConfig
+from inf_llm.errors import GenerationCancelled, SessionStateError, UnsupportedModelError
+from tests.models import FAMILIES, build_tiny_model
+
+TYPES = ["inf-llm", "stream-llm", "infinite-lm", "origin"]
+# Small memory settings so that 100s of tokens span many blocks.
+SMALL = dict(n_init=4, n_local=64, block_size=8, topk=3, repr_topk=2, exc_block_size=16, max_cached_block=8)
+
+
+@contextlib.contextmanager
+def patched(model, **cfg):
+    patch_model(model, ModelConfig(**cfg))
+    try:
+        yield model
+    finally:
+        unpatch_model(model)
+
+
+def forward(model, ids, cache, chunk: int | None = None) -> torch.Tensor:
+    chunk = chunk or ids.shape[1]
+    outs = [model(ids[:, a : a + chunk], **cache_kwargs(model, cache), use_cache=True).logits
+            for a in range(0, ids.shape[1], chunk)]
+    return torch.cat(outs, dim=1)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("kind", TYPES)
+def test_identity_with_stock_attention_while_inside_the_window(family, kind):
+    """While nothing has left the local window, every type equals stock full attention (fp32)."""
+    model = build_tiny_model(family, seed=1)
+    ids = torch.randint(3, 300, (1, 52), generator=torch.Generator().manual_seed(2))  # 52 + 8 new <= n_local
+    with torch.no_grad():
+        stock = model(ids).logits
+        stock_gen = model.generate(ids, max_new_tokens=8, do_sample=False)
+        with patched(model, type=kind, **SMALL):
+            ours = forward(model, ids, InfLLMCache(model))
+            chunked = forward(model, ids, InfLLMCache(model), chunk=16)
+            gen = model.generate(ids, **cache_kwargs(model, InfLLMCache(model)), max_new_tokens=8, do_sample=False)
+    torch.testing.assert_close(ours, stock, rtol=0, atol=1e-5)
+    torch.testing.assert_close(chunked, stock, rtol=0, atol=1e-5)
+    assert torch.equal(gen, stock_gen)
+
+
+def test_identity_smollm2(smollm2):
+    model, tok = smollm2.model, smollm2.tokenizer
+    ids = tok("Explain in two sentences why the sky is blue, then name three colours.", return_tensors="pt").input_ids
+    with torch.no_grad():
+        stock = model(ids).logits
+        for kind in TYPES:
+            with patched(model, type=kind, n_init=4, n_local=256, exc_block_size=64):
+                ours = forward(model, ids, InfLLMCache(model))
+            torch.testing.assert_close(ours, stock, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["inf-llm", "stream-llm", "infinite-lm"])
+def test_long_input_chunking_invariance(kind):
+    """Prompt chunk sizes that are multiples of exc_block_size give the same logits over many blocks."""
+    model = build_tiny_model("llama", seed=3)
+    ids = torch.randint(3, 300, (1, 400), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad(), patched(model, type=kind, **SMALL):
+        whole = forward(model, ids, InfLLMCache(model))
+        by_32 = forward(model, ids, InfLLMCache(model), chunk=32)
+        by_128 = forward(model, ids, InfLLMCache(model), chunk=128)
+        origin_diff = None
+    torch.testing.assert_close(by_32, whole, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(by_128, whole, rtol=1e-4, atol=1e-4)
+    with torch.no_grad():
+        origin_diff = (model(ids).logits - whole).abs().max().item()
+    assert origin_diff > 1e-3  # tokens did leave the window: this input exercises the memory
+
+
+def test_session_turns_equal_concatenation_and_survive_save_load(tmp_path):
+    """Turn 2 fed after turn 1 equals the concatenation fed at once; a saved state continues identically."""
+    model = build_tiny_model("qwen2", seed=5)
+    ids = torch.randint(3, 300, (1, 320), generator=torch.Generator().manual_seed(6))
+    turn1, turn2 = ids[:, :192], ids[:, 192:]  # turn 1 ends on an execution-block boundary
+    with torch.no_grad(), patched(model, type="inf-llm", **SMALL):
+        at_once = forward(model, ids, InfLLMCache(model))
+        cache = InfLLMCache(model)
+        first = forward(model, turn1, cache)
+        cache.save(tmp_path / "doc.pt")
+        twin = cache.clone()
+        second = forward(model, turn2, cache)
+        torch.testing.assert_close(torch.cat([first, second], 1), at_once, rtol=1e-4, atol=1e-4)
+        restored = InfLLMCache.load(tmp_path / "doc.pt", model)
+        assert restored.get_seq_length() == 192
+        torch.testing.assert_close(forward(model, turn2, restored), second, rtol=0, atol=1e-5)
+        torch.testing.assert_close(forward(model, turn2, twin), second, rtol=0, atol=1e-5)
+    with torch.no_grad(), patched(model, type="inf-llm", **{**SMALL, "n_local": 32}):
+        with pytest.raises(SessionStateError, match="n_local"):
+            InfLLMCache.load(tmp_path / "doc.pt", model)
+
+
+def test_introspection_reports_blocks_ranges_and_bytes():
+    model = build_tiny_model("mistral", seed=7)
+    ids = torch.randint(3, 300, (1, 300), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad(), patched(model, type="inf-llm", **SMALL):
+        cache = InfLLMCache(model)
+        forward(model, ids[:, :299], cache)
+        cache.reset_retrieval_counts()
+        forward(model, ids[:, 299:], cache)
+        stats = cache.stats()
+        summary = cache.retrieval_summary()
+    assert len(stats) == 2
+    assert stats[0].blocks == (300 - 64 - 4) // 8
+    assert stats[0].retrieved_last and len(stats[0].retrieved_last[0]) == 3
+    assert stats[0].host_bytes > 0 and stats[0].device_bytes == 0  # CPU: everything is host memory
+    assert summary and all(end - start == 8 and count >= 1 for start, end, count in summary)
+    assert sum(count for *_, count in summary) == 2 * 3  # 2 layers x 3 blocks for one decode lookup
+
+
+def test_cancellation_between_layers_leaves_an_inconsistent_cache():
+    model = build_tiny_model("llama", seed=9)
+    ids = torch.randint(3, 300, (1, 50))
+    calls = []
+    with torch.no_grad(), patched(model, type="inf-llm", **SMALL):
+        cache = InfLLMCache(model)
+        cache.should_stop = lambda: (calls.append(1), len(calls) > 1)[1]  # stop before the second layer
+        with pytest.raises(GenerationCancelled):
+            forward(model, ids, cache)
+        assert not cache.is_consistent()
+        with pytest.raises(SessionStateError):
+            cache.state_dict()
+
+
+def test_cache_without_patch_and_batches_are_refused():
+    model = build_tiny_model("llama", seed=10)
+    with pytest.raises(UnsupportedModelError, match="patch_model"):
+        InfLLMCache(model)
+    with torch.no_grad(), patched(model, type="inf-llm", **SMALL):
+        with pytest.raises(UnsupportedModelError, match="batch size"):
+            forward(model, torch.randint(3, 300, (2, 10)), InfLLMCache(model))
+
+
+# ------------------------------------------------------------------------------------- real retrieval
+NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+RETRIEVAL = dict(n_init=64, n_local=256, block_size=32, repr_topk=4, topk=8, exc_block_size=64, max_cached_block=16)
+
+
+def passkey_ids(tok, n_tokens: int, depth: float, key: int) -> torch.Tensor:
+    reps = n_tokens // 25
+    before, after = NOISE * int(reps * depth), NOISE * (reps - int(reps * depth))
+    text = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
+            "I will quiz you about the important information there.\n\n" + before
+            + f"The pass key is {key}. Remember it. {key} is the pass key. " + after + "\n\nWhat is the pass key?")
+    ids = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                  return_tensors="pt", return_dict=True)["input_ids"]
+    answer_prefix = tok(" The pass key is", add_special_tokens=False, return_tensors="pt").input_ids
+    return torch.cat([ids, answer_prefix], dim=1)
+
+
+def answer(model, tok, ids, kind: str) -> str:
+    with torch.inference_mode(), patched(model, type=kind, **RETRIEVAL):
+        cache = InfLLMCache(model)
+        for a in range(0, ids.shape[1] - 1, 512):
+            model(ids[:, a : min(a + 512, ids.shape[1] - 1)], **cache_kwargs(model, cache), use_cache=True,
+                  logits_to_keep=1)
+        out = model.generate(ids, **cache_kwargs(model, cache), max_new_tokens=7, do_sample=False)
+    return tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+
+
+def test_real_retrieval_passkey_smollm2(smollm2):
+    """inf-llm finds a passkey ~3K tokens back with a 256-token window at 10/50/90% depth; stream-llm,
+    which keeps only sinks and window, does not; origin (full attention) finds it inside 1K tokens."""
+    model, tok = smollm2.model, smollm2.tokenizer
+    for depth in (0.1, 0.5, 0.9):
+        key = 58213 + int(depth * 100)
+        ids = passkey_ids(tok, 3000, depth, key)
+        assert ids.shape[1] > 2900
+        assert str(key) in answer(model, tok, ids, "inf-llm"), depth
+    far = passkey_ids(tok, 3000, 0.5, 41207)
+    assert "41207" not in answer(model, tok, far, "stream-llm")
+    near = passkey_ids(tok, 1000, 0.5, 36911)
+    assert "36911" in answer(model, tok, near, "origin")
