@@ -11,13 +11,12 @@ import os
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 from transformers import GenerationConfig
 
 from inf_llm.adapter import InfLLMCache, cache_kwargs, patch_model
-from inf_llm.config import InfLLMConfig, load_config
+from inf_llm.config import InfLLMConfig, default_config_path, load_config
 from inf_llm.engine.loading import load_model
 
 log = logging.getLogger(__name__)
@@ -63,8 +62,9 @@ def torchrun_overrides(overrides: Sequence[str]) -> list[str]:
 
 def load_for_eval(config_path: str | os.PathLike | None, overrides: Sequence[str] = ()):
     """Load the config (+ dotlist overrides), the model and tokenizer, and patch the model with InfLLM
-    attention. Returns (model, tokenizer, cfg)."""
-    cfg = load_config(config_path, list(overrides))
+    attention. `config_path` None: the served config (`$INFLLM_CONFIG` or config/working's SmolLM2 file).
+    Returns (model, tokenizer, cfg)."""
+    cfg = load_config(config_path if config_path is not None else default_config_path(), list(overrides))
     loaded = load_model(cfg)
     model = patch_model(loaded.model, cfg.model)
     model.eval()
@@ -141,14 +141,3 @@ def generate_greedy(
         stop_reason=stop_reason,
     )
     return text, stats
-
-
-def repo_root() -> Path:
-    return Path(__file__).resolve().parent.parent
-
-
-def default_config_path() -> Path:
-    """The served default config (SmolLM2 on CPU) that the runners use when no --config is given."""
-    from inf_llm.config import default_config_path as served
-
-    return served()

@@ -4,13 +4,13 @@
 #
 #   bash benchmark/download_data.sh [DATA_DIR] [longbench] [infinitebench]
 #
-# DATA_DIR defaults to benchmark/data. With no benchmark named, both are fetched:
+# DATA_DIR defaults to benchmark/results/data (git-ignored). With no benchmark named, both are fetched:
 #   DATA_DIR/longbench/data/<task>.jsonl     LongBench v1 (all 21 tasks + LongBench-E), from its data.zip
 #   DATA_DIR/infinite-bench/<task>.jsonl     the InfiniteBench tasks the InfLLM paper uses
 # Then: python -m benchmark.run_eval predict --data-dir DATA_DIR --tasks longbench,infinitebench ...
 set -euo pipefail
 
-DATA_DIR="${1:-benchmark/data}"
+DATA_DIR="${1:-benchmark/results/data}"
 shift || true
 WANT="${*:-longbench infinitebench}"
 

@@ -33,6 +33,7 @@ from benchmark.metrics import INFINITEBENCH_METRICS
 from benchmark.pipeline import read_records
 from benchmark.prompts import DATASET2MAXGEN, encode_prompt, post_process, stop_token_ids
 from benchmark.synthetic import TASKS, make_example, prompt_measurer
+from inf_llm.errors import InfLLMError
 
 log = logging.getLogger("benchmark.passkey")
 
@@ -279,6 +280,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except (InfLLMError, ValueError, argparse.ArgumentTypeError) as exc:  # bad config/arguments: no traceback
+        log.error("%s", exc)
+        return 2
+
+
+def run(args: argparse.Namespace) -> int:
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     cases_path = out_dir / CASES_FILE

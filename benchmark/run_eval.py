@@ -29,6 +29,7 @@ from benchmark.data import EvalExample, load_task
 from benchmark.metrics import INFINITEBENCH_TASKS, LONGBENCH_EN_TASKS
 from benchmark.pipeline import format_scores, merge_task, parse_variants, predict_task, score_dir
 from benchmark.prompts import DATASET2MAXGEN, TruncationStyle, encode_prompt, post_process, stop_token_ids
+from inf_llm.errors import InfLLMError
 
 log = logging.getLogger("benchmark.run_eval")
 
@@ -226,7 +227,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (InfLLMError, ValueError) as exc:  # bad data, config or arguments: the message, not a traceback
+        log.error("%s", exc)
+        return 2
 
 
 if __name__ == "__main__":

@@ -183,6 +183,30 @@ def test_passkey_reports_heatmap_and_json(tmp_path):
     assert (tmp_path / "heatmap_passkey.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_cli_parsing_of_tasks_lengths_variants_and_ranks(monkeypatch):
+    import argparse
+
+    from benchmark.passkey import parse_length, parse_variants
+    from benchmark.run_eval import expand_tasks, rank_and_world
+
+    tasks = expand_tasks("longbench,passkey,hotpotqa")
+    assert len(tasks) == 17 and tasks[0] == "narrativeqa" and tasks[-1] == "passkey"  # hotpotqa kept once
+    assert expand_tasks("infinitebench")[:3] == ["passkey", "number_string", "kv_retrieval"]
+    assert [parse_length(x) for x in ("2k", "32K", "1m", "3000")] == [2048, 32768, 1048576, 3000]
+    with pytest.raises(argparse.ArgumentTypeError):
+        parse_length("2q")
+    variants = parse_variants("origin,inf-llm", ["small:model.n_local=512,model.topk=4"])
+    assert [(v.label, v.overrides) for v in variants] == [
+        ("origin", ("model.type=origin",)),
+        ("inf-llm", ("model.type=inf-llm",)),
+        ("small", ("model.n_local=512", "model.topk=4")),
+    ]
+    monkeypatch.setenv("RANK", "2")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert rank_and_world(argparse.Namespace(rank=None, world_size=None)) == (2, 4)  # torchrun's variables
+    assert rank_and_world(argparse.Namespace(rank=0, world_size=1)) == (0, 1)  # flags win
+
+
 def test_truncate_ids_keeps_head_and_tail():
     ids = list(range(1000))
     kept = truncate_ids(ids, 300)
