@@ -230,7 +230,7 @@ class PageErrors:
 
 
 def _new_page(browser: Browser, errors: PageErrors, **context_args) -> tuple[BrowserContext, Page]:
-    ctx = browser.new_context(accept_downloads=True, **context_args)
+    ctx = browser.new_context(accept_downloads=True, permissions=["clipboard-read", "clipboard-write"], **context_args)
     ctx.set_default_timeout(15_000)
     page = ctx.new_page()
     errors.watch(page)
@@ -469,6 +469,8 @@ def test_attach_file_and_ask(page: Page, screenshots: Path):
     expect(msg_chip).to_contain_text("secret.txt")
     # SmolLM2-135M at temperature 0 copies a code it was just given.
     assert "4172" in reply
+    last_reply(page).get_by_role("button", name="Copy reply").click()
+    assert "4172" in page.evaluate("() => navigator.clipboard.readText()")
     page.screenshot(path=screenshots / "chat-light.png")
     msg_chip.locator(".chip-open").click()
     expect(page.locator("#doc-text")).to_have_text(doc)
@@ -538,6 +540,9 @@ def test_html_in_messages_renders_as_text(page: Page):
     )
     assert result["dangerous"] == 0, result["html"]
     assert XSS_IMG in result["text"] and XSS_SCRIPT in result["text"]
+    # The code block's copy button copies the code as text.
+    page.locator("#thread > .md .code-copy").click()
+    assert page.evaluate("() => navigator.clipboard.readText()") == XSS_IMG
     assert page.evaluate("() => window.__xss") is None
 
 
@@ -670,7 +675,7 @@ def test_memory_inspector_highlights_retrieved_spans(page: Page, screenshots: Pa
 
 
 @pytest.mark.slow
-def test_memory_inspector_on_long_document(page: Page):
+def test_memory_inspector_on_long_document(page: Page, screenshots: Path):
     """For real: a document longer than n_init + n_local, prefill progress, then the retrieved passages."""
     configure(page, max_new_tokens=12)
     page.locator("#file-input").set_input_files(
@@ -687,6 +692,8 @@ def test_memory_inspector_on_long_document(page: Page):
     expect(page.locator("#inspector-dialog")).to_be_visible()
     assert page.locator("#passage-list .passage").count() > 0
     assert page.locator("#doc-view mark.heat").count() > 0, "no retrieved span was located in the document"
+    page.locator("#passage-list .passage:not([disabled])").first.click()
+    page.screenshot(path=screenshots / "inspector-real-light.png")
     page.keyboard.press("Escape")
 
 

@@ -998,7 +998,7 @@ function openInspector(conv, msg) {
   $("inspector-sub").textContent = [
     Number.isFinite(r.layers) ? `${fmtInt(r.layers)} layers` : null,
     Number.isFinite(r.steps) ? `${fmtInt(r.steps)} decode steps` : null,
-    `${fmtInt(data.spans.length)} retrieved passages`,
+    `${fmtInt(data.spans.length)} retrieved passage${data.spans.length === 1 ? "" : "s"}`,
     data.spans.length ? `${fmtInt(locatedCount)} located in the text` : null,
   ]
     .filter(Boolean)
