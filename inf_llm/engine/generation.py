@@ -1,0 +1,399 @@
+"""Generation for ONE sequence at a time: prompt preparation, chunked prefill with prompt reuse, decoding
+through `model.generate`, stop strings, cancellation, timings and retrieval introspection.
+
+Owns: the memory state (`InfLLMCache`) of the single sequence being served and the exact token ids it has
+processed, so that the next request reuses it when its prompt extends them (a multi-turn chat).
+Must not know: threads and queues (worker.py), HTTP (inf_llm/server).
+
+`Generator.run` is called from one thread only (the worker). It emits events through a callback: zero or
+more Progress, zero or more TextDelta, and returns the final Done (it raises GenerationCancelled only
+internally). Tensors: prompt ids are (1, T) int64 on the model's input device.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+from transformers import StoppingCriteria, StoppingCriteriaList, TextStreamer
+
+from inf_llm.adapter import InfLLMCache, cache_kwargs
+from inf_llm.config import GenerationConfig, InfLLMConfig, MemoryType, Truncation
+from inf_llm.engine.events import (
+    Done,
+    Event,
+    PreparedPrompt,
+    Progress,
+    Retrieval,
+    RetrievalSpan,
+    SamplingParams,
+    TextDelta,
+    Timings,
+    Truncated,
+    Usage,
+)
+from inf_llm.engine.templates import Message, render_chat
+from inf_llm.errors import GenerationCancelled, PromptTooLongError, RequestError
+
+log = logging.getLogger(__name__)
+
+# truncation: suffix keeps this many leading tokens at most (system prompt, instruction, document start).
+TRUNCATION_HEAD = 128
+# Temperatures below this decode greedily: dividing logits by ~0 overflows to inf and sampling fails.
+MIN_TEMPERATURE = 1e-3
+# Memory blocks reported to the UI per answer (the most retrieved ones).
+RETRIEVAL_SPANS = 8
+# Tokens decoded at each step to look for a stop string, on top of the longest stop string's length in
+# characters (every non-special token is at least one byte of text, partial UTF-8 sequences aside).
+STOP_WINDOW_SLACK = 8
+
+
+def sampling_params(defaults: GenerationConfig, **overrides) -> SamplingParams:
+    """The config's generation defaults with the request's non-None overrides applied."""
+    values = {
+        "temperature": defaults.temperature,
+        "top_p": defaults.top_p,
+        "top_k": defaults.top_k,
+        "repetition_penalty": defaults.repetition_penalty,
+        "max_new_tokens": defaults.max_new_tokens,
+        "stop": tuple(defaults.stop),
+        "seed": defaults.seed,
+    }
+    for key, value in overrides.items():
+        if key not in values:
+            raise TypeError(f"unknown sampling parameter {key!r}")
+        if value is not None:
+            values[key] = tuple(value) if key == "stop" else value
+    return SamplingParams(**values)
+
+
+# ------------------------------------------------------------------------------------- prompt building
+def truncate_ids(ids: list[int], max_len: int, truncation: Truncation) -> tuple[list[int], Truncated | None]:
+    """Apply `max_len`: keep the first min(TRUNCATION_HEAD, max_len // 2) tokens and the tail (suffix), or
+    raise PromptTooLongError (error)."""
+    if len(ids) <= max_len:
+        return ids, None
+    if truncation is Truncation.ERROR:
+        raise PromptTooLongError(len(ids), max_len)
+    head = min(TRUNCATION_HEAD, max_len // 2)
+    kept = ids[:head] + ids[len(ids) - (max_len - head) :]
+    return kept, Truncated(original_tokens=len(ids), kept_tokens=len(kept))
+
+
+def prepare_chat(tokenizer, cfg: InfLLMConfig, messages: Sequence[Message]) -> PreparedPrompt:
+    """Chat template + tokenization + max_len. Raises RequestError / PromptTooLongError."""
+    rendered = render_chat(tokenizer, messages, cfg.conv_type)
+    # The template already wrote BOS and the role markers: add no special tokens again.
+    ids = tokenizer(rendered.text, add_special_tokens=False)["input_ids"]
+    return _finish(ids, cfg, rendered.stop)
+
+
+def prepare_text(tokenizer, cfg: InfLLMConfig, prompt: str) -> PreparedPrompt:
+    """A raw prompt (no chat template), tokenized as the tokenizer does by default (BOS if it adds one)."""
+    ids = tokenizer(prompt)["input_ids"]
+    if not ids:
+        if tokenizer.bos_token_id is None:
+            raise RequestError("the prompt is empty")
+        ids = [tokenizer.bos_token_id]
+    return _finish(ids, cfg, ())
+
+
+def _finish(ids: list[int], cfg: InfLLMConfig, extra_stop: tuple[str, ...]) -> PreparedPrompt:
+    ids, truncated = truncate_ids(list(ids), cfg.max_len, cfg.truncation)
+    if not ids:
+        raise RequestError("the prompt is empty")
+    return PreparedPrompt(ids=tuple(ids), truncated=truncated, extra_stop=extra_stop)
+
+
+# ------------------------------------------------------------------------------------------ stop strings
+class StopFilter:
+    """Holds back streamed text that could be the start of a stop string; cuts at the first stop string."""
+
+    def __init__(self, stops: Sequence[str]):
+        self.stops = [s for s in stops if s]
+        self.pending = ""
+        self.stopped = False
+
+    def feed(self, text: str) -> str:
+        """Text that is safe to emit now."""
+        if self.stopped:
+            return ""
+        self.pending += text
+        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            out, self.pending, self.stopped = self.pending[: min(hits)], "", True
+            return out
+        keep = self._partial_suffix()
+        cut = len(self.pending) - keep
+        out, self.pending = self.pending[:cut], self.pending[cut:]
+        return out
+
+    def flush(self) -> str:
+        out, self.pending = ("" if self.stopped else self.pending), ""
+        return out
+
+    def _partial_suffix(self) -> int:
+        """Length of the longest suffix of `pending` that is a proper prefix of a stop string."""
+        best = 0
+        for stop in self.stops:
+            for n in range(min(len(stop) - 1, len(self.pending)), best, -1):
+                if self.pending.endswith(stop[:n]):
+                    best = n
+                    break
+        return best
+
+
+class _StopOnEventOrString(StoppingCriteria):
+    """Ends generate() after the current step when the job is cancelled or a stop string appeared in the
+    generated text (checked on a short decoded tail: one small host sync of a few ids per step)."""
+
+    def __init__(self, cancel: threading.Event, stops: Sequence[str], tokenizer, prompt_len: int):
+        self.cancel = cancel
+        self.stops = [s for s in stops if s]
+        self.tokenizer = tokenizer
+        self.prompt_len = prompt_len
+        self.window = max((len(s) for s in self.stops), default=0) + STOP_WINDOW_SLACK
+        self.hit = False
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        stop = self.cancel.is_set()
+        if not stop and self.stops:
+            start = max(self.prompt_len, input_ids.shape[1] - self.window)
+            tail = input_ids[0, start:].tolist()  # host sync: a few ids, once per step
+            text = self.tokenizer.decode(tail, skip_special_tokens=True)
+            self.hit = stop = any(s in text for s in self.stops)
+        return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
+
+
+class _AnswerStreamer(TextStreamer):
+    """transformers' incremental detokenizer (skip_prompt, skip_special_tokens) that also records the
+    generated ids and their arrival times, and hands finished text to `on_text` in the worker thread."""
+
+    def __init__(self, tokenizer, on_text: Callable[[str], None]):
+        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        self.on_text = on_text
+        self.token_ids: list[int] = []
+        self.first_at: float | None = None
+        self.last_at: float | None = None
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.next_tokens_are_prompt:
+            now = time.perf_counter()
+            self.first_at = self.first_at or now
+            self.last_at = now
+            self.token_ids.extend(value.reshape(-1).tolist())  # already on the host: generate() moved it
+        super().put(value)
+
+    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+        if text:
+            self.on_text(text)
+
+
+# ------------------------------------------------------------------------------------------- generator
+class Generator:
+    """The model, its tokenizer, and the memory state of the one sequence it serves. Not thread-safe:
+    exactly one thread calls `run`."""
+
+    def __init__(self, cfg: InfLLMConfig, model, tokenizer):
+        self.cfg = cfg
+        self.model = model
+        self.tokenizer = tokenizer
+        self.device = model.get_input_embeddings().weight.device
+        self.cache: InfLLMCache | None = None
+        self.held: list[int] = []  # token ids the cache has processed, exactly cache.get_seq_length() of them
+        gen_cfg = model.generation_config
+        eos = gen_cfg.eos_token_id if gen_cfg is not None else None
+        eos = eos if eos is not None else tokenizer.eos_token_id
+        self.eos_ids: list[int] = [eos] if isinstance(eos, int) else list(eos or [])
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (self.eos_ids or [0])[0]
+
+    # --- memory state -----------------------------------------------------------------------------
+    def reset(self) -> None:
+        """Forget the held sequence (the next request prefills from scratch)."""
+        self.cache, self.held = None, []
+
+    def _state_for(self, ids: Sequence[int]) -> tuple[InfLLMCache, int]:
+        """The cache to continue from and how many of `ids` it already holds. Reuse needs the held ids to be a
+        prefix of `ids` leaving at least one token to feed (generate() needs logits of the last one)."""
+        n = len(self.held)
+        if self.cache is not None and 0 < n < len(ids) and list(ids[:n]) == self.held:
+            return self.cache, n
+        self.reset()
+        return InfLLMCache(self.model), 0
+
+    def _keep(self, cache: InfLLMCache, ids: Sequence[int]) -> None:
+        """Remember what `cache` holds after a (possibly interrupted) run; discard an inconsistent one."""
+        seen = cache.get_seq_length()
+        if not cache.is_consistent() or seen > len(ids):
+            log.info("discarding the memory state (interrupted mid-forward)")
+            self.reset()
+            return
+        self.cache, self.held = cache, list(ids[:seen])
+
+    # --- one request ------------------------------------------------------------------------------
+    def run(
+        self,
+        prompt: PreparedPrompt,
+        params: SamplingParams,
+        emit: Callable[[Event], None],
+        cancel: threading.Event,
+        submitted_at: float | None = None,
+    ) -> Done:
+        """Prefill (reusing the held state when possible), then generate. Emits Progress and TextDelta
+        events; returns the final Done (finish_reason cancelled when `cancel` was set)."""
+        started = time.perf_counter()
+        submitted_at = submitted_at if submitted_at is not None else started
+        ids = list(prompt.ids)
+        total = len(ids)
+        cache, cached = self._state_for(ids)
+        cache.should_stop = cancel.is_set  # checked before every layer: a cancel lands within one layer
+        stops = tuple(params.stop) + tuple(prompt.extra_stop)
+        text_filter = StopFilter(stops)
+        pieces: list[str] = []
+
+        def on_text(text: str) -> None:
+            out = text_filter.feed(text)
+            if out:
+                pieces.append(out)
+                emit(TextDelta(out))
+
+        streamer = _AnswerStreamer(self.tokenizer, on_text)
+        criteria = _StopOnEventOrString(cancel, stops, self.tokenizer, total)
+        fed_before = total - 1
+        finish = "cancelled"
+        retrieval = None
+        try:
+            with torch.inference_mode():
+                self._prefill(cache, ids, cached, emit)
+                if cancel.is_set():
+                    raise GenerationCancelled("cancelled before decoding")
+                if MemoryType(self.cfg.model.type) is MemoryType.INF_LLM:
+                    cache.reset_retrieval_counts()
+                self._generate(cache, ids, params, streamer, criteria, prompt.extra_stop)
+            tail = text_filter.flush()
+            if tail:
+                pieces.append(tail)
+                emit(TextDelta(tail))
+            finish = self._finish_reason(streamer.token_ids, params, text_filter, criteria, cancel)
+        except GenerationCancelled:
+            finish = "cancelled"
+            streamer.end()  # generate() only flushes its detokenizer when it returns normally
+        finally:
+            cache.should_stop = None
+            self._keep(cache, ids + streamer.token_ids)
+        if finish != "cancelled" and self.cache is cache:
+            retrieval = self._retrieval(cache, ids, cache.get_seq_length() - fed_before)
+        if finish == "cancelled" and not text_filter.stopped:
+            rest = text_filter.flush()  # text held back as a possible stop-string start is still answer text
+            if rest:
+                pieces.append(rest)
+                emit(TextDelta(rest))
+        completion = len(streamer.token_ids)
+        return Done(
+            finish_reason=finish,
+            text="".join(pieces),
+            usage=Usage(prompt_tokens=total, completion_tokens=completion, total_tokens=total + completion,
+                        cached_tokens=cached),
+            timings=_timings(submitted_at, started, streamer, total - cached, completion),
+            truncated=prompt.truncated,
+            retrieval=retrieval,
+        )
+
+    def _prefill(self, cache: InfLLMCache, ids: list[int], start: int, emit: Callable[[Event], None]) -> None:
+        """Feed ids[start : -1] in chunks aligned to multiples of chunk_size (the last prompt token is left
+        for generate(), which needs its logits)."""
+        end = len(ids) - 1
+        chunk = self.cfg.chunk_size
+        report = end - start > chunk  # progress only for prompts that take several forward calls
+        if report:
+            emit(Progress(processed=start, total=len(ids)))
+        a = start
+        kwargs = cache_kwargs(self.model, cache)
+        while a < end:
+            b = min(end, (a // chunk + 1) * chunk)
+            x = torch.tensor([ids[a:b]], dtype=torch.long, device=self.device)  # (1, T)
+            self.model(x, **kwargs, use_cache=True, logits_to_keep=1)
+            a = b
+            if report:
+                emit(Progress(processed=a, total=len(ids)))
+
+    def _generate(self, cache: InfLLMCache, ids: list[int], params: SamplingParams, streamer: _AnswerStreamer,
+                  criteria: _StopOnEventOrString, extra_stop: Sequence[str]) -> None:
+        x = torch.tensor([ids], dtype=torch.long, device=self.device)  # (1, T); generate feeds the unseen tail
+        kwargs: dict = {
+            "max_new_tokens": params.max_new_tokens,
+            "num_beams": 1,
+            "repetition_penalty": params.repetition_penalty,
+            "pad_token_id": self.pad_id,
+            "eos_token_id": self.eos_ids + self._special_stop_ids(extra_stop),
+            "attention_mask": torch.ones_like(x),
+            "streamer": streamer,
+            "stopping_criteria": StoppingCriteriaList([criteria]),
+        }
+        if params.temperature >= MIN_TEMPERATURE:
+            kwargs.update(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k)
+            if params.seed is not None:
+                torch.manual_seed(params.seed)  # sampling draws from torch's RNG; only this thread samples
+        else:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        self.model.generate(x, **cache_kwargs(self.model, cache), **kwargs)
+
+    def _special_stop_ids(self, extra_stop: Sequence[str]) -> list[int]:
+        """Template end-of-turn markers that are single special tokens (skip_special_tokens hides them from
+        the text, so they must stop generation as token ids)."""
+        special = set(self.tokenizer.all_special_ids)
+        out = []
+        for s in extra_stop:
+            piece = self.tokenizer(s, add_special_tokens=False)["input_ids"]
+            if len(piece) == 1 and piece[0] in special and piece[0] not in self.eos_ids:
+                out.append(piece[0])
+        return out
+
+    def _finish_reason(self, generated: list[int], params: SamplingParams, text_filter: StopFilter,
+                       criteria: _StopOnEventOrString, cancel: threading.Event) -> str:
+        if text_filter.stopped or criteria.hit:
+            return "stop"
+        if generated and generated[-1] in self.eos_ids:
+            return "stop"
+        if cancel.is_set():
+            return "cancelled"
+        if len(generated) >= params.max_new_tokens:
+            return "length"
+        return "stop"  # a template end-of-turn token
+
+    def _retrieval(self, cache: InfLLMCache, ids: list[int], steps: int) -> Retrieval | None:
+        """The memory blocks the answer attended to most (counted since reset_retrieval_counts)."""
+        if MemoryType(self.cfg.model.type) is not MemoryType.INF_LLM or steps <= 0:
+            return None
+        summary = cache.retrieval_summary()
+        if not summary:
+            return None
+        layers = len(cache.layers)
+        spans = []
+        for start, end, count in summary[:RETRIEVAL_SPANS]:
+            text = self.tokenizer.decode(self.held[start:end], skip_special_tokens=False)
+            spans.append(RetrievalSpan(token_start=start, token_end=end, text=text,
+                                       score=round(min(1.0, count / (layers * steps)), 4)))
+        return Retrieval(layers=layers, steps=steps, spans=spans)
+
+
+def _timings(submitted: float, started: float, streamer: _AnswerStreamer, prefilled: int, completion: int) -> Timings:
+    def ms(seconds: float) -> float:
+        return round(seconds * 1000.0, 2)
+
+    queue_ms = ms(started - submitted)
+    if streamer.first_at is None:
+        return Timings(None, None, None, None, None, queue_ms)
+    prefill = streamer.first_at - started
+    decode = (streamer.last_at or streamer.first_at) - streamer.first_at
+    return Timings(
+        ttft_ms=ms(streamer.first_at - submitted),
+        prefill_ms=ms(prefill),
+        prefill_tokens_per_s=round(prefilled / prefill, 2) if prefill > 0 else None,
+        decode_ms=ms(decode),
+        decode_tokens_per_s=round((completion - 1) / decode, 2) if completion > 1 and decode > 0 else None,
+        queue_ms=queue_ms,
+    )

@@ -1,0 +1,165 @@
+"""Chat prompts: the tokenizer's own chat template, or a `conv_type` fallback for tokenizers without one.
+
+Owns: turning `[{role, content}]` (roles system / user / assistant) into the prompt text the model was
+trained on, ending where the assistant's answer starts. Knows nothing of HTTP or of the model.
+
+The fallbacks reproduce the prompt formats of the original InfLLM project (benchmark/pred.py `build_chat`)
+extended to several turns.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from jinja2.exceptions import TemplateError
+
+from inf_llm.errors import RequestError
+
+log = logging.getLogger(__name__)
+
+ROLES = ("system", "user", "assistant")
+# The system prompt of the original vicuna_v1.1 template (fastchat), used when none is given.
+VICUNA_SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
+# The original project's Qwen prompt sets this system prompt.
+QWEN_SYSTEM = "You are a helpful assistant."
+
+
+@dataclass(frozen=True)
+class Message:
+    role: str  # system | user | assistant
+    content: str
+
+
+@dataclass(frozen=True)
+class RenderedPrompt:
+    text: str
+    stop: tuple[str, ...] = ()  # end-of-turn markers the model may print as text (fallback templates)
+
+
+def build_messages(prompt: str | None, history: Sequence[Message] = (), system: str | None = None) -> list[Message]:
+    """System prompt (if any) + history + the new user prompt (if any)."""
+    messages: list[Message] = []
+    if system:
+        messages.append(Message("system", system))
+    messages.extend(history)
+    if prompt is not None:
+        messages.append(Message("user", prompt))
+    return messages
+
+
+def render_chat(tokenizer, messages: Sequence[Message], conv_type: str | None = None) -> RenderedPrompt:
+    """The prompt text for `messages`, ending with the start of the assistant's turn.
+
+    Uses the tokenizer's chat template when it has one, else the `conv_type` fallback. Raises
+    RequestError when the conversation cannot be rendered (an unknown role, a template refusing the order
+    of roles, or no template at all).
+    """
+    for m in messages:
+        if m.role not in ROLES:
+            raise RequestError(f"message role {m.role!r} is not one of {', '.join(ROLES)}")
+    if not any(m.role == "user" for m in messages):
+        raise RequestError("the conversation has no user message")
+    if getattr(tokenizer, "chat_template", None):
+        return RenderedPrompt(_apply_template(tokenizer, messages))
+    if conv_type is None:
+        raise RequestError(
+            "the tokenizer has no chat template and the config sets no conv_type; set conv_type "
+            "(mistral-inst, vicuna, qwen, chatml, minicpm, llama-3-inst) or use /v1/completions"
+        )
+    return FALLBACKS[conv_type](_merge_system(messages) if conv_type in _NO_SYSTEM_ROLE else list(messages))
+
+
+def _apply_template(tokenizer, messages: Sequence[Message]) -> str:
+    plain = [{"role": m.role, "content": m.content} for m in messages]
+    try:
+        return tokenizer.apply_chat_template(plain, add_generation_prompt=True, tokenize=False)
+    except TemplateError as exc:
+        # Some templates (older Mistral) refuse a system role or demand strict alternation: retry once with
+        # the system prompt folded into the first user message before giving up.
+        if any(m.role == "system" for m in messages):
+            merged = [{"role": m.role, "content": m.content} for m in _merge_system(messages)]
+            try:
+                return tokenizer.apply_chat_template(merged, add_generation_prompt=True, tokenize=False)
+            except TemplateError:
+                pass
+        raise RequestError(f"the model's chat template rejected the conversation: {exc}") from None
+
+
+def _merge_system(messages: Sequence[Message]) -> list[Message]:
+    """Fold system messages into the first user message (for formats without a system role)."""
+    system = "\n\n".join(m.content for m in messages if m.role == "system" and m.content)
+    rest = [m for m in messages if m.role != "system"]
+    if system:
+        for i, m in enumerate(rest):
+            if m.role == "user":
+                rest[i] = Message("user", f"{system}\n\n{m.content}")
+                break
+    return rest
+
+
+def _turns(messages: Sequence[Message]) -> tuple[str | None, list[Message]]:
+    system = None
+    if messages and messages[0].role == "system":
+        system, messages = messages[0].content, messages[1:]
+    return system, list(messages)
+
+
+def _mistral_inst(messages: Sequence[Message]) -> RenderedPrompt:
+    # <s>[INST] u1 [/INST] a1</s>[INST] u2 [/INST]
+    out = "<s>"
+    for m in messages:
+        out += f"[INST] {m.content} [/INST]" if m.role == "user" else f" {m.content}</s>"
+    return RenderedPrompt(out, ("[INST]",))
+
+
+def _vicuna(messages: Sequence[Message]) -> RenderedPrompt:
+    # fastchat vicuna_v1.1: "SYSTEM USER: u1 ASSISTANT: a1</s>USER: u2 ASSISTANT:"
+    system, turns = _turns(messages)
+    out = (system or VICUNA_SYSTEM) + " "
+    for m in turns:
+        out += f"USER: {m.content} ASSISTANT:" if m.role == "user" else f" {m.content}</s>"
+    return RenderedPrompt(out, ("USER:",))
+
+
+def _chatml(default_system: str | None):
+    def render(messages: Sequence[Message]) -> RenderedPrompt:
+        system, turns = _turns(messages)
+        system = system or default_system
+        out = f"<|im_start|>system\n{system}<|im_end|>\n" if system else ""
+        for m in turns:
+            out += f"<|im_start|>{m.role}\n{m.content}<|im_end|>\n"
+        return RenderedPrompt(out + "<|im_start|>assistant\n", ("<|im_end|>", "<|im_start|>"))
+
+    return render
+
+
+def _minicpm(messages: Sequence[Message]) -> RenderedPrompt:
+    # <用户>u1<AI>a1<用户>u2<AI>
+    out = ""
+    for m in messages:
+        out += f"<用户>{m.content}<AI>" if m.role == "user" else m.content
+    return RenderedPrompt(out, ("<用户>",))
+
+
+def _llama3_inst(messages: Sequence[Message]) -> RenderedPrompt:
+    out = "<|begin_of_text|>"
+    for m in messages:
+        out += f"<|start_header_id|>{m.role}<|end_header_id|>\n\n{m.content}<|eot_id|>"
+    return RenderedPrompt(out + "<|start_header_id|>assistant<|end_header_id|>\n\n", ("<|eot_id|>",))
+
+
+FALLBACKS = {
+    "mistral-inst": _mistral_inst,
+    "vicuna": _vicuna,
+    "qwen": _chatml(QWEN_SYSTEM),
+    "chatml": _chatml(None),
+    "minicpm": _minicpm,
+    "llama-3-inst": _llama3_inst,
+}
+# Formats with no system role: the system prompt goes in front of the first user message.
+_NO_SYSTEM_ROLE = ("mistral-inst", "minicpm")

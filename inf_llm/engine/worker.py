@@ -1,0 +1,338 @@
+"""The generation worker: one thread owns the model and its memory state; requests wait in a bounded FIFO.
+
+Owns: the worker thread, the queue (`server.max_queue` waiting jobs; one more is refused with
+QueueFullError), jobs and their event channels (sync or asyncio), cancellation and shutdown.
+Must not know: HTTP. The server submits jobs and relays their events.
+
+    engine = load_engine(cfg)                         # load + patch + start the worker
+    prompt = engine.prepare_chat(messages)             # any thread; raises RequestError/PromptTooLongError
+    job = engine.submit(prompt, params)                # raises QueueFullError / NotReadyError
+    for event in job.events(): ...                     # or `async for event in job` with submit(loop=...)
+    job.cancel()                                       # takes effect within one decode step / one layer
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from inf_llm.adapter import patch_model
+from inf_llm.config import InfLLMConfig
+from inf_llm.engine.events import Done, Error, Event, PreparedPrompt, SamplingParams, Timings, Usage
+from inf_llm.engine.generation import Generator, prepare_chat, prepare_text, sampling_params
+from inf_llm.engine.templates import Message
+from inf_llm.errors import InfLLMError, NotReadyError, QueueFullError
+
+log = logging.getLogger(__name__)
+
+# How long the worker waits for a job before checking whether it should exit.
+IDLE_POLL_SECONDS = 0.5
+# Seconds a client should wait before retrying after a 429 (one short answer's worth on a CPU).
+RETRY_AFTER_SECONDS = 2
+
+
+class ShuttingDownError(NotReadyError):
+    """The server is stopping: queued and running jobs end with this error."""
+
+    error_type = "server_shutting_down"
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """What /status and /v1/models report about the loaded model."""
+
+    model_name: str
+    device: str
+    dtype: str
+    load_seconds: float
+
+
+class _Channel:
+    """Worker -> consumer events: a plain queue for threads, or an asyncio queue fed thread-safely."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop | None):
+        self.loop = loop
+        self.sync: queue.SimpleQueue | None = queue.SimpleQueue() if loop is None else None
+        self.aqueue: asyncio.Queue | None = asyncio.Queue() if loop is not None else None
+
+    def put(self, event: Event) -> None:
+        if self.sync is not None:
+            self.sync.put(event)
+            return
+        try:
+            self.loop.call_soon_threadsafe(self.aqueue.put_nowait, event)
+        except RuntimeError:  # the event loop is closed: nobody is listening any more
+            pass
+
+
+class Job:
+    """One request in the engine. Events arrive in order; the last is Done or Error."""
+
+    _ids = itertools.count(1)
+
+    def __init__(self, prompt: PreparedPrompt, params: SamplingParams, loop: asyncio.AbstractEventLoop | None,
+                 request_id: str | None = None):
+        self.id = request_id or f"job-{next(self._ids)}"
+        self.prompt = prompt
+        self.params = params
+        self.cancel_event = threading.Event()
+        self.abort_error: InfLLMError | None = None  # set at shutdown: the final event is this error
+        self.submitted_at = time.perf_counter()
+        self.started_at: float | None = None
+        self.final: Done | Error | None = None
+        self._channel = _Channel(loop)
+
+    def cancel(self) -> None:
+        """Stop generating (client gone, stop button). Idempotent; the job still ends with Done(cancelled)."""
+        self.cancel_event.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self.cancel_event.is_set()
+
+    def emit(self, event: Event) -> None:
+        if isinstance(event, (Done, Error)):
+            self.final = event
+        self._channel.put(event)
+
+    def events(self, timeout: float | None = None) -> Iterator[Event]:
+        """Blocking iteration (threads). `timeout` bounds the wait for each event (queue.Empty)."""
+        if self._channel.sync is None:
+            raise RuntimeError("this job was submitted with an event loop: iterate it with `async for`")
+        while True:
+            event = self._channel.sync.get(timeout=timeout)
+            yield event
+            if isinstance(event, (Done, Error)):
+                return
+
+    async def next_event(self) -> Event:
+        if self._channel.aqueue is None:
+            raise RuntimeError("this job was submitted without an event loop: iterate it with events()")
+        return await self._channel.aqueue.get()
+
+    async def __aiter__(self) -> AsyncIterator[Event]:
+        while True:
+            event = await self.next_event()
+            yield event
+            if isinstance(event, (Done, Error)):
+                return
+
+
+class _JobQueue:
+    """Bounded FIFO of waiting jobs. A job cancelled while waiting (its client left) gives its slot back at
+    once: it is dropped, with its final Done(cancelled), the next time the queue is touched."""
+
+    def __init__(self, maxsize: int, on_drop: Callable[[Job], None]):
+        self.maxsize = maxsize
+        self._items: deque[Job] = deque()
+        self._cv = threading.Condition()
+        self._on_drop = on_drop
+
+    def _purge(self) -> None:
+        if any(job.cancelled for job in self._items):
+            for job in [j for j in self._items if j.cancelled]:
+                self._items.remove(job)
+                self._on_drop(job)
+
+    def put_nowait(self, job: Job) -> None:
+        with self._cv:
+            self._purge()
+            if len(self._items) >= self.maxsize:
+                raise queue.Full
+            self._items.append(job)
+            self._cv.notify()
+
+    def get(self, timeout: float) -> Job:
+        with self._cv:
+            if not self._items:
+                self._cv.wait(timeout)
+            if not self._items:
+                raise queue.Empty
+            return self._items.popleft()
+
+    def drain(self) -> list[Job]:
+        with self._cv:
+            items, self._items = list(self._items), deque()
+            return items
+
+    def qsize(self) -> int:
+        return len(self._items)
+
+
+class Engine:
+    """The single generation worker over one patched model."""
+
+    def __init__(self, cfg: InfLLMConfig, model, tokenizer, info: EngineInfo | None = None):
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.generator = Generator(cfg, model, tokenizer)
+        device = self.generator.device
+        self.info = info or EngineInfo(
+            model_name=cfg.server.model_name or cfg.model.path, device=str(device),
+            dtype=str(next(model.parameters()).dtype).removeprefix("torch."), load_seconds=0.0,
+        )
+        self._queue = _JobQueue(cfg.server.max_queue, on_drop=self._drop_cancelled)
+        self._lock = threading.Lock()  # submit vs shutdown
+        self._closing = False
+        self._current: Job | None = None
+        self._thread = threading.Thread(target=self._run, name="inf_llm-worker", daemon=True)
+        self.on_finished: Callable[[Job], None] | None = None  # metrics hook, called in the worker thread
+
+    # --- lifecycle --------------------------------------------------------------------------------
+    def start(self) -> "Engine":
+        self._thread.start()
+        return self
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def shutdown(self, reason: str = "the server is shutting down", wait: float | None = 5.0) -> None:
+        """Refuse new jobs; end the running and queued ones with ShuttingDownError; stop the thread."""
+        with self._lock:
+            first, self._closing = not self._closing, True
+        if first:
+            error = ShuttingDownError(reason)
+            current = self._current
+            if current is not None:
+                current.abort_error = error
+                current.cancel()
+            for job in self._queue.drain():
+                job.emit(Error.of(error))
+        if wait and self._thread.is_alive():
+            self._thread.join(wait)
+
+    # --- requests ---------------------------------------------------------------------------------
+    @property
+    def queued(self) -> int:
+        return self._queue.qsize()
+
+    @property
+    def running(self) -> int:
+        return 1 if self._current is not None else 0
+
+    def prepare_chat(self, messages: Sequence[Message]) -> PreparedPrompt:
+        return prepare_chat(self.tokenizer, self.cfg, messages)
+
+    def prepare_text(self, prompt: str) -> PreparedPrompt:
+        return prepare_text(self.tokenizer, self.cfg, prompt)
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def sampling(self, **overrides) -> SamplingParams:
+        return sampling_params(self.cfg.generation, **overrides)
+
+    def submit(self, prompt: PreparedPrompt, params: SamplingParams, loop: asyncio.AbstractEventLoop | None = None,
+               request_id: str | None = None) -> Job:
+        """Queue a job. Raises QueueFullError when `server.max_queue` jobs already wait, NotReadyError
+        when shutting down."""
+        job = Job(prompt, params, loop, request_id)
+        with self._lock:
+            if self._closing:
+                raise ShuttingDownError("the server is shutting down")
+            try:
+                self._queue.put_nowait(job)
+            except queue.Full:
+                raise QueueFullError(
+                    f"the server is busy: {self._queue.maxsize} requests are already waiting; retry in a "
+                    f"few seconds"
+                ) from None
+        return job
+
+    def generate(self, prompt: PreparedPrompt, params: SamplingParams) -> Done:
+        """Blocking convenience: submit and wait. Raises the job's error as an exception."""
+        job = self.submit(prompt, params)
+        for event in job.events():
+            if isinstance(event, Error):
+                raise InfLLMError(event.message)
+            if isinstance(event, Done):
+                return event
+        raise AssertionError("unreachable: a job always ends with Done or Error")
+
+    # --- the worker thread ------------------------------------------------------------------------
+    def _run(self) -> None:
+        torch.set_grad_enabled(False)
+        while not self._closing:
+            try:
+                job = self._queue.get(timeout=IDLE_POLL_SECONDS)
+            except queue.Empty:
+                continue
+            self._current = job
+            try:
+                self._process(job)
+            finally:
+                self._current = None
+                if self.on_finished is not None:
+                    self.on_finished(job)
+
+    def _process(self, job: Job) -> None:
+        job.started_at = time.perf_counter()
+        if self._closing or job.abort_error is not None:
+            job.emit(Error.of(job.abort_error or ShuttingDownError("the server is shutting down")))
+            return
+        if job.cancelled:
+            job.emit(self._cancelled_before_start(job))
+            return
+        try:
+            done = self.generator.run(job.prompt, job.params, job.emit, job.cancel_event, job.submitted_at)
+        except InfLLMError as exc:
+            log.warning("job %s failed: %s", job.id, exc)
+            self.generator.reset()
+            job.emit(Error.of(exc))
+            return
+        except Exception as exc:  # a bug: report it as a 500, keep the worker alive with a fresh state
+            log.exception("job %s crashed", job.id)
+            self.generator.reset()
+            job.emit(Error.of(exc))
+            return
+        if job.abort_error is not None:
+            job.emit(Error.of(job.abort_error))
+            return
+        u, t = done.usage, done.timings
+        log.info(
+            "job %s: %s, prompt %d tokens (%d cached), %d generated, ttft %s ms, decode %s tok/s",
+            job.id, done.finish_reason, u.prompt_tokens, u.cached_tokens, u.completion_tokens,
+            t.ttft_ms, t.decode_tokens_per_s,
+        )
+        job.emit(done)
+
+    def _drop_cancelled(self, job: Job) -> None:
+        job.started_at = time.perf_counter()
+        job.emit(self._cancelled_before_start(job))
+        if self.on_finished is not None:
+            self.on_finished(job)
+
+    @staticmethod
+    def _cancelled_before_start(job: Job) -> Done:
+        n = job.prompt.tokens
+        return Done(
+            finish_reason="cancelled", text="",
+            usage=Usage(prompt_tokens=n, completion_tokens=0, total_tokens=n, cached_tokens=0),
+            timings=Timings(None, None, None, None, None, round((job.started_at - job.submitted_at) * 1000, 2)),
+            truncated=job.prompt.truncated,
+        )
+
+
+def load_engine(cfg: InfLLMConfig, progress: Callable[[str, float], None] | None = None, start: bool = True) -> Engine:
+    """Load the configured model, patch it with InfLLM attention and start the worker."""
+    from inf_llm.engine.loading import load_model
+
+    loaded = load_model(cfg, progress=progress)
+    model = patch_model(loaded.model, cfg.model)
+    info = EngineInfo(
+        model_name=cfg.server.model_name or str(loaded.source.origin or loaded.source),
+        device=str(loaded.device), dtype=str(loaded.dtype).removeprefix("torch."),
+        load_seconds=round(loaded.load_seconds, 2),
+    )
+    engine = Engine(cfg, model, loaded.tokenizer, info)
+    return engine.start() if start else engine

@@ -1,0 +1,245 @@
+"""Serving logic between the routers (HTTP only) and the engine: build prompts, submit jobs, relay events
+as SSE or JSON in the native (/chat) and OpenAI formats, cancel on client disconnect.
+
+Rules: everything that can fail before generation (loading, validation, prompt too long, queue full)
+raises before the response starts, so it gets its own status code; after a stream started, a failure is
+one error event and then the end of the stream (OpenAI: the error data, then `data: [DONE]`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import asdict
+
+import anyio
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+from sse_starlette import EventSourceResponse, ServerSentEvent
+from starlette.concurrency import run_in_threadpool
+
+from inf_llm.engine.events import Done, Error, PreparedPrompt, Progress, TextDelta
+from inf_llm.engine.templates import Message, build_messages
+from inf_llm.engine.worker import Engine, Job
+from inf_llm.errors import QueueFullError
+from inf_llm.server import errors as http_errors
+from inf_llm.server.errors import error_payload
+from inf_llm.server.protocol import (
+    ChatCompletionRequest,
+    ChatRequest,
+    CompletionRequest,
+)
+from inf_llm.server.state import ServerState
+
+log = logging.getLogger(__name__)
+
+# Seconds an SSE generator gets to send its farewell error event once shutdown is detected.
+SHUTDOWN_GRACE_SECONDS = 3.0
+SSE_SEPARATOR = "\n"
+
+
+def _json(obj) -> str:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+
+
+def request_id(request: Request) -> str:
+    return request.scope.get("state", {}).get("request_id") or uuid.uuid4().hex[:16]
+
+
+class Serving:
+    def __init__(self, state: ServerState):
+        self.state = state
+
+    # --- common -----------------------------------------------------------------------------------
+    async def _submit(self, request: Request, prepare: Callable[[Engine], PreparedPrompt], **sampling) -> Job:
+        engine = self.state.engine_or_raise()
+        prompt = await run_in_threadpool(prepare, engine)  # tokenizing a long document takes a while
+        params = engine.sampling(**sampling)
+        try:
+            job = engine.submit(prompt, params, loop=asyncio.get_running_loop(), request_id=request_id(request))
+        except QueueFullError:
+            if self.state.metrics is not None:
+                self.state.metrics.refused.labels(reason="queue_full").inc()
+            raise
+        log.info("request %s: queued, prompt %d tokens%s", job.id, prompt.tokens,
+                 f" (truncated from {prompt.truncated.original_tokens})" if prompt.truncated else "")
+        return job
+
+    def _sse(self, events: AsyncIterator, job: Job) -> EventSourceResponse:
+        async def on_close(message) -> None:
+            job.cancel()
+
+        return EventSourceResponse(
+            events,
+            ping=self.state.cfg.server.keepalive_seconds,
+            ping_message_factory=lambda: ServerSentEvent(comment="ping", sep=SSE_SEPARATOR),
+            sep=SSE_SEPARATOR,
+            headers={"Cache-Control": "no-cache"},
+            client_close_handler_callable=on_close,
+            shutdown_event=anyio.Event(),
+            shutdown_grace_period=SHUTDOWN_GRACE_SECONDS,
+        )
+
+    @staticmethod
+    async def _collect(request: Request, job: Job) -> tuple[str, Done | Error]:
+        """Wait for a job's end (non-streaming), cancelling it if the client goes away meanwhile."""
+
+        async def watch_disconnect() -> None:
+            while True:
+                message = await request.receive()
+                if message["type"] == "http.disconnect":
+                    job.cancel()
+                    return
+
+        watcher = asyncio.create_task(watch_disconnect())
+        pieces: list[str] = []
+        try:
+            async for event in job:
+                if isinstance(event, TextDelta):
+                    pieces.append(event.text)
+                elif isinstance(event, (Done, Error)):
+                    return "".join(pieces), event
+        finally:
+            watcher.cancel()
+            job.cancel()  # no-op after the end; stops the worker if this request is being torn down
+        raise AssertionError("unreachable: a job always ends with Done or Error")
+
+    def _sampling(self, body) -> dict:
+        return {"temperature": body.temperature, "top_p": body.top_p, "top_k": body.top_k,
+                "repetition_penalty": body.repetition_penalty, "stop": body.stop, "seed": body.seed}
+
+    # --- POST /chat -------------------------------------------------------------------------------
+    async def chat(self, request: Request, body: ChatRequest, stream: bool) -> Response:
+        system = body.system if body.system is not None else self.state.cfg.generation.system_prompt
+        history = [Message(t.role, t.content) for t in body.history]
+        messages = build_messages(body.prompt, history, system)
+        job = await self._submit(request, lambda engine: engine.prepare_chat(messages),
+                                 max_new_tokens=body.max_new_tokens, **self._sampling(body))
+        if body.session_id:
+            log.info("request %s: session %s", job.id, body.session_id)
+        if not stream:
+            text, final = await self._collect(request, job)
+            if isinstance(final, Error):
+                return http_errors.from_event(final)
+            return JSONResponse({"response": text, **final.payload()})
+        return self._sse(self._chat_events(job), job)
+
+    @staticmethod
+    async def _chat_events(job: Job) -> AsyncIterator[ServerSentEvent]:
+        try:
+            async for event in job:
+                if isinstance(event, TextDelta):
+                    yield ServerSentEvent(event="token", data=_json({"text": event.text}))
+                elif isinstance(event, Progress):
+                    yield ServerSentEvent(event="progress", data=_json(asdict(event)))
+                elif isinstance(event, Done):
+                    yield ServerSentEvent(event="done", data=_json(event.payload()))
+                elif isinstance(event, Error):
+                    yield ServerSentEvent(event="error", data=_json(error_payload(event.message, event.type,
+                                                                                  event.status, event.param)))
+        finally:
+            job.cancel()  # the client went away (or the stream ended): stop the worker
+
+    # --- POST /tokenize ---------------------------------------------------------------------------
+    async def tokenize(self, text: str) -> dict:
+        engine = self.state.engine_or_raise()
+        return {"tokens": await run_in_threadpool(engine.count_tokens, text)}
+
+    # --- OpenAI -----------------------------------------------------------------------------------
+    def _openai_messages(self, body: ChatCompletionRequest) -> list[Message]:
+        messages = [Message("system" if m.role == "developer" else m.role, m.text()) for m in body.messages]
+        default = self.state.cfg.generation.system_prompt
+        if default and not any(m.role == "system" for m in messages):
+            messages.insert(0, Message("system", default))
+        return messages
+
+    async def chat_completions(self, request: Request, body: ChatCompletionRequest) -> Response:
+        messages = self._openai_messages(body)
+        job = await self._submit(request, lambda engine: engine.prepare_chat(messages),
+                                 max_new_tokens=body.max_completion_tokens or body.max_tokens, **self._sampling(body))
+        meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": self.state.model_name}
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return self._sse(self._openai_events(job, meta, "chat.completion.chunk", include_usage), job)
+        text, final = await self._collect(request, job)
+        if isinstance(final, Error):
+            return http_errors.from_event(final)
+        return JSONResponse({
+            **meta, "object": "chat.completion", "system_fingerprint": None,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                         "finish_reason": _openai_finish(final)}],
+            "usage": _openai_usage(final), "timings": asdict(final.timings),
+        })
+
+    async def completions(self, request: Request, body: CompletionRequest) -> Response:
+        prompt_text = body.text()
+        job = await self._submit(request, lambda engine: engine.prepare_text(prompt_text),
+                                 max_new_tokens=body.max_tokens, **self._sampling(body))
+        meta = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": self.state.model_name}
+        prefix = prompt_text if body.echo else ""
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return self._sse(self._openai_events(job, meta, "text_completion", include_usage, prefix), job)
+        text, final = await self._collect(request, job)
+        if isinstance(final, Error):
+            return http_errors.from_event(final)
+        return JSONResponse({
+            **meta, "object": "text_completion", "system_fingerprint": None,
+            "choices": [{"index": 0, "text": prefix + text, "logprobs": None, "finish_reason": _openai_finish(final)}],
+            "usage": _openai_usage(final), "timings": asdict(final.timings),
+        })
+
+    @staticmethod
+    async def _openai_events(job: Job, meta: dict, kind: str, include_usage: bool,
+                             prefix: str = "") -> AsyncIterator[ServerSentEvent]:
+        chat = kind == "chat.completion.chunk"
+
+        def chunk(content: str | None, finish: str | None = None, role: bool = False) -> ServerSentEvent:
+            if chat:
+                delta = {"role": "assistant", "content": content or ""} if role else (
+                    {} if content is None else {"content": content})
+                choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            else:
+                choice = {"index": 0, "text": content or "", "logprobs": None, "finish_reason": finish}
+            body = {**meta, "object": kind, "system_fingerprint": None, "choices": [choice]}
+            if include_usage:
+                body["usage"] = None
+            return ServerSentEvent(data=_json(body))
+
+        try:
+            if chat:
+                yield chunk("", role=True)
+            elif prefix:
+                yield chunk(prefix)
+            async for event in job:
+                if isinstance(event, TextDelta):
+                    yield chunk(event.text)
+                elif isinstance(event, Progress):
+                    yield ServerSentEvent(comment=f"prefill {event.processed}/{event.total}")
+                elif isinstance(event, Done):
+                    yield chunk(None, _openai_finish(event))
+                    if include_usage:
+                        usage = {**meta, "object": kind, "system_fingerprint": None, "choices": [],
+                                 "usage": _openai_usage(event), "timings": asdict(event.timings)}
+                        yield ServerSentEvent(data=_json(usage))
+                    yield ServerSentEvent(data="[DONE]")
+                elif isinstance(event, Error):
+                    yield ServerSentEvent(data=_json(error_payload(event.message, event.type, event.status,
+                                                                   event.param)))
+                    yield ServerSentEvent(data="[DONE]")
+        finally:
+            job.cancel()
+
+
+def _openai_finish(done: Done) -> str:
+    return "length" if done.finish_reason == "length" else "stop"
+
+
+def _openai_usage(done: Done) -> dict:
+    u = done.usage
+    return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
+            "total_tokens": u.total_tokens, "prompt_tokens_details": {"cached_tokens": u.cached_tokens}}
