@@ -1,0 +1,795 @@
+"""Triton attention ops: fused GPU versions of `inf_llm.kernels.reference`, same signatures and semantics.
+
+Owns the kernels and their validate-allocate-launch wrappers. Knows nothing of memory blocks, transformers
+or which backend is in use (that is `inf_llm.kernels.get_backend`). The reference module is the spec:
+every op here returns what its namesake there returns, up to floating-point rounding.
+
+Shapes: q (B, Hq, Lq, D); k, v (B, Hkv, Lk, D) with Hq = G * Hkv (query head h reads KV head h // G; K/V are
+never repeated). D is a power of two in [16, 256]. q/k/v dtype float16, bfloat16 or float32 (float32 is
+for tests: its dots run in IEEE fp32). Inputs may be strided views; only the last dimension must be
+contiguous. Outputs are freshly allocated and contiguous: out in q's dtype, lse float32 (natural log of the
+scaled scores), lse -inf and out 0 for a query that sees no key.
+
+GQA packing: for one (batch, KV head) the G query heads are folded into the row (M) axis as row = i * G + g
+(query i, head g of the group), so one tile holds BLOCK_M / G consecutive queries of all G heads and every
+K/V tile loaded is used by the whole group. A decode step (Lq = 1) is one tile of G rows per KV head, and is
+then split along the keys (flash-decoding) so the GPU has enough programs; a small combine kernel merges
+the splits by log-sum-exp.
+
+No op syncs the device with the host: `visible` counts are read on the device (out-of-range counts are
+clamped there, not checked on the host) and every launch decision uses shapes and Python ints only, so the
+decode ops can be captured in a CUDA graph.
+
+On CPU the ops run under the Triton interpreter (`TRITON_INTERPRET=1` set when this module is imported and
+while its kernels launch), which is how CI tests them. The `INTERPRETER` constexpr works around the Triton
+3.6 interpreter's defects (bf16 `tl.dot`, truncating bf16 casts, tensor-bounded `range`, and tl.max & co.
+being compiled-only when triton was imported first), leaving the GPU code unchanged; docs/kernels.md lists
+them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import numbers
+
+import torch
+import triton
+import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
+
+from inf_llm.kernels.reference import NEG_INF, masked_attention, prefix_mask, window_mask
+
+__all__ = [
+    "NEG_INF",
+    "masked_attention",
+    "merge_partials",
+    "prefix_attention",
+    "prefix_mask",
+    "window_key_scores",
+    "window_mask",
+    "windowed_attention",
+]
+
+_LOG2E = 1.4426950408889634  # scores are kept in base 2 inside the kernels: exp2 is the fast hardware op
+_LN2 = tl.constexpr(0.6931471805599453)  # back to natural-log lse at the store
+_MODE_WINDOW = 0  # key j visible to query at pos iff pos - window < j <= pos
+_MODE_PREFIX = 1  # key j visible to query i iff j < visible[i]
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_MIN_HEAD_DIM = 16  # tl.dot needs every tile dimension >= 16
+_MAX_HEAD_DIM = 256  # a (BLOCK_M, D) fp32 accumulator beyond this no longer fits in registers
+_MAX_POSITION = 2**29  # positions, windows and lengths are int32 in the kernels; sums of three stay < 2**31
+_DECODE_MAX_BLOCK_M = 64  # row tiles of the split (decode) path: G * Lq rows rounded up to a power of two
+_SPLIT_MIN_TILES = 4  # each key split must cover >= 4 key tiles to pay for its partial write and the combine
+_MAX_SPLITS = 64  # bounds the (splits, B, Hq, Lq, D) float32 workspace
+_COMBINE_BLOCK_R = 16  # rows per program of the elementwise merge/combine kernels
+_INTERPRETER_SMS = 8  # pretend "SM count" on CPU, so small CPU tests take the same split decisions
+_INTERPRETER_BLOCK = 16  # interpreter tiles: the smallest tl.dot allows, so tiny tests cross tile edges
+
+
+def _tune_configs() -> list[triton.Config]:
+    """H100 search space for the prefill-sized launches (not used by the interpreter): BLOCK_M/BLOCK_N
+    64/128, 4/8 warps, 2/3 stages, limited to five combinations so that a first call compiles five
+    variants, not sixteen (each takes seconds). 64x64/4 warps/3 stages won at Mistral-7B prefill shapes on
+    an H100; 8 warps only pay on 128-row tiles."""
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+        for bm, bn, w, s in ((64, 64, 4, 3), (64, 64, 4, 2), (64, 128, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2))
+    ]
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    """Drop configs that cannot help: 128-row tiles for < 128 rows, tiles over 64x128 at D = 256 (shared
+    memory)."""
+    args = {**named_args, **kwargs}
+    rows = args["tune_rows"]
+    head_dim = args["HEAD_DIM"]
+    kept = [
+        c for c in configs
+        if c.kwargs["BLOCK_M"] <= max(64, rows)
+        and not (head_dim >= 256 and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] > 64 * 128)
+    ]
+    return kept or configs[:1]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# kernels
+
+
+@triton.jit
+def _round_to(x, dtype: tl.constexpr, INTERPRETER: tl.constexpr):
+    """float32 x -> dtype, rounding to nearest even (done on the bits where the interpreter would truncate)."""
+    if INTERPRETER:
+        if dtype == tl.bfloat16:
+            bits = x.to(tl.uint32, bitcast=True)
+            bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
+            x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
+@triton.jit
+def _max(x, axis: tl.constexpr, INTERPRETER: tl.constexpr):
+    """tl.max. In the interpreter tl.max/min/sum/cdiv are compiled-only objects when triton was imported
+    before TRITON_INTERPRET was set (as under pytest, whose conftest imports transformers): there the
+    reduction is spelled with the combine function that the interpreter maps to numpy."""
+    if INTERPRETER:
+        r = tl.reduce(x, axis, tl.standard._elementwise_max)
+    else:
+        r = tl.max(x, axis)
+    return r
+
+
+@triton.jit
+def _min(x, axis: tl.constexpr, INTERPRETER: tl.constexpr):
+    """tl.min (see _max)."""
+    if INTERPRETER:
+        r = tl.reduce(x, axis, tl.standard._elementwise_min)
+    else:
+        r = tl.min(x, axis)
+    return r
+
+
+@triton.jit
+def _sum(x, axis: tl.constexpr, INTERPRETER: tl.constexpr):
+    """tl.sum (see _max)."""
+    if INTERPRETER:
+        r = tl.reduce(x, axis, tl.standard._sum_combine)
+    else:
+        r = tl.sum(x, axis)
+    return r
+
+
+@triton.jit
+def _dot(a, b, acc, DOT_PRECISION: tl.constexpr, INTERPRETER: tl.constexpr):
+    """acc + a @ b with float32 accumulation (operands upcast in the interpreter, see the module docstring)."""
+    if INTERPRETER:
+        res = tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+    else:
+        res = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+    return res
+
+
+@triton.jit
+def _attn_step(
+    acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, lo_r, hi_r, k_len, start_n, qk_scale,
+    MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, INTERPRETER: tl.constexpr,
+):
+    """Online-softmax update with the key tile at start_n.
+
+    MASKED=False is the interior: every key of the tile is visible to every row, so no bounds or
+    visibility masks are computed. MASKED=True applies each row's interval [lo_r, hi_r) (hi_r <= k_len).
+    m_i is the running max in base-2 units, l_i the running sum, acc the unnormalised output.
+    """
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    cols = start_n + offs_n  # (BN,)
+    # 64-bit scalar tile base + loop-invariant 32-bit offsets inside the tile (hoisted by the compiler).
+    start64 = start_n.to(tl.int64)
+    k_ptrs = k_base + start64 * stride_kn + (offs_n[:, None] * stride_kn + offs_d[None, :])  # (BN, D)
+    v_ptrs = v_base + start64 * stride_vn + (offs_n[:, None] * stride_vn + offs_d[None, :])  # (BN, D)
+    if MASKED:
+        k = tl.load(k_ptrs, mask=cols[:, None] < k_len, other=0.0)
+        v = tl.load(v_ptrs, mask=cols[:, None] < k_len, other=0.0)
+    else:
+        k = tl.load(k_ptrs)
+        v = tl.load(v_ptrs)
+    s = _dot(q, tl.trans(k), tl.full([BLOCK_M, BLOCK_N], 0, tl.float32), DOT_PRECISION, INTERPRETER) * qk_scale
+    if MASKED:
+        visible = (cols[None, :] >= lo_r[:, None]) & (cols[None, :] < hi_r[:, None])  # (BM, BN)
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, _max(s, 1, INTERPRETER))
+        # A row with nothing visible so far keeps m = -inf; subtracting 0 instead keeps exp2 at 0, not NaN.
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_new = tl.maximum(m_i, _max(s, 1, INTERPRETER))
+        m_use = m_new
+    alpha = tl.math.exp2(m_i - m_use)  # (BM,)
+    p = tl.math.exp2(s - m_use[:, None])  # (BM, BN)
+    l_i = l_i * alpha + _sum(p, 1, INTERPRETER)
+    acc = _dot(_round_to(p, v.dtype, INTERPRETER), v, acc * alpha[:, None], DOT_PRECISION, INTERPRETER)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _attn_tiles(
+    acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, lo_r, hi_r, k_len,
+    start_a, end_a, start_b, end_b, qk_scale,
+    MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, INTERPRETER: tl.constexpr,
+):
+    """`_attn_step` over the key tiles of [start_a, end_a) then [start_b, end_b) (starts multiples of
+    BLOCK_N). The masked edges on both sides of the interior share one loop (one copy of the loop body
+    less to compile); the unmasked interior passes an empty second range.
+
+    The interpreter (Triton 3.6 with NumPy >= 2.4) cannot use a runtime tensor as a `range` bound, so it
+    walks the same tiles with a while loop; on the GPU the for loop is what gets software-pipelined.
+    """
+    n_a = (tl.maximum(end_a - start_a, 0) + BLOCK_N - 1) // BLOCK_N
+    n_b = (tl.maximum(end_b - start_b, 0) + BLOCK_N - 1) // BLOCK_N
+    if INTERPRETER:
+        t = n_a * 0
+        while t < n_a + n_b:
+            start_n = tl.where(t < n_a, start_a + t * BLOCK_N, start_b + (t - n_a) * BLOCK_N)
+            acc, m_i, l_i = _attn_step(
+                acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, lo_r, hi_r, k_len, start_n, qk_scale,
+                MASKED, HEAD_DIM, BLOCK_M, BLOCK_N, DOT_PRECISION, INTERPRETER,
+            )
+            t += 1
+    elif MASKED:
+        for t in range(0, n_a + n_b):
+            start_n = tl.where(t < n_a, start_a + t * BLOCK_N, start_b + (t - n_a) * BLOCK_N)
+            acc, m_i, l_i = _attn_step(
+                acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, lo_r, hi_r, k_len, start_n, qk_scale,
+                MASKED, HEAD_DIM, BLOCK_M, BLOCK_N, DOT_PRECISION, INTERPRETER,
+            )
+    else:
+        for start_n in range(start_a, end_a, BLOCK_N):
+            acc, m_i, l_i = _attn_step(
+                acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, lo_r, hi_r, k_len, start_n, qk_scale,
+                MASKED, HEAD_DIM, BLOCK_M, BLOCK_N, DOT_PRECISION, INTERPRETER,
+            )
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    Out, Lse, Visible, Q, K, V,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_vis,
+    n_kv_heads, q_len, k_len, q_offset, window, qk_scale, num_splits, out_rows, tune_rows,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, MODE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    INTERPRETER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """One (row tile, batch x KV head, key split): flash attention over the tile's visible key range.
+
+    Grid (cdiv(G * Lq, BLOCK_M), B * Hkv, splits). Out (S, B, Hq, Lq, D) and Lse (S, B, Hq, Lq) are
+    contiguous: the final tensors (S = 1) or the float32 split workspace, out_rows = B * Hq * Lq per split.
+    Key tiles outside every row's interval are never visited: the loop runs over [min lo, max hi) of the
+    tile's rows, unmasked on [max lo, min hi) and masked on the edges.
+    """
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    split = tl.program_id(2)
+    b = pid_bh // n_kv_heads
+    kvh = pid_bh % n_kv_heads
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BM,) packed rows i * G + g
+    row_ok = rows < q_len * GROUP
+    qi = rows // GROUP
+    head = kvh * GROUP + rows % GROUP
+    offs_d = tl.arange(0, HEAD_DIM)
+    b64 = b.to(tl.int64)
+    q_rows = b64 * stride_qb + head.to(tl.int64) * stride_qh + qi.to(tl.int64) * stride_qm  # (BM,)
+    q = tl.load(Q + q_rows[:, None] + offs_d[None, :], mask=row_ok[:, None], other=0.0)  # (BM, D)
+    k_base = K + b64 * stride_kb + kvh.to(tl.int64) * stride_kh
+    v_base = V + b64 * stride_vb + kvh.to(tl.int64) * stride_vh
+
+    # Each row's visible key interval [lo_r, hi_r), clamped to [0, k_len].
+    if MODE == 0:
+        pos = q_offset + qi
+        lo_r = pos - window + 1
+        hi_r = pos + 1
+    else:
+        count = tl.load(Visible + qi.to(tl.int64) * stride_vis, mask=row_ok, other=0)
+        hi_r = tl.minimum(tl.maximum(count, 0), k_len).to(tl.int32)
+        lo_r = tl.full([BLOCK_M], 0, tl.int32)
+    lo_r = tl.minimum(tl.maximum(lo_r, 0), k_len)
+    hi_r = tl.minimum(tl.maximum(hi_r, 0), k_len)
+
+    # Tile-level bounds over valid rows: the loop range and its all-visible interior.
+    lo_min = _min(tl.where(row_ok, lo_r, k_len), 0, INTERPRETER)
+    lo_max = _max(tl.where(row_ok, lo_r, 0), 0, INTERPRETER)
+    hi_min = _min(tl.where(row_ok, hi_r, k_len), 0, INTERPRETER)
+    hi_max = _max(tl.where(row_ok, hi_r, 0), 0, INTERPRETER)
+    kb0 = (lo_min // BLOCK_N) * BLOCK_N
+    kb1 = tl.maximum(hi_max, kb0)
+    il = (lo_max + BLOCK_N - 1) // BLOCK_N * BLOCK_N
+    ih = (hi_min // BLOCK_N) * BLOCK_N
+    no_interior = ih <= il
+    il = tl.where(no_interior, kb0, il)
+    ih = tl.where(no_interior, kb0, ih)
+
+    # This program's share of the key tiles (all of them when num_splits == 1).
+    n_tiles = (kb1 - kb0 + BLOCK_N - 1) // BLOCK_N
+    per_split = (n_tiles + num_splits - 1) // num_splits * BLOCK_N
+    s_lo = kb0 + split * per_split
+    s_hi = tl.minimum(kb1, s_lo + per_split)
+
+    acc = tl.full([BLOCK_M, HEAD_DIM], 0, tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.full([BLOCK_M], 0, tl.float32)
+    acc, m_i, l_i = _attn_tiles(  # interior: no masks
+        acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, lo_r, hi_r, k_len,
+        tl.maximum(il, s_lo), tl.minimum(ih, s_hi), 0, 0, qk_scale,
+        False, HEAD_DIM, BLOCK_M, BLOCK_N, DOT_PRECISION, INTERPRETER,
+    )
+    acc, m_i, l_i = _attn_tiles(  # the edges left and right of it: per-row masks
+        acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, lo_r, hi_r, k_len,
+        tl.maximum(kb0, s_lo), tl.minimum(il, s_hi), tl.maximum(ih, s_lo), tl.minimum(kb1, s_hi), qk_scale,
+        True, HEAD_DIM, BLOCK_M, BLOCK_N, DOT_PRECISION, INTERPRETER,
+    )
+
+    empty = l_i == 0.0  # no visible key (in this split): out 0, lse -inf
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * _LN2)
+    # Contiguous outputs: row (split, b, head, i) -> ((split * B + b) * Hq + head) * Lq + i.
+    l_rows = split.to(tl.int64) * out_rows + (b64 * n_kv_heads * GROUP + head) * q_len + qi  # (BM,)
+    tl.store(
+        Out + l_rows[:, None] * HEAD_DIM + offs_d[None, :],
+        _round_to(out, Out.dtype.element_ty, INTERPRETER),
+        mask=row_ok[:, None],
+    )
+    tl.store(Lse + l_rows, lse, mask=row_ok)
+
+
+_attn_fwd_tuned = triton.autotune(
+    configs=_tune_configs(),
+    key=["tune_rows", "HEAD_DIM", "GROUP", "MODE"],
+    prune_configs_by={"early_config_prune": _prune_configs},
+    cache_results=True,  # keep the choice in Triton's on-disk cache: a restarted server does not re-tune
+)(_attn_fwd_kernel)
+
+
+@triton.jit
+def _combine_splits_kernel(
+    Ws, WsLse, Out, Lse, n_rows, stride_ws, stride_wl,
+    NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr, INTERPRETER: tl.constexpr,
+):
+    """Merge the key splits of the decode path by log-sum-exp. Ws (S, R, D) / WsLse (S, R) float32,
+    Out (R, D) and Lse (R,) contiguous; R = B * Hq * Lq. NUM_SPLITS is a constexpr (at most _MAX_SPLITS
+    variants) so the interpreter can loop over it."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < n_rows
+    rows64 = rows.to(tl.int64)
+    offs_d = tl.arange(0, HEAD_DIM)
+    # Pointers advance by a stride per split: 64-bit pointer arithmetic, no int32 split * stride product.
+    m = tl.full([BLOCK_R], float("-inf"), tl.float32)
+    lse_ptrs = WsLse + rows64
+    for _ in range(NUM_SPLITS):
+        m = tl.maximum(m, tl.load(lse_ptrs, mask=row_ok, other=float("-inf")))
+        lse_ptrs += stride_wl
+    m_use = tl.where(m == float("-inf"), 0.0, m)
+    acc = tl.full([BLOCK_R, HEAD_DIM], 0, tl.float32)
+    den = tl.full([BLOCK_R], 0, tl.float32)
+    lse_ptrs = WsLse + rows64
+    o_ptrs = Ws + rows64[:, None] * HEAD_DIM + offs_d[None, :]
+    for _ in range(NUM_SPLITS):
+        w = tl.exp(tl.load(lse_ptrs, mask=row_ok, other=float("-inf")) - m_use)
+        acc += w[:, None] * tl.load(o_ptrs, mask=row_ok[:, None], other=0.0)
+        den += w
+        lse_ptrs += stride_wl
+        o_ptrs += stride_ws
+    empty = den == 0.0
+    den_safe = tl.where(empty, 1.0, den)
+    out = acc / den_safe[:, None]
+    tl.store(
+        Out + rows64[:, None] * HEAD_DIM + offs_d[None, :],
+        _round_to(out, Out.dtype.element_ty, INTERPRETER),
+        mask=row_ok[:, None],
+    )
+    tl.store(Lse + rows64, tl.where(empty, float("-inf"), m_use + tl.log(den_safe)), mask=row_ok)
+
+
+@triton.jit
+def _merge_kernel(
+    OutA, LseA, OutB, LseB, Out, Lse, n_rows, n_heads, seq_len, head_dim,
+    stride_ab, stride_ah, stride_am,
+    stride_bb, stride_bh, stride_bm,
+    stride_lab, stride_lah, stride_lam,
+    stride_lbb, stride_lbh, stride_lbm,
+    BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, INTERPRETER: tl.constexpr,
+):
+    """Fused `merge_partials` over rows (b, h, l) of strided inputs; Out (R, D) / Lse (R,) contiguous."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < n_rows
+    rows64 = rows.to(tl.int64)
+    b = rows64 // (n_heads * seq_len)
+    h = (rows64 // seq_len) % n_heads
+    pos = rows64 % seq_len
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = row_ok[:, None] & (offs_d[None, :] < head_dim)
+    la = tl.load(LseA + b * stride_lab + h * stride_lah + pos * stride_lam, mask=row_ok, other=float("-inf"))
+    lb = tl.load(LseB + b * stride_lbb + h * stride_lbh + pos * stride_lbm, mask=row_ok, other=float("-inf"))
+    la = la.to(tl.float32)
+    lb = lb.to(tl.float32)
+    m = tl.maximum(la, lb)
+    m_use = tl.where(m == float("-inf"), 0.0, m)  # both partials empty: weights exp(-inf) = 0, out 0
+    wa = tl.exp(la - m_use)
+    wb = tl.exp(lb - m_use)
+    den = wa + wb
+    empty = den == 0.0
+    den_safe = tl.where(empty, 1.0, den)
+    a_rows = b * stride_ab + h * stride_ah + pos * stride_am  # (BR,)
+    b_rows = b * stride_bb + h * stride_bh + pos * stride_bm
+    oa = tl.load(OutA + a_rows[:, None] + offs_d[None, :], mask=mask, other=0.0)  # (BR, BD)
+    ob = tl.load(OutB + b_rows[:, None] + offs_d[None, :], mask=mask, other=0.0)
+    out = (oa.to(tl.float32) * (wa / den_safe)[:, None]) + (ob.to(tl.float32) * (wb / den_safe)[:, None])
+    tl.store(
+        Out + rows64[:, None] * head_dim + offs_d[None, :],
+        _round_to(out, Out.dtype.element_ty, INTERPRETER),
+        mask=mask,
+    )
+    tl.store(Lse + rows64, tl.where(empty, float("-inf"), m_use + tl.log(den_safe)), mask=row_ok)
+
+
+@triton.jit
+def _key_scores_step(
+    Q, Lse, k, cols, b64, kvh, r0, r_hi, q_offset, window, qk_scale, stride_qb, stride_qh, stride_qm,
+    stride_lb, stride_lh, stride_lm, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    INTERPRETER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Mass that the packed query rows [r0, r0 + BLOCK_M) (< r_hi) give to each key of the tile: (BN,)."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    rows = r0 + tl.arange(0, BLOCK_M)
+    row_ok = rows < r_hi
+    qi = rows // GROUP
+    head = (kvh * GROUP + rows % GROUP).to(tl.int64)
+    q_rows = b64 * stride_qb + head * stride_qh + qi.to(tl.int64) * stride_qm
+    q = tl.load(Q + q_rows[:, None] + offs_d[None, :], mask=row_ok[:, None], other=0.0)  # (BM, D)
+    lse = tl.load(Lse + b64 * stride_lb + head * stride_lh + qi.to(tl.int64) * stride_lm, mask=row_ok, other=0.0)
+    lse = lse.to(tl.float32)
+    # A query with a non-finite lse (saw nothing) contributes exp(-inf) = 0, as in the reference.
+    finite = (lse > float("-inf")) & (lse < float("inf"))
+    lse2 = tl.where(finite, lse * 1.4426950408889634, float("inf"))
+    s = _dot(k, tl.trans(q), tl.full([BLOCK_N, BLOCK_M], 0, tl.float32), DOT_PRECISION, INTERPRETER) * qk_scale
+    pos = q_offset + qi
+    visible = (cols[:, None] <= pos[None, :]) & (cols[:, None] > pos[None, :] - window) & row_ok[None, :]
+    p = tl.where(visible, tl.math.exp2(s - lse2[None, :]), 0.0)  # (BN, BM)
+    return _sum(p, 1, INTERPRETER)
+
+
+@triton.jit
+def _window_key_scores_kernel(
+    Q, K, Lse, Out,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_lb, stride_lh, stride_lm,
+    n_kv_heads, q_len, k_len, q_offset, window, qk_scale, tune_rows,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRETER: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Per-key mass sum_{rows} exp(q.k * scale - lse_row) for one key tile of one (batch, KV head).
+
+    Grid (cdiv(Lk, BLOCK_N), B * Hkv): each program owns its keys, loads them once and loops over only the
+    packed query rows whose window can reach the tile, so the sum needs no atomics. Out (B, Hkv, Lk) fp32.
+    """
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // n_kv_heads
+    kvh = pid_bh % n_kv_heads
+    b64 = b.to(tl.int64)
+    n0 = pid_n * BLOCK_N
+    cols = n0 + tl.arange(0, BLOCK_N)
+    col_ok = cols < k_len
+    offs_d = tl.arange(0, HEAD_DIM)
+    k_base = K + b64 * stride_kb + kvh.to(tl.int64) * stride_kh
+    k = tl.load(k_base + cols[:, None].to(tl.int64) * stride_kn + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+
+    # Queries that can see a key of [n0, n_last]: n0 <= pos and pos - window < n_last.
+    n_last = tl.minimum(n0 + BLOCK_N, k_len) - 1
+    i_lo = tl.maximum(n0 - q_offset, 0)
+    i_hi = tl.minimum(n_last + window - q_offset, q_len)
+    r_lo = ((i_lo * GROUP) // BLOCK_M) * BLOCK_M
+    r_hi = i_hi * GROUP
+    acc = tl.full([BLOCK_N], 0, tl.float32)
+    if INTERPRETER:  # see _attn_tiles: no tensor-bounded range in the interpreter
+        r0 = r_lo
+        while r0 < r_hi:
+            acc += _key_scores_step(
+                Q, Lse, k, cols, b64, kvh, r0, r_hi, q_offset, window, qk_scale, stride_qb, stride_qh, stride_qm,
+                stride_lb, stride_lh, stride_lm, GROUP, HEAD_DIM, DOT_PRECISION, INTERPRETER, BLOCK_M, BLOCK_N,
+            )
+            r0 += BLOCK_M
+    else:
+        for r0 in range(r_lo, r_hi, BLOCK_M):
+            acc += _key_scores_step(
+                Q, Lse, k, cols, b64, kvh, r0, r_hi, q_offset, window, qk_scale, stride_qb, stride_qh, stride_qm,
+                stride_lb, stride_lh, stride_lm, GROUP, HEAD_DIM, DOT_PRECISION, INTERPRETER, BLOCK_M, BLOCK_N,
+            )
+    out_base = Out + (b64 * n_kv_heads + kvh) * k_len
+    tl.store(out_base + cols, acc, mask=col_ok)
+
+
+_window_key_scores_tuned = triton.autotune(
+    configs=_tune_configs(),
+    key=["tune_rows", "HEAD_DIM", "GROUP"],
+    prune_configs_by={"early_config_prune": _prune_configs},
+    cache_results=True,
+)(_window_key_scores_kernel)
+
+# True when triton was imported with TRITON_INTERPRET=1: kernels then run on CPU tensors (tests), with small
+# fixed tiles and no autotuning. Fixed at import, like the kernel objects themselves.
+_INTERPRETED = isinstance(_attn_fwd_kernel, InterpretedFunction)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# validation and launch helpers
+
+
+def _check_device(device: torch.device) -> None:
+    if device.type == "cpu" and not _INTERPRETED:
+        raise ValueError(
+            "triton_attn ops need CUDA tensors; CPU tensors run only under the Triton interpreter "
+            "(TRITON_INTERPRET=1 set before triton is imported). Use inf_llm.kernels.reference on CPU."
+        )
+    if device.type not in ("cuda", "cpu"):
+        raise ValueError(f"triton_attn ops support CUDA tensors, got a tensor on {device}")
+
+
+def _check_tensor(name: str, t, ndim: int) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
+
+
+def _check_qk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None) -> None:
+    """Shapes, dtypes, devices and strides shared by the attention ops (v None for window_key_scores)."""
+    named = [("q", q), ("k", k)] + ([("v", v)] if v is not None else [])
+    for name, t in named:
+        _check_tensor(name, t, 4)
+    if q.dtype not in _DTYPES:
+        raise ValueError(f"q must be float16, bfloat16 or float32, got {q.dtype}")
+    for name, t in named[1:]:
+        if t.dtype != q.dtype:
+            raise ValueError(f"{name} dtype {t.dtype} differs from q dtype {q.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
+    _check_device(q.device)
+    b, hq, _, d = q.shape
+    if v is not None and v.shape != k.shape:
+        raise ValueError(f"k and v shapes differ: {tuple(k.shape)} vs {tuple(v.shape)}")
+    if k.shape[0] != b or k.shape[3] != d:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} disagree on batch size or head dim")
+    hkv = k.shape[1]
+    if hkv == 0 or hq % hkv != 0:
+        raise ValueError(f"query heads ({hq}) must be a multiple of KV heads ({hkv})")
+    if d < _MIN_HEAD_DIM or d > _MAX_HEAD_DIM or d & (d - 1):
+        raise ValueError(
+            f"head dim {d} is not supported: need a power of two in [{_MIN_HEAD_DIM}, {_MAX_HEAD_DIM}]"
+        )
+    for name, t in named:
+        if t.numel() and t.stride(-1) != 1:
+            raise ValueError(f"{name} must be contiguous in its last dimension (stride {t.stride(-1)}); "
+                             f"call .contiguous() first")
+
+
+def _check_scale(scale) -> float:
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite number, got {scale!r}")
+    return float(scale)
+
+
+def _check_window(q_offset, window, lq: int) -> tuple[int, int]:
+    """Validate q_offset/window and return (q_offset, window) as int32-safe ints with the same mask.
+
+    A window of None (causal, unbounded) or larger than every query position becomes max(pos) + 1; a window
+    <= 0 hides every key, as in the reference.
+    """
+    if isinstance(q_offset, bool) or not isinstance(q_offset, numbers.Integral):
+        raise ValueError(f"q_offset must be an int, got {q_offset!r}")
+    if abs(int(q_offset)) > _MAX_POSITION:
+        raise ValueError(f"q_offset {q_offset} out of range (|q_offset| <= {_MAX_POSITION})")
+    if window is not None and (isinstance(window, bool) or not isinstance(window, numbers.Integral)):
+        raise ValueError(f"window must be an int or None, got {window!r}")
+    q_offset = int(q_offset)
+    reach = max(q_offset + lq, 0) + 1  # a window this long sees every key j >= 0 up to the last query
+    win = reach if window is None else max(min(int(window), reach), 0)
+    return q_offset, win
+
+
+def _device_guard(device: torch.device):
+    """Triton launches on the current CUDA device: switch to the tensors' device when it is another one."""
+    if device.type == "cuda" and device.index != torch.cuda.current_device():
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device.index).multi_processor_count  # cached by torch, no sync
+    return _INTERPRETER_SMS
+
+
+def _dot_precision(dtype: torch.dtype) -> str | None:
+    """IEEE fp32 dots for float32 inputs (the test dtype; tf32 would cost ~1e-3); the default for 16-bit."""
+    return "ieee" if dtype == torch.float32 else None
+
+
+def _split_plan(device: torch.device, n_rows: int, n_bh: int, key_span: int, head_dim: int):
+    """(BLOCK_M, BLOCK_N, splits) for the untuned small-row launch, or None to use the autotuned kernel.
+
+    Few rows (decode, short chunks) give fewer programs than SMs: split the keys until about SMs / 2
+    programs run (on an H100 a 4096-key decode took 14 us in 8 splits, 16 in 16, 25 in 32, 44 in 64: more
+    splits cost more than the extra parallelism brings).
+    Decided from shapes only (no device sync), so the result is fixed for a given shape.
+    """
+    if _INTERPRETED:
+        block_m = block_n = _INTERPRETER_BLOCK
+    else:
+        block_m = max(16, min(triton.next_power_of_2(n_rows), _DECODE_MAX_BLOCK_M))
+        block_n = 64 if head_dim >= 128 else 128
+    programs = triton.cdiv(n_rows, block_m) * n_bh
+    sms = _sm_count(device)
+    if not _INTERPRETED and programs * 2 > sms:
+        return None
+    key_tiles = triton.cdiv(max(key_span, 1), block_n)
+    splits = min(triton.cdiv(sms, 2 * programs), triton.cdiv(key_tiles, _SPLIT_MIN_TILES), _MAX_SPLITS)
+    return block_m, block_n, max(splits, 1)
+
+
+def _attention(q, k, v, *, scale, mode, q_offset=0, window=0, visible=None, num_splits=None):
+    """Validated inputs -> (out, lse). `num_splits` forces the split count (tests); None decides by shape."""
+    b, hq, lq, d = q.shape
+    hkv, lk = k.shape[1], k.shape[2]
+    out = torch.empty((b, hq, lq, d), dtype=q.dtype, device=q.device)  # (B, Hq, Lq, D)
+    lse = torch.empty((b, hq, lq), dtype=torch.float32, device=q.device)  # (B, Hq, Lq)
+    if out.numel() == 0:
+        return out, lse
+    if lk == 0:
+        return out.zero_(), lse.fill_(NEG_INF)
+    if lk > _MAX_POSITION:
+        raise ValueError(f"k has {lk} keys, more than {_MAX_POSITION}")
+    group = hq // hkv
+    n_rows = group * lq
+    key_span = min(lk, window + lq) if mode == _MODE_WINDOW else lk
+    plan = _split_plan(q.device, n_rows, b * hkv, key_span, d)
+    if num_splits is not None:
+        block = _INTERPRETER_BLOCK if _INTERPRETED else 64
+        plan = (block, block, num_splits)
+    vis = visible if visible is not None else lse  # placeholder pointer, never read in window mode
+    vis_stride = visible.stride(0) if visible is not None else 0
+    rows = b * hq * lq
+    args = (q, k, v, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], vis_stride,
+            hkv, lq, lk, q_offset, window, scale * _LOG2E)
+    const = dict(GROUP=group, HEAD_DIM=d, MODE=mode, DOT_PRECISION=_dot_precision(q.dtype), INTERPRETER=_INTERPRETED)
+    with _device_guard(q.device):
+        if plan is None:
+            grid = lambda meta: (triton.cdiv(n_rows, meta["BLOCK_M"]), b * hkv, 1)  # noqa: E731
+            _attn_fwd_tuned[grid](
+                out, lse, vis, *args, 1, rows, triton.next_power_of_2(min(n_rows, 8192)), **const
+            )
+            return out, lse
+        block_m, block_n, splits = plan
+        grid = (triton.cdiv(n_rows, block_m), b * hkv, splits)
+        tiles = dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4, num_stages=3)
+        if splits == 1:
+            _attn_fwd_kernel[grid](out, lse, vis, *args, 1, rows, 0, **const, **tiles)
+            return out, lse
+        ws = torch.empty((splits, rows, d), dtype=torch.float32, device=q.device)  # (S, B*Hq*Lq, D)
+        ws_lse = torch.empty((splits, rows), dtype=torch.float32, device=q.device)  # (S, B*Hq*Lq)
+        _attn_fwd_kernel[grid](ws, ws_lse, vis, *args, splits, rows, 0, **const, **tiles)
+        _combine_splits_kernel[(triton.cdiv(rows, _COMBINE_BLOCK_R),)](
+            ws, ws_lse, out, lse, rows, ws.stride(0), ws_lse.stride(0),
+            NUM_SPLITS=splits, HEAD_DIM=d, BLOCK_R=_COMBINE_BLOCK_R, INTERPRETER=_INTERPRETED,
+        )
+    return out, lse
+
+
+# ---------------------------------------------------------------------------------------------------------
+# public ops (signatures of inf_llm.kernels.reference)
+
+
+def windowed_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, q_offset: int, window: int | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal sliding-window attention (the local stage), as `reference.windowed_attention`.
+
+    q (B, Hq, Lq, D), k/v (B, Hkv, Lk, D) on one CUDA device. Query i sits at position q_offset + i and sees
+    key j iff j <= q_offset + i and (window is None or j > q_offset + i - window).
+    Returns out (B, Hq, Lq, D) in q.dtype and lse (B, Hq, Lq) float32.
+    """
+    _check_qk(q, k, v)
+    scale = _check_scale(scale)
+    q_offset, win = _check_window(q_offset, window, q.shape[2])
+    return _attention(q, k, v, scale=scale, mode=_MODE_WINDOW, q_offset=q_offset, window=win)
+
+
+def prefix_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, visible: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention where query i sees keys 0 .. visible[i]-1 (the global stage), as `reference.prefix_attention`.
+
+    visible: (Lq,) integer tensor on q's device, any order; counts < 0 or > Lk are clamped on the device.
+    Returns out (B, Hq, Lq, D) in q.dtype and lse (B, Hq, Lq) float32.
+    """
+    _check_qk(q, k, v)
+    scale = _check_scale(scale)
+    _check_tensor("visible", visible, 1)
+    if visible.shape[0] != q.shape[2]:
+        raise ValueError(f"visible has {visible.shape[0]} counts but q has {q.shape[2]} queries")
+    if visible.dtype.is_floating_point or visible.dtype.is_complex or visible.dtype == torch.bool:
+        raise ValueError(f"visible must be an integer tensor, got {visible.dtype}")
+    if visible.device != q.device:
+        raise ValueError(f"visible is on {visible.device} but q is on {q.device}")
+    return _attention(q, k, v, scale=scale, mode=_MODE_PREFIX, visible=visible)
+
+
+def merge_partials(
+    out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Combine two partials over disjoint key sets into one softmax, as `reference.merge_partials`.
+
+    out_* (B, H, L, D) floating, lse_* (B, H, L) float32, all on one device. Returns (out in out_a.dtype,
+    lse float32), both contiguous. One fused elementwise kernel.
+    """
+    for name, t, nd in (("out_a", out_a, 4), ("lse_a", lse_a, 3), ("out_b", out_b, 4), ("lse_b", lse_b, 3)):
+        _check_tensor(name, t, nd)
+        if not t.dtype.is_floating_point:
+            raise ValueError(f"{name} must be a floating tensor, got {t.dtype}")
+        if t.device != out_a.device:
+            raise ValueError(f"{name} is on {t.device} but out_a is on {out_a.device}")
+        if t.numel() and t.stride(-1) != 1 and nd == 4:
+            raise ValueError(f"{name} must be contiguous in its last dimension; call .contiguous() first")
+    if out_a.dtype not in _DTYPES:
+        raise ValueError(f"out_a must be float16, bfloat16 or float32, got {out_a.dtype}")
+    _check_device(out_a.device)
+    if out_b.shape != out_a.shape:
+        raise ValueError(f"out_a {tuple(out_a.shape)} and out_b {tuple(out_b.shape)} differ in shape")
+    if lse_a.shape != out_a.shape[:3] or lse_b.shape != out_a.shape[:3]:
+        raise ValueError(
+            f"lse_a {tuple(lse_a.shape)} and lse_b {tuple(lse_b.shape)} must be {tuple(out_a.shape[:3])}"
+        )
+    b, h, seq, d = out_a.shape
+    out = torch.empty((b, h, seq, d), dtype=out_a.dtype, device=out_a.device)  # (B, H, L, D)
+    lse = torch.empty((b, h, seq), dtype=torch.float32, device=out_a.device)  # (B, H, L)
+    rows = b * h * seq
+    if rows == 0:
+        return out, lse
+    if d == 0:
+        return out, torch.logaddexp(lse_a.float(), lse_b.float())
+    with _device_guard(out_a.device):
+        _merge_kernel[(triton.cdiv(rows, _COMBINE_BLOCK_R),)](
+            out_a, lse_a, out_b, lse_b, out, lse, rows, h, seq, d,
+            *out_a.stride()[:3], *out_b.stride()[:3], *lse_a.stride(), *lse_b.stride(),
+            BLOCK_D=triton.next_power_of_2(d), BLOCK_R=_COMBINE_BLOCK_R, INTERPRETER=_INTERPRETED,
+        )
+    return out, lse
+
+
+def window_key_scores(
+    q: torch.Tensor, k: torch.Tensor, *, scale: float, q_offset: int, window: int | None, lse: torch.Tensor
+) -> torch.Tensor:
+    """Per-key probability mass of the local stage under the FINAL lse, as `reference.window_key_scores`.
+
+    q (B, Hq, Lq, D), k (B, Hkv, Lk, D), lse (B, Hq, Lq) float (float32 expected) on one device. Returns
+    (B, Hkv, Lk) float32: for each key, sum over the visible queries and the group's query heads of
+    exp(q.k * scale - lse). Queries with a non-finite lse contribute 0.
+    """
+    _check_qk(q, k, None)
+    scale = _check_scale(scale)
+    b, hq, lq, d = q.shape
+    hkv, lk = k.shape[1], k.shape[2]
+    q_offset, win = _check_window(q_offset, window, lq)
+    _check_tensor("lse", lse, 3)
+    if lse.shape != (b, hq, lq):
+        raise ValueError(f"lse has shape {tuple(lse.shape)}, expected {(b, hq, lq)}")
+    if not lse.dtype.is_floating_point:
+        raise ValueError(f"lse must be a floating tensor, got {lse.dtype}")
+    if lse.device != q.device:
+        raise ValueError(f"lse is on {lse.device} but q is on {q.device}")
+    if lk > _MAX_POSITION:
+        raise ValueError(f"k has {lk} keys, more than {_MAX_POSITION}")
+    out = torch.zeros((b, hkv, lk), dtype=torch.float32, device=q.device)  # (B, Hkv, Lk)
+    if out.numel() == 0 or lq == 0:
+        return out
+    group = hq // hkv
+    args = (
+        q, k, lse, out, *q.stride()[:3], *k.stride()[:3], *lse.stride(),
+        hkv, lq, lk, q_offset, win, scale * _LOG2E,
+    )
+    const = dict(GROUP=group, HEAD_DIM=d, DOT_PRECISION=_dot_precision(q.dtype), INTERPRETER=_INTERPRETED)
+    with _device_guard(q.device):
+        if _INTERPRETED:
+            grid = (triton.cdiv(lk, _INTERPRETER_BLOCK), b * hkv)
+            _window_key_scores_kernel[grid](
+                *args, 0, BLOCK_M=_INTERPRETER_BLOCK, BLOCK_N=_INTERPRETER_BLOCK, **const
+            )
+        else:
+            grid = lambda meta: (triton.cdiv(lk, meta["BLOCK_N"]), b * hkv)  # noqa: E731
+            _window_key_scores_tuned[grid](*args, triton.next_power_of_2(min(group * lq, 8192)), **const)
+    return out

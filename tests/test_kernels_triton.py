@@ -1,0 +1,409 @@
+"""Triton attention ops (`inf_llm.kernels.triton_attn`) against the torch reference, which is the spec.
+
+Without a GPU the kernels run on CPU tensors under the Triton interpreter. `TRITON_INTERPRET=1` must be in
+the environment when the kernels are defined (import of triton_attn) and when they first launch, so this
+module sets it only around its own import and, through an autouse module fixture, while its tests run;
+nothing leaks into other test modules. Triton's own objects keep what they built, which is harmless: no
+other test module uses triton. CPU sizes are tiny (the interpreter runs each program in numpy); the
+Mistral-sized variants are marked `gpu` and run only where a GPU is present (`pytest -m gpu`).
+
+Accuracy rule (STYLE.md): against the float32 reference, a kernel's error must be at most about twice the
+torch reference's own error at the same precision (plus a small floor for when that error is ~0).
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+
+import pytest
+import torch
+
+from inf_llm.kernels import reference
+
+_ACCEL = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
+DEVICE = _ACCEL if _ACCEL is not None else torch.device("cpu")
+INTERPRET = DEVICE.type == "cpu"
+_INTERPRET_ENV = "TRITON_INTERPRET"
+
+
+def _import_triton_attn():
+    """Import triton_attn; on CPU with TRITON_INTERPRET=1 set only for the import (kernels are built then)."""
+    if not INTERPRET:
+        return importlib.import_module("inf_llm.kernels.triton_attn")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(_INTERPRET_ENV, "1")
+        module = importlib.import_module("inf_llm.kernels.triton_attn")
+        if not module._INTERPRETED:  # imported earlier in this process without the interpreter
+            module = importlib.reload(module)
+    return module
+
+
+triton_attn = _import_triton_attn()
+
+# Floors under the 2x-reference rule: float32 is checked near 1e-5 absolute; 16-bit outputs against their
+# rounding (ulp(1) is 2**-10 for fp16 and 2**-7 for bf16).
+OUT_FLOOR = {torch.float32: 1e-5, torch.float16: 2e-4, torch.bfloat16: 2e-3}
+LSE_FLOOR = 1e-5  # lse is float32 in every op; the dots are exact products summed in fp32
+SCORES_RTOL = 1e-5  # window_key_scores: both sides compute q.k in fp32 on the same values
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _interpreter_env():
+    """Keep TRITON_INTERPRET=1 while this module's tests launch kernels (triton reads it lazily at launch)."""
+    if not INTERPRET:
+        yield
+        return
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(_INTERPRET_ENV, "1")
+        yield
+
+
+def _rand(*shape, dtype, gen):
+    return torch.randn(*shape, generator=gen).to(dtype=dtype, device=DEVICE)
+
+
+def _qkv(b, hkv, group, lq, lk, d, dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    q = _rand(b, hkv * group, lq, d, dtype=dtype, gen=gen)  # (B, Hq, Lq, D)
+    k = _rand(b, hkv, lk, d, dtype=dtype, gen=gen)  # (B, Hkv, Lk, D)
+    v = _rand(b, hkv, lk, d, dtype=dtype, gen=gen)
+    return q, k, v
+
+
+def _max_err(x: torch.Tensor, gold: torch.Tensor) -> float:
+    if x.numel() == 0:
+        return 0.0
+    return (x.float() - gold.float()).abs().max().item()
+
+
+def _check_attention(got, ref, gold, dtype):
+    """got/ref/gold are (out, lse): got from Triton, ref from the reference at dtype, gold at float32."""
+    (out, lse), (r_out, r_lse), (g_out, g_lse) = got, ref, gold
+    assert out.dtype == dtype and out.shape == g_out.shape
+    assert lse.dtype == torch.float32 and lse.shape == g_lse.shape
+    empty = torch.isneginf(g_lse)  # (B, Hq, Lq): rows with no visible key
+    assert torch.equal(torch.isneginf(lse), empty), "fully masked rows must have lse -inf, the others finite"
+    assert torch.isfinite(lse[~empty]).all()
+    assert (out[empty] == 0).all(), "fully masked rows must have out 0"
+    assert torch.isfinite(out.float()).all()
+    err, r_err = _max_err(out, g_out), _max_err(r_out, g_out)
+    assert err <= 2 * r_err + OUT_FLOOR[dtype], f"out error {err:.3g} vs reference {r_err:.3g}"
+    fin = ~empty
+    l_err, rl_err = _max_err(lse[fin], g_lse[fin]), _max_err(r_lse[fin], g_lse[fin])
+    assert l_err <= 2 * rl_err + LSE_FLOOR, f"lse error {l_err:.3g} vs reference {rl_err:.3g}"
+    return err, l_err
+
+
+def _f32(*ts):
+    return [t.float() for t in ts]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# windowed_attention
+
+# (batch, kv heads, group, Lq, Lk, D, q_offset, window)
+WINDOW_CASES = [
+    pytest.param(1, 1, 1, 1, 1, 64, 0, 1, id="single-key"),
+    pytest.param(1, 2, 3, 7, 50, 64, 43, 16, id="g3-window-inside"),
+    pytest.param(1, 2, 4, 1, 77, 128, 76, None, id="decode-g4-nowindow"),
+    pytest.param(1, 2, 4, 1, 77, 128, 76, 77, id="decode-window-eq-lk"),
+    pytest.param(2, 1, 1, 37, 37, 64, 0, None, id="causal-square-b2"),
+    pytest.param(1, 2, 3, 13, 70, 64, 57, 1, id="window-1"),
+    pytest.param(1, 1, 4, 9, 40, 64, 100, 30, id="queries-past-keys-masked"),
+    pytest.param(1, 1, 1, 21, 33, 128, -10, 8, id="negative-offset-masked"),
+    pytest.param(1, 1, 3, 5, 150, 64, 1000, 2000, id="window-ge-lk-large-offset"),
+    pytest.param(1, 2, 1, 19, 64, 16, 45, 17, id="d16-lk-multiple-of-tile"),
+    pytest.param(1, 1, 2, 6, 20, 32, 14, 0, id="window-0-all-masked"),
+]
+
+
+@pytest.mark.parametrize("b,hkv,group,lq,lk,d,q_offset,window", WINDOW_CASES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_windowed_attention(b, hkv, group, lq, lk, d, q_offset, window, dtype):
+    q, k, v = _qkv(b, hkv, group, lq, lk, d, dtype, seed=lq * 131 + lk)
+    kw = dict(scale=1 / math.sqrt(d), q_offset=q_offset, window=window)
+    got = triton_attn.windowed_attention(q, k, v, **kw)
+    ref = reference.windowed_attention(q, k, v, **kw)
+    gold = reference.windowed_attention(*_f32(q, k, v), **kw)
+    _check_attention(got, ref, gold, dtype)
+
+
+@pytest.mark.parametrize("num_splits", [2, 3, 7])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_windowed_attention_split_keys(num_splits, dtype):
+    """The flash-decoding path: key range split over programs, merged by the combine kernel; 7 splits over
+    5 key tiles leaves some splits empty (their partial must count as nothing)."""
+    q, k, v = _qkv(1, 2, 4, 2, 75, 64, dtype, seed=num_splits)
+    kw = dict(scale=0.125, q_offset=73, window=60)
+    window = triton_attn._check_window(73, 60, 2)[1]
+    got = triton_attn._attention(
+        q, k, v, scale=0.125, mode=triton_attn._MODE_WINDOW, q_offset=73, window=window, num_splits=num_splits
+    )
+    _check_attention(got, reference.windowed_attention(q, k, v, **kw),
+                     reference.windowed_attention(*_f32(q, k, v), **kw), dtype)
+
+
+def test_windowed_attention_strided_inputs():
+    """q/k/v as (B, L, H, D) buffers viewed as (B, H, L, D), as a model's projections give them."""
+    gen = torch.Generator().manual_seed(3)
+    q = _rand(1, 11, 4, 64, dtype=torch.float32, gen=gen).transpose(1, 2)  # (B, Hq, Lq, D) strided
+    k = _rand(1, 29, 2, 64, dtype=torch.float32, gen=gen).transpose(1, 2)
+    v = _rand(1, 29, 2, 64, dtype=torch.float32, gen=gen).transpose(1, 2)
+    kw = dict(scale=0.125, q_offset=18, window=9)
+    got = triton_attn.windowed_attention(q, k, v, **kw)
+    gold = reference.windowed_attention(q.contiguous(), k.contiguous(), v.contiguous(), **kw)
+    _check_attention(got, gold, gold, torch.float32)
+
+
+def test_empty_inputs():
+    q, k, v = _qkv(1, 2, 2, 3, 0, 64, torch.float16)
+    out, lse = triton_attn.windowed_attention(q, k, v, scale=0.1, q_offset=0, window=4)
+    assert (out == 0).all() and torch.isneginf(lse).all()
+    q0 = q[:, :, :0]
+    visible = torch.zeros(0, dtype=torch.long, device=DEVICE)
+    out, lse = triton_attn.prefix_attention(q0, k, v, scale=0.1, visible=visible)
+    assert out.shape == (1, 4, 0, 64) and lse.shape == (1, 4, 0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# prefix_attention
+
+# (batch, kv heads, group, Lq, Lk, D, visible counts or None for random)
+PREFIX_CASES = [
+    pytest.param(1, 2, 3, 7, 50, 64, [0, 50, 3, 17, 100, -2, 33], id="g3-zero-all-over-negative"),
+    pytest.param(1, 2, 4, 1, 90, 128, [90], id="decode-all"),
+    pytest.param(1, 1, 4, 1, 90, 128, [0], id="decode-none"),
+    pytest.param(2, 1, 1, 40, 45, 64, None, id="random-b2"),
+    pytest.param(1, 2, 1, 33, 66, 64, "ramp", id="ramp"),
+    pytest.param(1, 1, 3, 9, 31, 32, [31] * 9, id="all-visible"),
+]
+
+
+def _visible(spec, lq, lk, seed):
+    if spec is None:
+        return torch.randint(0, lk + 1, (lq,), generator=torch.Generator().manual_seed(seed)).to(DEVICE)
+    if spec == "ramp":
+        return torch.arange(lq, device=DEVICE) * lk // lq + 1
+    return torch.tensor(spec, dtype=torch.long, device=DEVICE)
+
+
+@pytest.mark.parametrize("b,hkv,group,lq,lk,d,vis", PREFIX_CASES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_prefix_attention(b, hkv, group, lq, lk, d, vis, dtype):
+    q, k, v = _qkv(b, hkv, group, lq, lk, d, dtype, seed=lq * 7 + lk)
+    visible = _visible(vis, lq, lk, seed=lk)
+    got = triton_attn.prefix_attention(q, k, v, scale=1 / math.sqrt(d), visible=visible)
+    ref = reference.prefix_attention(q, k, v, scale=1 / math.sqrt(d), visible=visible)
+    gold = reference.prefix_attention(*_f32(q, k, v), scale=1 / math.sqrt(d), visible=visible)
+    _check_attention(got, ref, gold, dtype)
+
+
+def test_prefix_attention_int32_visible_and_splits():
+    """int32 counts are accepted; the split path clamps counts the same way."""
+    q, k, v = _qkv(1, 2, 4, 3, 70, 64, torch.float32, seed=5)
+    visible = torch.tensor([70, 0, 41], dtype=torch.int32, device=DEVICE)
+    got = triton_attn._attention(q, k, v, scale=0.125, mode=triton_attn._MODE_PREFIX, visible=visible, num_splits=3)
+    gold = reference.prefix_attention(q, k, v, scale=0.125, visible=visible.long())
+    _check_attention(got, gold, gold, torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# merge_partials
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_merge_partials(dtype):
+    gen = torch.Generator().manual_seed(11)
+    b, h, seq, d = 2, 3, 21, 64
+    out_a, out_b = _rand(b, h, seq, d, dtype=dtype, gen=gen), _rand(b, h, seq, d, dtype=dtype, gen=gen)
+    lse_a = _rand(b, h, seq, dtype=torch.float32, gen=gen) * 4
+    lse_b = _rand(b, h, seq, dtype=torch.float32, gen=gen) * 4
+    lse_a[0, 0, :5] = -math.inf  # a empty
+    lse_b[0, 1, :5] = -math.inf  # b empty
+    lse_a[1, 2, 3:9] = -math.inf  # both empty
+    lse_b[1, 2, 3:9] = -math.inf
+    out_a[1, 2, 3:9] = 0
+    out_b[1, 2, 3:9] = 0
+    got = triton_attn.merge_partials(out_a, lse_a, out_b, lse_b)
+    ref = reference.merge_partials(out_a, lse_a, out_b, lse_b)
+    gold = reference.merge_partials(out_a.float(), lse_a, out_b.float(), lse_b)
+    _check_attention(got, ref, gold, dtype)
+
+
+def test_merge_partials_strided_and_mixed_dtype():
+    """Strided views (B, L, H, D) -> (B, H, L, D), out_b in another dtype, D not a power of two."""
+    gen = torch.Generator().manual_seed(12)
+    out_a = _rand(1, 9, 2, 48, dtype=torch.float16, gen=gen).transpose(1, 2)
+    out_b = _rand(1, 9, 2, 48, dtype=torch.float32, gen=gen).transpose(1, 2)
+    lse_a = _rand(1, 9, 2, dtype=torch.float32, gen=gen).transpose(1, 2)
+    lse_b = _rand(1, 9, 2, dtype=torch.float32, gen=gen).transpose(1, 2)
+    out, lse = triton_attn.merge_partials(out_a, lse_a, out_b, lse_b)
+    r_out, r_lse = reference.merge_partials(out_a, lse_a, out_b, lse_b)
+    g_out, g_lse = reference.merge_partials(out_a.float(), lse_a, out_b, lse_b)
+    _check_attention((out, lse), (r_out, r_lse), (g_out, g_lse), torch.float16)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# window_key_scores
+
+SCORE_CASES = [
+    pytest.param(1, 2, 3, 7, 50, 64, 43, 16, id="g3-window-inside"),
+    pytest.param(1, 2, 4, 1, 77, 128, 76, None, id="decode-g4"),
+    pytest.param(2, 1, 1, 37, 37, 64, 0, None, id="causal-b2"),
+    pytest.param(1, 2, 3, 13, 70, 64, 57, 1, id="window-1"),
+    pytest.param(1, 1, 4, 9, 40, 64, 100, 30, id="queries-past-keys"),
+    pytest.param(1, 1, 1, 21, 33, 128, -10, 8, id="negative-offset"),
+]
+
+
+@pytest.mark.parametrize("b,hkv,group,lq,lk,d,q_offset,window", SCORE_CASES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_window_key_scores(b, hkv, group, lq, lk, d, q_offset, window, dtype):
+    q, k, v = _qkv(b, hkv, group, lq, lk, d, dtype, seed=lq + lk)
+    scale = 1 / math.sqrt(d)
+    # The final lse of a two-stage step: the local window merged with a (made-up) global partial; some rows
+    # get -inf (they saw nothing anywhere) to check they contribute nothing.
+    _, lse = reference.windowed_attention(*_f32(q, k, v), scale=scale, q_offset=q_offset, window=window)
+    gen = torch.Generator().manual_seed(1)
+    lse = torch.logaddexp(lse, _rand(*lse.shape, dtype=torch.float32, gen=gen))
+    lse[..., ::4] = torch.where(torch.isneginf(lse[..., ::4]), lse[..., ::4], -math.inf)
+    got = triton_attn.window_key_scores(q, k, scale=scale, q_offset=q_offset, window=window, lse=lse)
+    gold = reference.window_key_scores(*_f32(q, k), scale=scale, q_offset=q_offset, window=window, lse=lse)
+    ref = reference.window_key_scores(q, k, scale=scale, q_offset=q_offset, window=window, lse=lse)
+    assert got.dtype == torch.float32 and got.shape == (b, hkv, lk)
+    tol = 2 * _max_err(ref, gold) + SCORES_RTOL * max(1.0, gold.abs().max().item())
+    assert _max_err(got, gold) <= tol
+
+
+# ---------------------------------------------------------------------------------------------------------
+# validation: bad input is a ValueError with a message, never an assert or a kernel crash
+
+
+def _good():
+    return _qkv(1, 2, 2, 3, 5, 64, torch.float32)
+
+
+@pytest.mark.parametrize(
+    "mutate,match",
+    [
+        (lambda q, k, v: (q[0], k, v), "dimensions"),
+        (lambda q, k, v: (q, k, v[:, :, :4]), "shapes differ"),
+        (lambda q, k, v: (q, k.half(), v.half()), "dtype"),
+        (lambda q, k, v: (q.double(), k.double(), v.double()), "float16, bfloat16 or float32"),
+        (lambda q, k, v: (q[:, :3], k, v), "multiple of KV heads"),
+        (lambda q, k, v: (q[..., :48], k[..., :48], v[..., :48]), "head dim"),
+        (lambda q, k, v: (q, k[..., :32], v[..., :32]), "disagree"),
+        (lambda q, k, v: (q, k.mT.contiguous().mT, v), "contiguous"),
+        (lambda q, k, v: (q.tolist(), k, v), "torch.Tensor"),
+    ],
+)
+def test_bad_qkv_raises(mutate, match):
+    q, k, v = mutate(*_good())
+    with pytest.raises(ValueError, match=match):
+        triton_attn.windowed_attention(q, k, v, scale=0.1, q_offset=0, window=None)
+
+
+def test_bad_scalars_raise():
+    q, k, v = _good()
+    with pytest.raises(ValueError, match="scale"):
+        triton_attn.windowed_attention(q, k, v, scale=float("nan"), q_offset=0, window=None)
+    with pytest.raises(ValueError, match="q_offset"):
+        triton_attn.windowed_attention(q, k, v, scale=0.1, q_offset=1.5, window=None)
+    with pytest.raises(ValueError, match="window"):
+        triton_attn.windowed_attention(q, k, v, scale=0.1, q_offset=0, window="4")
+    with pytest.raises(ValueError, match="visible"):
+        triton_attn.prefix_attention(q, k, v, scale=0.1, visible=torch.ones(2, dtype=torch.long, device=DEVICE))
+    with pytest.raises(ValueError, match="integer"):
+        triton_attn.prefix_attention(q, k, v, scale=0.1, visible=torch.ones(3, device=DEVICE))
+    lse = torch.zeros(1, 4, 3, device=DEVICE)
+    with pytest.raises(ValueError, match="lse"):
+        triton_attn.window_key_scores(q, k, scale=0.1, q_offset=0, window=None, lse=lse[:, :2])
+    with pytest.raises(ValueError, match="shape"):
+        triton_attn.merge_partials(q, lse, q[:, :2], lse)
+
+
+def test_reexports_match_reference():
+    """Callers may take the mask helpers and the torch-only op from either backend module."""
+    for name in ("window_mask", "prefix_mask", "masked_attention", "NEG_INF"):
+        assert getattr(triton_attn, name) is getattr(reference, name)
+    for name in ("windowed_attention", "prefix_attention", "merge_partials", "window_key_scores"):
+        assert name in triton_attn.__all__
+
+
+# ---------------------------------------------------------------------------------------------------------
+# GPU sizes (Mistral-7B heads: Hq 32, Hkv 8, D 128); also D 64 and other group ratios
+
+needs_gpu = pytest.mark.skipif(INTERPRET, reason="needs a GPU (interpreter is too slow at these sizes)")
+
+BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
+# Every case in bf16 (the served dtype); fp16 and fp32 on the cheaper ones (each new shape/dtype on the GPU
+# costs a compile and, for prefill sizes, an autotuning pass).
+GPU_WINDOW_CASES = [
+    pytest.param(1, 8, 4, 512, 4608, 128, 4096, 4096, BF16, id="prefill-exec-block-bf16"),
+    pytest.param(1, 8, 4, 1, 4096, 128, 4095, 4096, BF16, id="decode-local-bf16"),
+    pytest.param(1, 8, 4, 1, 4096, 128, 4095, 4096, FP16, id="decode-local-fp16"),
+    pytest.param(1, 8, 4, 1, 4096, 128, 4095, 4096, FP32, id="decode-local-fp32"),
+    pytest.param(2, 4, 3, 333, 1500, 64, 1167, 1000, BF16, id="d64-g3-odd-bf16"),
+    pytest.param(2, 4, 3, 333, 1500, 64, 1167, 1000, FP32, id="d64-g3-odd-fp32"),
+    pytest.param(1, 8, 1, 257, 257, 128, 0, None, BF16, id="causal-g1-bf16"),
+    pytest.param(1, 8, 1, 257, 257, 128, 0, None, FP16, id="causal-g1-fp16"),
+    pytest.param(1, 2, 4, 7, 5000, 64, 4990, 4096, BF16, id="short-chunk-split-bf16"),
+]
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("b,hkv,group,lq,lk,d,q_offset,window,dtype", GPU_WINDOW_CASES)
+def test_windowed_attention_gpu(b, hkv, group, lq, lk, d, q_offset, window, dtype):
+    test_windowed_attention(b, hkv, group, lq, lk, d, q_offset, window, dtype)
+
+
+GPU_PREFIX_CASES = [
+    pytest.param(1, 8, 4, 512, 2176 + 300, 128, "global", BF16, id="prefill-global-bf16"),
+    pytest.param(1, 8, 4, 1, 2176, 128, [2176], BF16, id="decode-global-bf16"),
+    pytest.param(1, 8, 4, 1, 2176, 128, [2176], FP32, id="decode-global-fp32"),
+    pytest.param(1, 4, 3, 100, 999, 64, None, BF16, id="d64-g3-random-bf16"),
+    pytest.param(1, 4, 3, 100, 999, 64, None, FP16, id="d64-g3-random-fp16"),
+]
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("b,hkv,group,lq,lk,d,vis,dtype", GPU_PREFIX_CASES)
+def test_prefix_attention_gpu(b, hkv, group, lq, lk, d, vis, dtype):
+    if vis == "global":  # blocks + init all visible, then a growing part of the remainder
+        vis = (2176 + torch.arange(lq) * 300 // lq).tolist()
+    test_prefix_attention(b, hkv, group, lq, lk, d, vis, dtype)
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_window_key_scores_gpu():
+    test_window_key_scores(1, 8, 4, 512, 4608, 128, 4096, 4096, BF16)
+    test_window_key_scores(1, 4, 3, 77, 900, 64, 850, 300, FP32)
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_decode_ops_capture_in_cuda_graph():
+    """The decode ops launch without host syncs, so a CUDA graph can replay them."""
+    q, k, v = _qkv(1, 8, 4, 1, 4096, 128, torch.bfloat16)
+    visible = torch.tensor([2000], device=DEVICE)
+
+    def step():
+        o1, l1 = triton_attn.windowed_attention(q, k, v, scale=0.088, q_offset=4095, window=4096)
+        o2, l2 = triton_attn.prefix_attention(q, k[:, :, :2176], v[:, :, :2176], scale=0.088, visible=visible)
+        return triton_attn.merge_partials(o1, l1, o2, l2)
+
+    expected = step()  # also compiles the kernels outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured[0], expected[0]) and torch.equal(captured[1], expected[1])
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(pytest.main([__file__, "-q", *([] if INTERPRET else ["-m", "gpu"])]))
