@@ -133,7 +133,8 @@ def test_offloaded_block_cache_gives_same_output_and_counts_hits():
     plain = feed(make_memory("inf-llm"), q, k, v, [300])
     for strategy in ["lru", "fifo", "lru-s"]:
         memory = make_memory("inf-llm", offload=True, cache_strategy=strategy, max_cached_block=4)
-        torch.testing.assert_close(feed(memory, q, k, v, [300]), plain)
+        # same keys, maybe another order inside the softmax: equal up to summation order
+        torch.testing.assert_close(feed(memory, q, k, v, [300]), plain, rtol=1e-6, atol=1e-6)
         stats = memory.stats()
         assert stats.cache_hits + stats.cache_misses > 0
         assert len(memory.cache.slot_of) <= 4
