@@ -25,7 +25,7 @@ from types import ModuleType
 import torch
 
 from inf_llm.config import CacheStrategy, MemoryType, ModelConfig
-from inf_llm.errors import MissingDependencyError
+from inf_llm.errors import ConfigError, MissingDependencyError
 from inf_llm.memory.block_cache import BlockCache
 from inf_llm.memory.buffers import BlockStore, TokenBuffer
 from inf_llm.memory.rope import RotaryTable
@@ -100,6 +100,11 @@ class ContextMemory:
         offload: bool | None = None,
         copy_stream: "torch.cuda.Stream | None" = None,
     ):
+        if cfg.offload_dtype is not None:
+            raise ConfigError(
+                f"model.offload_dtype={cfg.offload_dtype!r} is not implemented yet (host blocks are stored in "
+                f"the model dtype); remove the key"
+            )
         self.cfg = cfg
         self.policy = MemoryPolicy.of(cfg)
         self.rope = rope
