@@ -44,11 +44,13 @@ def prefix_mask(visible: torch.Tensor, lk: int) -> torch.Tensor:
 
 
 def masked_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, *, scale: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, *, scale: float,
+    empty_rows: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of q over k/v with a bool mask (Lq, Lk) shared by all heads -> (out, lse).
 
     out (B, Hq, Lq, D) in q.dtype; lse (B, Hq, Lq) float32, -inf for rows with no visible key.
+    empty_rows: optional (Lq,) bool of rows that see no key, when the caller knows it cheaply.
     """
     b, hq, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
@@ -57,7 +59,8 @@ def masked_attention(
     group = hq // hkv
     qf = _fold_groups(q, hkv)  # (B, Hkv, G*Lq, D)
     mask_g = mask.repeat(group, 1)  # (G*Lq, Lk): the same rows for every head of the group
-    empty_rows = ~mask_g.any(dim=-1)  # (G*Lq,)
+    empty_rows = ~mask.any(dim=-1) if empty_rows is None else empty_rows
+    empty_rows = empty_rows.repeat(group)  # (G*Lq,)
     if q.device.type == "cpu" and qf.shape[2] > SMALL_QUERY_ROWS:
         # The CPU flash kernel returns the log-sum-exp; 3x faster than an explicit softmax for prefill.
         bias = torch.zeros(mask_g.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask_g, NEG_INF)
@@ -93,7 +96,10 @@ def windowed_attention(
     j <= q_offset + i and (window is None or j > q_offset + i - window). Returns (out, lse).
     """
     mask = window_mask(q.shape[2], k.shape[2], q_offset, window, q.device)
-    return masked_attention(q, k, v, mask, scale=scale)
+    # query i sees key q_offset + i (itself) whenever it exists and window >= 1
+    lq = q.shape[2]
+    has_self = (torch.arange(lq, device=q.device) + q_offset < k.shape[2]) & (window is None or window >= 1)
+    return masked_attention(q, k, v, mask, scale=scale, empty_rows=~has_self)
 
 
 def prefix_attention(
@@ -104,7 +110,8 @@ def prefix_attention(
 
     visible: (Lq,) int64 on q's device, non-decreasing is not required. Returns (out, lse).
     """
-    return masked_attention(q, k, v, prefix_mask(visible, k.shape[2]), scale=scale)
+    return masked_attention(q, k, v, prefix_mask(visible, k.shape[2]), scale=scale,
+                            empty_rows=visible.clamp(0, k.shape[2]) <= 0)
 
 
 def merge_partials(

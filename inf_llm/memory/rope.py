@@ -19,6 +19,15 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def apply_rotation(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """`x * cos + rotate_half(x) * sin` without materialising rotate_half (same roundings: a + (-b)c = a - bc)."""
+    half = x.shape[-1] // 2
+    out = x * cos
+    out[..., :half] -= x[..., half:] * sin[..., :half]
+    out[..., half:] += x[..., :half] * sin[..., half:]
+    return out
+
+
 class RotaryTable:
     """cos/sin rows for integer positions, optionally with a base override and position scaling.
 
@@ -67,12 +76,12 @@ class RotaryTable:
     def rotate(self, x: torch.Tensor, start: int) -> torch.Tensor:
         """x (..., L, D) rotated to positions start..start+L-1."""
         cos, sin = self.cos_sin(start, start + x.shape[-2], x.dtype)
-        return x * cos + rotate_half(x) * sin
+        return apply_rotation(x, cos, sin)
 
     def rotate_at(self, x: torch.Tensor, position: int) -> torch.Tensor:
         """x (..., L, D) with every row rotated to the same `position` (InfLLM's global-stage query)."""
         cos, sin = self.cos_sin(position, position + 1, x.dtype)
-        return x * cos + rotate_half(x) * sin
+        return apply_rotation(x, cos, sin)
 
     def to(self, device: torch.device) -> "RotaryTable":
         self.inv_freq = self.inv_freq.to(device)
