@@ -96,10 +96,11 @@ def windowed_attention(
     j <= q_offset + i and (window is None or j > q_offset + i - window). Returns (out, lse).
     """
     mask = window_mask(q.shape[2], k.shape[2], q_offset, window, q.device)
-    # query i sees key q_offset + i (itself) whenever it exists and window >= 1
-    lq = q.shape[2]
-    has_self = (torch.arange(lq, device=q.device) + q_offset < k.shape[2]) & (window is None or window >= 1)
-    return masked_attention(q, k, v, mask, scale=scale, empty_rows=~has_self)
+    # query i sees keys lo..hi: empty exactly when lo > hi (cheaper than scanning the mask)
+    pos = torch.arange(q.shape[2], device=q.device) + q_offset
+    lo = torch.zeros_like(pos) if window is None else (pos - window + 1).clamp_min(0)
+    hi = pos.clamp_max(k.shape[2] - 1)
+    return masked_attention(q, k, v, mask, scale=scale, empty_rows=lo > hi)
 
 
 def prefix_attention(
