@@ -206,6 +206,13 @@ def test_seed_makes_sampling_reproducible(engine):
     assert a.text == b.text
 
 
+def test_tiny_temperature_decodes_greedily(engine):
+    """Regression (found by the schemathesis fuzz): temperature 1e-300 overflowed the logits to inf and
+    sampling raised (a 500); below MIN_TEMPERATURE decoding is greedy."""
+    tiny = run(engine, build_messages(QUESTION), temperature=1e-300, max_new_tokens=8)[1]
+    assert tiny.text == greedy(engine, build_messages(QUESTION), max_new_tokens=8).text
+
+
 def test_cancel_during_decode_stops_within_a_step(engine):
     job = engine.submit(engine.prepare_chat(build_messages("Write a long story about a dragon.")),
                         engine.sampling(temperature=0, max_new_tokens=300))

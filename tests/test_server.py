@@ -252,6 +252,16 @@ def test_progress_events_and_keepalive_comments(client):
         assert ("comment", "ping") in events
 
 
+def test_extreme_sampling_values_are_no_server_error(client):
+    """Regression: a seed above 2**32 made transformers.set_seed (numpy) raise, and a temperature of 1e-300
+    overflowed the logits; both were 500s. A penalty below 0.01 is refused (422)."""
+    for extra in ({"temperature": 0.7, "seed": 2**63 - 1}, {"temperature": 1e-300}, {"top_p": 1e-300}):
+        r = client.post("/chat?stream=false", json=chat_body(max_new_tokens=2, **extra))
+        assert r.status_code == 200, (extra, r.text)
+    r = client.post("/chat?stream=false", json=chat_body(max_new_tokens=2, repetition_penalty=1e-300))
+    assert r.status_code == 422 and r.json()["error"]["param"] == "repetition_penalty"
+
+
 def test_tokenize(client):
     r = client.post("/tokenize", json={"text": "hello world"})
     assert r.status_code == 200 and r.json() == {"tokens": 2}

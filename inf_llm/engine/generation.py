@@ -150,8 +150,10 @@ class _StopOnEventOrString(StoppingCriteria):
     """Ends generate() after the current step when the job is cancelled or a stop string appeared in the
     generated text (checked on a short decoded tail: one small host sync of a few ids per step)."""
 
-    def __init__(self, cancel: threading.Event, stops: Sequence[str], tokenizer, prompt_len: int):
+    def __init__(self, cancel: threading.Event, stops: Sequence[str], tokenizer, prompt_len: int,
+                 text_filter: StopFilter | None = None):
         self.cancel = cancel
+        self.text_filter = text_filter  # the streamed text already hit a stop string (a safety net)
         self.stops = [s for s in stops if s]
         self.tokenizer = tokenizer
         self.prompt_len = prompt_len
@@ -159,7 +161,7 @@ class _StopOnEventOrString(StoppingCriteria):
         self.hit = False
 
     def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
-        stop = self.cancel.is_set()
+        stop = self.cancel.is_set() or (self.text_filter is not None and self.text_filter.stopped)
         if not stop and self.stops:
             start = max(self.prompt_len, input_ids.shape[1] - self.window)
             tail = input_ids[0, start:].tolist()  # host sync: a few ids, once per step
@@ -261,7 +263,7 @@ class Generator:
                 emit(TextDelta(out))
 
         streamer = _AnswerStreamer(self.tokenizer, on_text)
-        criteria = _StopOnEventOrString(cancel, stops, self.tokenizer, total)
+        criteria = _StopOnEventOrString(cancel, stops, self.tokenizer, total, text_filter)
         fed_before = total - 1
         finish = "cancelled"
         retrieval = None

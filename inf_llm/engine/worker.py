@@ -254,7 +254,9 @@ class Engine:
         job = self.submit(prompt, params)
         for event in job.events():
             if isinstance(event, Error):
-                raise InfLLMError(event.message)
+                error = InfLLMError(event.message)
+                error.http_status, error.error_type = event.status, event.type
+                raise error
             if isinstance(event, Done):
                 return event
         raise AssertionError("unreachable: a job always ends with Done or Error")
