@@ -328,6 +328,14 @@ def test_disconnect_frees_the_worker(client):
     assert 'inf_llm_requests_finished_total{outcome="cancelled"}' in metrics
 
 
+def test_disconnect_cancels_a_non_streaming_request_too(server, client):
+    long = chat_body("Write a long story about a dragon.", max_new_tokens=400)
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server.url}/chat?stream=false", json=long, headers=AUTH, timeout=2.0)
+    after = client.post("/chat?stream=false", json=chat_body(max_new_tokens=2)).json()
+    assert after["timings"]["queue_ms"] < 1500, after["timings"]
+
+
 def test_queue_full_is_429_with_retry_after(server, client):
     long = chat_body("Write a long story about a dragon.", max_new_tokens=400)
     streams = []
