@@ -183,3 +183,19 @@ def test_real_retrieval_passkey_smollm2(smollm2):
     assert "41207" not in answer(model, tok, far, "stream-llm")
     near = passkey_ids(tok, 1000, 0.5, 36911)
     assert "36911" in answer(model, tok, near, "origin")
+
+
+def test_cancelled_decode_step_keeps_the_cache_consistent():
+    """Regression: a stop during decoding used to fire between layers and throw the memory away."""
+    model = build_tiny_model("llama", seed=11)
+    ids = torch.randint(3, 300, (1, 40))
+    with torch.no_grad(), patched(model, type="inf-llm", **SMALL):
+        cache = InfLLMCache(model)
+        forward(model, ids, cache)
+        calls = []
+        cache.should_stop = lambda: (calls.append(1), len(calls) > 1)[1]  # would stop before layer 1
+        forward(model, ids[:, :1], cache)  # a decode step: checked before layer 0 only
+        assert cache.is_consistent() and cache.get_seq_length() == 41
+        with pytest.raises(GenerationCancelled):
+            forward(model, ids[:, :1], cache)
+        assert cache.is_consistent() and cache.get_seq_length() == 41

@@ -203,9 +203,10 @@ class InfLLMLayer(CacheLayerMixin):
 class InfLLMCache(Cache):
     """The context memory of one sequence across all layers. Pass as `past_key_values=`.
 
-    `should_stop`: optional callable checked before every layer; when it returns True the forward pass
-    raises `GenerationCancelled` (used to cancel a long prefill). A pass cancelled half-way leaves the
-    layers out of step: `is_consistent()` is then False and the cache must be discarded.
+    `should_stop`: optional callable checked before every layer of a prefill chunk and before the first
+    layer of a decode step; when it returns True the forward pass raises `GenerationCancelled`. A pass
+    cancelled half-way leaves the layers out of step: `is_consistent()` is then False and the cache must be
+    discarded (a decode step is never cancelled half-way).
     """
 
     def __init__(self, model: nn.Module, offload: bool | None = None):
@@ -218,7 +219,11 @@ class InfLLMCache(Cache):
         super().__init__(layers=[InfLLMLayer(self, i) for i in range(state.num_layers)])
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
-        if self.should_stop is not None and self.should_stop():
+        # A prefill chunk is checked before every layer (cancel within one layer's time; the half-done pass
+        # leaves the cache inconsistent). A decode step is checked before layer 0 only: it is short, and
+        # stopping there keeps the memory usable for the next turn.
+        check = layer_idx == 0 or key_states.shape[2] > 1
+        if check and self.should_stop is not None and self.should_stop():
             raise GenerationCancelled("generation cancelled")
         if key_states.shape[0] != 1:
             raise UnsupportedModelError(f"InfLLM memory holds one sequence; got batch size {key_states.shape[0]}")
