@@ -15,8 +15,6 @@ Knows nothing of HTTP or tokenizers.
 from __future__ import annotations
 
 import contextvars
-import hashlib
-import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -331,11 +329,6 @@ def infllm_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
     scale = scaling if scaling is not None else module.scaling
     out = layer.memory.process(query[0], key[0], value[0], scale)  # (Hq, L, D)
     return out.transpose(0, 1).unsqueeze(0), None
-
-
-def config_digest(cfg: ModelConfig) -> str:
-    """Short stable id of a memory config (used in cache file names)."""
-    return hashlib.sha1(json.dumps(cfg.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:12]
 
 
 def cache_kwargs(model: nn.Module, cache: Cache) -> dict:

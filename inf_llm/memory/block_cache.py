@@ -43,8 +43,8 @@ class BlockCache:
         candidates = [b for b in self.slot_of if b not in protected]
         return min(candidates, key=lambda b: (self.priority[b], b))
 
-    def fetch(self, block_ids: list[int], store_k: torch.Tensor, store_v: torch.Tensor) -> torch.Tensor:
-        """Make `block_ids` resident and return their slots (len(block_ids),) int64 on the cache device."""
+    def fetch(self, block_ids: list[int], store_k: torch.Tensor, store_v: torch.Tensor) -> list[int]:
+        """Make `block_ids` resident and return their slot indices (host ints: no device round trip)."""
         if len(set(block_ids)) > self.capacity:
             raise ConfigError(
                 f"a lookup selected {len(set(block_ids))} distinct blocks but max_cached_block is "
@@ -73,7 +73,7 @@ class BlockCache:
             elif self.strategy is CacheStrategy.LRU_S:
                 self.priority[block] = 0.0  # a selected block's score restarts from what it receives now
             slots.append(slot)
-        return torch.tensor(slots, dtype=torch.int64).to(self.k.device, non_blocking=True)
+        return slots
 
     def _load(self, slot: int, block: int, store_k: torch.Tensor, store_v: torch.Tensor) -> None:
         if self.copy_stream is not None:

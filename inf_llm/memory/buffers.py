@@ -140,24 +140,24 @@ class BlockStore:
         self.start_pos: list[int] = []  # absolute position of each block's first token
         self.count = 0
 
-    def _reserve(self) -> None:
-        if self.count < self.k.shape[0]:
+    def _reserve(self, extra: int) -> None:
+        if self.count + extra <= self.k.shape[0]:
             return
-        cap = 2 * self.k.shape[0]
+        cap = max(2 * self.k.shape[0], self.count + extra)
         used = slice(0, self.count)
         self.k = _grown(self.k, 0, cap, used)
         self.v = _grown(self.v, 0, cap, used)
         self.repr = _grown(self.repr, 0, cap, used)
 
-    def add(self, k: torch.Tensor, v: torch.Tensor, representative: torch.Tensor, start_pos: int) -> int:
-        """k, v (Hkv, block_size, D); representative (Hkv * D,). Returns the new block id."""
-        self._reserve()
-        self.k[self.count].copy_(k, non_blocking=True)
-        self.v[self.count].copy_(v, non_blocking=True)
-        self.repr[self.count].copy_(representative)
-        self.start_pos.append(start_pos)
-        self.count += 1
-        return self.count - 1
+    def add_many(self, k: torch.Tensor, v: torch.Tensor, representatives: torch.Tensor, start_pos: list[int]) -> None:
+        """k, v (n, Hkv, block_size, D); representatives (n, Hkv * D); start_pos: first position of each."""
+        n = k.shape[0]
+        self._reserve(n)
+        self.k[self.count : self.count + n].copy_(k, non_blocking=True)
+        self.v[self.count : self.count + n].copy_(v, non_blocking=True)
+        self.repr[self.count : self.count + n].copy_(representatives)
+        self.start_pos.extend(start_pos)
+        self.count += n
 
     def representatives(self) -> torch.Tensor:
         return self.repr[: self.count]  # (N, Hkv * D)
@@ -174,5 +174,4 @@ class BlockStore:
     def load_state(self, state: dict) -> None:
         self.count = 0
         self.start_pos = []
-        for i in range(state["k"].shape[0]):
-            self.add(state["k"][i], state["v"][i], state["repr"][i].to(self.repr.device), state["start_pos"][i])
+        self.add_many(state["k"], state["v"], state["repr"].to(self.repr.device), list(state["start_pos"]))

@@ -304,7 +304,7 @@ class ContextMemory:
         if self.cache is not None:
             slots = self.cache.fetch(flat, self.store.k, self.store.v)
             self.cache.wait_for_copies()
-            slot_of = dict(zip(flat, slots.tolist()))  # host sync: slot ids are cache bookkeeping
+            slot_of = dict(zip(flat, slots))
             source_k, source_v = self.cache.k, self.cache.v
         else:
             slot_of = {i: i for i in flat}
@@ -456,20 +456,23 @@ class ContextMemory:
             if behind > 0 and self.init_len == self.n_init:
                 self.tail.drop_front(behind)
             return
-        bs = self.cfg.block_size
-        while behind >= bs:
-            first = self.tail.first_pos
-            keys = self.tail.keys(first, first + bs)  # (Hkv, bs, D)
-            scores = self.tail.scores(first, first + bs)  # (Hkv, bs)
-            best = scores.topk(self.cfg.repr_topk, dim=-1).indices  # (Hkv, repr_topk)
-            chosen = keys.gather(1, best.unsqueeze(-1).expand(-1, -1, self.d))  # (Hkv, repr_topk, D)
-            representative = chosen.float().mean(dim=1).to(self.dtype).reshape(-1)  # (Hkv*D,)
-            block_id = self.store.add(keys, self.tail.values(first, first + bs), representative, first)
-            if self._faiss_index is not None:
+        bs, n = self.cfg.block_size, behind // self.cfg.block_size
+        if n == 0:
+            return
+        # all blocks completed by this execution block at once: one top-k, one copy to the store
+        first = self.tail.first_pos
+        keys = self.tail.keys(first, first + n * bs).unflatten(1, (n, bs))  # (Hkv, n, bs, D)
+        values = self.tail.values(first, first + n * bs).unflatten(1, (n, bs))
+        scores = self.tail.scores(first, first + n * bs).unflatten(1, (n, bs))  # (Hkv, n, bs)
+        best = scores.topk(self.cfg.repr_topk, dim=-1).indices  # (Hkv, n, repr_topk)
+        chosen = keys.gather(2, best.unsqueeze(-1).expand(-1, -1, -1, self.d))  # (Hkv, n, repr_topk, D)
+        representatives = chosen.float().mean(dim=2).to(self.dtype).transpose(0, 1).reshape(n, -1)  # (n, Hkv*D)
+        self.store.add_many(keys.transpose(0, 1), values.transpose(0, 1), representatives,
+                            [first + i * bs for i in range(n)])
+        if self._faiss_index is not None:
+            for representative in representatives:
                 self._faiss_add(representative)
-            del block_id
-            self.tail.drop_front(bs)
-            behind -= bs
+        self.tail.drop_front(n * bs)
 
     def _faiss_add(self, representative: torch.Tensor) -> None:
         vec = representative.float().detach().cpu().numpy()  # host sync: faiss lives on the host
