@@ -72,7 +72,6 @@ def test_long_input_chunking_invariance(kind):
         whole = forward(model, ids, InfLLMCache(model))
         by_32 = forward(model, ids, InfLLMCache(model), chunk=32)
         by_128 = forward(model, ids, InfLLMCache(model), chunk=128)
-        origin_diff = None
     torch.testing.assert_close(by_32, whole, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(by_128, whole, rtol=1e-4, atol=1e-4)
     with torch.no_grad():

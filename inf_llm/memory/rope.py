@@ -82,9 +82,3 @@ class RotaryTable:
         """x (..., L, D) with every row rotated to the same `position` (InfLLM's global-stage query)."""
         cos, sin = self.cos_sin(position, position + 1, x.dtype)
         return apply_rotation(x, cos, sin)
-
-    def to(self, device: torch.device) -> "RotaryTable":
-        self.inv_freq = self.inv_freq.to(device)
-        self._cos, self._sin = self._cos.to(device), self._sin.to(device)
-        self._cast.clear()
-        return self
