@@ -28,10 +28,11 @@ class GenerationStats:
 
     prompt_tokens: int
     new_tokens: int
-    prefill_tokens: int  # tokens fed by the chunked prefill (all prompt tokens but the last)
+    prefill_tokens: int  # tokens fed by the chunked prefill (prompt tokens but the last, minus reused ones)
     prefill_seconds: float
     decode_seconds: float  # generate(): the last prompt token and every new token
     stop_reason: str  # "stop" (a stop token) or "length" (max_new_tokens reached)
+    reused_tokens: int = 0  # prompt tokens already in the memory passed in (a shared prefix)
 
     @property
     def prefill_tokens_per_second(self) -> float:
@@ -79,6 +80,18 @@ def _as_ids(tokenizer, prompt: str | Sequence[int] | torch.Tensor) -> list[int]:
     return [int(t) for t in prompt]
 
 
+def prefill_chunks(model, cfg: InfLLMConfig, cache: InfLLMCache, input_ids: torch.Tensor, start: int, end: int):
+    """Feed tokens [start, end) of `input_ids` (1, T) into `cache` in chunks that end at multiples of
+    `cfg.chunk_size` (absolute positions), so a prompt fed in pieces is split exactly as when fed at once."""
+    kw = cache_kwargs(model, cache)
+    a = start
+    while a < end:
+        b = min((a // cfg.chunk_size + 1) * cfg.chunk_size, end)
+        # logits_to_keep=1: the vocabulary projection of a whole chunk would dwarf the attention cost.
+        model(input_ids[:, a:b], use_cache=True, logits_to_keep=1, **kw)
+        a = b
+
+
 @torch.inference_mode()
 def generate_greedy(
     model,
@@ -87,29 +100,32 @@ def generate_greedy(
     prompt: str | Sequence[int] | torch.Tensor,
     max_new_tokens: int,
     stop_token_ids: Sequence[int] | None = None,
+    cache: InfLLMCache | None = None,
+    reused_tokens: int = 0,
 ) -> tuple[str, GenerationStats]:
-    """Greedy decoding of one prompt with a fresh InfLLM memory.
+    """Greedy decoding of one prompt.
 
     `prompt`: text (tokenized with the tokenizer's special tokens) or token ids. All prompt tokens but the
     last are prefilled in chunks of `cfg.chunk_size` through `model(...)`, then `model.generate` feeds the
     last one and decodes. The text returned is the decoded new tokens up to (not including) the first stop
     token (default: the tokenizer's EOS), special tokens kept, as the original benchmark code decodes.
+    `cache`: a memory that already holds the first `reused_tokens` prompt tokens (taken over and extended);
+    default a fresh one.
     """
     ids = _as_ids(tokenizer, prompt)
     if not ids:
         raise ValueError("empty prompt")
+    prefill = len(ids) - 1
+    if not 0 <= reused_tokens <= prefill or (cache is None and reused_tokens):
+        raise ValueError(f"reused_tokens={reused_tokens} must be within the {prefill} prefilled tokens of a given cache")
     device = model.get_input_embeddings().weight.device
     input_ids = torch.tensor([ids], dtype=torch.long, device=device)  # (1, T)
     stops = list(stop_token_ids) if stop_token_ids else [tokenizer.eos_token_id]
-    cache = InfLLMCache(model)
+    cache = cache if cache is not None else InfLLMCache(model)
     kw = cache_kwargs(model, cache)
 
     start = time.perf_counter()
-    prefill = len(ids) - 1
-    for a in range(0, prefill, cfg.chunk_size):
-        b = min(a + cfg.chunk_size, prefill)
-        # logits_to_keep=1: the vocabulary projection of a whole chunk would dwarf the attention cost.
-        model(input_ids[:, a:b], use_cache=True, logits_to_keep=1, **kw)
+    prefill_chunks(model, cfg, cache, input_ids, reused_tokens, prefill)
     if device.type == "cuda":
         torch.cuda.synchronize(device)  # time the prefill, not just its launch
     prefill_s = time.perf_counter() - start
@@ -135,9 +151,10 @@ def generate_greedy(
     stats = GenerationStats(
         prompt_tokens=len(ids),
         new_tokens=len(new),
-        prefill_tokens=prefill,
+        prefill_tokens=prefill - reused_tokens,
         prefill_seconds=prefill_s,
         decode_seconds=decode_s,
         stop_reason=stop_reason,
+        reused_tokens=reused_tokens,
     )
     return text, stats

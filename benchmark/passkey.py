@@ -86,12 +86,19 @@ def case_key(record: dict[str, Any]) -> tuple:
     return (record["variant"], record["task"], int(record["length"]), float(record["depth"]), int(record["seed"]))
 
 
-def run_case(
-    model, tokenizer, cfg, variant: Variant, task: str, length: int, depth: float, seed: int, max_new_tokens: int | None
-) -> dict[str, Any]:
-    """Generate one synthetic example, run the model on it, score it."""
-    from benchmark.common import generate_greedy
+@dataclass
+class PreparedCase:
+    """One synthetic example, encoded: its record so far and its prompt ids (None when skipped)."""
 
+    record: dict[str, Any]
+    ids: list[int] | None
+    max_new_tokens: int
+
+
+def prepare_case(
+    tokenizer, cfg, variant: Variant, task: str, length: int, depth: float, seed: int, max_new_tokens: int | None
+) -> PreparedCase:
+    """Generate one synthetic example and encode its prompt (template, chat format, truncation)."""
     example = make_example(task, length, depth, seed, prompt_measurer(tokenizer, task, cfg.conv_type))
     max_gen = DATASET2MAXGEN[task]
     enc = encode_prompt(tokenizer, task, example.fields, cfg.conv_type, cfg.max_len, max_gen, cfg.truncation.value)
@@ -107,17 +114,81 @@ def run_case(
         "truncated": enc.truncated,
     }
     if enc.skipped:
-        return {**record, "pred": "", "correct": 0.0, "skipped": True}
+        return PreparedCase({**record, "pred": "", "correct": 0.0, "skipped": True}, None, 0)
     gen = min(max_gen, max_new_tokens) if max_new_tokens else max_gen
-    text, stats = generate_greedy(model, tokenizer, cfg, enc.ids, gen, stop_token_ids(tokenizer, task, cfg.conv_type))
+    return PreparedCase(record, list(enc.ids), gen)
+
+
+def finish_case(model, tokenizer, cfg, case: PreparedCase, cache=None, reused_tokens: int = 0) -> dict[str, Any]:
+    """Run the model on a prepared case (optionally from a memory holding its first `reused_tokens`), score it."""
+    from benchmark.common import generate_greedy
+
+    task = case.record["task"]
+    text, stats = generate_greedy(
+        model, tokenizer, cfg, case.ids, case.max_new_tokens, stop_token_ids(tokenizer, task, cfg.conv_type),
+        cache=cache, reused_tokens=reused_tokens,
+    )
     pred = post_process(text, cfg.conv_type, task)
-    correct = INFINITEBENCH_METRICS[task](pred, [example.answer])
     return {
-        **record,
+        **case.record,
         "pred": pred,
-        "correct": correct,
+        "correct": INFINITEBENCH_METRICS[task](pred, [case.record["answer"]]),
         **{k: v for k, v in stats.as_dict().items() if k != "prompt_tokens"},
     }
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def shared_prefix_plan(id_lists: Sequence[Sequence[int]], align: int) -> list[int]:
+    """For prompts run in the given order: how many leading tokens of each a shared "trunk" memory can hold
+    before the prompt branches off, so that it stays a prefix of every later prompt. Rounded down to a
+    multiple of `align` (the chunk size), so every prompt is still fed in exactly the chunks it would be
+    fed in alone: the results are those of separate runs, only the repeated prefill work is gone."""
+    plan = []
+    for i, ids in enumerate(id_lists):
+        limit = len(ids) - 1  # the last prompt token goes to generate()
+        for later in id_lists[i + 1 :]:
+            limit = min(limit, common_prefix(ids, later))
+        plan.append(limit // align * align)
+    return plan
+
+
+def run_group(model, tokenizer, cfg, cases: list[PreparedCase], share_prefix: bool):
+    """Run the cases of one (variant, task, length), yielding each finished record.
+
+    With `share_prefix`, a trunk memory is fed the prefix common to the remaining prompts (the haystack up to
+    the shallowest needle left) once, and each case continues from a clone of it (synthetic haystacks repeat
+    the same noise, so the cases of one length share most of their tokens)."""
+    import torch
+
+    from benchmark.common import prefill_chunks
+    from inf_llm.adapter import InfLLMCache
+
+    runnable = [c for c in cases if c.ids is not None]
+    for c in cases:
+        if c.ids is None:
+            yield c.record
+    if not share_prefix:
+        for c in runnable:
+            yield finish_case(model, tokenizer, cfg, c)
+        return
+    runnable.sort(key=lambda c: (c.record["depth"], c.record["seed"]))
+    plan = shared_prefix_plan([c.ids for c in runnable], cfg.chunk_size)
+    device = model.get_input_embeddings().weight.device
+    trunk, held = InfLLMCache(model), 0
+    for case, reach in zip(runnable, plan):
+        if reach > held:  # the trunk's tokens are a prefix of this prompt: extend it along it
+            with torch.inference_mode():
+                ids = torch.tensor([case.ids], dtype=torch.long, device=device)
+                prefill_chunks(model, cfg, trunk, ids, held, reach)
+            held = reach
+        yield finish_case(model, tokenizer, cfg, case, cache=trunk.clone(), reused_tokens=held)
 
 
 # ------------------------------------------------------------------------------------------ summary
@@ -272,6 +343,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seeds", type=int, default=1, help="examples per (task, length, depth): seeds 0..N-1")
     p.add_argument("--max-new-tokens", type=int, default=None, help="cap on generated tokens (default: task's)")
+    p.add_argument(
+        "--no-share-prefix",
+        action="store_true",
+        help="prefill every prompt from scratch (default: cases of one length share their common prefix once)",
+    )
     p.add_argument("--out-dir", required=True)
     p.add_argument("--report-only", action="store_true", help="no model: redraw reports from cases.jsonl")
     return p
@@ -324,23 +400,32 @@ def run(args: argparse.Namespace) -> int:
             if not todo:
                 continue
             model, tokenizer, cfg = load_for_eval(args.config, [*args.override, *variant.overrides])
-            for i, (task, length, depth, seed) in enumerate(todo, 1):
-                record = run_case(model, tokenizer, cfg, variant, task, length, depth, seed, args.max_new_tokens)
-                f.write(json.dumps(record) + "\n")
-                f.flush()
-                log.info(
-                    "[%s %d/%d] %s %s depth %.2f seed %d: %s (pred %r, prefill %.0f tok/s)",
-                    variant.label,
-                    i,
-                    len(todo),
-                    task,
-                    length_label(length),
-                    depth,
-                    seed,
-                    "ok" if record["correct"] else "MISS",
-                    record["pred"][:60],
-                    record.get("prefill_tokens_per_second", float("nan")),
-                )
+            groups: dict[tuple[str, int], list[tuple[float, int]]] = defaultdict(list)
+            for task, length, depth, seed in todo:
+                groups[(task, length)].append((depth, seed))
+            i = 0
+            for (task, length), points in groups.items():
+                cases = [
+                    prepare_case(tokenizer, cfg, variant, task, length, d, s, args.max_new_tokens) for d, s in points
+                ]
+                for record in run_group(model, tokenizer, cfg, cases, share_prefix=not args.no_share_prefix):
+                    i += 1
+                    f.write(json.dumps(record) + "\n")
+                    f.flush()
+                    log.info(
+                        "[%s %d/%d] %s %s depth %.2f seed %d: %s (pred %r, prefill %.0f tok/s, %d reused)",
+                        variant.label,
+                        i,
+                        len(todo),
+                        task,
+                        length_label(length),
+                        record["depth"],
+                        record["seed"],
+                        "ok" if record["correct"] else "MISS",
+                        record["pred"][:60],
+                        record.get("prefill_tokens_per_second", float("nan")),
+                        record.get("reused_tokens", 0),
+                    )
             del model
     labels = [v.label for v in variants]
     cases = [c for c in read_records(cases_path) if c["variant"] in labels]

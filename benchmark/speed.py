@@ -69,6 +69,11 @@ SHAPES: dict[str, dict] = {
         vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
         num_attention_heads=32, num_key_value_heads=8, head_dim=128,
     ),
+    # SmolLM2-135M(-Instruct), the default served model: for memory sizing without the GGUF file.
+    "smollm2-135m": dict(
+        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+        num_attention_heads=9, num_key_value_heads=3, head_dim=64,
+    ),
     # CPU smoke: 2 layers, head_dim 64, GQA 2.
     "tiny": dict(
         vocab_size=32000, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
@@ -80,6 +85,7 @@ SHAPES: dict[str, dict] = {
 # make every inf-llm row plain local attention at smoke lengths).
 SHAPE_MEMORY: dict[str, list[str]] = {
     "mistral-7b": [],
+    "smollm2-135m": [],
     "tiny": [
         "model.n_init=16", "model.n_local=128", "model.topk=4", "model.block_size=16", "model.repr_topk=2",
         "model.max_cached_block=8", "model.exc_block_size=32", "chunk_size=128",

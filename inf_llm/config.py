@@ -92,6 +92,11 @@ class ModelConfig(_Strict):
     )
     device_map: str | dict[str, Any] | None = Field(None, description="accelerate device map, e.g. auto")
     max_gpu_memory: str | None = Field(None, description="per-GPU memory limit with device_map, e.g. 10GiB")
+    offload: bool | None = Field(
+        None,
+        description="memory blocks in host memory with a bounded device cache of max_cached_block blocks "
+        "(null: when the model is on a GPU); false keeps them on the device, where lookups never sync the host",
+    )
     offload_dtype: Literal["fp8", "int8"] | None = Field(None, description="compress host-side memory blocks")
     weights_cache_dir: str | None = Field(
         None, description="where dequantized GGUF weights are cached (default ~/.cache/inf_llm)"

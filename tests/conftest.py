@@ -41,7 +41,11 @@ def smollm2_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path
 @pytest.fixture(scope="session")
 def smollm2_config(smollm2_cache_dir: Path) -> InfLLMConfig:
     """The default served config, with the converted-weights cache in the session folder, on CPU."""
-    return load_config(DEFAULT_CONFIG, [f"model.weights_cache_dir={smollm2_cache_dir}", "model.device=cpu"])
+    # float32: the tests compare logits with stock transformers at tight tolerances (served default: bf16 here)
+    return load_config(
+        DEFAULT_CONFIG,
+        [f"model.weights_cache_dir={smollm2_cache_dir}", "model.device=cpu", "model.dtype=float32"],
+    )
 
 
 @dataclass(frozen=True)

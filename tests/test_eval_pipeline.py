@@ -207,6 +207,48 @@ def test_cli_parsing_of_tasks_lengths_variants_and_ranks(monkeypatch):
     assert rank_and_world(argparse.Namespace(rank=0, world_size=1)) == (0, 1)  # flags win
 
 
+def test_shared_prefix_sweep_gives_the_results_of_separate_runs():
+    """The synthetic sweep feeds the haystack common to a length's cases once and branches each case off a
+    clone: every record (prediction, score, prompt) must equal the record of a run from scratch."""
+    from benchmark.passkey import Variant, prepare_case, run_group, shared_prefix_plan
+    from inf_llm.adapter import patch_model
+    from inf_llm.config import load_config
+    from tests.models import build_tiny_model, build_tiny_tokenizer
+
+    assert shared_prefix_plan([[1, 2, 3, 4, 5], [1, 2, 3, 9, 9], [1, 2, 7, 7, 7]], 1) == [2, 2, 4]
+    assert shared_prefix_plan([[1, 2, 3, 4, 5], [1, 2, 3, 9, 9]], 2) == [2, 4]  # chunk-aligned, last: len - 1
+    cfg = load_config(
+        DEFAULT_CONFIG,
+        [
+            "model.n_init=16",
+            "model.n_local=128",
+            "model.block_size=16",
+            "model.topk=4",
+            "model.max_cached_block=8",
+            "model.exc_block_size=32",
+            "chunk_size=256",
+        ],
+    )
+    model = patch_model(build_tiny_model("llama"), cfg.model)
+    tokenizer = build_tiny_tokenizer()
+    variant = Variant("tiny", ())
+
+    def records(share: bool) -> list[dict]:
+        cases = [prepare_case(tokenizer, cfg, variant, "passkey", 1200, d, s, 4) for d in (0.2, 0.8) for s in (0, 1)]
+        return list(run_group(model, tokenizer, cfg, cases, share_prefix=share))
+
+    shared, separate = records(True), records(False)
+    key = lambda r: (r["depth"], r["seed"])  # noqa: E731
+    shared.sort(key=key)
+    separate.sort(key=key)
+    assert [r["reused_tokens"] for r in separate] == [0, 0, 0, 0]
+    assert min(r["reused_tokens"] for r in shared) >= 256  # every case branched off the trunk
+    drop = ("prefill_tokens", "prefill_seconds", "decode_seconds", "reused_tokens")
+    strip = lambda r: {k: v for k, v in r.items() if k not in drop and "per_second" not in k}  # noqa: E731
+    assert [strip(r) for r in shared] == [strip(r) for r in separate]
+    assert [r["prefill_tokens"] + r["reused_tokens"] for r in shared] == [r["prefill_tokens"] for r in separate]
+
+
 def test_truncate_ids_keeps_head_and_tail():
     ids = list(range(1000))
     kept = truncate_ids(ids, 300)

@@ -98,14 +98,30 @@ def test_prompt_chunking_invariance_float32():
 
 
 def test_chunk_topk_calc_same_retrieval():
+    """Batched host lookups (the offload path: ids go to the host) select what per-block lookups select."""
     q, k, v = random_qkv(300, seed=3)
-    plain = make_memory("inf-llm")
-    batched = make_memory("inf-llm", chunk_topk_calc=32)
+    plain = make_memory("inf-llm", offload=True, max_cached_block=64)
+    batched = make_memory("inf-llm", offload=True, max_cached_block=64, chunk_topk_calc=32)
     out_a = plain.process(q, k, v, default_scale(D))
     out_b = batched.process(q, k, v, default_scale(D))
     assert plain.retrieved_last == batched.retrieved_last
     assert len(plain.retrieved_last) > 10
     torch.testing.assert_close(out_a, out_b)
+
+
+@pytest.mark.parametrize("perhead", [False, True])
+def test_device_lookup_path_matches_host_path(perhead):
+    """Blocks on the compute device: ids stay on the device (no host sync), same selection, counts, output."""
+    q, k, v = random_qkv(300, seed=4)
+    device = make_memory("inf-llm", perhead=perhead)
+    host = make_memory("inf-llm", perhead=perhead, offload=True, max_cached_block=64)
+    assert device.device_lookup and not host.device_lookup
+    outs = [feed(m, q, k, v, [100, 1, 99, 100]) for m in (device, host)]
+    torch.testing.assert_close(outs[0], outs[1])
+    assert device.retrieved_last == host.retrieved_last and len(device.retrieved_last) > 3
+    assert device.retrieval_counts == host.retrieval_counts and sum(device.retrieval_counts.values()) > 10
+    device.reset_retrieval_counts()
+    assert device.retrieval_counts == {}
 
 
 def test_perhead_retrieval_differs_per_head_and_matches_single_head_when_one_kv_head():

@@ -212,7 +212,7 @@ class InfLLMCache(Cache):
         if not isinstance(state, PatchState):
             raise UnsupportedModelError("call inf_llm.adapter.patch_model(model, cfg) before making a cache")
         self.patch_state = state
-        self.offload = offload
+        self.offload = offload if offload is not None else state.cfg.offload  # None: host blocks on GPUs
         self.should_stop: Callable[[], bool] | None = None
         super().__init__(layers=[InfLLMLayer(self, i) for i in range(state.num_layers)])
 
@@ -288,7 +288,7 @@ class InfLLMCache(Cache):
     def reset_retrieval_counts(self) -> None:
         for layer in self.layers:
             if layer.memory is not None:
-                layer.memory.retrieval_counts.clear()
+                layer.memory.reset_retrieval_counts()
 
     def retrieval_summary(self) -> list[tuple[int, int, int]]:
         """(start_pos, end_pos, times selected summed over layers and lookups), most retrieved first."""

@@ -249,10 +249,21 @@ def resolve_device(spec: str) -> torch.device:
     return device
 
 
+def _cpu_has_native_bf16() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())  # oneDNN's own check of the CPU's bf16 support
+    except (AttributeError, RuntimeError):  # a torch build without oneDNN
+        return False
+
+
 def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
-    """`model.dtype` -> torch dtype; auto is bfloat16 on a GPU and float32 on CPU (CPU bf16 matmuls are slow)."""
+    """`model.dtype` -> torch dtype; auto is bfloat16 on a GPU and on a CPU with native bf16 instructions
+    (AVX512-BF16 / AMX: measured on SmolLM2, 2 cores, 4K context: prefill 225 vs 184 tokens/s, decode 12.9 vs
+    9.9 tokens/s against float32), float32 on other CPUs (where bf16 matmuls are emulated and slow)."""
     if spec == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        if device.type == "cuda" or (device.type == "cpu" and _cpu_has_native_bf16()):
+            return torch.bfloat16
+        return torch.float32
     return _DTYPES[spec]
 
 

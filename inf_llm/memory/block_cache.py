@@ -77,6 +77,9 @@ class BlockCache:
 
     def _load(self, slot: int, block: int, store_k: torch.Tensor, store_v: torch.Tensor) -> None:
         if self.copy_stream is not None:
+            # the block may have been written to pinned host memory by a non-blocking copy still queued on
+            # the compute stream: the side stream starts after it
+            self.copy_stream.wait_stream(torch.cuda.current_stream(self.k.device))
             with torch.cuda.stream(self.copy_stream):
                 self.k[slot].copy_(store_k[block], non_blocking=True)
                 self.v[slot].copy_(store_v[block], non_blocking=True)

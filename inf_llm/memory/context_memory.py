@@ -124,8 +124,11 @@ class ContextMemory:
         self.init_k = torch.zeros(num_kv_heads, self.n_init, head_dim, dtype=dtype, device=device)
         self.init_v = torch.zeros_like(self.init_k)
         self.init_len = 0
-        self.retrieved_last: list[list[int]] = []
-        self.retrieval_counts: dict[int, int] = {}  # block id -> times selected (summed over heads/steps)
+        # Lookups of the last forward, as selected: host lists (host paths) or device id tensors (device path);
+        # read through `retrieved_last` / `retrieval_counts`, which convert once, when asked.
+        self._retrieved: list = []
+        self._counts: dict[int, int] = {}  # block id -> execution blocks that selected it (host paths)
+        self._device_counts: torch.Tensor | None = None  # the same, counted on the device (device path)
         self._lookup: _Lookup | None = None
         self._call_qvecs: torch.Tensor | None = None
         self._staging_k: torch.Tensor | None = None  # (Hkv, cap, D): [sinks | blocks | remainder]
@@ -147,6 +150,10 @@ class ContextMemory:
             if cfg.faiss:
                 self._faiss_index = _new_faiss_index(num_kv_heads * head_dim if not cfg.perhead else head_dim,
                                                      num_kv_heads if cfg.perhead else 1)
+        # Device path: blocks live on the compute device and lookups stay there (top-k ids are never read by
+        # the host, so a forward pass makes no host sync). Host paths: an offloaded store (the block cache
+        # needs the ids on the host) or faiss (a host index).
+        self.device_lookup = self.store is not None and self.cache is None and self._faiss_index is None
 
     # ------------------------------------------------------------------------------------------ public
     def process(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
@@ -156,21 +163,65 @@ class ContextMemory:
         Returns the attention output (Hq, L, D) in q's dtype.
         """
         length = q.shape[1]
-        start = self.seen
+        start, end = self.seen, self.seen + length
         self.tail.append(k, v, self.rope.rotate(k, start - self.rot_base) if self.rot_base is not None else None)
-        self.retrieved_last = []
-        out = torch.empty_like(q)
-        bounds = self._exec_bounds(start, start + length)
+        self._retrieved = []
+        bounds = self._exec_bounds(start, end)
         self._lookup = None
         self._call_qvecs = None
-        if self.policy.keeps_blocks and self.cfg.chunk_topk_calc and len(bounds) > 1:
+        if self.policy.keeps_blocks and self.cfg.chunk_topk_calc and len(bounds) > 1 and not self.device_lookup:
             self._call_qvecs = torch.stack([self._query_vector(q[:, s - start : e - start]) for s, e in bounds])
+        # Local stage of every query of the call in one launch: it depends on nothing the execution blocks
+        # change (formation only moves the tail's front past keys no later query's window reaches).
+        kv_start = self.tail.first_pos if self.n_local is None else max(start - self.n_local + 1, self.tail.first_pos)
+        if self.rot_base is None or (
+            self.n_local is not None and end - 1 - self.rot_base > self.n_local + max(ROTATION_SLACK * self.exc, length)
+        ):
+            self._rebase_rotation(kv_start)
+        q_loc = self.rope.rotate(q, start - self.rot_base)
+        out, lse = self.ops.windowed_attention(
+            q_loc[None], self.tail.rotated_keys(kv_start, end)[None], self.tail.values(kv_start, end)[None],
+            scale=scale, q_offset=start - kv_start, window=self.n_local,
+        )
+        out, lse = out[0], lse[0]  # (Hq, L, D), (Hq, L)
+        # global-stage queries: all rows at one angle, rotated once for the call
+        has_global = self.n_local is not None and end - 1 - self.n_local >= 0
+        q_glb = self.rope.rotate_at(q, self.policy.global_query_pos) if has_global else None
         for i, (s, e) in enumerate(bounds):
-            qb = q[:, s - start : e - start]
-            out[:, s - start : e - start] = self._attend(qb, s, e, i, scale)
+            rows = slice(s - start, e - start)
+            if has_global and e - 1 - self.n_local >= 0:
+                out[:, rows], lse[:, rows] = self._attend_global(q[:, rows], q_glb[:, rows], out[:, rows],
+                                                                 lse[:, rows], s, e, i, scale)
+            if self.policy.keeps_blocks:  # probability each window key receives from the final softmax
+                w_start = max(s - self.n_local + 1, self.tail.first_pos)
+                received = self.ops.window_key_scores(
+                    q_loc[None, :, rows], self.tail.rotated_keys(w_start, e)[None], scale=scale,
+                    q_offset=s - w_start, window=self.n_local, lse=lse[None, :, rows],
+                )
+                self.tail.scores(w_start, e).add_(received[0])
             self.seen = e
             self._form_memory(e)
         return out
+
+    @property
+    def retrieved_last(self) -> list[list[int]]:
+        """Block ids selected by each execution block of the last forward (sorted, heads merged)."""
+        return [ids if isinstance(ids, list) else sorted(set(ids.flatten().tolist())) for ids in self._retrieved]
+
+    @property
+    def retrieval_counts(self) -> dict[int, int]:
+        """Block id -> execution blocks that selected it, since the last `reset_retrieval_counts`."""
+        counts = dict(self._counts)
+        if self._device_counts is not None:
+            hits = self._device_counts[: self.store.count].tolist()  # host copy, only when asked
+            for block, n in enumerate(hits):
+                if n:
+                    counts[block] = counts.get(block, 0) + int(n)
+        return counts
+
+    def reset_retrieval_counts(self) -> None:
+        self._counts.clear()
+        self._device_counts = None
 
     def stats(self) -> LayerStats:
         device_bytes = self.tail.nbytes() + self.init_k.nbytes * 2
@@ -192,7 +243,7 @@ class ContextMemory:
             init_tokens=self.init_len,
             window_tokens=self.tail.length,
             blocks=self.store.count if self.store is not None else 0,
-            retrieved_last=self.retrieved_last,
+            retrieved_last=self.retrieved_last,  # host copy of the device path's ids, here only
             cache_hits=self.cache.hits if self.cache is not None else 0,
             cache_misses=self.cache.misses if self.cache is not None else 0,
             device_bytes=device_bytes,
@@ -217,37 +268,18 @@ class ContextMemory:
             s = e
         return bounds
 
-    def _attend(self, qb: torch.Tensor, s: int, e: int, index: int, scale: float) -> torch.Tensor:
-        ops = self.ops
-        # ---- local stage: window-relative positions, so distances never exceed n_local + exc_block_size
-        kv_start = self.tail.first_pos if self.n_local is None else max(s - self.n_local + 1, self.tail.first_pos)
-        if self.rot_base is None or (
-            self.n_local is not None and e - 1 - self.rot_base > self.n_local + ROTATION_SLACK * self.exc
-        ):
-            self._rebase_rotation(kv_start)
-        k_loc = self.tail.rotated_keys(kv_start, e)
-        v_loc = self.tail.values(kv_start, e)
-        q_loc = self.rope.rotate(qb, s - self.rot_base)
-        out, lse = ops.windowed_attention(
-            q_loc[None], k_loc[None], v_loc[None], scale=scale, q_offset=s - kv_start, window=self.n_local
-        )
-        # ---- global stage: only if some query of this block has tokens out of its window
-        if self.n_local is not None and e - 1 - self.n_local >= 0:
-            q_glb = self.rope.rotate_at(qb, self.policy.global_query_pos)
-            k_glb, v_glb, visible, selected = self._global_keys(qb, s, e, index)
-            if k_glb.shape[1] > 0:
-                out_g, lse_g = ops.prefix_attention(q_glb[None], k_glb[None], v_glb[None], scale=scale,
-                                                    visible=visible)
-                out, lse = ops.merge_partials(out, lse, out_g, lse_g)
-                if self.cache is not None and selected and self.cfg.cache_strategy == CacheStrategy.LRU_S:
-                    self._update_block_scores(q_glb, k_glb[:, self.init_len :], lse[0], selected, scale)
-        # ---- scores: probability each local key receives from the final softmax (for representatives)
-        if self.policy.keeps_blocks:
-            received = ops.window_key_scores(
-                q_loc[None], k_loc[None], scale=scale, q_offset=s - kv_start, window=self.n_local, lse=lse
-            )
-            self.tail.scores(kv_start, e).add_(received[0])
-        return out[0]
+    def _attend_global(self, qb, q_glb, out, lse, s: int, e: int, index: int, scale: float):
+        """Global stage of the execution block [s, e) merged into its local result: [sinks | retrieved blocks |
+        remainder] for keys out of each query's window (j <= p - n_local), keys un-rotated, queries at one
+        angle. Returns the merged (out, lse)."""
+        k_glb, v_glb, visible, selected = self._global_keys(qb, s, e, index)
+        if k_glb.shape[1] == 0:
+            return out, lse
+        out_g, lse_g = self.ops.prefix_attention(q_glb[None], k_glb[None], v_glb[None], scale=scale, visible=visible)
+        merged, merged_lse = self.ops.merge_partials(out[None], lse[None], out_g, lse_g)
+        if self.cache is not None and selected and self.cfg.cache_strategy == CacheStrategy.LRU_S:
+            self._update_block_scores(q_glb, k_glb[:, self.init_len :], merged_lse[0], selected, scale)
+        return merged[0], merged_lse[0]
 
     def _rebase_rotation(self, base: int) -> None:
         """Re-rotate the live keys from `base` on to positions relative to `base`."""
@@ -272,7 +304,7 @@ class ContextMemory:
             tail_end = min(tail_end, self.n_init)
         tail_end = max(tail_end, tail_first)
         n_tail = tail_end - tail_first
-        n_sel = 0 if ids_per_head is None else len(ids_per_head[0])
+        n_sel = 0 if ids_per_head is None else len(ids_per_head[0])  # a host int for tensors too (shape)
         bs = self.cfg.block_size
         fixed = self.init_len + n_sel * bs  # sinks + blocks: always visible
         k_glb, v_glb = self._staging(fixed + n_tail)
@@ -282,7 +314,9 @@ class ContextMemory:
             v_glb[:, : self.init_len].copy_(self.init_v[:, : self.init_len])
             self._staged_init, self._staged_blocks = self.init_len, []
         staged: list[int] = []
-        if n_sel:
+        if n_sel and isinstance(ids_per_head, torch.Tensor):
+            self._gather_blocks(ids_per_head, k_glb, v_glb, self.init_len)
+        elif n_sel:
             staged = self._stage_blocks(ids_per_head, k_glb, v_glb, self.init_len)
         if n_tail:
             tail_k = self.tail.keys(tail_first, tail_end)
@@ -294,6 +328,21 @@ class ContextMemory:
         q_pos = torch.arange(s, e, device=self.device)
         visible = (q_pos - n_local - tail_first + 1).clamp(0, n_tail) + fixed
         return k_glb[:, : fixed + n_tail], v_glb[:, : fixed + n_tail], visible, staged
+
+    def _gather_blocks(self, ids: torch.Tensor, k_glb, v_glb, at: int) -> None:
+        """Device path: copy the selected blocks (ids (Hsel, k) on the device) from the store into staging
+        slots [at, at + k * block_size), one gather per K and V, no host sync."""
+        bs, n = self.cfg.block_size, ids.shape[1] * self.cfg.block_size
+        dst_k = k_glb[:, at : at + n].view(self.hkv, ids.shape[1], bs, self.d)
+        dst_v = v_glb[:, at : at + n].view(self.hkv, ids.shape[1], bs, self.d)
+        if ids.shape[0] == 1:
+            dst_k.copy_(self.store.k.index_select(0, ids[0]).transpose(0, 1))
+            dst_v.copy_(self.store.v.index_select(0, ids[0]).transpose(0, 1))
+        else:  # perhead: head h reads its own blocks
+            heads = torch.arange(self.hkv, device=ids.device).unsqueeze(1)
+            dst_k.copy_(self.store.k[ids, heads])
+            dst_v.copy_(self.store.v[ids, heads])
+        self._staged_blocks = []  # the host path's slot bookkeeping no longer matches the staging buffer
 
     def _stage_blocks(self, ids_per_head: list[list[int]], k_glb, v_glb, at: int) -> list[int]:
         """Write the selected blocks into staging slots [at, at + n_sel * block_size); returns the block id of
@@ -364,13 +413,16 @@ class ContextMemory:
             return torch.einsum("...hd,nhd->...hn", qvec, reprs.view(-1, self.hkv, self.d))
         return qvec @ reprs.T  # (..., 1, N)
 
-    def _select_blocks(self, qb: torch.Tensor, index: int) -> list[list[int]] | None:
-        """Top-k block ids for this execution block: one list, or Hkv lists with perhead."""
+    def _select_blocks(self, qb: torch.Tensor, index: int) -> list[list[int]] | torch.Tensor | None:
+        """Top-k block ids for this execution block: one list, or Hkv lists with perhead; on the device
+        path a (1 or Hkv, k) int64 tensor of sorted ids on the device instead."""
         n_blocks = self.store.count
         if n_blocks == 0:
             return None
         topk = self.cfg.topk
         heads = self.hkv if self.cfg.perhead else 1
+        if self.device_lookup and topk > 0:
+            return self._device_select(qb, n_blocks, heads)
         if n_blocks <= topk or (self.cfg.dense_decoding and qb.shape[1] == 1):
             ids = [list(range(n_blocks))] * heads
         elif topk == 0:
@@ -386,6 +438,24 @@ class ContextMemory:
                 scores = self._block_scores(qvec, 0, n_blocks)  # (Hsel, N)
                 ids = scores.topk(topk, dim=-1).indices.sort(dim=-1).values.tolist()  # host sync: ids drive the gather
         self._record(ids)
+        return ids
+
+    def _device_select(self, qb: torch.Tensor, n_blocks: int, heads: int) -> torch.Tensor:
+        if n_blocks <= self.cfg.topk or (self.cfg.dense_decoding and qb.shape[1] == 1):
+            ids = torch.arange(n_blocks, device=self.store.repr.device).expand(heads, -1)
+        else:
+            scores = self._block_scores(self._query_vector(qb), 0, n_blocks)  # (Hsel, N)
+            ids = scores.topk(self.cfg.topk, dim=-1).indices.sort(dim=-1).values
+        if self._device_counts is None or self._device_counts.shape[0] < n_blocks:
+            grown = torch.zeros(max(2 * n_blocks, 64), dtype=torch.int32, device=ids.device)
+            if self._device_counts is not None:
+                grown[: self._device_counts.shape[0]] = self._device_counts
+            self._device_counts = grown
+        # a block counts once per execution block, whatever the heads (index_fill_: a scalar fill, where
+        # `hit[ids] = 1` would copy the 1 from the host and stall the stream)
+        hit = torch.zeros(n_blocks, dtype=torch.int32, device=ids.device).index_fill_(0, ids.flatten(), 1)
+        self._device_counts[:n_blocks] += hit
+        self._retrieved.append(ids)
         return ids
 
     def _batched_select(self, index: int) -> list[list[int]]:
@@ -413,9 +483,9 @@ class ContextMemory:
 
     def _record(self, ids_per_head: list[list[int]]) -> None:
         flat = sorted({i for ids in ids_per_head for i in ids})
-        self.retrieved_last.append(flat)
+        self._retrieved.append(flat)
         for i in flat:
-            self.retrieval_counts[i] = self.retrieval_counts.get(i, 0) + 1
+            self._counts[i] = self._counts.get(i, 0) + 1
 
     def _faiss_search(self, qvec: torch.Tensor, topk: int) -> list[list[int]]:
         import numpy as np

@@ -1,0 +1,98 @@
+"""Where does prefill time go? cProfile (host) and torch.profiler (kernels) of InfLLM's chunked prefill on a
+random-weight model (the shapes of benchmark/speed.py), for finding the next bottleneck of the GPU path.
+
+    python -m benchmark.profile_prefill --tokens 32768 --offload auto --set model.pin_memory=true
+    python -m benchmark.profile_prefill --shape tiny --device cpu --dtype float32 --tokens 2048
+
+Prints the host functions by own time and the device kernels by total time; `--out DIR` also writes
+them (and a Chrome trace of one chunk) there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import pstats
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmark.speed import DEFAULT_CONFIG, DTYPES, SHAPE_MEMORY, build_model  # noqa: E402
+from inf_llm.adapter import InfLLMCache, cache_kwargs, patch_model  # noqa: E402
+from inf_llm.config import load_config  # noqa: E402
+
+
+def _feed(model, cache, ids: torch.Tensor, start: int, end: int, chunk: int) -> None:
+    kw = cache_kwargs(model, cache)
+    for a in range(start, end, chunk):
+        model(ids[:, a : min(a + chunk, end)], use_cache=True, logits_to_keep=1, **kw)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", default="mistral-7b")
+    p.add_argument("--tokens", type=int, default=32768, help="prefill tokens profiled (after the warm-up)")
+    p.add_argument("--warmup", type=int, default=16384, help="prefill tokens before profiling starts")
+    p.add_argument("--type", default="inf-llm")
+    p.add_argument("--fattn", choices=("true", "false"), default="true")
+    p.add_argument("--offload", choices=("auto", "on", "off"), default="auto", help="host blocks (auto: on GPU)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
+    p.add_argument("--top", type=int, default=30)
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args(argv)
+
+    device = torch.device(args.device)
+    cfg = load_config(
+        DEFAULT_CONFIG,
+        [*SHAPE_MEMORY[args.shape], f"model.type={args.type}", f"model.fattn={args.fattn}", *args.overrides],
+    )
+    model = patch_model(build_model(args.shape, device, DTYPES[args.dtype], 0), cfg.model)
+    offload = {"auto": None, "on": True, "off": False}[args.offload]
+    total = args.warmup + args.tokens
+    ids = torch.randint(0, model.config.vocab_size, (1, total + 1), device=device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    report = io.StringIO()
+
+    with torch.inference_mode():
+        cache = InfLLMCache(model, offload=offload)
+        _feed(model, cache, ids, 0, args.warmup, cfg.chunk_size)
+        sync()
+        profiler = cProfile.Profile()
+        t0 = time.perf_counter()
+        profiler.enable()
+        _feed(model, cache, ids, args.warmup, total, cfg.chunk_size)
+        sync()
+        profiler.disable()
+        seconds = time.perf_counter() - t0
+        print(f"{args.type} fattn={args.fattn} offload={args.offload} {args.overrides}: {args.tokens} tokens "
+              f"after {args.warmup} in {seconds:.2f} s = {args.tokens / seconds:,.0f} tokens/s", file=report)
+        stats = pstats.Stats(profiler, stream=report)
+        stats.sort_stats("tottime").print_stats(args.top)
+
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if device.type == "cuda":
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        with torch.profiler.profile(activities=activities) as prof:
+            _feed(model, cache, ids, total, total + cfg.chunk_size, cfg.chunk_size)
+            sync()
+        sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+        print(prof.key_averages().table(sort_by=sort, row_limit=args.top), file=report)
+        if args.out:
+            args.out.mkdir(parents=True, exist_ok=True)
+            prof.export_chrome_trace(str(args.out / "chunk_trace.json"))
+    print(report.getvalue())
+    if args.out:
+        (args.out / f"profile-{args.type}-{args.offload}.txt").write_text(report.getvalue())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
