@@ -28,6 +28,8 @@ PACKAGES=(
     "$(pin uvicorn)"
     "$(pin gguf)"
     "$(pin prometheus-client)"
+    # benchmark/ scorers imported by the evaluation runner (benchmark.metrics -> rapidfuzz)
+    "$(grep -iE '^rapidfuzz==' requirements-test.txt | head -n 1)"
 )
 # Drop empty entries (a package missing from requirements.txt).
 REQS=()

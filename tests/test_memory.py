@@ -232,3 +232,14 @@ def test_faiss_requested_but_missing_names_the_package():
 
 def test_memory_types_enum_covers_policies():
     assert {t.value for t in MemoryType} == {"inf-llm", "stream-llm", "infinite-lm", "origin"}
+
+
+def test_local_stage_in_pieces_matches_one_launch(monkeypatch):
+    """Long calls run the local stage in pieces of LOCAL_STAGE_ROWS queries: same result as one launch."""
+    import inf_llm.memory.context_memory as cm
+
+    q, k, v = random_qkv(300, seed=9)
+    whole = feed(make_memory("inf-llm"), q, k, v, [300])
+    monkeypatch.setattr(cm, "LOCAL_STAGE_ROWS", 37)
+    pieces = feed(make_memory("inf-llm"), q, k, v, [300])
+    torch.testing.assert_close(pieces, whole, rtol=1e-6, atol=1e-6)  # lse is float32: rounding only
