@@ -152,18 +152,22 @@ class InfLLMLayer(CacheLayerMixin):
 
     def __init__(self, cache: "InfLLMCache", layer_idx: int):
         super().__init__()
-        self.cache = cache
+        # What the layer needs of its cache, not the cache itself: a layer -> cache reference would make a
+        # reference cycle, and Python frees cycles only when its collector runs, which it does by object
+        # counts, not bytes: discarded caches (GBs of K/V each) then piled up (19.9 GB in a passkey sweep).
+        self.patch_state: PatchState = cache.patch_state
+        self.offload = cache.offload
         self.layer_idx = layer_idx
         self.memory: ContextMemory | None = None
         self.pending_state: dict | None = None  # a loaded session waiting for the device to be known
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        state: PatchState = self.cache.patch_state
+        state = self.patch_state
         device = key_states.device
         self.memory = ContextMemory(
             state.cfg, state.rope_for(device), state.num_q_heads, state.num_kv_heads, state.head_dim,
             key_states.dtype, device, get_backend(state.cfg.fattn, device.type),
-            offload=self.cache.offload, copy_stream=state.copy_stream_for(device),
+            offload=self.offload, copy_stream=state.copy_stream_for(device),
         )
         if self.pending_state is not None:
             self.memory.load_state(self.pending_state)
