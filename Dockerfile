@@ -66,8 +66,9 @@ FROM ${BASE_IMAGE} AS runtime
 # Extra Debian/Ubuntu packages of the final image (GPU build: "gcc libc6-dev python3-dev" for Triton).
 ARG RUNTIME_APT_PACKAGES=""
 # dtypes the default model is pre-converted to at build time (space-separated). model.dtype auto picks
-# float32 on CPU and bfloat16 on GPU: a build for GPU hosts wants bfloat16. Empty: convert at first start.
-ARG PRECONVERT_DTYPES=float32
+# bfloat16 on GPUs and on CPUs with native bf16 (AVX512-BF16, AMX), float32 on other CPUs: both are
+# converted so the image starts fast on any host. Empty: convert at first start.
+ARG PRECONVERT_DTYPES="float32 bfloat16"
 
 # DL3008: as in the builder. SC2086: ${packages} is a list of names, split on purpose.
 # hadolint ignore=DL3008,SC2086

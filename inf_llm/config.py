@@ -88,7 +88,7 @@ class ModelConfig(_Strict):
     # --- our extensions -------------------------------------------------------------------------------
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="auto: bfloat16 on GPU, float32 on CPU"
+        "auto", description="auto: bfloat16 on GPU and on CPUs with native bf16, else float32"
     )
     device_map: str | dict[str, Any] | None = Field(None, description="accelerate device map, e.g. auto")
     max_gpu_memory: str | None = Field(None, description="per-GPU memory limit with device_map, e.g. 10GiB")
