@@ -235,11 +235,12 @@ def test_memory_types_enum_covers_policies():
 
 
 def test_local_stage_in_pieces_matches_one_launch(monkeypatch):
-    """Long calls run the local stage in pieces of LOCAL_STAGE_ROWS queries: same result as one launch."""
-    import inf_llm.memory.context_memory as cm
-
+    """The local stage runs in pieces of the ops' LOCAL_STAGE_ROWS queries (default: one execution block):
+    any piece size gives the result of one call over the whole input."""
     q, k, v = random_qkv(300, seed=9)
+    monkeypatch.setattr(reference, "LOCAL_STAGE_ROWS", 10**6)
     whole = feed(make_memory("inf-llm"), q, k, v, [300])
-    monkeypatch.setattr(cm, "LOCAL_STAGE_ROWS", 37)
-    pieces = feed(make_memory("inf-llm"), q, k, v, [300])
-    torch.testing.assert_close(pieces, whole, rtol=1e-6, atol=1e-6)  # lse is float32: rounding only
+    for rows in (37, None):
+        monkeypatch.setattr(reference, "LOCAL_STAGE_ROWS", rows)
+        pieces = feed(make_memory("inf-llm"), q, k, v, [300])
+        torch.testing.assert_close(pieces, whole, rtol=1e-6, atol=1e-6)  # lse is float32: rounding only

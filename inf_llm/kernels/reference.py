@@ -15,6 +15,10 @@ NEG_INF = float("-inf")
 # Below this many query rows per KV head (decoding), a plain matmul-softmax beats the CPU flash kernel,
 # whose masked path costs ~6x more for a single query (measured: 11.5 ms vs 1.8 ms over 2K keys).
 SMALL_QUERY_ROWS = 32
+# Queries per windowed_attention call that ContextMemory should use: None = one execution block. These ops
+# compute every (query, key) pair of a call, so a call over many execution blocks would also score the keys
+# outside each query's window (a 2048-query call over a 512-token window: 4x the work).
+LOCAL_STAGE_ROWS = None
 
 
 def _fold_groups(q: torch.Tensor, num_kv_heads: int) -> torch.Tensor:

@@ -35,8 +35,9 @@ log = logging.getLogger(__name__)
 # Execution blocks the rotation base may lag behind before the window is re-rotated: bounds the largest
 # RoPE angle used (n_local + this many blocks) while re-rotating rarely during decoding.
 ROTATION_SLACK = 4
-# Queries of one local-stage launch: a whole 2K chunk at once, while the torch path's explicit scores stay
-# bounded for 8K chunks (8192 queries x 12K keys x 32 heads of fp32 scores took 12 GiB on the GPU).
+# Queries of one local-stage call when the ops do not say (`ops.LOCAL_STAGE_ROWS`: the Triton kernels take
+# 2048, the torch ops one execution block) and there are no execution blocks (origin): bounds the explicit
+# (rows x keys) scores of the torch ops (8192 queries x 12K keys x 32 heads of fp32 took 12 GiB on a GPU).
 LOCAL_STAGE_ROWS = 2048
 
 
@@ -184,14 +185,17 @@ class ContextMemory:
         q_loc = self.rope.rotate(q, start - self.rot_base)
         out = torch.empty_like(q)  # (Hq, L, D)
         lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)  # (Hq, L)
-        for a in range(start, end, LOCAL_STAGE_ROWS):  # pieces bound the torch path's (rows x keys) scores
-            b = min(a + LOCAL_STAGE_ROWS, end)
+        piece = getattr(self.ops, "LOCAL_STAGE_ROWS", None) or self.exc or LOCAL_STAGE_ROWS
+        a = start
+        while a < end:  # pieces aligned to multiples of `piece` positions, as execution blocks are
+            b = min((a // piece + 1) * piece, end)
             k0 = self.tail.first_pos if self.n_local is None else max(a - self.n_local + 1, self.tail.first_pos)
             piece_out, piece_lse = self.ops.windowed_attention(
                 q_loc[None, :, a - start : b - start], self.tail.rotated_keys(k0, b)[None],
                 self.tail.values(k0, b)[None], scale=scale, q_offset=a - k0, window=self.n_local,
             )
             out[:, a - start : b - start], lse[:, a - start : b - start] = piece_out[0], piece_lse[0]
+            a = b
         # global-stage queries: all rows at one angle, rotated once for the call
         has_global = self.n_local is not None and end - 1 - self.n_local >= 0
         q_glb = self.rope.rotate_at(q, self.policy.global_query_pos) if has_global else None
