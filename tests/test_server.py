@@ -187,8 +187,8 @@ def test_status_payload_needs_no_key(server):
     body = r.json()
     assert r.status_code == 200 and body["ready"] is True and body["state"] == "ready" and body["error"] is None
     assert body["model"] == "SmolLM2-135M-Instruct" and body["type"] == "inf-llm" and body["device"] == "cpu"
-    assert body["memory"] == {"type": "inf-llm", "n_init": 128, "n_local": 2048, "block_size": 128, "topk": 16,
-                              "max_cached_block": 32, "exc_block_size": 512, "repr_topk": 4}
+    assert body["memory"] == {"type": "inf-llm", "n_init": 64, "n_local": 512, "block_size": 32, "topk": 16,
+                              "max_cached_block": 32, "exc_block_size": 128, "repr_topk": 4}
     assert body["max_len"] == MAX_LEN and body["auth_required"] is True
     assert body["generation_defaults"]["max_new_tokens"] == 16
     assert set(body["generation_defaults"]) == {"temperature", "top_p", "top_k", "max_new_tokens",
