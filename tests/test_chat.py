@@ -33,7 +33,7 @@ from inf_llm.errors import ConfigError
 from tests.conftest import REPO_ROOT
 
 CHAT_OVERRIDES = [
-    "model.device=cpu", "generation.max_new_tokens=16", "generation.temperature=0",
+    "model.device=cpu", "model.dtype=float32", "generation.max_new_tokens=16", "generation.temperature=0",
     "chunk_size=256", "model.exc_block_size=256", "model.n_local=512", "model.n_init=64",
     "model.block_size=64", "model.topk=4", "model.max_cached_block=8",
 ]

@@ -82,8 +82,8 @@ def test_default_served_config() -> None:
         "SmolLM2-135M-Instruct.Q4_1.gguf",
         MemoryType.INF_LLM,
     )
-    assert (m.n_init, m.n_local, m.block_size, m.repr_topk, m.topk) == (128, 2048, 128, 4, 16)
-    assert (m.max_cached_block, m.exc_block_size, cfg.chunk_size) == (32, 512, 2048)
+    assert (m.n_init, m.n_local, m.block_size, m.repr_topk, m.topk) == (64, 512, 32, 4, 16)
+    assert (m.max_cached_block, m.exc_block_size, cfg.chunk_size) == (32, 128, 2048)
     assert (m.device, m.dtype) == ("auto", "auto")
     assert (cfg.server.host, cfg.server.port) == ("127.0.0.1", 8000)
     assert cfg.generation.temperature == 0.7

@@ -15,8 +15,10 @@ import torch
 from huggingface_hub import constants as hub_constants
 
 from inf_llm.config import InfLLMConfig, load_config
+from inf_llm.engine import loading
 from inf_llm.engine.loading import (
     CACHE_ENV_VAR,
+    _cpu_has_native_bf16,
     CACHE_MARKER,
     ResolvedModel,
     _read_cache,
@@ -89,7 +91,9 @@ def test_cached_load_is_fast_and_identical(smollm2_cold, smollm2_config: InfLLMC
 def test_gguf_file_path_directly(smollm2_cold, smollm2_cache_dir: Path) -> None:
     """A .gguf path names the same file as the package, so it shares the converted cache."""
     gguf = smollm2_cold.loaded.source.gguf_path
-    loaded = load_model(config(gguf, f"model.weights_cache_dir={smollm2_cache_dir}", "model.device=cpu"))
+    loaded = load_model(
+        config(gguf, f"model.weights_cache_dir={smollm2_cache_dir}", "model.device=cpu", "model.dtype=float32")
+    )
     assert loaded.source.kind == "gguf" and loaded.source.gguf_path == gguf
     assert loaded.from_cache is True
     assert torch.equal(probe_logits(loaded, smollm2_cold.probe_text), smollm2_cold.probe_logits)
@@ -168,7 +172,9 @@ def tiny_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_tiny_model_loads_from_a_folder(tiny_folder: Path) -> None:
     phases: list[tuple[str, float]] = []
-    loaded = load_model(config(tiny_folder, "model.device=cpu"), progress=lambda p, f: phases.append((p, f)))
+    loaded = load_model(
+        config(tiny_folder, "model.device=cpu", "model.dtype=float32"), progress=lambda p, f: phases.append((p, f))
+    )
     assert loaded.source == ResolvedModel("folder", str(tiny_folder.resolve()), origin=str(tiny_folder))
     assert (loaded.from_cache, loaded.cache_dir) == (False, None)  # caching is for GGUF conversion only
     assert type(loaded.model).__name__ == "LlamaForCausalLM"
@@ -182,9 +188,12 @@ def test_tiny_model_loads_from_a_folder(tiny_folder: Path) -> None:
     assert [f for _, f in phases] == sorted(f for _, f in phases)
 
 
+AUTO_CPU_DTYPE = torch.bfloat16 if _cpu_has_native_bf16() else torch.float32  # the machine decides
+
+
 @pytest.mark.parametrize(
     ("dtype", "expected"),
-    [("auto", torch.float32), ("bfloat16", torch.bfloat16), ("float16", torch.float16), ("float32", torch.float32)],
+    [("auto", AUTO_CPU_DTYPE), ("bfloat16", torch.bfloat16), ("float16", torch.float16), ("float32", torch.float32)],
 )
 def test_dtype_is_honoured(tiny_folder: Path, dtype: str, expected: torch.dtype) -> None:
     loaded = load_model(config(tiny_folder, "model.device=cpu", f"model.dtype={dtype}"))
@@ -192,10 +201,12 @@ def test_dtype_is_honoured(tiny_folder: Path, dtype: str, expected: torch.dtype)
     assert {p.dtype for p in loaded.model.parameters()} == {expected}
 
 
-def test_device_and_dtype_resolution() -> None:
+def test_device_and_dtype_resolution(monkeypatch: pytest.MonkeyPatch) -> None:
     assert resolve_device("cpu") == torch.device("cpu")
     assert resolve_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    for native_bf16, expected in ((True, torch.bfloat16), (False, torch.float32)):  # both kinds of CPU
+        monkeypatch.setattr(loading, "_cpu_has_native_bf16", lambda native_bf16=native_bf16: native_bf16)
+        assert resolve_dtype("auto", torch.device("cpu")) == expected
     assert resolve_dtype("auto", torch.device("cuda", 0)) == torch.bfloat16
 
 
