@@ -15,13 +15,15 @@ from tests.dense_reference import default_inv_freq, default_scale, dense_layer, 
 D = 16
 
 
-def make_memory(kind: str, hq=6, hkv=2, dtype=torch.float64, offload=False, **overrides) -> ContextMemory:
+def make_memory(kind: str, hq=6, hkv=2, dtype=torch.float64, offload=False, device_lookup=None,
+                **overrides) -> ContextMemory:
     params = dict(type=kind, n_init=4, n_local=32, block_size=8, topk=3, repr_topk=2, exc_block_size=8,
                   max_cached_block=6)
     params.update(overrides)
     cfg = ModelConfig(**params)
     rope = RotaryTable(default_inv_freq(D), D)
-    return ContextMemory(cfg, rope, hq, hkv, D, dtype, torch.device("cpu"), reference, offload=offload)
+    return ContextMemory(cfg, rope, hq, hkv, D, dtype, torch.device("cpu"), reference, offload=offload,
+                         device_lookup=device_lookup)
 
 
 def feed(memory: ContextMemory, q, k, v, call_sizes: list[int]) -> torch.Tensor:
@@ -46,6 +48,7 @@ CALL_PATTERNS = {
     "chunks_of_32": lambda n: [32] * (n // 32) + ([n % 32] if n % 32 else []),
     "prefill_then_decode": lambda n: [n - 12] + [1] * 12,
     "odd_calls": lambda n: [13, 50, 7, 1, 1, n - 72],
+    "token_by_token": lambda n: [1] * n,  # every step through the single-query decode path
 }
 
 
@@ -75,6 +78,28 @@ def test_engine_matches_dense_reference(kind, pattern, exc):
     if kind == "inf-llm":
         assert selections == want_sel
         assert memory.store.count == (n - 32 - 4) // 8
+
+
+@pytest.mark.parametrize("global_keys", [0, 40])
+def test_decode_attention_op_equals_the_two_stage_ops(global_keys):
+    """The single-query op = windowed + prefix attention merged by log-sum-exp, plus the window key scores."""
+    g = torch.Generator().manual_seed(global_keys)
+    hq, hkv, n_window, scale = 6, 2, 24, default_scale(D)
+    q_loc, q_glb = (torch.randn(hq, D, generator=g, dtype=torch.float64) for _ in range(2))
+    k_loc, v_loc = (torch.randn(hkv, n_window, D, generator=g, dtype=torch.float64) for _ in range(2))
+    k_glb, v_glb = (torch.randn(hkv, global_keys, D, generator=g, dtype=torch.float64) for _ in range(2))
+    out, lse, received = reference.decode_attention(q_loc, k_loc, v_loc, q_glb, k_glb, v_glb, scale=scale)
+    loc, loc_lse = reference.windowed_attention(q_loc[None, :, None], k_loc[None], v_loc[None], scale=scale,
+                                                q_offset=n_window - 1, window=n_window)
+    glb, glb_lse = reference.prefix_attention(q_glb[None, :, None], k_glb[None], v_glb[None], scale=scale,
+                                              visible=torch.tensor([global_keys]))
+    want, want_lse = reference.merge_partials(loc, loc_lse, glb, glb_lse)
+    want_received = reference.window_key_scores(q_loc[None, :, None], k_loc[None], scale=scale,
+                                                q_offset=n_window - 1, window=n_window, lse=want_lse)
+    tol = dict(rtol=1e-5, atol=1e-6)  # both compute in float32, in different orders
+    torch.testing.assert_close(out, want[0, :, 0], **tol)
+    torch.testing.assert_close(lse, want_lse[0, :, 0], **tol)
+    torch.testing.assert_close(received, want_received[0], **tol)
 
 
 def test_gqa_ratios_and_mha():
@@ -113,7 +138,7 @@ def test_chunk_topk_calc_same_retrieval():
 def test_device_lookup_path_matches_host_path(perhead):
     """Blocks on the compute device: ids stay on the device (no host sync), same selection, counts, output."""
     q, k, v = random_qkv(300, seed=4)
-    device = make_memory("inf-llm", perhead=perhead)
+    device = make_memory("inf-llm", perhead=perhead, device_lookup=True)  # on a CPU only when asked
     host = make_memory("inf-llm", perhead=perhead, offload=True, max_cached_block=64)
     assert device.device_lookup and not host.device_lookup
     outs = [feed(m, q, k, v, [100, 1, 99, 100]) for m in (device, host)]

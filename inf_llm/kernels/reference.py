@@ -134,6 +134,31 @@ def merge_partials(
     return out.to(out_a.dtype), lse
 
 
+def decode_attention(
+    q_loc: torch.Tensor, k_loc: torch.Tensor, v_loc: torch.Tensor,
+    q_glb: torch.Tensor, k_glb: torch.Tensor, v_glb: torch.Tensor, *, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One query that sees every key it is given: the decoding step of both stages in one softmax.
+
+    q_loc/q_glb (Hq, D): the query at its local and its global angle; k_loc/v_loc (Hkv, Ll, D) the window,
+    k_glb/v_glb (Hkv, Lg, D) the global keys (Lg may be 0). Equals `windowed_attention` + `prefix_attention`
+    + `merge_partials` + `window_key_scores` for a single query, in a handful of small ops instead of ~60
+    (decoding on a CPU is bound by op count, not arithmetic). Returns out (Hq, D) in q's dtype, lse (Hq,)
+    float32 and the probability each window key receives, summed over its group's query heads (Hkv, Ll).
+    """
+    hkv, lg = k_loc.shape[0], k_glb.shape[1]
+    group = q_loc.shape[0] // hkv
+    keys = torch.cat((k_glb, k_loc), dim=1).float()  # (Hkv, Lg+Ll, D): [global | window]
+    values = torch.cat((v_glb, v_loc), dim=1).float()
+    q_g = q_glb.float().view(hkv, group, -1)  # (Hkv, G, D): GQA without copying K/V
+    q_l = q_loc.float().view(hkv, group, -1)
+    scores = torch.cat((q_g @ keys[:, :lg].transpose(1, 2), q_l @ keys[:, lg:].transpose(1, 2)), dim=-1).mul_(scale)
+    lse = torch.logsumexp(scores, dim=-1, keepdim=True)  # (Hkv, G, 1): finite, the window is never empty
+    probs = scores.sub_(lse).exp_()
+    out = (probs @ values).view(hkv * group, -1).to(q_loc.dtype)
+    return out, lse.view(-1), probs[..., lg:].sum(dim=1)
+
+
 def window_key_scores(
     q: torch.Tensor, k: torch.Tensor, *, scale: float, q_offset: int, window: int | None, lse: torch.Tensor
 ) -> torch.Tensor:

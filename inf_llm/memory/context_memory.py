@@ -103,6 +103,7 @@ class ContextMemory:
         ops: ModuleType,
         offload: bool | None = None,
         copy_stream: "torch.cuda.Stream | None" = None,
+        device_lookup: bool | None = None,
     ):
         if cfg.offload_dtype is not None:
             raise ConfigError(
@@ -156,8 +157,11 @@ class ContextMemory:
                                                      num_kv_heads if cfg.perhead else 1)
         # Device path: blocks live on the compute device and lookups stay there (top-k ids are never read by
         # the host, so a forward pass makes no host sync). Host paths: an offloaded store (the block cache
-        # needs the ids on the host) or faiss (a host index).
-        self.device_lookup = self.store is not None and self.cache is None and self._faiss_index is None
+        # needs the ids on the host) or faiss (a host index). On a CPU a host sync costs nothing, and the host
+        # path restages only the blocks that changed (decoding mostly retrieves the same ones), so it is the
+        # default there (device_lookup=True forces the device path, for tests).
+        possible = self.store is not None and self.cache is None and self._faiss_index is None
+        self.device_lookup = possible and (device.type != "cpu" if device_lookup is None else device_lookup)
 
     # ------------------------------------------------------------------------------------------ public
     def process(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
@@ -167,6 +171,8 @@ class ContextMemory:
         Returns the attention output (Hq, L, D) in q's dtype.
         """
         length = q.shape[1]
+        if length == 1 and self.policy.windowed and hasattr(self.ops, "decode_attention"):
+            return self._decode_step(q, k, v, scale)
         start, end = self.seen, self.seen + length
         self.tail.append(k, v, self.rope.rotate(k, start - self.rot_base) if self.rot_base is not None else None)
         self._retrieved = []
@@ -214,6 +220,35 @@ class ContextMemory:
             self.seen = e
             self._form_memory(e)
         return out
+
+    def _decode_step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        """`process` for one query (decoding), through the ops' single-query op: the same keys, positions and
+        lookup as the general path, but both stages in one softmax whose window probabilities are the key
+        scores, so no merge and no second pass (decoding a small model on a CPU is bound by op count)."""
+        p = self.seen
+        self.tail.append(k, v, self.rope.rotate(k, p - self.rot_base) if self.rot_base is not None else None)
+        self._retrieved, self._lookup, self._call_qvecs = [], None, None
+        window_start = max(p - self.n_local + 1, self.tail.first_pos)
+        if self.rot_base is None or p - self.rot_base > self.n_local + ROTATION_SLACK * self.exc:
+            self._rebase_rotation(window_start)
+        q_loc = self.rope.rotate(q, p - self.rot_base)
+        selected: list[int] = []
+        if p - self.n_local >= 0:  # keys behind the window exist: sinks, blocks, remainder (all visible)
+            q_glb = self.rope.rotate_at(q, self.policy.global_query_pos)
+            k_glb, v_glb, _, selected = self._global_keys(q, p, p + 1, 0)
+        else:
+            q_glb, k_glb, v_glb = q_loc, k[:, :0], v[:, :0]
+        out, lse, received = self.ops.decode_attention(
+            q_loc[:, 0], self.tail.rotated_keys(window_start, p + 1), self.tail.values(window_start, p + 1),
+            q_glb[:, 0], k_glb, v_glb, scale=scale,
+        )
+        if self.cache is not None and selected and self.cfg.cache_strategy == CacheStrategy.LRU_S:
+            self._update_block_scores(q_glb, k_glb[:, self.init_len :], lse[:, None], selected, scale)
+        if self.policy.keeps_blocks:
+            self.tail.scores(window_start, p + 1).add_(received)
+        self.seen = p + 1
+        self._form_memory(p + 1)
+        return out[:, None]
 
     @property
     def retrieved_last(self) -> list[list[int]]:
@@ -391,14 +426,16 @@ class ContextMemory:
             src = torch.tensor([slot_of[order[c]] for c in changed], dtype=torch.int64, device=source_k.device)
             blk_k = source_k.index_select(0, src).to(self.device, non_blocking=True)  # (c, Hkv, bs, D)
             blk_v = source_v.index_select(0, src).to(self.device, non_blocking=True)
+            n = len(order) * bs
+            dst_k = k_glb[:, at : at + n].view(self.hkv, len(order), bs, self.d)
+            dst_v = v_glb[:, at : at + n].view(self.hkv, len(order), bs, self.d)
             if len(changed) == len(order):
-                n = len(order) * bs
-                k_glb[:, at : at + n].view(self.hkv, len(order), bs, self.d).copy_(blk_k.transpose(0, 1))
-                v_glb[:, at : at + n].view(self.hkv, len(order), bs, self.d).copy_(blk_v.transpose(0, 1))
-            else:
-                for j, c in enumerate(changed):
-                    k_glb[:, at + c * bs : at + (c + 1) * bs].copy_(blk_k[j])
-                    v_glb[:, at + c * bs : at + (c + 1) * bs].copy_(blk_v[j])
+                dst_k.copy_(blk_k.transpose(0, 1))
+                dst_v.copy_(blk_v.transpose(0, 1))
+            else:  # one scatter per K and V into the changed slots
+                slots = torch.tensor(changed, dtype=torch.int64, device=self.device)
+                dst_k.index_copy_(1, slots, blk_k.transpose(0, 1))
+                dst_v.index_copy_(1, slots, blk_v.transpose(0, 1))
         self._staged_blocks = order
         return order
 
