@@ -6,10 +6,12 @@ import pytest
 import torch
 
 from inf_llm.config import CacheStrategy, MemoryType, ModelConfig
+from inf_llm.errors import ConfigError
 from inf_llm.kernels import reference
 from inf_llm.memory import ContextMemory, RotaryTable
 from inf_llm.memory.block_cache import BlockCache
-from inf_llm.memory.buffers import TokenBuffer
+from inf_llm.memory.buffers import BlockStore, TokenBuffer
+from inf_llm.memory.compression import BlockCodec
 from tests.dense_reference import default_inv_freq, default_scale, dense_layer, exec_blocks
 
 D = 16
@@ -181,21 +183,70 @@ def test_offloaded_block_cache_gives_same_output_and_counts_hits():
         assert len(memory.cache.slot_of) <= 4
 
 
+@pytest.mark.parametrize(("codec", "bound"), [("fp8", 2**-4), ("int8", 0.5 / 127)])
+def test_block_codec_error_is_bounded_per_scale_group(codec, bound):
+    """Keys: scale per channel over a block's tokens; values: per token. |x - decoded| <= bound * group amax
+    (e4m3: 3 mantissa bits, half an ulp = 2^-4 relative; int8: half a step)."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 2, 8, D, generator=g) * torch.logspace(-2, 2, D)  # channels of very different sizes
+    c = BlockCodec.of(codec)
+    for keys, axis in ((True, 2), (False, 3)):
+        codes, scale = c.encode(x, keys=keys)
+        assert codes.dtype == c.storage_dtype and scale.shape == (5, 2, *c.scale_shape((2, 8, D), keys)[1:])
+        decoded = torch.empty_like(x)
+        c.decode_into(decoded, codes, scale)
+        amax = x.abs().amax(dim=axis, keepdim=True)
+        assert bool(((x - decoded).abs() <= bound * amax + 1e-6).all())
+    # per-channel key scales keep small channels accurate; one scale per block would round them to zero
+    codes, scale = c.encode(x, keys=True)
+    decoded = torch.empty_like(x)
+    c.decode_into(decoded, codes, scale)
+    small = x[..., :4]
+    assert float((decoded[..., :4] - small).abs().max()) < 0.1 * float(small.abs().max())
+
+
+@pytest.mark.parametrize("codec", ["fp8", "int8"])
+def test_compressed_offload_keeps_retrieval_and_halves_host_bytes(codec):
+    q, k, v = random_qkv(300, seed=9, dtype=torch.float32)
+    plain = make_memory("inf-llm", dtype=torch.float32, offload=True, max_cached_block=8)
+    packed = make_memory("inf-llm", dtype=torch.float32, offload=True, max_cached_block=8, offload_dtype=codec)
+    selections = []
+    outs = []
+    for memory in (plain, packed):
+        outs.append(feed(memory, q, k, v, [100, 1, 99, 100]))
+        selections.append(memory.retrieved_last)
+    assert selections[0] == selections[1]  # lookups read the representatives, which are not compressed
+    torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=0.1)  # only the attended K/V are rounded
+    assert not torch.equal(outs[1], outs[0])
+    # float32 -> 1-byte codes plus float32 scales (heavy at this toy size: 8-token blocks of 16 channels)
+    assert plain.store.nbytes()[0] > 2.5 * packed.store.nbytes()[0]
+    state = packed.state()["store"]  # sessions are saved decoded, loadable under any offload setting
+    assert state["k"].dtype == torch.float32 and state["k"].shape == plain.state()["store"]["k"].shape
+
+
+def test_offload_dtype_without_offloading_is_refused():
+    with pytest.raises(ConfigError, match=r"offload_dtype='fp8' compresses offloaded blocks.*model\.offload=true"):
+        make_memory("inf-llm", offload=False, offload_dtype="fp8")
+
+
 @pytest.mark.parametrize("strategy", [CacheStrategy.LRU, CacheStrategy.FIFO, CacheStrategy.LRU_S])
 def test_block_cache_eviction_order(strategy):
-    store = torch.arange(6, dtype=torch.float32).view(6, 1, 1, 1).expand(6, 1, 2, 2).contiguous()
-    cache = BlockCache(2, strategy, 0.1, (1, 2, 2), torch.float32, torch.device("cpu"))
-    cache.fetch([0], store, store)
-    cache.fetch([1], store, store)
+    blocks = torch.arange(6, dtype=torch.float32).view(6, 1, 1, 1).expand(6, 1, 2, 2).contiguous()
+    cpu = torch.device("cpu")
+    store = BlockStore(1, 2, 2, torch.float32, cpu, cpu, pin_memory=False)
+    store.add_many(blocks, blocks, torch.zeros(6, 2), list(range(0, 12, 2)))
+    cache = BlockCache(2, strategy, 0.1, (1, 2, 2), torch.float32, cpu)
+    cache.fetch([0], store)
+    cache.fetch([1], store)
     cache.add_scores([1], [5.0])
-    cache.fetch([0], store, store)  # block 0 used again (lru: now newest; fifo: still oldest)
+    cache.fetch([0], store)  # block 0 used again (lru: now newest; fifo: still oldest)
     cache.add_scores([0], [0.01])
-    cache.fetch([2], store, store)  # evicts one
+    cache.fetch([2], store)  # evicts one
     resident = set(cache.slot_of)
     expected = {CacheStrategy.LRU: {0, 2}, CacheStrategy.FIFO: {1, 2}, CacheStrategy.LRU_S: {1, 2}}[strategy]
     assert resident == expected
     slot = cache.slot_of[2]
-    assert torch.equal(cache.k[slot], store[2])
+    assert torch.equal(cache.k[slot], blocks[2])
     assert cache.misses == 3 and cache.hits == 1
 
 

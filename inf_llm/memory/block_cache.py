@@ -7,10 +7,15 @@ Pure bookkeeping plus copies; knows nothing of attention.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from inf_llm.config import CacheStrategy
 from inf_llm.errors import ConfigError
+
+if TYPE_CHECKING:
+    from inf_llm.memory.buffers import BlockStore
 
 
 class BlockCache:
@@ -43,7 +48,7 @@ class BlockCache:
         candidates = [b for b in self.slot_of if b not in protected]
         return min(candidates, key=lambda b: (self.priority[b], b))
 
-    def fetch(self, block_ids: list[int], store_k: torch.Tensor, store_v: torch.Tensor) -> list[int]:
+    def fetch(self, block_ids: list[int], store: "BlockStore") -> list[int]:
         """Make `block_ids` resident and return their slot indices (host ints: no device round trip)."""
         if len(set(block_ids)) > self.capacity:
             raise ConfigError(
@@ -63,7 +68,7 @@ class BlockCache:
                     evicted = self._victim(wanted)
                     slot = self.slot_of.pop(evicted)
                     del self.priority[evicted]
-                self._load(slot, block, store_k, store_v)
+                self._load(slot, block, store)
                 self.slot_of[block] = slot
                 self.priority[block] = self.tick if self.strategy is not CacheStrategy.LRU_S else 0.0
             else:
@@ -75,17 +80,15 @@ class BlockCache:
             slots.append(slot)
         return slots
 
-    def _load(self, slot: int, block: int, store_k: torch.Tensor, store_v: torch.Tensor) -> None:
+    def _load(self, slot: int, block: int, store: "BlockStore") -> None:
         if self.copy_stream is not None:
             # the block may have been written to pinned host memory by a non-blocking copy still queued on
             # the compute stream: the side stream starts after it
             self.copy_stream.wait_stream(torch.cuda.current_stream(self.k.device))
             with torch.cuda.stream(self.copy_stream):
-                self.k[slot].copy_(store_k[block], non_blocking=True)
-                self.v[slot].copy_(store_v[block], non_blocking=True)
+                store.copy_block(block, self.k[slot], self.v[slot])
         else:
-            self.k[slot].copy_(store_k[block], non_blocking=True)
-            self.v[slot].copy_(store_v[block], non_blocking=True)
+            store.copy_block(block, self.k[slot], self.v[slot])
 
     def wait_for_copies(self) -> None:
         if self.copy_stream is not None:

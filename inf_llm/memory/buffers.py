@@ -4,12 +4,14 @@
   the front (the local window plus the remainder). Grows by doubling; compacts in place when the dropped
   front is large, so memory stays bounded by what is live.
 - `BlockStore`: the memory blocks (K/V of `block_size` tokens each, plus one representative vector per
-  block), in growing-by-doubling tensors, on the host when offloading.
+  block), in growing-by-doubling tensors, on the host when offloading (compressed with `offload_dtype`).
 """
 
 from __future__ import annotations
 
 import torch
+
+from inf_llm.memory.compression import BlockCodec
 
 # Smallest allocation of a buffer, in tokens (or blocks): avoids many tiny regrowths at the start.
 MIN_CAPACITY = 256
@@ -120,8 +122,9 @@ class TokenBuffer:
 class BlockStore:
     """Memory blocks: keys/values (N, Hkv, block_size, D) and representatives (N, Hkv * D).
 
-    K/V live on `storage_device` (the host when offloading, pinned if asked); representatives live on the
-    compute device because every lookup reads all of them.
+    K/V live on `storage_device` (the host when offloading, pinned if asked), in the model dtype or, with a
+    `codec`, compressed (fp8/int8 codes plus float32 scales); representatives live on the compute device
+    because every lookup reads all of them.
     """
 
     def __init__(
@@ -133,45 +136,87 @@ class BlockStore:
         storage_device: torch.device,
         compute_device: torch.device,
         pin_memory: bool,
+        codec: BlockCodec | None = None,
     ):
         pin = pin_memory and storage_device.type == "cpu" and torch.cuda.is_available()
         cap = MIN_CAPACITY // 8
-        self.k = torch.zeros(cap, num_heads, block_size, head_dim, dtype=dtype, device=storage_device, pin_memory=pin)
+        self.dtype, self.codec = dtype, codec
+        block = (num_heads, block_size, head_dim)
+        storage = codec.storage_dtype if codec is not None else dtype
+        self.k = torch.zeros(cap, *block, dtype=storage, device=storage_device, pin_memory=pin)
         self.v = torch.zeros_like(self.k, pin_memory=pin)
+        self.k_scale = self.v_scale = None
+        if codec is not None:
+            self.k_scale = torch.zeros(cap, *codec.scale_shape(block, keys=True), device=storage_device, pin_memory=pin)
+            self.v_scale = torch.zeros(cap, *codec.scale_shape(block, keys=False), device=storage_device, pin_memory=pin)
         self.repr = torch.zeros(cap, num_heads * head_dim, dtype=dtype, device=compute_device)
         self.start_pos: list[int] = []  # absolute position of each block's first token
         self.count = 0
+
+    def _tensors(self) -> list[str]:
+        return ["k", "v", "repr"] + (["k_scale", "v_scale"] if self.codec is not None else [])
 
     def _reserve(self, extra: int) -> None:
         if self.count + extra <= self.k.shape[0]:
             return
         cap = max(2 * self.k.shape[0], self.count + extra)
         used = slice(0, self.count)
-        self.k = _grown(self.k, 0, cap, used)
-        self.v = _grown(self.v, 0, cap, used)
-        self.repr = _grown(self.repr, 0, cap, used)
+        for name in self._tensors():
+            setattr(self, name, _grown(getattr(self, name), 0, cap, used))
 
     def add_many(self, k: torch.Tensor, v: torch.Tensor, representatives: torch.Tensor, start_pos: list[int]) -> None:
         """k, v (n, Hkv, block_size, D); representatives (n, Hkv * D); start_pos: first position of each."""
         n = k.shape[0]
         self._reserve(n)
-        self.k[self.count : self.count + n].copy_(k, non_blocking=True)
-        self.v[self.count : self.count + n].copy_(v, non_blocking=True)
-        self.repr[self.count : self.count + n].copy_(representatives)
+        new = slice(self.count, self.count + n)
+        if self.codec is not None:  # encoded where k/v are (the compute device): half the bytes cross over
+            k, k_scale = self.codec.encode(k, keys=True)
+            v, v_scale = self.codec.encode(v, keys=False)
+            self.k_scale[new].copy_(k_scale, non_blocking=True)
+            self.v_scale[new].copy_(v_scale, non_blocking=True)
+        self.k[new].copy_(k, non_blocking=True)
+        self.v[new].copy_(v, non_blocking=True)
+        self.repr[new].copy_(representatives)
         self.start_pos.extend(start_pos)
         self.count += n
+
+    def copy_block(self, block: int, dst_k: torch.Tensor, dst_v: torch.Tensor) -> None:
+        """Block `block`'s K/V into dst_k/dst_v (Hkv, block_size, D) in the model dtype, on their device
+        (asynchronous from pinned memory; decoded on the destination device)."""
+        if self.codec is None:
+            dst_k.copy_(self.k[block], non_blocking=True)
+            dst_v.copy_(self.v[block], non_blocking=True)
+            return
+        device = dst_k.device
+        for dst, codes, scale in ((dst_k, self.k, self.k_scale), (dst_v, self.v, self.v_scale)):
+            self.codec.decode_into(dst, codes[block].to(device, non_blocking=True),
+                                   scale[block].to(device, non_blocking=True))
+
+    def read(self, first: int, last: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K/V of blocks [first, last) in the model dtype, on the storage device."""
+        if self.codec is None:
+            return self.k[first:last], self.v[first:last]
+        k = torch.empty(self.k[first:last].shape, dtype=self.dtype, device=self.k.device)
+        v = torch.empty_like(k)
+        self.codec.decode_into(k, self.k[first:last], self.k_scale[first:last])
+        self.codec.decode_into(v, self.v[first:last], self.v_scale[first:last])
+        return k, v
 
     def representatives(self) -> torch.Tensor:
         return self.repr[: self.count]  # (N, Hkv * D)
 
     def nbytes(self) -> tuple[int, int]:
         """(storage bytes, compute-device bytes)."""
-        return self.k.nbytes + self.v.nbytes, self.repr.nbytes
+        storage = self.k.nbytes + self.v.nbytes
+        if self.codec is not None:
+            storage += self.k_scale.nbytes + self.v_scale.nbytes
+        return storage, self.repr.nbytes
 
     def state(self) -> dict:
+        """Saved in the model dtype, whatever the codec: a saved session loads under any offload setting."""
         n = self.count
-        return {"k": self.k[:n].clone(), "v": self.v[:n].clone(), "repr": self.repr[:n].clone(),
-                "start_pos": list(self.start_pos)}
+        k, v = self.read(0, n)
+        return {"k": k.clone(), "v": v.clone(), "repr": self.repr[:n].clone(), "start_pos": list(self.start_pos)}
 
     def load_state(self, state: dict) -> None:
         self.count = 0

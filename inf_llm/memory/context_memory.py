@@ -28,6 +28,7 @@ from inf_llm.config import CacheStrategy, MemoryType, ModelConfig
 from inf_llm.errors import ConfigError, MissingDependencyError
 from inf_llm.memory.block_cache import BlockCache
 from inf_llm.memory.buffers import BlockStore, TokenBuffer
+from inf_llm.memory.compression import BlockCodec
 from inf_llm.memory.rope import RotaryTable
 
 log = logging.getLogger(__name__)
@@ -105,11 +106,6 @@ class ContextMemory:
         copy_stream: "torch.cuda.Stream | None" = None,
         device_lookup: bool | None = None,
     ):
-        if cfg.offload_dtype is not None:
-            raise ConfigError(
-                f"model.offload_dtype={cfg.offload_dtype!r} is not implemented yet (host blocks are stored in "
-                f"the model dtype); remove the key"
-            )
         self.cfg = cfg
         self.policy = MemoryPolicy.of(cfg)
         self.rope = rope
@@ -145,8 +141,15 @@ class ContextMemory:
         self._faiss_index = None
         if self.policy.keeps_blocks:
             offload = device.type != "cpu" if offload is None else offload
+            if cfg.offload_dtype is not None and not offload:
+                raise ConfigError(
+                    f"model.offload_dtype={cfg.offload_dtype!r} compresses offloaded blocks, but blocks stay on "
+                    f"{device.type} here: set model.offload=true, or remove offload_dtype"
+                )
             storage = torch.device("cpu") if offload else device
-            self.store = BlockStore(num_kv_heads, cfg.block_size, head_dim, dtype, storage, device, cfg.pin_memory)
+            codec = BlockCodec.of(cfg.offload_dtype) if cfg.offload_dtype is not None else None
+            self.store = BlockStore(num_kv_heads, cfg.block_size, head_dim, dtype, storage, device, cfg.pin_memory,
+                                    codec)
             if offload:
                 self.cache = BlockCache(
                     cfg.max_cached_block, CacheStrategy(cfg.cache_strategy), cfg.effective_score_decay,
@@ -398,7 +401,7 @@ class ContextMemory:
         bs = self.cfg.block_size
         flat = sorted({i for ids in ids_per_head for i in ids})
         if self.cache is not None:
-            slots = self.cache.fetch(flat, self.store.k, self.store.v)
+            slots = self.cache.fetch(flat, self.store)
             self.cache.wait_for_copies()
             slot_of = dict(zip(flat, slots))
             source_k, source_v = self.cache.k, self.cache.v
