@@ -30,7 +30,8 @@ DEFAULT_TEXTS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), REPO
 def _parse(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=None, help="config file (default: the served SmolLM2 config)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--override", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="config dotlist override, repeatable")
     p.add_argument("--codecs", default="fp8,int8", help="offload_dtype values compared with the model dtype")
     p.add_argument("--tokens", type=int, default=16384, help="tokens of text read")
     p.add_argument("--score-from", type=int, default=4096, help="first position scored (memory blocks exist)")

@@ -28,10 +28,12 @@ import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the server does (inf_llm/serve.py); before torch loads
-
 if __package__ in (None, ""):  # run as `python benchmark/serving_speed.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from inf_llm import openmp  # noqa: E402  (before torch: bounded OpenMP spinning, see inf_llm/openmp.py)
+
+openmp.configure()
 
 import httpx  # noqa: E402
 import torch  # noqa: E402

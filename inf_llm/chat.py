@@ -36,10 +36,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-# OpenMP threads that spin while waiting take the cores from the other threads of a small machine (see
-# inf_llm/serve.py for the measurement). Must be set before torch loads its OpenMP runtime; an explicit
-# setting in the environment wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from inf_llm import openmp  # noqa: E402  (before torch: bounded OpenMP spinning, see inf_llm/openmp.py)
+
+openmp.configure()
 
 from rich.console import Console  # noqa: E402
 from rich.markup import escape  # noqa: E402

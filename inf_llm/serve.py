@@ -16,10 +16,9 @@ import os
 import sys
 from typing import Any
 
-# OpenMP threads that spin while waiting take the cores from the event-loop thread (and from anything else on a
-# small machine): measured on 2 shared cores, a 37-token forward took 3 s spinning vs 0.2 s passive. Must be set
-# before torch loads its OpenMP runtime; an explicit setting in the environment wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from inf_llm import openmp  # noqa: E402  (before torch: bounded OpenMP spinning, see inf_llm/openmp.py)
+
+openmp.configure()
 
 from inf_llm.config import CONFIG_ENV_VAR, default_config_path, load_config  # noqa: E402
 from inf_llm.errors import ConfigError  # noqa: E402

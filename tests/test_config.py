@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -223,3 +224,19 @@ def test_override_syntax_error(override: str) -> None:
 def test_override_value_that_is_not_yaml() -> None:
     with pytest.raises(ConfigError, match="bad override"):
         load_config(None, ["model.topk=[1"])
+
+
+def test_openmp_bounded_spin_unless_the_environment_chooses(monkeypatch: pytest.MonkeyPatch) -> None:
+    from inf_llm import openmp
+
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
+    openmp.configure()
+    assert os.environ["GOMP_SPINCOUNT"] == str(openmp.SPIN_COUNT)
+    monkeypatch.setenv("GOMP_SPINCOUNT", "5")
+    openmp.configure()
+    assert os.environ["GOMP_SPINCOUNT"] == "5"  # an explicit count wins
+    monkeypatch.delenv("GOMP_SPINCOUNT")
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    openmp.configure()
+    assert "GOMP_SPINCOUNT" not in os.environ  # so does an explicit policy

@@ -18,9 +18,9 @@ from inf_llm.config import InfLLMConfig, load_config
 from inf_llm.engine import loading
 from inf_llm.engine.loading import (
     CACHE_ENV_VAR,
-    _cpu_has_native_bf16,
     CACHE_MARKER,
     ResolvedModel,
+    _cpu_has_native_bf16,
     _read_cache,
     _write_cache,
     cache_root,

@@ -28,9 +28,9 @@ from __future__ import annotations
 
 import os
 
-# As in inf_llm.serve: OpenMP threads that spin while waiting starve everything else on a small machine; set
-# before torch loads (the replica imports this module first). An explicit setting wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from inf_llm import openmp  # noqa: E402  (before torch: bounded OpenMP spinning, see inf_llm/openmp.py)
+
+openmp.configure()
 
 import argparse  # noqa: E402
 import asyncio  # noqa: E402

@@ -147,8 +147,9 @@ class BlockStore:
         self.v = torch.zeros_like(self.k, pin_memory=pin)
         self.k_scale = self.v_scale = None
         if codec is not None:
-            self.k_scale = torch.zeros(cap, *codec.scale_shape(block, keys=True), device=storage_device, pin_memory=pin)
-            self.v_scale = torch.zeros(cap, *codec.scale_shape(block, keys=False), device=storage_device, pin_memory=pin)
+            k_shape, v_shape = codec.scale_shape(block, keys=True), codec.scale_shape(block, keys=False)
+            self.k_scale = torch.zeros(cap, *k_shape, device=storage_device, pin_memory=pin)
+            self.v_scale = torch.zeros(cap, *v_shape, device=storage_device, pin_memory=pin)
         self.repr = torch.zeros(cap, num_heads * head_dim, dtype=dtype, device=compute_device)
         self.start_pos: list[int] = []  # absolute position of each block's first token
         self.count = 0
