@@ -123,8 +123,8 @@ class BlockStore:
     """Memory blocks: keys/values (N, Hkv, block_size, D) and representatives (N, Hkv * D).
 
     K/V live on `storage_device` (the host when offloading, pinned if asked), in the model dtype or, with a
-    `codec`, compressed (fp8/int8 codes plus float32 scales); representatives live on the compute device
-    because every lookup reads all of them.
+    `codec`, compressed (fp8/int8 codes plus float32 scales); representatives (float32 at least) live on the
+    compute device because every lookup reads all of them.
     """
 
     def __init__(
@@ -150,7 +150,10 @@ class BlockStore:
             k_shape, v_shape = codec.scale_shape(block, keys=True), codec.scale_shape(block, keys=False)
             self.k_scale = torch.zeros(cap, *k_shape, device=storage_device, pin_memory=pin)
             self.v_scale = torch.zeros(cap, *v_shape, device=storage_device, pin_memory=pin)
-        self.repr = torch.zeros(cap, num_heads * head_dim, dtype=dtype, device=compute_device)
+        # float32 (or wider): every lookup scores all of them in float32, and converting N of them per lookup
+        # cost more than the scoring itself when decoding a long context on a CPU
+        repr_dtype = torch.promote_types(dtype, torch.float32)
+        self.repr = torch.zeros(cap, num_heads * head_dim, dtype=repr_dtype, device=compute_device)
         self.start_pos: list[int] = []  # absolute position of each block's first token
         self.count = 0
 

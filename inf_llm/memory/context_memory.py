@@ -454,13 +454,15 @@ class ContextMemory:
     def _query_vector(self, qb: torch.Tensor) -> torch.Tensor:
         """Lookup vector of an execution block: the mean of its un-rotated queries rotated to the global
         angle (rotation is linear), heads of each KV group summed. (Hsel, Hkv*D), or (Hkv, D) with perhead."""
-        q_mean = self.rope.rotate_at(qb.float().mean(dim=1, keepdim=True), self.policy.global_query_pos)
+        q_mean = qb.to(self.store.repr.dtype)  # float32 (float64 for float64 models), as the representatives
+        q_mean = self.rope.rotate_at(q_mean if qb.shape[1] == 1 else q_mean.mean(dim=1, keepdim=True),
+                                     self.policy.global_query_pos)
         per_kv = q_mean[:, 0].view(self.hkv, self.group, self.d).sum(dim=1)  # (Hkv, D)
         return per_kv if self.cfg.perhead else per_kv.reshape(1, -1)
 
     def _block_scores(self, qvec: torch.Tensor, first: int, last: int) -> torch.Tensor:
         """Scores (..., Hsel, last-first) of blocks [first, last) for query vectors qvec (..., Hsel, X)."""
-        reprs = self.store.representatives()[first:last].float()  # (N, Hkv*D)
+        reprs = self.store.representatives()[first:last]  # (N, Hkv*D), float32 (float64 in float64 tests)
         if self.cfg.perhead:
             return torch.einsum("...hd,nhd->...hn", qvec, reprs.view(-1, self.hkv, self.d))
         return qvec @ reprs.T  # (..., 1, N)
@@ -588,7 +590,7 @@ class ContextMemory:
         scores = self.tail.scores(first, first + n * bs).unflatten(1, (n, bs))  # (Hkv, n, bs)
         best = scores.topk(self.cfg.repr_topk, dim=-1).indices  # (Hkv, n, repr_topk)
         chosen = keys.gather(2, best.unsqueeze(-1).expand(-1, -1, -1, self.d))  # (Hkv, n, repr_topk, D)
-        representatives = chosen.float().mean(dim=2).to(self.dtype).transpose(0, 1).reshape(n, -1)  # (n, Hkv*D)
+        representatives = chosen.float().mean(dim=2).transpose(0, 1).reshape(n, -1)  # (n, Hkv*D) float32
         self.store.add_many(keys.transpose(0, 1), values.transpose(0, 1), representatives,
                             [first + i * bs for i in range(n)])
         if self._faiss_index is not None:
