@@ -81,13 +81,13 @@ class BlockCache:
         return slots
 
     def _load(self, slot: int, block: int, store: "BlockStore") -> None:
-        if self.copy_stream is not None:
-            # the block may have been written to pinned host memory by a non-blocking copy still queued on
-            # the compute stream: the side stream starts after it
-            self.copy_stream.wait_stream(torch.cuda.current_stream(self.k.device))
-            with torch.cuda.stream(self.copy_stream):
-                store.copy_block(block, self.k[slot], self.v[slot])
-        else:
+        if self.copy_stream is None:
+            store.copy_block(block, self.k[slot], self.v[slot])
+            return
+        # the block may have been written to pinned host memory by a non-blocking copy still queued on the
+        # compute stream: the side stream starts after it
+        self.copy_stream.wait_stream(torch.cuda.current_stream(self.k.device))
+        with torch.cuda.stream(self.copy_stream):
             store.copy_block(block, self.k[slot], self.v[slot])
 
     def wait_for_copies(self) -> None:
