@@ -113,6 +113,7 @@ class ContextMemory:
         self.hq, self.hkv, self.d = num_q_heads, num_kv_heads, head_dim
         self.group = num_q_heads // num_kv_heads
         self.dtype, self.device = dtype, device
+        self.repr_dtype = torch.promote_types(dtype, torch.float32)  # representatives and lookup vectors
         self.n_local = cfg.n_local if self.policy.windowed else None
         self.n_init = cfg.n_init if self.policy.windowed else 0
         self.exc = cfg.exc_block_size if self.policy.windowed else None
@@ -237,8 +238,9 @@ class ContextMemory:
         q_loc = self.rope.rotate(q, p - self.rot_base)
         selected: list[int] = []
         if p - self.n_local >= 0:  # keys behind the window exist: sinks, blocks, remainder (all visible)
-            q_glb = self.rope.rotate_at(q, self.policy.global_query_pos)
-            k_glb, v_glb, _, selected = self._global_keys(q, p, p + 1, 0)
+            # rotated once, in the representatives' precision: the attention's query and the lookup vector
+            q_glb = self.rope.rotate_at(q.to(self.repr_dtype), self.policy.global_query_pos)
+            k_glb, v_glb, _, selected = self._global_keys(q, p, p + 1, 0, q_glb)
         else:
             q_glb, k_glb, v_glb = q_loc, k[:, :0], v[:, :0]
         out, lse, received = self.ops.decode_attention(
@@ -338,15 +340,17 @@ class ContextMemory:
         if end > start:
             self.tail.rotated_keys(start, end).copy_(self.rope.rotate(self.tail.keys(start, end), start - base))
 
-    def _global_keys(self, qb: torch.Tensor, s: int, e: int, index: int):
+    def _global_keys(self, qb: torch.Tensor, s: int, e: int, index: int, q_rotated: torch.Tensor | None = None):
         """Assemble [sinks | selected blocks | visible remainder] for queries s..e-1 in a staging buffer.
 
         Sinks and blocks that were already staged for the previous execution block stay where they are
         (consecutive decode steps mostly retrieve the same blocks), so a step copies only what changed.
+        `q_rotated`: a decode step's query, already at the global angle in float32 (saves a rotation); it
+        sees every global key, so `visible` is then None.
         Returns k (Hkv, Lg, D), v (Hkv, Lg, D), visible (Lq,) int64, and the staged block ids in order.
         """
         n_local = self.n_local
-        ids_per_head = self._select_blocks(qb, index) if self.policy.keeps_blocks else None
+        ids_per_head = self._select_blocks(qb, index, q_rotated) if self.policy.keeps_blocks else None
         # tail tokens usable in the global stage: all (inf-llm) or only sink positions still in the tail
         tail_first = self.tail.first_pos
         tail_end = e - n_local  # positions <= e - 1 - n_local can be visible to some query here
@@ -374,6 +378,8 @@ class ContextMemory:
                 self.rope.rotate(tail_k, tail_first) if self.policy.sink_positions else tail_k
             )
             v_glb[:, fixed : fixed + n_tail].copy_(self.tail.values(tail_first, tail_end))
+        if q_rotated is not None:
+            return k_glb[:, : fixed + n_tail], v_glb[:, : fixed + n_tail], None, staged
         # query p sees the remainder tokens j <= p - n_local, i.e. a prefix of the tail part
         q_pos = torch.arange(s, e, device=self.device)
         visible = (q_pos - n_local - tail_first + 1).clamp(0, n_tail) + fixed
@@ -426,19 +432,24 @@ class ContextMemory:
         else:  # the cache path restages all: cache slots may have been refilled by other blocks
             order, changed = list(wanted), list(range(len(wanted)))
         if changed:
-            src = torch.tensor([slot_of[order[c]] for c in changed], dtype=torch.int64, device=source_k.device)
-            blk_k = source_k.index_select(0, src).to(self.device, non_blocking=True)  # (c, Hkv, bs, D)
-            blk_v = source_v.index_select(0, src).to(self.device, non_blocking=True)
             n = len(order) * bs
             dst_k = k_glb[:, at : at + n].view(self.hkv, len(order), bs, self.d)
             dst_v = v_glb[:, at : at + n].view(self.hkv, len(order), bs, self.d)
-            if len(changed) == len(order):
-                dst_k.copy_(blk_k.transpose(0, 1))
-                dst_v.copy_(blk_v.transpose(0, 1))
-            else:  # one scatter per K and V into the changed slots
-                slots = torch.tensor(changed, dtype=torch.int64, device=self.device)
-                dst_k.index_copy_(1, slots, blk_k.transpose(0, 1))
-                dst_v.index_copy_(1, slots, blk_v.transpose(0, 1))
+            if len(changed) <= 2 and source_k.device == self.device:  # decoding: a copy per slot, fewer ops
+                for c in changed:
+                    dst_k[:, c].copy_(source_k[slot_of[order[c]]])
+                    dst_v[:, c].copy_(source_v[slot_of[order[c]]])
+            else:
+                src = torch.tensor([slot_of[order[c]] for c in changed], dtype=torch.int64, device=source_k.device)
+                blk_k = source_k.index_select(0, src).to(self.device, non_blocking=True)  # (c, Hkv, bs, D)
+                blk_v = source_v.index_select(0, src).to(self.device, non_blocking=True)
+                if len(changed) == len(order):
+                    dst_k.copy_(blk_k.transpose(0, 1))
+                    dst_v.copy_(blk_v.transpose(0, 1))
+                else:  # one scatter per K and V into the changed slots
+                    slots = torch.tensor(changed, dtype=torch.int64, device=self.device)
+                    dst_k.index_copy_(1, slots, blk_k.transpose(0, 1))
+                    dst_v.index_copy_(1, slots, blk_v.transpose(0, 1))
         self._staged_blocks = order
         return order
 
@@ -451,13 +462,15 @@ class ContextMemory:
         return self._staging_k, self._staging_v
 
     # ------------------------------------------------------------------------------------------ lookup
-    def _query_vector(self, qb: torch.Tensor) -> torch.Tensor:
+    def _query_vector(self, qb: torch.Tensor, q_rotated: torch.Tensor | None = None) -> torch.Tensor:
         """Lookup vector of an execution block: the mean of its un-rotated queries rotated to the global
-        angle (rotation is linear), heads of each KV group summed. (Hsel, Hkv*D), or (Hkv, D) with perhead."""
-        q_mean = qb.to(self.store.repr.dtype)  # float32 (float64 for float64 models), as the representatives
-        q_mean = self.rope.rotate_at(q_mean if qb.shape[1] == 1 else q_mean.mean(dim=1, keepdim=True),
-                                     self.policy.global_query_pos)
-        per_kv = q_mean[:, 0].view(self.hkv, self.group, self.d).sum(dim=1)  # (Hkv, D)
+        angle (rotation is linear), heads of each KV group summed. (Hsel, Hkv*D), or (Hkv, D) with perhead.
+        `q_rotated`: one query already rotated to the global angle in the representatives' dtype."""
+        if q_rotated is None:
+            q_mean = qb.to(self.repr_dtype)
+            q_rotated = self.rope.rotate_at(q_mean if qb.shape[1] == 1 else q_mean.mean(dim=1, keepdim=True),
+                                            self.policy.global_query_pos)
+        per_kv = q_rotated[:, 0].view(self.hkv, self.group, self.d).sum(dim=1)  # (Hkv, D)
         return per_kv if self.cfg.perhead else per_kv.reshape(1, -1)
 
     def _block_scores(self, qvec: torch.Tensor, first: int, last: int) -> torch.Tensor:
@@ -467,7 +480,8 @@ class ContextMemory:
             return torch.einsum("...hd,nhd->...hn", qvec, reprs.view(-1, self.hkv, self.d))
         return qvec @ reprs.T  # (..., 1, N)
 
-    def _select_blocks(self, qb: torch.Tensor, index: int) -> list[list[int]] | torch.Tensor | None:
+    def _select_blocks(self, qb: torch.Tensor, index: int, q_rotated: torch.Tensor | None = None
+                       ) -> list[list[int]] | torch.Tensor | None:
         """Top-k block ids for this execution block: one list, or Hkv lists with perhead; on the device
         path a (1 or Hkv, k) int64 tensor of sorted ids on the device instead."""
         n_blocks = self.store.count
@@ -476,7 +490,7 @@ class ContextMemory:
         topk = self.cfg.topk
         heads = self.hkv if self.cfg.perhead else 1
         if self.device_lookup and topk > 0:
-            return self._device_select(qb, n_blocks, heads)
+            return self._device_select(qb, n_blocks, heads, q_rotated)
         if n_blocks <= topk or (self.cfg.dense_decoding and qb.shape[1] == 1):
             ids = [list(range(n_blocks))] * heads
         elif topk == 0:
@@ -485,7 +499,7 @@ class ContextMemory:
         elif self._call_qvecs is not None:
             ids = self._batched_select(index)
         else:
-            qvec = self._query_vector(qb)
+            qvec = self._query_vector(qb, q_rotated)
             if self._faiss_index is not None:
                 ids = self._faiss_search(qvec, topk)
             else:
@@ -494,11 +508,12 @@ class ContextMemory:
         self._record(ids)
         return ids
 
-    def _device_select(self, qb: torch.Tensor, n_blocks: int, heads: int) -> torch.Tensor:
+    def _device_select(self, qb: torch.Tensor, n_blocks: int, heads: int, q_rotated: torch.Tensor | None = None
+                       ) -> torch.Tensor:
         if n_blocks <= self.cfg.topk or (self.cfg.dense_decoding and qb.shape[1] == 1):
             ids = torch.arange(n_blocks, device=self.store.repr.device).expand(heads, -1)
         else:
-            scores = self._block_scores(self._query_vector(qb), 0, n_blocks)  # (Hsel, N)
+            scores = self._block_scores(self._query_vector(qb, q_rotated), 0, n_blocks)  # (Hsel, N)
             ids = scores.topk(self.cfg.topk, dim=-1).indices.sort(dim=-1).values
         if self._device_counts is None or self._device_counts.shape[0] < n_blocks:
             grown = torch.zeros(max(2 * n_blocks, 64), dtype=torch.int32, device=ids.device)
