@@ -35,6 +35,7 @@ from huggingface_hub import try_to_load_from_cache
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from inf_llm.config import InfLLMConfig, ModelConfig
+from inf_llm.engine.packed_linear import pack_linear_layers
 from inf_llm.errors import ConfigError, ModelLoadError, ModelNotFoundError
 
 logger = logging.getLogger(__name__)
@@ -313,6 +314,8 @@ def load_model(cfg: InfLLMConfig, progress: ProgressCallback | None = None) -> L
     if tokenizer is None:  # cached weights, tokenizer from model.tokenizer_path (or missing from the cache)
         tokenizer = _load_tokenizer(tokenizer_source or source)
     _ensure_pad_token(tokenizer, model)
+    if model_cfg.cpu_packed_linear and device.type == "cpu" and model_cfg.device_map is None:
+        pack_linear_layers(model)  # after the cache write: packed weights are not saveable tensors
 
     seconds = time.perf_counter() - start
     loaded = LoadedModel(
