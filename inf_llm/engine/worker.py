@@ -22,6 +22,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 
@@ -32,6 +33,7 @@ from inf_llm.engine.generation import Generator, prepare_chat, prepare_text, sam
 from inf_llm.engine.templates import Message
 from inf_llm.errors import InfLLMError, NotReadyError, QueueFullError
 
+T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 # How long the worker waits for a job before checking whether it should exit.
@@ -326,11 +328,19 @@ class Engine:
 
 
 def load_engine(cfg: InfLLMConfig, progress: Callable[[str, float], None] | None = None, start: bool = True) -> Engine:
-    """Load the configured model, patch it with InfLLM attention and start the worker."""
+    """Load the configured model, patch it with InfLLM attention and start the worker.
+
+    Loading runs in a short-lived thread of its own, so the calling thread (a server's event loop, a
+    benchmark's or the terminal chat's main thread) never starts an OpenMP thread pool: the worker's must be
+    the only live one, or libgomp throttles every pool's spinning (see inf_llm/openmp.py).
+    """
     from inf_llm.engine.loading import load_model
 
-    loaded = load_model(cfg, progress=progress)
-    model = patch_model(loaded.model, cfg.model)
+    def load():
+        loaded = load_model(cfg, progress=progress)
+        return loaded, patch_model(loaded.model, cfg.model)
+
+    loaded, model = _in_own_thread(load, name="inf_llm-load")
     info = EngineInfo(
         model_name=cfg.server.model_name or str(loaded.source.origin or loaded.source),
         device=str(loaded.device), dtype=str(loaded.dtype).removeprefix("torch."),
@@ -338,3 +348,22 @@ def load_engine(cfg: InfLLMConfig, progress: Callable[[str, float], None] | None
     )
     engine = Engine(cfg, model, loaded.tokenizer, info)
     return engine.start() if start else engine
+
+
+def _in_own_thread(fn: Callable[[], T], name: str) -> T:
+    """fn() in a new thread that ends before this returns (its OpenMP pool ends with it); re-raises."""
+    result: list = []
+
+    def run() -> None:
+        try:
+            result.append((True, fn()))
+        except BaseException as exc:  # handed to the caller's thread, re-raised there
+            result.append((False, exc))
+
+    thread = threading.Thread(target=run, name=name)
+    thread.start()
+    thread.join()
+    ok, value = result[0]
+    if not ok:
+        raise value
+    return value
