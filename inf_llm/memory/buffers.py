@@ -31,6 +31,15 @@ def _grown(old: torch.Tensor, dim: int, capacity: int, used: slice) -> torch.Ten
     return new
 
 
+def _release_cached_pinned_memory() -> None:
+    """Hand outgrown pinned buffers back to the OS. torch's caching host allocator keeps freed page-locked
+    memory for reuse, so a pinned store growing by doubling held about twice its size (an 8.9 GB fp8 store
+    at 128K tokens: 15.5 GiB of process RSS). Blocks still used by a pending copy are kept by the allocator."""
+    empty = getattr(torch._C, "_accelerator_emptyHostCache", None) or getattr(torch._C, "_host_emptyCache", None)
+    if empty is not None and torch.cuda.is_available():
+        empty()
+
+
 class TokenBuffer:
     """K/V of the positions [first_pos, first_pos + length), stored as (H, capacity, D)."""
 
@@ -165,8 +174,11 @@ class BlockStore:
             return
         cap = max(2 * self.k.shape[0], self.count + extra)
         used = slice(0, self.count)
+        pinned = self.k.is_pinned()
         for name in self._tensors():
             setattr(self, name, _grown(getattr(self, name), 0, cap, used))
+        if pinned:
+            _release_cached_pinned_memory()
 
     def add_many(self, k: torch.Tensor, v: torch.Tensor, representatives: torch.Tensor, start_pos: list[int]) -> None:
         """k, v (n, Hkv, block_size, D); representatives (n, Hkv * D); start_pos: first position of each."""
