@@ -153,8 +153,10 @@ def decode_attention(
     q_g = q_glb.float().view(hkv, group, -1)  # (Hkv, G, D): GQA without copying K/V
     q_l = q_loc.float().view(hkv, group, -1)
     scores = torch.cat((q_g @ keys[:, :lg].transpose(1, 2), q_l @ keys[:, lg:].transpose(1, 2)), dim=-1).mul_(scale)
-    lse = torch.logsumexp(scores, dim=-1, keepdim=True)  # (Hkv, G, 1): finite, the window is never empty
-    probs = scores.sub_(lse).exp_()
+    probs = torch.softmax(scores, dim=-1)
+    # lse from the largest probability, p_max = exp(max - lse): same value to rounding, half the time of
+    # logsumexp + subtract + exp on a CPU (finite: the window is never empty)
+    lse = scores.amax(dim=-1, keepdim=True) - probs.amax(dim=-1, keepdim=True).log()  # (Hkv, G, 1)
     out = (probs @ values).view(hkv * group, -1).to(q_loc.dtype)
     return out, lse.view(-1), probs[..., lg:].sum(dim=1)
 
