@@ -38,14 +38,15 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
-from inf_llm.kernels.reference import NEG_INF, masked_attention, prefix_mask, window_mask
-# The single-query decode step stays in torch: a decode step is bound by host launches, not by the GPU, and
-# the torch op makes fewer of them than the two-stage kernels plus merge and scoring (measured on an H200,
-# Mistral-7B shape, blocks on the device: 70-120 -> 50-83 ms per token at 32K-128K; offloaded: 123-133 -> 99).
-from inf_llm.kernels.reference import decode_attention  # noqa: F401  (re-exported as this backend's op)
+# decode_attention is re-exported as this backend's op: the single-query decode step stays in torch, because
+# a decode step is bound by host launches, not by the GPU, and the torch op makes fewer of them than the
+# two-stage kernels plus merge and scoring (measured on an H200, Mistral-7B shape, blocks on the device:
+# 70-120 -> 50-83 ms per token at 32K-128K; offloaded: 123-133 -> 99).
+from inf_llm.kernels.reference import NEG_INF, decode_attention, masked_attention, prefix_mask, window_mask
 
 __all__ = [
     "NEG_INF",
+    "decode_attention",
     "masked_attention",
     "merge_partials",
     "prefix_attention",
