@@ -21,8 +21,8 @@ import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TypeVar
 
 import torch
 
@@ -33,7 +33,6 @@ from inf_llm.engine.generation import Generator, prepare_chat, prepare_text, sam
 from inf_llm.engine.templates import Message
 from inf_llm.errors import InfLLMError, NotReadyError, QueueFullError
 
-T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 # How long the worker waits for a job before checking whether it should exit.
@@ -340,7 +339,8 @@ def load_engine(cfg: InfLLMConfig, progress: Callable[[str, float], None] | None
         loaded = load_model(cfg, progress=progress)
         return loaded, patch_model(loaded.model, cfg.model)
 
-    loaded, model = _in_own_thread(load, name="inf_llm-load")
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="inf_llm-load") as pool:  # its thread ends at exit
+        loaded, model = pool.submit(load).result()
     info = EngineInfo(
         model_name=cfg.server.model_name or str(loaded.source.origin or loaded.source),
         device=str(loaded.device), dtype=str(loaded.dtype).removeprefix("torch."),
@@ -348,22 +348,3 @@ def load_engine(cfg: InfLLMConfig, progress: Callable[[str, float], None] | None
     )
     engine = Engine(cfg, model, loaded.tokenizer, info)
     return engine.start() if start else engine
-
-
-def _in_own_thread(fn: Callable[[], T], name: str) -> T:
-    """fn() in a new thread that ends before this returns (its OpenMP pool ends with it); re-raises."""
-    result: list = []
-
-    def run() -> None:
-        try:
-            result.append((True, fn()))
-        except BaseException as exc:  # handed to the caller's thread, re-raised there
-            result.append((False, exc))
-
-    thread = threading.Thread(target=run, name=name)
-    thread.start()
-    thread.join()
-    ok, value = result[0]
-    if not ok:
-        raise value
-    return value
