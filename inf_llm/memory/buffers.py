@@ -31,6 +31,13 @@ def _grown(old: torch.Tensor, dim: int, capacity: int, used: slice) -> torch.Ten
     return new
 
 
+def representative_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Representative keys and lookup vectors: float32, or wider for float64 models. Every lookup scores all
+    representatives, and converting N of them per lookup cost more than the scoring itself when decoding a
+    long context on a CPU."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def _release_cached_pinned_memory() -> None:
     """Hand outgrown pinned buffers back to the OS. torch's caching host allocator keeps freed page-locked
     memory for reuse, so a pinned store growing by doubling held about twice its size (an 8.9 GB fp8 store
@@ -159,10 +166,7 @@ class BlockStore:
             k_shape, v_shape = codec.scale_shape(block, keys=True), codec.scale_shape(block, keys=False)
             self.k_scale = torch.zeros(cap, *k_shape, device=storage_device, pin_memory=pin)
             self.v_scale = torch.zeros(cap, *v_shape, device=storage_device, pin_memory=pin)
-        # float32 (or wider): every lookup scores all of them in float32, and converting N of them per lookup
-        # cost more than the scoring itself when decoding a long context on a CPU
-        repr_dtype = torch.promote_types(dtype, torch.float32)
-        self.repr = torch.zeros(cap, num_heads * head_dim, dtype=repr_dtype, device=compute_device)
+        self.repr = torch.zeros(cap, num_heads * head_dim, dtype=representative_dtype(dtype), device=compute_device)
         self.start_pos: list[int] = []  # absolute position of each block's first token
         self.count = 0
 

@@ -27,7 +27,7 @@ import torch
 from inf_llm.config import CacheStrategy, MemoryType, ModelConfig
 from inf_llm.errors import ConfigError, MissingDependencyError
 from inf_llm.memory.block_cache import BlockCache
-from inf_llm.memory.buffers import BlockStore, TokenBuffer
+from inf_llm.memory.buffers import BlockStore, TokenBuffer, representative_dtype
 from inf_llm.memory.compression import BlockCodec
 from inf_llm.memory.rope import RotaryTable
 
@@ -113,7 +113,7 @@ class ContextMemory:
         self.hq, self.hkv, self.d = num_q_heads, num_kv_heads, head_dim
         self.group = num_q_heads // num_kv_heads
         self.dtype, self.device = dtype, device
-        self.repr_dtype = torch.promote_types(dtype, torch.float32)  # representatives and lookup vectors
+        self.repr_dtype = representative_dtype(dtype)
         self.n_local = cfg.n_local if self.policy.windowed else None
         self.n_init = cfg.n_init if self.policy.windowed else 0
         self.exc = cfg.exc_block_size if self.policy.windowed else None
