@@ -4,8 +4,8 @@ Decoding a small model on a CPU reads every weight once per token, so its speed 
 matrix-vector product reaches. `torch.nn.functional.linear` on a bf16 CPU tensor re-derives oneDNN's blocked
 weight layout on every call and reaches about 12 GB/s on this project's 2-core machine; the same oneDNN
 kernel on a weight packed once at load time reaches about 20 GB/s, with bit-identical outputs (SmolLM2-135M
-through the engine at 2K: decoding 17.3 -> 21.8 tokens/s, prefill 436 -> 522). It is what inductor's CPU backend does to frozen
-linear weights (`torch.ops.mkldnn._linear_pointwise`).
+through the engine at 2K: decoding 17.3 -> 21.8 tokens/s, prefill 436 -> 522). It is what inductor's CPU
+backend does to frozen linear weights (`torch.ops.mkldnn._linear_pointwise`).
 
 Those ops are private to torch, so `pack_linear_layers` first checks on a probe input that the packed layer
 returns exactly what `F.linear` returns, and leaves the model as it is (with a log line) when the ops are
