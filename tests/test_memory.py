@@ -85,6 +85,23 @@ def test_engine_matches_dense_reference(kind, pattern, exc):
         assert memory.store.count == (n - 32 - 4) // 8
 
 
+@pytest.mark.parametrize("pattern", ["odd_calls", "token_by_token"])
+def test_bfloat16_memory_follows_the_reference(pattern):
+    """A bf16 memory (the served dtype on CPUs with bf16) stays within bf16 rounding of the float64
+    reference, decode steps that restage some or most block slots included."""
+    n, topk = 220, 6  # 6 of ~20 blocks: decode steps restage a few slots, some steps most of them
+    q, k, v = (t.to(torch.bfloat16) for t in random_qkv(n, seed=7))
+    memory = make_memory("inf-llm", dtype=torch.bfloat16, topk=topk)
+    got = feed(memory, q, k, v, CALL_PATTERNS[pattern](n))
+    assert got.dtype == torch.bfloat16 and memory.store.k.dtype == torch.bfloat16
+    want, _ = dense_layer(
+        q.double(), k.double(), v.double(), kind="inf-llm", n_init=4, n_local=32, block_size=8, topk=topk,
+        repr_topk=2, blocks=exec_blocks(CALL_PATTERNS[pattern](n), 8), inv_freq=default_inv_freq(D),
+        scale=default_scale(D),
+    )
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=0.05)
+
+
 @pytest.mark.parametrize("global_keys", [0, 40])
 def test_decode_attention_op_equals_the_two_stage_ops(global_keys):
     """The single-query op = windowed + prefix attention merged by log-sum-exp, plus the window key scores."""

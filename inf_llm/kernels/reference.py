@@ -148,16 +148,17 @@ def decode_attention(
     """
     hkv, lg = k_loc.shape[0], k_glb.shape[1]
     group = q_loc.shape[0] // hkv
-    keys = torch.cat((k_glb, k_loc), dim=1).float()  # (Hkv, Lg+Ll, D): [global | window]
-    values = torch.cat((v_glb, v_loc), dim=1).float()
     q_g = q_glb.float().view(hkv, group, -1)  # (Hkv, G, D): GQA without copying K/V
     q_l = q_loc.float().view(hkv, group, -1)
-    scores = torch.cat((q_g @ keys[:, :lg].transpose(1, 2), q_l @ keys[:, lg:].transpose(1, 2)), dim=-1).mul_(scale)
-    probs = torch.softmax(scores, dim=-1)
+    # K/V are read where they lie (no concatenated copy; `.float()` is free when the memory keeps them in
+    # float32, as it does on CPUs): only the score rows are joined, for the one softmax
+    scores = torch.cat((q_g @ k_glb.float().transpose(1, 2), q_l @ k_loc.float().transpose(1, 2)), dim=-1)
+    probs = torch.softmax(scores.mul_(scale), dim=-1)  # (Hkv, G, Lg+Ll): [global | window]
     # lse from the largest probability, p_max = exp(max - lse): same value to rounding, half the time of
     # logsumexp + subtract + exp on a CPU (finite: the window is never empty)
     lse = scores.amax(dim=-1, keepdim=True) - probs.amax(dim=-1, keepdim=True).log()  # (Hkv, G, 1)
-    out = (probs @ values).view(hkv * group, -1).to(q_loc.dtype)
+    out = torch.baddbmm(probs[..., lg:] @ v_loc.float(), probs[..., :lg], v_glb.float())  # window + global
+    out = out.view(hkv * group, -1).to(q_loc.dtype)
     return out, lse.view(-1), probs[..., lg:].sum(dim=1)
 
 
