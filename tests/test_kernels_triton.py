@@ -323,11 +323,101 @@ def test_bad_scalars_raise():
         triton_attn.merge_partials(q, lse, q[:, :2], lse)
 
 
+# ---------------------------------------------------------------------------------------------------------
+# global_stage_into (the device path's global stage: blocks read in place, merged into the local partial)
+
+# (kv heads, group, Lq, D, sinks, store blocks, block size, selected, remainder, rem_offset, per-head ids)
+GLOBAL_CASES = [
+    pytest.param(2, 4, 9, 64, 5, 7, 8, 3, 13, -4, False, id="g4-odd-sinks-partial-tile-blocks"),
+    pytest.param(2, 3, 17, 32, 16, 6, 16, 4, 0, 0, False, id="g3-whole-tile-blocks-no-remainder"),
+    pytest.param(3, 1, 5, 64, 0, 5, 8, 2, 40, 3, True, id="mha-perhead-no-sinks"),
+    pytest.param(1, 2, 6, 16, 4, 3, 8, 0, 9, -7, False, id="no-blocks-early-rows-see-nothing"),
+    pytest.param(2, 2, 1, 64, 3, 9, 8, 5, 21, 21, False, id="single-query"),
+]
+
+
+def _global_inputs(hkv, group, lq, d, sinks, n_blocks, bs, k, rem, per_head, dtype, seed=3):
+    gen = torch.Generator().manual_seed(seed)
+    q = _rand(hkv * group, lq, d, dtype=dtype, gen=gen)
+    sink_k, sink_v = _rand(hkv, sinks, d, dtype=dtype, gen=gen), _rand(hkv, sinks, d, dtype=dtype, gen=gen)
+    store_k = _rand(n_blocks, hkv, bs, d, dtype=dtype, gen=gen)
+    store_v = _rand(n_blocks, hkv, bs, d, dtype=dtype, gen=gen)
+    ids = torch.stack([torch.randperm(n_blocks, generator=gen)[:k] for _ in range(hkv if per_head else 1)])
+    rem_k, rem_v = _rand(hkv, rem, d, dtype=dtype, gen=gen), _rand(hkv, rem, d, dtype=dtype, gen=gen)
+    out = _rand(hkv * group, lq, d, dtype=dtype, gen=gen)  # a local partial: some rows empty (out 0, lse -inf)
+    lse = torch.randn(hkv * group, lq, generator=gen).to(DEVICE)
+    lse[:, ::3] = float("-inf")
+    out[:, ::3] = 0
+    return q, out, lse, sink_k, sink_v, store_k, store_v, ids.to(DEVICE), rem_k, rem_v
+
+
+@pytest.mark.parametrize("hkv,group,lq,d,sinks,n_blocks,bs,k,rem,rem_offset,per_head", GLOBAL_CASES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_global_stage_into(hkv, group, lq, d, sinks, n_blocks, bs, k, rem, rem_offset, per_head, dtype):
+    """In-place global stage + merge equals the reference (prefix attention over the gathered keys, then
+    merge_partials), for partial and whole key tiles, per-head ids, empty parts and empty rows."""
+    inputs = _global_inputs(hkv, group, lq, d, sinks, n_blocks, bs, k, rem, per_head, dtype)
+    results = {}
+    for name, op, cast in (("got", triton_attn.global_stage_into, dtype), ("ref", reference.global_stage_into, dtype),
+                           ("gold", reference.global_stage_into, torch.float32)):
+        q, out, lse, sink_k, sink_v, store_k, store_v, ids, rem_k, rem_v = (
+            t.clone() if t.dtype in (torch.int64, torch.float32) and t.dim() <= 2 else t.to(cast) for t in inputs
+        )
+        out, lse = out.clone(), lse.clone()
+        op(q, out, lse, sink_k, sink_v, store_k, store_v, ids, rem_k, rem_v, rem_offset=rem_offset,
+           scale=1 / math.sqrt(d))
+        results[name] = (out, lse)
+    _check_attention(results["got"], results["ref"], results["gold"], dtype)
+
+
+def test_global_stage_into_rejects_bad_inputs():
+    q, out, lse, sink_k, sink_v, store_k, store_v, ids, rem_k, rem_v = _global_inputs(
+        2, 2, 4, 16, 2, 3, 8, 2, 5, False, torch.float32)
+    with pytest.raises(ValueError, match="block_ids"):
+        triton_attn.global_stage_into(q, out, lse, sink_k, sink_v, store_k, store_v, ids.float(), rem_k, rem_v,
+                                      rem_offset=0, scale=0.25)
+    with pytest.raises(ValueError, match="store_k"):
+        triton_attn.global_stage_into(q, out, lse, sink_k, sink_v, store_k[:, :1], store_v[:, :1], ids, rem_k,
+                                      rem_v, rem_offset=0, scale=0.25)
+    with pytest.raises(ValueError, match="rem_k"):
+        triton_attn.global_stage_into(q, out, lse, sink_k, sink_v, store_k, store_v, ids, rem_k.bfloat16(), rem_v,
+                                      rem_offset=0, scale=0.25)
+
+
+@pytest.mark.parametrize("perhead", [False, True])
+def test_memory_device_path_with_triton_ops_matches_host_path(perhead):
+    """ContextMemory's device path on the Triton ops (one global_stage_into per execution block, ids on the
+    device) against its host path on the torch ops: same outputs, same lookups, prefill and decode steps."""
+    from inf_llm.config import ModelConfig
+    from inf_llm.memory import ContextMemory, RotaryTable
+
+    d, hq, hkv, n = 16, 4, 2, 160
+    cfg = ModelConfig(type="inf-llm", n_init=4, n_local=32, block_size=8, topk=3, repr_topk=2, exc_block_size=16,
+                      max_cached_block=64, perhead=perhead)
+    gen = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(h, n, d, generator=gen) for h in (hq, hkv, hkv))
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))
+    memories = [
+        ContextMemory(cfg, RotaryTable(inv_freq, d), hq, hkv, d, torch.float32, torch.device("cpu"), ops,
+                      device_lookup=lookup)
+        for ops, lookup in ((triton_attn, True), (reference, False))
+    ]
+    outs, lookups = [[], []], [[], []]
+    for a, b in ((0, 70), (70, 71), (71, 72), (72, n)):
+        for i, memory in enumerate(memories):
+            outs[i].append(memory.process(q[:, a:b], k[:, a:b], v[:, a:b], 1 / math.sqrt(d)))
+            lookups[i].extend(memory.retrieved_last)
+    assert memories[0].device_lookup and not memories[1].device_lookup
+    torch.testing.assert_close(torch.cat(outs[0], dim=1), torch.cat(outs[1], dim=1), rtol=1e-4, atol=1e-5)
+    assert lookups[0] == lookups[1] and len(lookups[0]) > 5
+    assert memories[0].retrieval_counts == memories[1].retrieval_counts
+
+
 def test_reexports_match_reference():
     """Callers may take the mask helpers and the torch-only op from either backend module."""
     for name in ("window_mask", "prefix_mask", "masked_attention", "NEG_INF"):
         assert getattr(triton_attn, name) is getattr(reference, name)
-    for name in ("windowed_attention", "prefix_attention", "merge_partials", "window_key_scores"):
+    for name in ("windowed_attention", "prefix_attention", "merge_partials", "window_key_scores", "global_stage_into"):
         assert name in triton_attn.__all__
 
 

@@ -134,6 +134,38 @@ def merge_partials(
     return out.to(out_a.dtype), lse
 
 
+def global_stage_into(
+    q: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+    sink_k: torch.Tensor, sink_v: torch.Tensor,
+    store_k: torch.Tensor, store_v: torch.Tensor, block_ids: torch.Tensor,
+    rem_k: torch.Tensor, rem_v: torch.Tensor, *, rem_offset: int, scale: float,
+) -> None:
+    """The global stage of one execution block, merged in place into its local-stage result (one sequence,
+    no batch dimension: the memory's own layout, so no staging copy is needed).
+
+    q (Hq, Lq, D): the queries at the global angle. out (Hq, Lq, D) / lse (Hq, Lq) float32: the local
+    stage's partials, overwritten with the merged softmax. Keys, in this order: the sinks sink_k/v
+    (Hkv, S, D) and the blocks `block_ids` (Hsel, K) of the store store_k/v (N, Hkv, block_size, D), seen by
+    every query (Hsel 1: the same blocks for all heads; Hsel = Hkv: each KV head its own), then the
+    remainder rem_k/v (Hkv, R, D), of which query i sees the first clamp(i + rem_offset, 0, R).
+    Equals `prefix_attention` over the concatenated keys followed by `merge_partials`.
+    """
+    hkv, lq = sink_k.shape[0], q.shape[1]
+    n_sel, bs, d = block_ids.shape[1], store_k.shape[2], store_k.shape[3]
+    heads = torch.arange(hkv, device=q.device).unsqueeze(1)
+    ids = block_ids.expand(hkv, -1)  # (Hkv, K)
+    blocks_k = store_k[ids, heads].reshape(hkv, n_sel * bs, d)  # (Hkv, K * bs, D)
+    blocks_v = store_v[ids, heads].reshape(hkv, n_sel * bs, d)
+    keys = torch.cat((sink_k, blocks_k, rem_k), dim=1)
+    values = torch.cat((sink_v, blocks_v, rem_v), dim=1)
+    always = sink_k.shape[1] + n_sel * bs
+    visible = always + (torch.arange(lq, device=q.device) + rem_offset).clamp(0, rem_k.shape[1])
+    out_g, lse_g = prefix_attention(q[None], keys[None], values[None], scale=scale, visible=visible)
+    merged, merged_lse = merge_partials(out[None], lse[None], out_g, lse_g)
+    out.copy_(merged[0])
+    lse.copy_(merged_lse[0])
+
+
 def decode_attention(
     q_loc: torch.Tensor, k_loc: torch.Tensor, v_loc: torch.Tensor,
     q_glb: torch.Tensor, k_glb: torch.Tensor, v_glb: torch.Tensor, *, scale: float,

@@ -47,6 +47,7 @@ from inf_llm.kernels.reference import NEG_INF, decode_attention, masked_attentio
 __all__ = [
     "NEG_INF",
     "decode_attention",
+    "global_stage_into",
     "masked_attention",
     "merge_partials",
     "prefix_attention",
@@ -509,6 +510,114 @@ _window_key_scores_tuned = triton.autotune(
     cache_results=True,
 )(_window_key_scores_kernel)
 
+@triton.jit
+def _attend_block(
+    acc, m_i, l_i, q, StoreK, StoreV, ids_ptr, zero_r, kvh, stride_bn, stride_bh, stride_bt,
+    stride_bvn, stride_bvh, stride_bvt, block_size, qk_scale,
+    EVEN_BLOCKS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, INTERPRETER: tl.constexpr,
+):
+    """Online-softmax update with every key of the store block whose id is at ids_ptr (all visible)."""
+    block = tl.load(ids_ptr).to(tl.int64)
+    kvh64 = kvh.to(tl.int64)
+    k_base = StoreK + block * stride_bn + kvh64 * stride_bh
+    v_base = StoreV + block * stride_bvn + kvh64 * stride_bvh
+    if EVEN_BLOCKS:  # whole tiles: no masks
+        acc, m_i, l_i = _attn_tiles(
+            acc, m_i, l_i, q, k_base, v_base, stride_bt, stride_bvt, zero_r, zero_r + block_size, block_size,
+            0, block_size, 0, 0, qk_scale, False, HEAD_DIM, BLOCK_M, BLOCK_N, DOT_PRECISION, INTERPRETER,
+        )
+    else:
+        acc, m_i, l_i = _attn_tiles(
+            acc, m_i, l_i, q, k_base, v_base, stride_bt, stride_bvt, zero_r, zero_r + block_size, block_size,
+            0, block_size, 0, 0, qk_scale, True, HEAD_DIM, BLOCK_M, BLOCK_N, DOT_PRECISION, INTERPRETER,
+        )
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _global_stage_kernel(
+    Q, Out, Lse, SinkK, SinkV, StoreK, StoreV, Ids, RemK, RemV,
+    stride_qh, stride_qm, stride_oh, stride_om, stride_lh, stride_lm,
+    stride_sh, stride_sn, stride_svh, stride_svn,
+    stride_bn, stride_bh, stride_bt, stride_bvn, stride_bvh, stride_bvt,
+    stride_ih, stride_ik,
+    stride_rh, stride_rn, stride_rvh, stride_rvn,
+    q_len, n_sink, n_sel, block_size, n_rem, rem_offset, qk_scale,
+    PER_HEAD: tl.constexpr, EVEN_BLOCKS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, INTERPRETER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """`global_stage_into` for one (row tile, KV head): sinks, then the selected store blocks read in place
+    through their ids, then each row's visible remainder prefix, in one online softmax; then the merge with
+    the local partial already in Out/Lse (each program owns its rows: no races).
+
+    Grid (cdiv(G * Lq, BLOCK_M), Hkv); rows packed i * G + g as in `_attn_fwd_kernel`.
+    """
+    pid_m = tl.program_id(0)
+    kvh = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < q_len * GROUP
+    qi = rows // GROUP
+    head = (kvh * GROUP + rows % GROUP).to(tl.int64)
+    qi64 = qi.to(tl.int64)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q = tl.load(Q + (head * stride_qh + qi64 * stride_qm)[:, None] + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    acc = tl.full([BLOCK_M, HEAD_DIM], 0, tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.full([BLOCK_M], 0, tl.float32)
+    zero_r = tl.full([BLOCK_M], 0, tl.int32)
+    kvh64 = kvh.to(tl.int64)
+
+    acc, m_i, l_i = _attn_tiles(  # sinks: every row sees all of them
+        acc, m_i, l_i, q, SinkK + kvh64 * stride_sh, SinkV + kvh64 * stride_svh, stride_sn, stride_svn,
+        zero_r, zero_r + n_sink, n_sink, 0, n_sink, 0, 0, qk_scale,
+        True, HEAD_DIM, BLOCK_M, BLOCK_N, DOT_PRECISION, INTERPRETER,
+    )
+    ids_ptr = Ids + kvh64 * stride_ih if PER_HEAD else Ids
+    if INTERPRETER:  # see _attn_tiles: no tensor-bounded range in the interpreter
+        j = n_sel * 0
+        while j < n_sel:
+            acc, m_i, l_i = _attend_block(
+                acc, m_i, l_i, q, StoreK, StoreV, ids_ptr + j * stride_ik, zero_r, kvh, stride_bn, stride_bh,
+                stride_bt, stride_bvn, stride_bvh, stride_bvt, block_size, qk_scale,
+                EVEN_BLOCKS, HEAD_DIM, BLOCK_M, BLOCK_N, DOT_PRECISION, INTERPRETER,
+            )
+            j += 1
+    else:
+        for j in range(0, n_sel):
+            acc, m_i, l_i = _attend_block(
+                acc, m_i, l_i, q, StoreK, StoreV, ids_ptr + j * stride_ik, zero_r, kvh, stride_bn, stride_bh,
+                stride_bt, stride_bvn, stride_bvh, stride_bvt, block_size, qk_scale,
+                EVEN_BLOCKS, HEAD_DIM, BLOCK_M, BLOCK_N, DOT_PRECISION, INTERPRETER,
+            )
+    hi_r = tl.minimum(tl.maximum(qi + rem_offset, 0), n_rem)  # remainder: a prefix per row
+    hi_max = _max(tl.where(row_ok, hi_r, 0), 0, INTERPRETER)
+    acc, m_i, l_i = _attn_tiles(
+        acc, m_i, l_i, q, RemK + kvh64 * stride_rh, RemV + kvh64 * stride_rvh, stride_rn, stride_rvn,
+        zero_r, hi_r, n_rem, 0, hi_max, 0, 0, qk_scale,
+        True, HEAD_DIM, BLOCK_M, BLOCK_N, DOT_PRECISION, INTERPRETER,
+    )
+
+    # merge with the local partial by log-sum-exp (natural log), in float32
+    empty_g = l_i == 0.0
+    l_safe = tl.where(empty_g, 1.0, l_i)
+    lse_g = tl.where(empty_g, float("-inf"), (m_i + tl.math.log2(l_safe)) * _LN2)
+    o_ptrs = Out + (head * stride_oh + qi64 * stride_om)[:, None] + offs_d[None, :]
+    l_ptrs = Lse + head * stride_lh + qi64 * stride_lm
+    out_l = tl.load(o_ptrs, mask=row_ok[:, None], other=0.0).to(tl.float32)
+    lse_l = tl.load(l_ptrs, mask=row_ok, other=float("-inf"))
+    m = tl.maximum(lse_l, lse_g)
+    m_use = tl.where(m == float("-inf"), 0.0, m)
+    w_l = tl.exp(lse_l - m_use)
+    w_g = tl.exp(lse_g - m_use)
+    den = w_l + w_g
+    empty = den == 0.0
+    den_safe = tl.where(empty, 1.0, den)
+    merged = out_l * (w_l / den_safe)[:, None] + (acc / l_safe[:, None]) * (w_g / den_safe)[:, None]
+    tl.store(o_ptrs, _round_to(merged, Out.dtype.element_ty, INTERPRETER), mask=row_ok[:, None])
+    tl.store(l_ptrs, tl.where(empty, float("-inf"), m_use + tl.log(den_safe)), mask=row_ok)
+
+
 # True when triton was imported with TRITON_INTERPRET=1: kernels then run on CPU tensors (tests), with small
 # fixed tiles and no autotuning. Fixed at import, like the kernel objects themselves.
 _INTERPRETED = isinstance(_attn_fwd_kernel, InterpretedFunction)
@@ -801,3 +910,80 @@ def window_key_scores(
             grid = lambda meta: (triton.cdiv(lk, meta["BLOCK_N"]), b * hkv)  # noqa: E731
             _window_key_scores_tuned[grid](*args, triton.next_power_of_2(min(group * lq, 8192)), **const)
     return out
+
+
+def global_stage_into(
+    q: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+    sink_k: torch.Tensor, sink_v: torch.Tensor,
+    store_k: torch.Tensor, store_v: torch.Tensor, block_ids: torch.Tensor,
+    rem_k: torch.Tensor, rem_v: torch.Tensor, *, rem_offset: int, scale: float,
+) -> None:
+    """The global stage of one execution block merged in place into its local result, as
+    `reference.global_stage_into`, in ONE launch: store blocks are read where they lie (through their ids,
+    no gather into a staging buffer), the remainder's per-query prefix is computed in the kernel (no
+    `visible` tensor), and the merge happens before the single store (no partial written and re-read).
+
+    q (Hq, Lq, D), out (Hq, Lq, D) (q's dtype), lse (Hq, Lq) float32, sink_k/v (Hkv, S, D), store_k/v
+    (N, Hkv, block_size, D), block_ids (1 or Hkv, K) int32/int64 on the device (not bounds-checked: ids
+    come from a top-k over the store), rem_k/v (Hkv, R, D). Last dimensions contiguous.
+    """
+    scale = _check_scale(scale)
+    hq, lq, d = q.shape
+    hkv = sink_k.shape[0]
+    named = (("q", q, 3), ("out", out, 3), ("sink_k", sink_k, 3), ("sink_v", sink_v, 3), ("store_k", store_k, 4),
+             ("store_v", store_v, 4), ("rem_k", rem_k, 3), ("rem_v", rem_v, 3))
+    for name, t, nd in named:
+        _check_tensor(name, t, nd)
+        if t.device != q.device or t.dtype != q.dtype:
+            raise ValueError(f"{name} is {t.dtype} on {t.device}; expected {q.dtype} on {q.device} like q")
+        if t.numel() and t.stride(-1) != 1:
+            raise ValueError(f"{name} must be contiguous in its last dimension; call .contiguous() first")
+    _check_tensor("lse", lse, 2)
+    _check_tensor("block_ids", block_ids, 2)
+    if q.dtype not in _DTYPES:
+        raise ValueError(f"q must be float16, bfloat16 or float32, got {q.dtype}")
+    _check_device(q.device)
+    if d & (d - 1) or not _MIN_HEAD_DIM <= d <= _MAX_HEAD_DIM:
+        raise ValueError(f"head dim {d} is not supported: need a power of two in [{_MIN_HEAD_DIM}, {_MAX_HEAD_DIM}]")
+    if hkv == 0 or hq % hkv:
+        raise ValueError(f"q has {hq} heads, not a multiple of the {hkv} KV heads")
+    if out.shape != q.shape or lse.shape != (hq, lq) or lse.dtype != torch.float32:
+        raise ValueError(f"out {tuple(out.shape)} / lse {tuple(lse.shape)} {lse.dtype} must be {tuple(q.shape)} / "
+                         f"{(hq, lq)} float32")
+    if store_k.shape[1] != hkv or store_k.shape[3] != d or store_v.shape != store_k.shape:
+        raise ValueError(f"store_k {tuple(store_k.shape)} / store_v {tuple(store_v.shape)} must be (N, {hkv}, bs, {d})")
+    if block_ids.shape[0] not in (1, hkv) or block_ids.dtype not in (torch.int32, torch.int64):
+        raise ValueError(
+            f"block_ids must be (1 or {hkv}, K) int32/int64, got {tuple(block_ids.shape)} {block_ids.dtype}"
+        )
+    for name, t in (("sink", sink_k), ("rem", rem_k)):
+        if t.shape[0] != hkv or t.shape[2] != d:
+            raise ValueError(f"{name}_k {tuple(t.shape)} must be ({hkv}, n, {d})")
+    if sink_v.shape != sink_k.shape or rem_v.shape != rem_k.shape:
+        raise ValueError("sink_v / rem_v must have the shapes of sink_k / rem_k")
+    if lq == 0:
+        return
+    group = hq // hkv
+    block_size = store_k.shape[2]
+    if _INTERPRETED:
+        block_m = block_n = _INTERPRETER_BLOCK
+        tiles = {}
+    else:
+        # fixed tiles (no autotuner dispatch on this per-execution-block launch): 64 x 64 won the prefill
+        # shapes of _tune_configs on an H100
+        block_m, block_n = 64, 64
+        tiles = dict(num_warps=4, num_stages=2)
+    grid = (triton.cdiv(group * lq, block_m), hkv)
+    with _device_guard(q.device):
+        _global_stage_kernel[grid](
+            q, out, lse, sink_k, sink_v, store_k, store_v, block_ids, rem_k, rem_v,
+            *q.stride()[:2], *out.stride()[:2], *lse.stride(),
+            sink_k.stride(0), sink_k.stride(1), sink_v.stride(0), sink_v.stride(1),
+            *store_k.stride()[:3], *store_v.stride()[:3],
+            block_ids.stride(0), block_ids.stride(1),
+            rem_k.stride(0), rem_k.stride(1), rem_v.stride(0), rem_v.stride(1),
+            lq, sink_k.shape[1], block_ids.shape[1], block_size, rem_k.shape[1], int(rem_offset), scale * _LOG2E,
+            PER_HEAD=block_ids.shape[0] > 1, EVEN_BLOCKS=block_size % block_n == 0, GROUP=group, HEAD_DIM=d,
+            DOT_PRECISION=_dot_precision(q.dtype), INTERPRETER=_INTERPRETED, BLOCK_M=block_m, BLOCK_N=block_n,
+            **tiles,
+        )

@@ -183,8 +183,10 @@ class ContextMemory:
         bounds = self._exec_bounds(start, end)
         self._lookup = None
         self._call_qvecs = None
-        if self.policy.keeps_blocks and self.cfg.chunk_topk_calc and len(bounds) > 1 and not self.device_lookup:
-            self._call_qvecs = torch.stack([self._query_vector(q[:, s - start : e - start]) for s, e in bounds])
+        # Lookup vectors of all execution blocks at once: they depend on the queries only (the device path's
+        # per-block ops are host launches; chunk_topk_calc scores them in batches)
+        if self.policy.keeps_blocks and len(bounds) > 1 and (self.device_lookup or self.cfg.chunk_topk_calc):
+            self._call_qvecs = self._query_vectors(q, bounds, start)
         # Local stage of every query of the call in one launch: it depends on nothing the execution blocks
         # change (formation only moves the tail's front past keys no later query's window reaches).
         kv_start = self.tail.first_pos if self.n_local is None else max(start - self.n_local + 1, self.tail.first_pos)
@@ -212,8 +214,7 @@ class ContextMemory:
         for i, (s, e) in enumerate(bounds):
             rows = slice(s - start, e - start)
             if has_global and e - 1 - self.n_local >= 0:
-                out[:, rows], lse[:, rows] = self._attend_global(q[:, rows], q_glb[:, rows], out[:, rows],
-                                                                 lse[:, rows], s, e, i, scale)
+                self._attend_global(q[:, rows], q_glb[:, rows], out[:, rows], lse[:, rows], s, e, i, scale)
             if self.policy.keeps_blocks:  # probability each window key receives from the final softmax
                 w_start = max(s - self.n_local + 1, self.tail.first_pos)
                 received = self.ops.window_key_scores(
@@ -223,6 +224,7 @@ class ContextMemory:
                 self.tail.scores(w_start, e).add_(received[0])
             self.seen = e
             self._form_memory(e)
+        self._count_device_selections()
         return out
 
     def _decode_step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
@@ -253,6 +255,7 @@ class ContextMemory:
             self.tail.scores(window_start, p + 1).add_(received)
         self.seen = p + 1
         self._form_memory(p + 1)
+        self._count_device_selections()
         return out[:, None]
 
     @property
@@ -320,18 +323,39 @@ class ContextMemory:
             s = e
         return bounds
 
-    def _attend_global(self, qb, q_glb, out, lse, s: int, e: int, index: int, scale: float):
-        """Global stage of the execution block [s, e) merged into its local result: [sinks | retrieved blocks |
-        remainder] for keys out of each query's window (j <= p - n_local), keys un-rotated, queries at one
-        angle. Returns the merged (out, lse)."""
+    def _attend_global(self, qb, q_glb, out, lse, s: int, e: int, index: int, scale: float) -> None:
+        """Global stage of the execution block [s, e) merged in place into its local result (out, lse views):
+        [sinks | retrieved blocks | remainder] for keys out of each query's window (j <= p - n_local), keys
+        un-rotated, queries at one angle."""
+        if self.device_lookup:
+            self._attend_global_in_place(qb, q_glb, out, lse, s, e, index, scale)
+            return
         k_glb, v_glb, visible, selected = self._global_keys(qb, s, e, index)
         if k_glb.shape[1] == 0:
-            return out, lse
+            return
         out_g, lse_g = self.ops.prefix_attention(q_glb[None], k_glb[None], v_glb[None], scale=scale, visible=visible)
         merged, merged_lse = self.ops.merge_partials(out[None], lse[None], out_g, lse_g)
+        out.copy_(merged[0])
+        lse.copy_(merged_lse[0])
         if self.cache is not None and selected and self.cfg.cache_strategy == CacheStrategy.LRU_S:
-            self._update_block_scores(q_glb, k_glb[:, self.init_len :], merged_lse[0], selected, scale)
-        return merged[0], merged_lse[0]
+            self._update_block_scores(q_glb, k_glb[:, self.init_len :], lse, selected, scale)
+
+    def _attend_global_in_place(self, qb, q_glb, out, lse, s: int, e: int, index: int, scale: float) -> None:
+        """Device path (inf-llm, blocks on the compute device): one `global_stage_into` per execution block
+        reads sinks, the selected blocks (ids stay on the device) and the remainder where they lie; no
+        staging copies, no `visible` tensor, no separate merge (host launches bound this path on a GPU)."""
+        ids = self._select_blocks(qb, index)
+        if ids is None:
+            ids = torch.empty(1, 0, dtype=torch.int64, device=self.device)
+        tail_first = self.tail.first_pos
+        tail_end = max(e - self.n_local, tail_first)  # positions <= e - 1 - n_local: seen by some query here
+        self.ops.global_stage_into(
+            q_glb, out, lse, self.init_k[:, : self.init_len], self.init_v[:, : self.init_len],
+            self.store.k, self.store.v, ids, self.tail.keys(tail_first, tail_end),
+            self.tail.values(tail_first, tail_end),
+            rem_offset=s - self.n_local - tail_first + 1,  # query s+i sees remainder j iff j <= s+i - n_local
+            scale=scale,
+        )
 
     def _rebase_rotation(self, base: int) -> None:
         """Re-rotate the live keys from `base` on to positions relative to `base`."""
@@ -473,6 +497,28 @@ class ContextMemory:
         per_kv = q_rotated[:, 0].view(self.hkv, self.group, self.d).sum(dim=1)  # (Hkv, D)
         return per_kv if self.cfg.perhead else per_kv.reshape(1, -1)
 
+    def _query_vectors(self, q: torch.Tensor, bounds: list[tuple[int, int]], start: int) -> torch.Tensor:
+        """`_query_vector` of every execution block of a call, (n, Hsel, X), in a few ops: runs of full
+        blocks by one reshaped mean, a partial first or last block by its own."""
+        qf = q.to(self.repr_dtype)
+        means, k = [], 0
+        while k < len(bounds):
+            j = k
+            while j < len(bounds) and bounds[j][1] - bounds[j][0] == self.exc:
+                j += 1
+            if j > k:  # blocks k..j-1 are full: (Hq, j-k, D)
+                rows = qf[:, bounds[k][0] - start : bounds[j - 1][1] - start]
+                means.append(rows.unflatten(1, (j - k, self.exc)).mean(dim=2))
+                k = j
+            else:
+                s, e = bounds[k]
+                means.append(qf[:, s - start : e - start].mean(dim=1, keepdim=True))
+                k += 1
+        mean = means[0] if len(means) == 1 else torch.cat(means, dim=1)  # (Hq, n, D)
+        rotated = self.rope.rotate_at(mean, self.policy.global_query_pos)
+        per_kv = rotated.view(self.hkv, self.group, len(bounds), self.d).sum(dim=1).transpose(0, 1)  # (n, Hkv, D)
+        return per_kv if self.cfg.perhead else per_kv.reshape(len(bounds), 1, -1)
+
     def _block_scores(self, qvec: torch.Tensor, first: int, last: int) -> torch.Tensor:
         """Scores (..., Hsel, last-first) of blocks [first, last) for query vectors qvec (..., Hsel, X)."""
         reprs = self.store.representatives()[first:last]  # (N, Hkv*D), float32 (float64 in float64 tests)
@@ -490,7 +536,7 @@ class ContextMemory:
         topk = self.cfg.topk
         heads = self.hkv if self.cfg.perhead else 1
         if self.device_lookup and topk > 0:
-            return self._device_select(qb, n_blocks, heads, q_rotated)
+            return self._device_select(qb, n_blocks, heads, q_rotated, index)
         if n_blocks <= topk or (self.cfg.dense_decoding and qb.shape[1] == 1):
             ids = [list(range(n_blocks))] * heads
         elif topk == 0:
@@ -508,24 +554,38 @@ class ContextMemory:
         self._record(ids)
         return ids
 
-    def _device_select(self, qb: torch.Tensor, n_blocks: int, heads: int, q_rotated: torch.Tensor | None = None
-                       ) -> torch.Tensor:
+    def _device_select(self, qb: torch.Tensor, n_blocks: int, heads: int, q_rotated: torch.Tensor | None = None,
+                       index: int = 0) -> torch.Tensor:
         if n_blocks <= self.cfg.topk or (self.cfg.dense_decoding and qb.shape[1] == 1):
             ids = torch.arange(n_blocks, device=self.store.repr.device).expand(heads, -1)
         else:
-            scores = self._block_scores(self._query_vector(qb, q_rotated), 0, n_blocks)  # (Hsel, N)
+            qvec = self._call_qvecs[index] if self._call_qvecs is not None else self._query_vector(qb, q_rotated)
+            scores = self._block_scores(qvec, 0, n_blocks)  # (Hsel, N)
             ids = scores.topk(self.cfg.topk, dim=-1).indices.sort(dim=-1).values
+        self._retrieved.append(ids)  # counted once per forward, by _count_device_selections
+        return ids
+
+    def _count_device_selections(self) -> None:
+        """Device path: add this forward's selections to the per-block counts, on the device (a block counts
+        once per execution block, whatever the heads), in a few ops per forward, not per execution block."""
+        selections = [ids for ids in self._retrieved if isinstance(ids, torch.Tensor)]
+        if not selections:
+            return
+        n_blocks = self.store.count
         if self._device_counts is None or self._device_counts.shape[0] < n_blocks:
-            grown = torch.zeros(max(2 * n_blocks, 64), dtype=torch.int32, device=ids.device)
+            grown = torch.zeros(max(2 * n_blocks, 64), dtype=torch.int32, device=selections[0].device)
             if self._device_counts is not None:
                 grown[: self._device_counts.shape[0]] = self._device_counts
             self._device_counts = grown
-        # a block counts once per execution block, whatever the heads (index_fill_: a scalar fill, where
-        # `hit[ids] = 1` would copy the 1 from the host and stall the stream)
-        hit = torch.zeros(n_blocks, dtype=torch.int32, device=ids.device).index_fill_(0, ids.flatten(), 1)
-        self._device_counts[:n_blocks] += hit
-        self._retrieved.append(ids)
-        return ids
+        if all(ids.shape[0] == 1 for ids in selections):  # one id list per execution block: no duplicates
+            flat = torch.cat([ids[0] for ids in selections])
+            # index_put_ with a device scalar: `counts[flat] += 1` would copy the 1 from the host
+            one = torch.ones((), dtype=torch.int32, device=flat.device)
+            self._device_counts.index_put_((flat,), one, accumulate=True)
+            return
+        for ids in selections:  # perhead: a block selected by several heads counts once
+            hit = torch.zeros(n_blocks, dtype=torch.int32, device=ids.device).index_fill_(0, ids.flatten(), 1)
+            self._device_counts[:n_blocks] += hit
 
     def _batched_select(self, index: int) -> list[list[int]]:
         """chunk_topk_calc: score the execution blocks of `chunk_topk_calc` tokens in one matmul and one host
