@@ -274,6 +274,14 @@ def test_window_key_scores(b, hkv, group, lq, lk, d, q_offset, window, dtype):
     assert got.dtype == torch.float32 and got.shape == (b, hkv, lk)
     tol = 2 * _max_err(ref, gold) + SCORES_RTOL * max(1.0, gold.abs().max().item())
     assert _max_err(got, gold) <= tol
+    # `into`: added to running scores in place, through a strided view (the memory's score buffer)
+    running = _rand(b, hkv, lk + 9, dtype=torch.float32, gen=gen)
+    before = running.clone()
+    returned = triton_attn.window_key_scores(q, k, scale=scale, q_offset=q_offset, window=window, lse=lse,
+                                             into=running[..., 4 : 4 + lk])
+    assert returned.data_ptr() == running[..., 4:].data_ptr()
+    assert _max_err(running[..., 4 : 4 + lk], before[..., 4 : 4 + lk] + gold) <= tol + 1e-5
+    assert torch.equal(running[..., :4], before[..., :4]) and torch.equal(running[..., 4 + lk :], before[..., 4 + lk :])
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -195,13 +195,15 @@ def decode_attention(
 
 
 def window_key_scores(
-    q: torch.Tensor, k: torch.Tensor, *, scale: float, q_offset: int, window: int | None, lse: torch.Tensor
+    q: torch.Tensor, k: torch.Tensor, *, scale: float, q_offset: int, window: int | None, lse: torch.Tensor,
+    into: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-key attention probability mass received in the local stage, normalised by the FINAL lse.
 
     q (B, Hq, Lq, D), k (B, Hkv, Lk, D), lse (B, Hq, Lq) float32 = log-sum-exp over all keys each query
     attended (local and global). Returns (B, Hkv, Lk) float32: sum over visible queries and over the query
-    heads of each KV head's group of exp(q.k * scale - lse).
+    heads of each KV head's group of exp(q.k * scale - lse); added to `into` (same shape) and returned as it
+    when given.
     """
     b, hq, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
@@ -212,4 +214,4 @@ def window_key_scores(
     safe_lse = torch.where(torch.isfinite(lse_f), lse_f, torch.full_like(lse_f, float("inf")))
     probs = torch.matmul(qf, k.float().transpose(-1, -2))  # (B, Hkv, G*Lq, Lk)
     probs.mul_(scale).sub_(safe_lse).exp_().masked_fill_(~mask, 0.0)
-    return probs.sum(dim=2)
+    return probs.sum(dim=2) if into is None else into.add_(probs.sum(dim=2))

@@ -457,9 +457,10 @@ def _window_key_scores_kernel(
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_lb, stride_lh, stride_lm,
+    stride_ob, stride_oh,
     n_kv_heads, q_len, k_len, q_offset, window, qk_scale, tune_rows,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRETER: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ACCUMULATE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Per-key mass sum_{rows} exp(q.k * scale - lse_row) for one key tile of one (batch, KV head).
 
@@ -499,14 +500,17 @@ def _window_key_scores_kernel(
                 Q, Lse, k, cols, b64, kvh, r0, r_hi, q_offset, window, qk_scale, stride_qb, stride_qh, stride_qm,
                 stride_lb, stride_lh, stride_lm, GROUP, HEAD_DIM, DOT_PRECISION, INTERPRETER, BLOCK_M, BLOCK_N,
             )
-    out_base = Out + (b64 * n_kv_heads + kvh) * k_len
-    tl.store(out_base + cols, acc, mask=col_ok)
+    out_ptrs = Out + b64 * stride_ob + kvh.to(tl.int64) * stride_oh + cols
+    if ACCUMULATE:  # added to running scores (each program owns its keys: no atomics)
+        acc += tl.load(out_ptrs, mask=col_ok, other=0.0)
+    tl.store(out_ptrs, acc, mask=col_ok)
 
 
 _window_key_scores_tuned = triton.autotune(
     configs=_tune_configs(),
     key=["tune_rows", "HEAD_DIM", "GROUP"],
     prune_configs_by={"early_config_prune": _prune_configs},
+    restore_value=["Out"],  # tuning runs the kernel several times: accumulated scores must not add up
     cache_results=True,
 )(_window_key_scores_kernel)
 
@@ -869,13 +873,15 @@ def merge_partials(
 
 
 def window_key_scores(
-    q: torch.Tensor, k: torch.Tensor, *, scale: float, q_offset: int, window: int | None, lse: torch.Tensor
+    q: torch.Tensor, k: torch.Tensor, *, scale: float, q_offset: int, window: int | None, lse: torch.Tensor,
+    into: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-key probability mass of the local stage under the FINAL lse, as `reference.window_key_scores`.
 
     q (B, Hq, Lq, D), k (B, Hkv, Lk, D), lse (B, Hq, Lq) float (float32 expected) on one device. Returns
     (B, Hkv, Lk) float32: for each key, sum over the visible queries and the group's query heads of
-    exp(q.k * scale - lse). Queries with a non-finite lse contribute 0.
+    exp(q.k * scale - lse). Queries with a non-finite lse contribute 0. `into` (B, Hkv, Lk) float32, last
+    dimension contiguous: the scores are added to it in the same launch, and it is returned.
     """
     _check_qk(q, k, None)
     scale = _check_scale(scale)
@@ -891,15 +897,25 @@ def window_key_scores(
         raise ValueError(f"lse is on {lse.device} but q is on {q.device}")
     if lk > _MAX_POSITION:
         raise ValueError(f"k has {lk} keys, more than {_MAX_POSITION}")
-    out = torch.zeros((b, hkv, lk), dtype=torch.float32, device=q.device)  # (B, Hkv, Lk)
+    if into is not None:
+        _check_tensor("into", into, 3)
+        if into.shape != (b, hkv, lk) or into.dtype != torch.float32 or into.device != q.device:
+            raise ValueError(f"into is {tuple(into.shape)} {into.dtype} on {into.device}; expected "
+                             f"{(b, hkv, lk)} float32 on {q.device}")
+        if into.numel() and into.stride(-1) != 1:
+            raise ValueError("into must be contiguous in its last dimension")
+        out = into
+    else:
+        out = torch.zeros((b, hkv, lk), dtype=torch.float32, device=q.device)  # (B, Hkv, Lk)
     if out.numel() == 0 or lq == 0:
         return out
     group = hq // hkv
     args = (
-        q, k, lse, out, *q.stride()[:3], *k.stride()[:3], *lse.stride(),
+        q, k, lse, out, *q.stride()[:3], *k.stride()[:3], *lse.stride(), *out.stride()[:2],
         hkv, lq, lk, q_offset, win, scale * _LOG2E,
     )
-    const = dict(GROUP=group, HEAD_DIM=d, DOT_PRECISION=_dot_precision(q.dtype), INTERPRETER=_INTERPRETED)
+    const = dict(GROUP=group, HEAD_DIM=d, DOT_PRECISION=_dot_precision(q.dtype), INTERPRETER=_INTERPRETED,
+                 ACCUMULATE=into is not None)
     with _device_guard(q.device):
         if _INTERPRETED:
             grid = (triton.cdiv(lk, _INTERPRETER_BLOCK), b * hkv)

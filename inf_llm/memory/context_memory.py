@@ -217,11 +217,11 @@ class ContextMemory:
                 self._attend_global(q[:, rows], q_glb[:, rows], out[:, rows], lse[:, rows], s, e, i, scale)
             if self.policy.keeps_blocks:  # probability each window key receives from the final softmax
                 w_start = max(s - self.n_local + 1, self.tail.first_pos)
-                received = self.ops.window_key_scores(
+                self.ops.window_key_scores(
                     q_loc[None, :, rows], self.tail.rotated_keys(w_start, e)[None], scale=scale,
                     q_offset=s - w_start, window=self.n_local, lse=lse[None, :, rows],
+                    into=self.tail.scores(w_start, e)[None],
                 )
-                self.tail.scores(w_start, e).add_(received[0])
             self.seen = e
             self._form_memory(e)
         self._count_device_selections()
