@@ -164,7 +164,9 @@ def test_device_lookup_path_matches_host_path(perhead):
     host = make_memory("inf-llm", perhead=perhead, offload=True, max_cached_block=64)
     assert device.device_lookup and not host.device_lookup
     outs = [feed(m, q, k, v, [100, 1, 99, 100]) for m in (device, host)]
-    torch.testing.assert_close(outs[0], outs[1])
+    # the device path attends the blocks in score order, the host path in id order: the ops' float32
+    # sums differ in rounding only
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=2e-6)
     assert device.retrieved_last == host.retrieved_last and len(device.retrieved_last) > 3
     assert device.retrieval_counts == host.retrieval_counts and sum(device.retrieval_counts.values()) > 10
     device.reset_retrieval_counts()

@@ -241,7 +241,7 @@ def _attn_tiles(
     return acc, m_i, l_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["q_len", "k_len", "q_offset", "window"])  # lengths vary per call: no recompiles
 def _attn_fwd_kernel(
     Out, Lse, Visible, Q, K, V,
     stride_qb, stride_qh, stride_qm,
@@ -451,7 +451,7 @@ def _key_scores_step(
     return _sum(p, 1, INTERPRETER)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["q_len", "k_len", "q_offset", "window"])  # lengths vary per call: no recompiles
 def _window_key_scores_kernel(
     Q, K, Lse, Out,
     stride_qb, stride_qh, stride_qm,
@@ -539,7 +539,7 @@ def _attend_block(
     return acc, m_i, l_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["q_len", "n_sink", "n_sel", "n_rem", "rem_offset"])
 def _global_stage_kernel(
     Q, Out, Lse, SinkK, SinkV, StoreK, StoreV, Ids, RemK, RemV,
     stride_qh, stride_qm, stride_oh, stride_om, stride_lh, stride_lm,

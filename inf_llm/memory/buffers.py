@@ -185,7 +185,8 @@ class BlockStore:
             _release_cached_pinned_memory()
 
     def add_many(self, k: torch.Tensor, v: torch.Tensor, representatives: torch.Tensor, start_pos: list[int]) -> None:
-        """k, v (n, Hkv, block_size, D); representatives (n, Hkv * D); start_pos: first position of each."""
+        """k, v (n, Hkv, block_size, D); representatives (n, Hkv * D) or (n, Hkv, D) (may be strided: copied
+        in place, not reshaped first); start_pos: first position of each."""
         n = k.shape[0]
         self._reserve(n)
         new = slice(self.count, self.count + n)
@@ -196,7 +197,7 @@ class BlockStore:
             self.v_scale[new].copy_(v_scale, non_blocking=True)
         self.k[new].copy_(k, non_blocking=True)
         self.v[new].copy_(v, non_blocking=True)
-        self.repr[new].copy_(representatives)
+        self.repr[new].view(representatives.shape).copy_(representatives)
         self.start_pos.extend(start_pos)
         self.count += n
 
