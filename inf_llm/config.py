@@ -98,6 +98,12 @@ class ModelConfig(_Strict):
         "(null: when the model is on a GPU); false keeps them on the device, where lookups never sync the host",
     )
     offload_dtype: Literal["fp8", "int8"] | None = Field(None, description="compress host-side memory blocks")
+    offload_access: Literal["cache", "direct"] = Field(
+        "cache",
+        description="how offloaded blocks reach the GPU: cache (a device cache of max_cached_block blocks, "
+        "the block ids read by the host once per execution block) or direct (the GPU reads the selected "
+        "blocks from pinned host memory by id: no host sync, no cache; needs pin_memory, no offload_dtype)",
+    )
     cpu_packed_linear: bool = Field(
         True, description="CPU bf16: linear weights prepacked for oneDNN (same outputs, ~1.25x faster decoding)"
     )
@@ -190,6 +196,13 @@ class InfLLMConfig(_Strict):
                     "model.score_decay=%s has no effect with the default cache_strategy lru "
                     "(as in the original project); set cache_strategy: lru-s to use it",
                     m.score_decay,
+                )
+        if m.offload_access == "direct":
+            if m.offload is False or m.offload_dtype is not None or m.faiss or not m.pin_memory:
+                raise ValueError(
+                    "model.offload_access: direct reads offloaded blocks from pinned host memory on the GPU: it "
+                    "needs model.pin_memory: true and offloading (offload true or null), and works without "
+                    "offload_dtype and faiss; set offload_access: cache otherwise"
                 )
         if self.chunk_size % m.exc_block_size != 0:
             raise ValueError(

@@ -149,6 +149,11 @@ BAD_CONFIGS = {
         "model:\n  cache_strategy: lru-s\n  score_decay: 1.5\n",
         ["model.score_decay=1.5 is invalid", "less than or equal to 1"],
     ),
+    "direct offload access without pinned memory": (
+        "model:\n  offload_access: direct\n",
+        ["model.offload_access: direct", "model.pin_memory: true", "offload_access: cache"],
+    ),
+    "bad offload_access": ("model:\n  offload_access: zero-copy\n", ["model.offload_access='zero-copy'", "'direct'"]),
     "max_len <= n_init": ("max_len: 100\n", ["max_len (100) must be > model.n_init (128) for truncation: suffix"]),
     "bad conv_type": ("conv_type: alpaca\n", ["conv_type='alpaca' is invalid", "'llama-3-inst'"]),
     "bad truncation": ("truncation: prefix\n", ["truncation='prefix' is invalid", "'suffix' or 'error'"]),

@@ -393,23 +393,29 @@ def test_global_stage_into_rejects_bad_inputs():
 
 
 @pytest.mark.parametrize("perhead", [False, True])
-def test_memory_device_path_with_triton_ops_matches_host_path(perhead):
+@pytest.mark.parametrize("access", ["device", "direct"])
+def test_memory_device_path_with_triton_ops_matches_host_path(perhead, access):
     """ContextMemory's device path on the Triton ops (one global_stage_into per execution block, ids on the
-    device) against its host path on the torch ops: same outputs, same lookups, prefill and decode steps."""
+    device; `direct`: blocks fetched from the offloaded store by gather_blocks first) against its host path on
+    the torch ops: same outputs, same lookups, prefill and decode steps."""
     from inf_llm.config import ModelConfig
     from inf_llm.memory import ContextMemory, RotaryTable
 
     d, hq, hkv, n = 16, 4, 2, 160
     cfg = ModelConfig(type="inf-llm", n_init=4, n_local=32, block_size=8, topk=3, repr_topk=2, exc_block_size=16,
-                      max_cached_block=64, perhead=perhead)
+                      max_cached_block=64, perhead=perhead, offload_access="direct" if access == "direct" else "cache",
+                      pin_memory=access == "direct")
     gen = torch.Generator().manual_seed(11)
-    q, k, v = (torch.randn(h, n, d, generator=gen) for h in (hq, hkv, hkv))
-    inv_freq = 1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))
-    memories = [
-        ContextMemory(cfg, RotaryTable(inv_freq, d), hq, hkv, d, torch.float32, torch.device("cpu"), ops,
-                      device_lookup=lookup)
-        for ops, lookup in ((triton_attn, True), (reference, False))
+    q, k, v = (torch.randn(h, n, d, generator=gen).to(DEVICE) for h in (hq, hkv, hkv))
+    inv_freq = (1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))).to(DEVICE)
+    host_cfg = cfg.model_copy(update={"offload_access": "cache"})
+    memories = [  # on a GPU, `direct` reads the pinned host store from the kernel
+        ContextMemory(cfg, RotaryTable(inv_freq, d), hq, hkv, d, torch.float32, DEVICE, triton_attn,
+                      offload=access == "direct", device_lookup=True),
+        ContextMemory(host_cfg, RotaryTable(inv_freq, d), hq, hkv, d, torch.float32, DEVICE, reference,
+                      offload=False, device_lookup=False),
     ]
+    assert (memories[0].cache is None) and memories[0]._direct == (access == "direct")
     outs, lookups = [[], []], [[], []]
     for a, b in ((0, 70), (70, 71), (71, 72), (72, n)):
         for i, memory in enumerate(memories):
@@ -421,11 +427,38 @@ def test_memory_device_path_with_triton_ops_matches_host_path(perhead):
     assert memories[0].retrieval_counts == memories[1].retrieval_counts
 
 
+@pytest.mark.parametrize("per_head", [False, True])
+@pytest.mark.parametrize("block_size", [8, 24])
+@pytest.mark.parametrize("pinned", [False, pytest.param(True, marks=pytest.mark.skipif(INTERPRET, reason="GPU"))])
+def test_gather_blocks_into_strided_slots(per_head, block_size, pinned):
+    """The selected store blocks land in (K, Hkv, bs, D) slots of a staging-like buffer, as the reference;
+    on a GPU also from a pinned host store (read by the kernel over the bus)."""
+    gen = torch.Generator().manual_seed(5)
+    hkv, d, n_blocks, k = 3, 32, 7, 4
+    src_k = _rand(n_blocks, hkv, block_size, d, dtype=torch.bfloat16, gen=gen)
+    src_v = _rand(n_blocks, hkv, block_size, d, dtype=torch.bfloat16, gen=gen)
+    if pinned:
+        src_k, src_v = src_k.cpu().pin_memory(), src_v.cpu().pin_memory()
+    ids = torch.stack([torch.randperm(n_blocks, generator=gen)[:k] for _ in range(hkv if per_head else 1)])
+    ids = ids.to(DEVICE)
+    results = []
+    for op in (triton_attn.gather_blocks, reference.gather_blocks):
+        staging_k = torch.zeros(hkv, 5 + k * block_size, d, dtype=torch.bfloat16, device=DEVICE)  # [5 sinks | slots]
+        staging_v = torch.zeros_like(staging_k)
+        slots = [x[:, 5:].view(hkv, k, block_size, d).transpose(0, 1) for x in (staging_k, staging_v)]
+        op(src_k, src_v, ids, *slots)
+        results.append((staging_k, staging_v))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+    assert torch.equal(results[0][0][1, 5 : 5 + block_size].cpu(), src_k[ids[1 if per_head else 0, 0], 1].cpu())
+    assert (results[0][0][:, :5] == 0).all()
+
+
 def test_reexports_match_reference():
     """Callers may take the mask helpers and the torch-only op from either backend module."""
     for name in ("window_mask", "prefix_mask", "masked_attention", "NEG_INF"):
         assert getattr(triton_attn, name) is getattr(reference, name)
-    for name in ("windowed_attention", "prefix_attention", "merge_partials", "window_key_scores", "global_stage_into"):
+    for name in ("windowed_attention", "prefix_attention", "merge_partials", "window_key_scores", "global_stage_into",
+                 "gather_blocks"):
         assert name in triton_attn.__all__
 
 

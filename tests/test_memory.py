@@ -173,6 +173,20 @@ def test_device_lookup_path_matches_host_path(perhead):
     assert device.retrieval_counts == {}
 
 
+@pytest.mark.parametrize("perhead", [False, True])
+def test_direct_offload_access_matches_the_block_cache(perhead):
+    """offload_access: direct (the selected blocks fetched from the host store by id on the device, no cache,
+    no host sync) attends the same blocks as the block cache path, prefill and decode steps."""
+    q, k, v = random_qkv(300, seed=6)
+    direct = make_memory("inf-llm", perhead=perhead, offload=True, offload_access="direct", pin_memory=True)
+    cached = make_memory("inf-llm", perhead=perhead, offload=True, max_cached_block=64)
+    assert direct.device_lookup and direct.cache is None and not cached.device_lookup
+    outs = [feed(m, q, k, v, [100, 1, 99, 1, 1, 98]) for m in (direct, cached)]
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=2e-6)  # score vs id order: float32 sums
+    assert direct.retrieved_last == cached.retrieved_last and len(direct.retrieved_last) > 3
+    assert direct.retrieval_counts == cached.retrieval_counts
+
+
 def test_perhead_retrieval_differs_per_head_and_matches_single_head_when_one_kv_head():
     q, k, v = random_qkv(200, hq=2, hkv=1, seed=5)
     a = make_memory("inf-llm", hq=2, hkv=1, perhead=True)

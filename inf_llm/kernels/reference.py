@@ -134,6 +134,22 @@ def merge_partials(
     return out.to(out_a.dtype), lse
 
 
+def gather_blocks(
+    src_k: torch.Tensor, src_v: torch.Tensor, block_ids: torch.Tensor, dst_k: torch.Tensor, dst_v: torch.Tensor
+) -> None:
+    """dst[j, h] = src[block_ids[h or 0, j], h] for K and V: the selected store blocks into device slots.
+
+    src_k/v (N, Hkv, block_size, D) (the store, possibly on the host), block_ids (1 or Hkv, K) int,
+    dst_k/v (K, Hkv, block_size, D) (any strides). Here through the host when src is elsewhere (the Triton
+    op reads pinned host memory from the GPU instead).
+    """
+    hkv = dst_k.shape[1]
+    ids = block_ids.to(src_k.device).expand(hkv, -1)  # (Hkv, K)
+    heads = torch.arange(hkv, device=src_k.device).unsqueeze(1)
+    dst_k.copy_(src_k[ids, heads].transpose(0, 1))  # (Hkv, K, bs, D) -> (K, Hkv, bs, D)
+    dst_v.copy_(src_v[ids, heads].transpose(0, 1))
+
+
 def global_stage_into(
     q: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
     sink_k: torch.Tensor, sink_v: torch.Tensor,

@@ -47,6 +47,7 @@ from inf_llm.kernels.reference import NEG_INF, decode_attention, masked_attentio
 __all__ = [
     "NEG_INF",
     "decode_attention",
+    "gather_blocks",
     "global_stage_into",
     "masked_attention",
     "merge_partials",
@@ -622,6 +623,33 @@ def _global_stage_kernel(
     tl.store(l_ptrs, tl.where(empty, float("-inf"), m_use + tl.log(den_safe)), mask=row_ok)
 
 
+@triton.jit
+def _gather_blocks_kernel(
+    SrcK, SrcV, Ids, DstK, DstV,
+    stride_sn, stride_sh, stride_st, stride_svn, stride_svh, stride_svt,
+    stride_ih, stride_ik,
+    stride_dn, stride_dh, stride_dt, stride_dvn, stride_dvh, stride_dvt,
+    PER_HEAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    """Dst[j, h] = Src[ids[h or 0, j], h] for K and V. Grid (K, Hkv). Src may be pinned host memory, read
+    by the GPU over the bus (the ids never leave the device); Dst is on the device."""
+    j = tl.program_id(0)
+    h = tl.program_id(1).to(tl.int64)
+    ids_ptr = Ids + (h * stride_ih if PER_HEAD else 0) + j * stride_ik
+    block = tl.load(ids_ptr).to(tl.int64)
+    offs_d = tl.arange(0, HEAD_DIM)
+    j64 = j.to(tl.int64)
+    for t0 in range(0, BLOCK_SIZE, BLOCK_T):  # a constexpr bound: fixed per model, unrolled
+        t = t0 + tl.arange(0, BLOCK_T)
+        ok = (t < BLOCK_SIZE)[:, None]
+        src = block * stride_sn + h * stride_sh + t[:, None].to(tl.int64) * stride_st + offs_d[None, :]
+        dst = j64 * stride_dn + h * stride_dh + t[:, None].to(tl.int64) * stride_dt + offs_d[None, :]
+        tl.store(DstK + dst, tl.load(SrcK + src, mask=ok), mask=ok)
+        src_v = block * stride_svn + h * stride_svh + t[:, None].to(tl.int64) * stride_svt + offs_d[None, :]
+        dst_v = j64 * stride_dvn + h * stride_dvh + t[:, None].to(tl.int64) * stride_dvt + offs_d[None, :]
+        tl.store(DstV + dst_v, tl.load(SrcV + src_v, mask=ok), mask=ok)
+
+
 # True when triton was imported with TRITON_INTERPRET=1: kernels then run on CPU tensors (tests), with small
 # fixed tiles and no autotuning. Fixed at import, like the kernel objects themselves.
 _INTERPRETED = isinstance(_attn_fwd_kernel, InterpretedFunction)
@@ -1002,4 +1030,48 @@ def global_stage_into(
             PER_HEAD=block_ids.shape[0] > 1, EVEN_BLOCKS=block_size % block_n == 0, GROUP=group, HEAD_DIM=d,
             DOT_PRECISION=_dot_precision(q.dtype), INTERPRETER=_INTERPRETED, BLOCK_M=block_m, BLOCK_N=block_n,
             **tiles,
+        )
+
+
+def gather_blocks(
+    src_k: torch.Tensor, src_v: torch.Tensor, block_ids: torch.Tensor, dst_k: torch.Tensor, dst_v: torch.Tensor
+) -> None:
+    """dst[j, h] = src[block_ids[h or 0, j], h] for K and V, as `reference.gather_blocks`, in one launch.
+
+    src_k/v (N, Hkv, block_size, D) on the device or in pinned host memory (read by the GPU directly: the
+    ids stay on the device, so offloaded blocks are fetched without a host sync); block_ids (1 or Hkv, K)
+    int on the device (not bounds-checked: they come from a top-k over the store); dst_k/v (K, Hkv,
+    block_size, D) on the device, any strides with a contiguous last dimension (e.g. staging slots).
+    """
+    for name, t in (("src_k", src_k), ("src_v", src_v), ("dst_k", dst_k), ("dst_v", dst_v)):
+        _check_tensor(name, t, 4)
+        if t.numel() and t.stride(-1) != 1:
+            raise ValueError(f"{name} must be contiguous in its last dimension")
+    _check_tensor("block_ids", block_ids, 2)
+    n_sel, hkv, block_size, d = dst_k.shape
+    if dst_v.shape != dst_k.shape or src_k.shape[1:] != (hkv, block_size, d) or src_v.shape != src_k.shape:
+        raise ValueError(f"src {tuple(src_k.shape)}/{tuple(src_v.shape)} and dst {tuple(dst_k.shape)}/"
+                         f"{tuple(dst_v.shape)} must be (N, Hkv, bs, D) and (K, Hkv, bs, D)")
+    if block_ids.shape[0] not in (1, hkv) or block_ids.shape[1] != n_sel:
+        raise ValueError(f"block_ids {tuple(block_ids.shape)} must be (1 or {hkv}, {n_sel})")
+    if block_ids.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"block_ids must be int32/int64, got {block_ids.dtype}")
+    if src_k.dtype != dst_k.dtype or src_v.dtype != dst_v.dtype:
+        raise ValueError(f"src ({src_k.dtype}) and dst ({dst_k.dtype}) dtypes differ")
+    _check_device(dst_k.device)
+    if block_ids.device != dst_k.device or dst_v.device != dst_k.device:
+        raise ValueError("block_ids, dst_k and dst_v must be on one device")
+    if src_k.device != dst_k.device and not (src_k.is_pinned() and src_v.is_pinned()):
+        raise ValueError(f"src on {src_k.device} must be pinned host memory (or on {dst_k.device})")
+    if d & (d - 1) or d > _MAX_HEAD_DIM:
+        raise ValueError(f"head dim {d} is not supported: need a power of two <= {_MAX_HEAD_DIM}")
+    if n_sel == 0 or hkv == 0 or block_size == 0:
+        return
+    with _device_guard(dst_k.device):
+        _gather_blocks_kernel[(n_sel, hkv)](
+            src_k, src_v, block_ids, dst_k, dst_v,
+            *src_k.stride()[:3], *src_v.stride()[:3], *block_ids.stride(),
+            *dst_k.stride()[:3], *dst_v.stride()[:3],
+            PER_HEAD=block_ids.shape[0] > 1, HEAD_DIM=d, BLOCK_SIZE=block_size,
+            BLOCK_T=_INTERPRETER_BLOCK if _INTERPRETED else 32,
         )

@@ -47,6 +47,15 @@ def _release_cached_pinned_memory() -> None:
         empty()
 
 
+def _wait_for_device_access(storage: torch.Tensor) -> None:
+    """Before the host touches pinned store memory: the device may still be writing it (asynchronous
+    copies of new blocks) or reading it (offload_access: direct gathers blocks from it in a kernel,
+    which the caching host allocator does not track). Rare (growth, saving), so a stream sync is cheap."""
+    if storage.is_pinned() and torch.cuda.is_available() and torch.cuda.is_initialized():
+        for device in range(torch.cuda.device_count()):  # whichever GPU the layer runs on
+            torch.cuda.synchronize(device)
+
+
 class TokenBuffer:
     """K/V of the positions [first_pos, first_pos + length), stored as (H, capacity, D)."""
 
@@ -179,6 +188,7 @@ class BlockStore:
         cap = max(2 * self.k.shape[0], self.count + extra)
         used = slice(0, self.count)
         pinned = self.k.is_pinned()
+        _wait_for_device_access(self.k)  # the host copies the old buffers: let queued writes and reads end
         for name in self._tensors():
             setattr(self, name, _grown(getattr(self, name), 0, cap, used))
         if pinned:
@@ -235,6 +245,7 @@ class BlockStore:
 
     def state(self) -> dict:
         """Saved in the model dtype, whatever the codec: a saved session loads under any offload setting."""
+        _wait_for_device_access(self.k)  # pending device-to-host copies of the latest blocks
         n = self.count
         k, v = self.read(0, n)
         return {"k": k.clone(), "v": v.clone(), "repr": self.repr[:n].clone(), "start_pos": list(self.start_pos)}

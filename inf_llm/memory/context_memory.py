@@ -151,7 +151,7 @@ class ContextMemory:
             codec = BlockCodec.of(cfg.offload_dtype) if cfg.offload_dtype is not None else None
             self.store = BlockStore(num_kv_heads, cfg.block_size, head_dim, dtype, storage, device, cfg.pin_memory,
                                     codec)
-            if offload:
+            if offload and cfg.offload_access == "cache":
                 self.cache = BlockCache(
                     cfg.max_cached_block, CacheStrategy(cfg.cache_strategy), cfg.effective_score_decay,
                     (num_kv_heads, cfg.block_size, head_dim), dtype, device, copy_stream,
@@ -159,13 +159,20 @@ class ContextMemory:
             if cfg.faiss:
                 self._faiss_index = _new_faiss_index(num_kv_heads * head_dim if not cfg.perhead else head_dim,
                                                      num_kv_heads if cfg.perhead else 1)
-        # Device path: blocks live on the compute device and lookups stay there (top-k ids are never read by
-        # the host, so a forward pass makes no host sync). Host paths: an offloaded store (the block cache
-        # needs the ids on the host) or faiss (a host index). On a CPU a host sync costs nothing, and the host
-        # path restages only the blocks that changed (decoding mostly retrieves the same ones), so it is the
-        # default there (device_lookup=True forces the device path, for tests).
+        # Device path: blocks live on the compute device, or in pinned host memory read by the GPU by id
+        # (offload_access: direct), and lookups stay on the device (top-k ids are never read by the host, so
+        # a forward pass makes no host sync). Host paths: the block cache (it needs the ids on the host) or
+        # faiss (a host index). On a CPU a host sync costs nothing, and the host path restages only the
+        # blocks that changed (decoding mostly retrieves the same ones), so it is the default there
+        # (device_lookup=True forces the device path, for tests).
+        # offload_access: direct: the selected blocks are fetched into device slots before each global stage
+        self._direct = self.store is not None and offload and cfg.offload_access == "direct"
         possible = self.store is not None and self.cache is None and self._faiss_index is None
-        self.device_lookup = possible and (device.type != "cpu" if device_lookup is None else device_lookup)
+        self.device_lookup = possible and (
+            device.type != "cpu" or self._direct if device_lookup is None else device_lookup
+        )
+        self._fetched: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._slot_ids: torch.Tensor | None = None  # direct: 0..topk-1, the fetched blocks' slots
 
     # ------------------------------------------------------------------------------------------ public
     def process(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
@@ -287,7 +294,7 @@ class ContextMemory:
             if self.cache is not None:
                 device_bytes += self.cache.nbytes()
                 host_bytes += storage
-            elif self.device.type == "cpu":
+            elif self.device.type == "cpu" or self.store.k.device.type == "cpu":  # CPU model, or direct
                 host_bytes += storage
             else:
                 device_bytes += storage
@@ -347,11 +354,14 @@ class ContextMemory:
         ids = self._select_blocks(qb, index)
         if ids is None:
             ids = torch.empty(1, 0, dtype=torch.int64, device=self.device)
+        store_k, store_v = self.store.k, self.store.v
+        if self._direct:  # fetch the selected blocks from (pinned) host memory, by id
+            store_k, store_v, ids = self._fetch_blocks(ids)
         tail_first = self.tail.first_pos
         tail_end = max(e - self.n_local, tail_first)  # positions <= e - 1 - n_local: seen by some query here
         self.ops.global_stage_into(
             q_glb, out, lse, self.init_k[:, : self.init_len], self.init_v[:, : self.init_len],
-            self.store.k, self.store.v, ids, self.tail.keys(tail_first, tail_end),
+            store_k, store_v, ids, self.tail.keys(tail_first, tail_end),
             self.tail.values(tail_first, tail_end),
             rem_offset=s - self.n_local - tail_first + 1,  # query s+i sees remainder j iff j <= s+i - n_local
             scale=scale,
@@ -410,19 +420,28 @@ class ContextMemory:
         return k_glb[:, : fixed + n_tail], v_glb[:, : fixed + n_tail], visible, staged
 
     def _gather_blocks(self, ids: torch.Tensor, k_glb, v_glb, at: int) -> None:
-        """Device path: copy the selected blocks (ids (Hsel, k) on the device) from the store into staging
-        slots [at, at + k * block_size), one gather per K and V, no host sync."""
+        """Device path: copy the selected blocks (ids (Hsel, k) on the device) from the store (on the device,
+        or pinned on the host with offload_access: direct) into staging slots [at, at + k * block_size), in
+        one gather, no host sync."""
         bs, n = self.cfg.block_size, ids.shape[1] * self.cfg.block_size
-        dst_k = k_glb[:, at : at + n].view(self.hkv, ids.shape[1], bs, self.d)
-        dst_v = v_glb[:, at : at + n].view(self.hkv, ids.shape[1], bs, self.d)
-        if ids.shape[0] == 1:
-            dst_k.copy_(self.store.k.index_select(0, ids[0]).transpose(0, 1))
-            dst_v.copy_(self.store.v.index_select(0, ids[0]).transpose(0, 1))
-        else:  # perhead: head h reads its own blocks
-            heads = torch.arange(self.hkv, device=ids.device).unsqueeze(1)
-            dst_k.copy_(self.store.k[ids, heads])
-            dst_v.copy_(self.store.v[ids, heads])
+        dst_k = k_glb[:, at : at + n].view(self.hkv, ids.shape[1], bs, self.d).transpose(0, 1)  # (k, Hkv, bs, D)
+        dst_v = v_glb[:, at : at + n].view(self.hkv, ids.shape[1], bs, self.d).transpose(0, 1)
+        self.ops.gather_blocks(self.store.k, self.store.v, ids, dst_k, dst_v)
         self._staged_blocks = []  # the host path's slot bookkeeping no longer matches the staging buffer
+
+    def _fetch_blocks(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """offload_access: direct: the selected blocks (ids (Hsel, k) on the device) read from the pinned host
+        store into device slots, each head's own blocks in its slots. Returns (K, V, slot ids) in the
+        store's layout for `global_stage_into`."""
+        n_sel = ids.shape[1]
+        if self._fetched is None or self._fetched[0].shape[0] < n_sel:
+            shape = (max(n_sel, self.cfg.topk), self.hkv, self.cfg.block_size, self.d)
+            self._fetched = (torch.empty(shape, dtype=self.dtype, device=self.device),
+                             torch.empty(shape, dtype=self.dtype, device=self.device))
+            self._slot_ids = torch.arange(shape[0], device=self.device).unsqueeze(0)
+        fetched_k, fetched_v = self._fetched[0][:n_sel], self._fetched[1][:n_sel]
+        self.ops.gather_blocks(self.store.k, self.store.v, ids, fetched_k, fetched_v)
+        return fetched_k, fetched_v, self._slot_ids[:, :n_sel]
 
     def _stage_blocks(self, ids_per_head: list[list[int]], k_glb, v_glb, at: int) -> list[int]:
         """Write the selected blocks into staging slots [at, at + n_sel * block_size); returns the block id of
