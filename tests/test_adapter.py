@@ -101,6 +101,30 @@ def test_session_turns_equal_concatenation_and_survive_save_load(tmp_path):
             InfLLMCache.load(tmp_path / "doc.pt", model)
 
 
+def test_direct_offload_access_through_the_model_and_a_saved_session(tmp_path):
+    """offload_access: direct through transformers (blocks offloaded, fetched by id on the device path) gives
+    the logits and lookups of the blocks-on-the-device default, token by token too, and its saved state
+    continues identically."""
+    model = build_tiny_model("llama", seed=9)
+    ids = torch.randint(3, 300, (1, 260), generator=torch.Generator().manual_seed(10))
+    results = []
+    for access, offload in (("direct", True), ("cache", False)):
+        with torch.no_grad(), patched(model, type="inf-llm", offload_access=access, pin_memory=True, **SMALL):
+            cache = InfLLMCache(model, offload=offload)
+            logits = [forward(model, ids[:, :240], cache, chunk=64)]
+            logits += [forward(model, ids[:, p : p + 1], cache) for p in range(240, 250)]
+            lookups = [layer.memory.retrieved_last for layer in cache.layers]
+            if access == "direct":
+                assert all(layer.memory.cache is None and layer.memory.device_lookup for layer in cache.layers)
+                cache.save(tmp_path / "direct.pt")
+                continued = forward(model, ids[:, 250:], cache)
+                restored = InfLLMCache.load(tmp_path / "direct.pt", model, offload=True)
+                torch.testing.assert_close(forward(model, ids[:, 250:], restored), continued, rtol=0, atol=1e-5)
+        results.append((torch.cat(logits, dim=1), lookups))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-4, atol=1e-4)
+    assert results[0][1] == results[1][1]
+
+
 def test_introspection_reports_blocks_ranges_and_bytes():
     model = build_tiny_model("mistral", seed=7)
     ids = torch.randint(3, 300, (1, 300), generator=torch.Generator().manual_seed(8))

@@ -3,9 +3,10 @@ engine on the same model and inputs. Marked `gpu` (deselected by default; `pytes
 
 - float32: the kernels compute with IEEE fp32 dots, so both paths retrieve exactly the same blocks at every
   lookup of every layer and their logits agree to float32 rounding.
-- bfloat16 (the serving dtype): logits agree within bf16 tolerance (cosine similarity > 0.999) and most lookups agree (a near-tie
-  between two blocks' scores may resolve differently under another summation order).
-Both with the blocks on the device (lookups without host syncs) and offloaded to host memory.
+- bfloat16 (the serving dtype): logits agree within bf16 tolerance (cosine similarity > 0.999) and most
+  lookups agree (a near-tie between two blocks' scores may resolve differently under another summation order).
+With the blocks on the device (lookups without host syncs), offloaded to host memory behind the block
+cache, and offloaded with `offload_access: direct` (read from pinned memory by id on the device).
 """
 
 from __future__ import annotations
@@ -32,9 +33,12 @@ MEMORY = [
 TOKENS = 3000
 
 
-def run(model, fattn: bool, offload: bool, ids: torch.Tensor):
-    """Prefill `ids` in chunks; returns (logits of the last chunk, lookups per layer over the whole prefill)."""
-    cfg = load_config(CONFIG, [*MEMORY, f"model.fattn={str(fattn).lower()}", f"model.offload={str(offload).lower()}"])
+def run(model, fattn: bool, offload: bool | str, ids: torch.Tensor):
+    """Prefill `ids` in chunks; returns (logits of the last chunk, lookups per layer over the whole prefill).
+    offload "direct": offloaded to pinned host memory, read by id on the device (offload_access: direct)."""
+    access = ["model.offload_access=direct", "model.pin_memory=true"] if offload == "direct" else []
+    cfg = load_config(CONFIG, [*MEMORY, f"model.fattn={str(fattn).lower()}",
+                               f"model.offload={str(bool(offload)).lower()}", *access])
     patch_model(model, cfg.model)
     cache = InfLLMCache(model)
     kw = cache_kwargs(model, cache)
@@ -49,7 +53,7 @@ def run(model, fattn: bool, offload: bool, ids: torch.Tensor):
 
 
 @pytest.mark.parametrize("head_dim", [64, 128])
-@pytest.mark.parametrize("offload", [False, True])
+@pytest.mark.parametrize("offload", [False, True, "direct"])
 def test_fast_path_matches_torch_path_float32(head_dim, offload):
     model = build_tiny_model("mistral", num_attention_heads=8, num_key_value_heads=2, head_dim=head_dim).cuda()
     ids = torch.randint(0, model.config.vocab_size, (1, TOKENS), generator=torch.Generator().manual_seed(0)).cuda()
