@@ -104,6 +104,12 @@ class ModelConfig(_Strict):
         "the block ids read by the host once per execution block) or direct (the GPU reads the selected "
         "blocks from pinned host memory by id: no host sync, no cache; needs pin_memory, no offload_dtype)",
     )
+    host_pool_tokens: int | None = Field(
+        None, ge=1,
+        description="offloaded blocks: host memory for this many tokens per layer is allocated (pinned) once "
+        "and lent to each conversation in turn, so long requests do not page-lock memory as they grow "
+        "(as vLLM's swap space); beyond it a store grows as usual. null: allocate as the store grows",
+    )
     cpu_packed_linear: bool = Field(
         True, description="CPU bf16: linear weights prepacked for oneDNN (same outputs, ~1.25x faster decoding)"
     )

@@ -125,6 +125,37 @@ def test_direct_offload_access_through_the_model_and_a_saved_session(tmp_path):
     assert results[0][1] == results[1][1]
 
 
+def test_host_pool_is_lent_to_one_cache_at_a_time_and_reused():
+    """host_pool_tokens: offloaded stores start from the pool's host tensors (no allocation per request); a
+    cache alive at the same time, or a clone, allocates its own; a store outgrowing the pool grows as usual;
+    the answers are those of the default allocation."""
+    model = build_tiny_model("llama", seed=11)
+    ids = torch.randint(3, 300, (1, 200), generator=torch.Generator().manual_seed(12))
+    with torch.no_grad(), patched(model, type="inf-llm", **SMALL):
+        want = forward(model, ids, InfLLMCache(model, offload=True), chunk=64)
+    with torch.no_grad(), patched(model, type="inf-llm", host_pool_tokens=64, **SMALL):  # 8 blocks; ~16 form
+        pool = model.infllm.host_pool
+        first = InfLLMCache(model, offload=True)
+        forward(model, ids[:, :120], first, chunk=64)
+        pooled = [layer.memory.store.k.data_ptr() for layer in first.layers]
+        assert pooled == [pool._storage[i][1]["k"].data_ptr() for i in range(len(first.layers))]
+        assert first.layers[0].memory.store.count == 6  # (120 - 64 - 4) // 8, inside the pool's 8 blocks
+        second = InfLLMCache(model, offload=True)  # while `first` lives: no pool
+        twin = first.clone()
+        assert second.host_lease is None and twin.host_lease is None
+        forward(model, ids[:, :120], second, chunk=64)
+        assert second.layers[0].memory.store.k.data_ptr() not in pooled
+        del first, second, twin
+        third = InfLLMCache(model, offload=True)  # the pool is free again: same host tensors, no allocation
+        got = forward(model, ids, third, chunk=64)
+        assert third.layers[0].memory.store.count > 8  # outgrew the pool
+        fourth = InfLLMCache(model, offload=True)
+        assert fourth.host_lease is None
+        del third
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+        assert pool.nbytes() > 0 and InfLLMCache(model, offload=True).host_lease is not None
+
+
 def test_introspection_reports_blocks_ranges_and_bytes():
     model = build_tiny_model("mistral", seed=7)
     ids = torch.randint(3, 300, (1, 300), generator=torch.Generator().manual_seed(8))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextvars
 import logging
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,7 @@ from inf_llm.config import MemoryType, ModelConfig
 from inf_llm.errors import GenerationCancelled, SessionStateError, UnsupportedModelError
 from inf_llm.kernels import get_backend
 from inf_llm.memory import ContextMemory, LayerStats, RotaryTable
+from inf_llm.memory.host_pool import HostBlockPool
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +71,7 @@ class PatchState:
     num_kv_heads: int
     head_dim: int
     rotary: nn.Module
+    host_pool: HostBlockPool | None = None  # host memory of offloaded blocks, lent to one cache at a time
     ropes: dict = field(default_factory=dict)  # device -> RotaryTable
     copy_streams: dict = field(default_factory=dict)  # device -> side CUDA stream (async_global_stream)
 
@@ -127,6 +130,7 @@ def patch_model(model: nn.Module, cfg: ModelConfig) -> nn.Module:
         cfg=cfg, num_layers=text_cfg.num_hidden_layers, num_q_heads=text_cfg.num_attention_heads,
         num_kv_heads=getattr(text_cfg, "num_key_value_heads", None) or text_cfg.num_attention_heads,
         head_dim=head_dim, rotary=rotary,
+        host_pool=HostBlockPool(cfg.host_pool_tokens) if cfg.host_pool_tokens else None,
     )
     log.info("patched %s with %s attention", type(model).__name__, MemoryType(cfg.type).value)
     return model
@@ -157,6 +161,8 @@ class InfLLMLayer(CacheLayerMixin):
         # counts, not bytes: discarded caches (GBs of K/V each) then piled up (19.9 GB in a passkey sweep).
         self.patch_state: PatchState = cache.patch_state
         self.offload = cache.offload
+        lease = getattr(cache, "host_lease", None)
+        self.host_storage = lease.storage(layer_idx) if lease is not None else None
         self.layer_idx = layer_idx
         self.memory: ContextMemory | None = None
         self.pending_state: dict | None = None  # a loaded session waiting for the device to be known
@@ -167,7 +173,7 @@ class InfLLMLayer(CacheLayerMixin):
         self.memory = ContextMemory(
             state.cfg, state.rope_for(device), state.num_q_heads, state.num_kv_heads, state.head_dim,
             key_states.dtype, device, get_backend(state.cfg.fattn, device.type),
-            offload=self.offload, copy_stream=state.copy_stream_for(device),
+            offload=self.offload, copy_stream=state.copy_stream_for(device), host_storage=self.host_storage,
         )
         if self.pending_state is not None:
             self.memory.load_state(self.pending_state)
@@ -218,6 +224,11 @@ class InfLLMCache(Cache):
         self.patch_state = state
         self.offload = offload if offload is not None else state.cfg.offload  # None: host blocks on GPUs
         self.should_stop: Callable[[], bool] | None = None
+        # the host pool, if configured and free; given back when this cache is garbage (refcounting: layers
+        # hold no reference to their cache)
+        self.host_lease = state.host_pool.lend() if state.host_pool is not None and self.offload is not False else None
+        if self.host_lease is not None:
+            weakref.finalize(self, self.host_lease.give_back)
         super().__init__(layers=[InfLLMLayer(self, i) for i in range(state.num_layers)])
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
@@ -265,6 +276,7 @@ class InfLLMCache(Cache):
         """An independent copy (e.g. a document read once, then several conversations branch from it)."""
         twin = InfLLMCache.__new__(InfLLMCache)
         twin.patch_state, twin.offload, twin.should_stop = self.patch_state, self.offload, None
+        twin.host_lease = None  # the pool is this cache's: the twin allocates its own host memory
         Cache.__init__(twin, layers=[InfLLMLayer(twin, i) for i in range(self.patch_state.num_layers)])
         twin.load_state_dict(self.state_dict())
         return twin

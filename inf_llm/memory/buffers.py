@@ -9,6 +9,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 
 from inf_llm.memory.compression import BlockCodec
@@ -144,6 +147,33 @@ class TokenBuffer:
             self.score[:, : self.length].copy_(state["score"])
 
 
+@dataclass(frozen=True)
+class StorageSpec:
+    """What a BlockStore keeps on its storage device: K/V blocks (N, Hkv, block_size, D) in the model dtype,
+    or with a codec their codes plus float32 scales; pinned when `pin`."""
+
+    num_heads: int
+    block_size: int
+    head_dim: int
+    dtype: torch.dtype
+    device: torch.device
+    pin: bool
+    codec: BlockCodec | None
+
+    def allocate(self, capacity: int) -> dict[str, torch.Tensor]:
+        """Tensors for `capacity` blocks: empty, not zeros (only blocks below the store's count are ever
+        read, and zero-filling GBs of host memory took seconds)."""
+        block = (self.num_heads, self.block_size, self.head_dim)
+        storage = self.codec.storage_dtype if self.codec is not None else self.dtype
+        new = {name: torch.empty(capacity, *block, dtype=storage, device=self.device, pin_memory=self.pin)
+               for name in ("k", "v")}
+        if self.codec is not None:
+            for name, keys in (("k_scale", True), ("v_scale", False)):
+                shape = self.codec.scale_shape(block, keys=keys)
+                new[name] = torch.empty(capacity, *shape, device=self.device, pin_memory=self.pin)
+        return new
+
+
 class BlockStore:
     """Memory blocks: keys/values (N, Hkv, block_size, D) and representatives (N, Hkv * D).
 
@@ -162,19 +192,19 @@ class BlockStore:
         compute_device: torch.device,
         pin_memory: bool,
         codec: BlockCodec | None = None,
+        host_storage: Callable[[StorageSpec], dict[str, torch.Tensor]] | None = None,
     ):
+        """`host_storage`: where a host-side store takes its first tensors from (a `HostBlockPool`'s lent
+        storage, reused by every conversation) instead of allocating them; beyond their capacity the store
+        grows as usual."""
         pin = pin_memory and storage_device.type == "cpu" and torch.cuda.is_available()
-        cap = MIN_CAPACITY // 8
         self.dtype, self.codec = dtype, codec
-        block = (num_heads, block_size, head_dim)
-        storage = codec.storage_dtype if codec is not None else dtype
-        self.k = torch.zeros(cap, *block, dtype=storage, device=storage_device, pin_memory=pin)
-        self.v = torch.zeros_like(self.k, pin_memory=pin)
-        self.k_scale = self.v_scale = None
-        if codec is not None:
-            k_shape, v_shape = codec.scale_shape(block, keys=True), codec.scale_shape(block, keys=False)
-            self.k_scale = torch.zeros(cap, *k_shape, device=storage_device, pin_memory=pin)
-            self.v_scale = torch.zeros(cap, *v_shape, device=storage_device, pin_memory=pin)
+        self.spec = StorageSpec(num_heads, block_size, head_dim, dtype, storage_device, pin, codec)
+        lent = host_storage is not None and storage_device.type == "cpu"
+        tensors = host_storage(self.spec) if lent else self.spec.allocate(MIN_CAPACITY // 8)
+        self.k, self.v = tensors["k"], tensors["v"]
+        self.k_scale, self.v_scale = tensors.get("k_scale"), tensors.get("v_scale")
+        cap = self.k.shape[0]
         self.repr = torch.zeros(cap, num_heads * head_dim, dtype=representative_dtype(dtype), device=compute_device)
         self.start_pos: list[int] = []  # absolute position of each block's first token
         self.count = 0

@@ -19,6 +19,7 @@ Knows nothing of transformers.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
 
@@ -27,7 +28,7 @@ import torch
 from inf_llm.config import CacheStrategy, MemoryType, ModelConfig
 from inf_llm.errors import ConfigError, MissingDependencyError
 from inf_llm.memory.block_cache import BlockCache
-from inf_llm.memory.buffers import BlockStore, TokenBuffer, representative_dtype
+from inf_llm.memory.buffers import BlockStore, StorageSpec, TokenBuffer, representative_dtype
 from inf_llm.memory.compression import BlockCodec
 from inf_llm.memory.rope import RotaryTable
 
@@ -105,7 +106,9 @@ class ContextMemory:
         offload: bool | None = None,
         copy_stream: "torch.cuda.Stream | None" = None,
         device_lookup: bool | None = None,
+        host_storage: Callable[[StorageSpec], dict[str, torch.Tensor]] | None = None,
     ):
+        """`host_storage`: lent host tensors for an offloaded store (`HostBlockPool`)."""
         self.cfg = cfg
         self.policy = MemoryPolicy.of(cfg)
         self.rope = rope
@@ -150,7 +153,7 @@ class ContextMemory:
             storage = torch.device("cpu") if offload else device
             codec = BlockCodec.of(cfg.offload_dtype) if cfg.offload_dtype is not None else None
             self.store = BlockStore(num_kv_heads, cfg.block_size, head_dim, dtype, storage, device, cfg.pin_memory,
-                                    codec)
+                                    codec, host_storage if offload else None)
             if offload and cfg.offload_access == "cache":
                 self.cache = BlockCache(
                     cfg.max_cached_block, CacheStrategy(cfg.cache_strategy), cfg.effective_score_decay,
