@@ -10,4 +10,12 @@ from inf_llm.adapter.hf import (
     unpatch_model,
 )
 
-__all__ = ["ATTN_IMPLEMENTATION", "IdentityRotary", "InfLLMCache", "cache_kwargs", "infllm_attention", "patch_model", "unpatch_model"]
+__all__ = [
+    "ATTN_IMPLEMENTATION",
+    "IdentityRotary",
+    "InfLLMCache",
+    "cache_kwargs",
+    "infllm_attention",
+    "patch_model",
+    "unpatch_model",
+]
