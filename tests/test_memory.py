@@ -163,7 +163,9 @@ def test_device_lookup_path_matches_host_path(perhead):
     device = make_memory("inf-llm", perhead=perhead, device_lookup=True)  # on a CPU only when asked
     host = make_memory("inf-llm", perhead=perhead, offload=True, max_cached_block=64)
     assert device.device_lookup and not host.device_lookup
-    outs = [feed(m, q, k, v, [100, 1, 99, 100]) for m in (device, host)]
+    # 70 decode steps: more lookups than the device path counts at once (COUNT_BATCH), so its counts are
+    # added in batches and when read
+    outs = [feed(m, q, k, v, [100, 1, 99] + [1] * 70 + [30]) for m in (device, host)]
     # the device path attends the blocks in score order, the host path in id order: the ops' float32
     # sums differ in rounding only
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=2e-6)

@@ -37,6 +37,9 @@ log = logging.getLogger(__name__)
 # Execution blocks the rotation base may lag behind before the window is re-rotated: bounds the largest
 # RoPE angle used (n_local + this many blocks) while re-rotating rarely during decoding.
 ROTATION_SLACK = 4
+# Device-path lookups whose selections are added to the retrieval counts together (see
+# _count_device_selections).
+COUNT_BATCH = 64
 # Queries of one local-stage call when the ops do not say (`ops.LOCAL_STAGE_ROWS`: the Triton kernels take
 # 2048, the torch ops one execution block) and there are no execution blocks (origin): bounds the explicit
 # (rows x keys) scores of the torch ops (8192 queries x 12K keys x 32 heads of fp32 took 12 GiB on a GPU).
@@ -134,6 +137,7 @@ class ContextMemory:
         self._retrieved: list = []
         self._counts: dict[int, int] = {}  # block id -> execution blocks that selected it (host paths)
         self._device_counts: torch.Tensor | None = None  # the same, counted on the device (device path)
+        self._uncounted: list[torch.Tensor] = []  # device path: selections not yet added to _device_counts
         self._lookup: _Lookup | None = None
         self._call_qvecs: torch.Tensor | None = None
         self._staging_k: torch.Tensor | None = None  # (Hkv, cap, D): [sinks | blocks | remainder]
@@ -277,6 +281,7 @@ class ContextMemory:
     def retrieval_counts(self) -> dict[int, int]:
         """Block id -> execution blocks that selected it, since the last `reset_retrieval_counts`."""
         counts = dict(self._counts)
+        self._count_device_selections(force=True)
         if self._device_counts is not None:
             hits = self._device_counts[: self.store.count].tolist()  # host copy, only when asked
             for block, n in enumerate(hits):
@@ -287,6 +292,7 @@ class ContextMemory:
     def reset_retrieval_counts(self) -> None:
         self._counts.clear()
         self._device_counts = None
+        self._uncounted.clear()
 
     def stats(self) -> LayerStats:
         device_bytes = self.tail.nbytes() + self.init_k.nbytes * 2
@@ -585,15 +591,17 @@ class ContextMemory:
         else:
             qvec = self._call_qvecs[index] if self._call_qvecs is not None else self._query_vector(qb, q_rotated)
             ids = self._block_scores(qvec, 0, n_blocks).topk(self.cfg.topk, dim=-1).indices  # (Hsel, k)
-        self._retrieved.append(ids)  # counted once per forward, by _count_device_selections
+        self._retrieved.append(ids)
+        self._uncounted.append(ids)  # counted in batches by _count_device_selections
         return ids
 
-    def _count_device_selections(self) -> None:
-        """Device path: add this forward's selections to the per-block counts, on the device (a block counts
-        once per execution block, whatever the heads), in a few ops per forward, not per execution block."""
-        selections = [ids for ids in self._retrieved if isinstance(ids, torch.Tensor)]
-        if not selections:
+    def _count_device_selections(self, force: bool = False) -> None:
+        """Device path: add the pending selections to the per-block counts, on the device (a block counts
+        once per execution block, whatever the heads), a few ops per COUNT_BATCH selections (or when the
+        counts are read): decoding would otherwise pay three launches per layer and step."""
+        if len(self._uncounted) < COUNT_BATCH and not (force and self._uncounted):
             return
+        selections, self._uncounted = self._uncounted, []
         n_blocks = self.store.count
         if self._device_counts is None or self._device_counts.shape[0] < n_blocks:
             grown = torch.zeros(max(2 * n_blocks, 64), dtype=torch.int32, device=selections[0].device)
