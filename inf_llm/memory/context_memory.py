@@ -176,7 +176,7 @@ class ContextMemory:
         self._direct = self.store is not None and offload and cfg.offload_access == "direct"
         possible = self.store is not None and self.cache is None and self._faiss_index is None
         self.device_lookup = possible and (
-            device.type != "cpu" or self._direct if device_lookup is None else device_lookup
+            (device.type != "cpu" or self._direct) if device_lookup is None else device_lookup
         )
         self._fetched: tuple[torch.Tensor, torch.Tensor] | None = None
         self._slot_ids: torch.Tensor | None = None  # direct: 0..topk-1, the fetched blocks' slots
@@ -357,9 +357,10 @@ class ContextMemory:
             self._update_block_scores(q_glb, k_glb[:, self.init_len :], lse, selected, scale)
 
     def _attend_global_in_place(self, qb, q_glb, out, lse, s: int, e: int, index: int, scale: float) -> None:
-        """Device path (inf-llm, blocks on the compute device): one `global_stage_into` per execution block
-        reads sinks, the selected blocks (ids stay on the device) and the remainder where they lie; no
-        staging copies, no `visible` tensor, no separate merge (host launches bound this path on a GPU)."""
+        """Device path (inf-llm; blocks on the compute device, or fetched from pinned host memory first with
+        offload_access: direct): one `global_stage_into` per execution block reads sinks, the selected blocks
+        (ids stay on the device) and the remainder where they lie; no staging copies, no `visible` tensor,
+        no separate merge (host launches bound this path on a GPU)."""
         ids = self._select_blocks(qb, index)
         if ids is None:
             ids = torch.empty(1, 0, dtype=torch.int64, device=self.device)
