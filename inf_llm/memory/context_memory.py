@@ -246,12 +246,14 @@ class ContextMemory:
         lookup as the general path, but both stages in one softmax whose window probabilities are the key
         scores, so no merge and no second pass (decoding a small model on a CPU is bound by op count)."""
         p = self.seen
-        self.tail.append(k, v, self.rope.rotate(k, p - self.rot_base) if self.rot_base is not None else None)
         self._retrieved, self._lookup, self._call_qvecs = [], None, None
         window_start = max(p - self.n_local + 1, self.tail.first_pos)
         if self.rot_base is None or p - self.rot_base > self.n_local + ROTATION_SLACK * self.exc:
-            self._rebase_rotation(window_start)
-        q_loc = self.rope.rotate(q, p - self.rot_base)
+            self._rebase_rotation(window_start)  # the live keys; the new one is rotated at the new base below
+        # query and key at the same local position: one rotation of both (each rotation is ~5 kernel launches)
+        qk_loc = self.rope.rotate(torch.cat((q, k)), p - self.rot_base)
+        q_loc = qk_loc[: self.hq]
+        self.tail.append(k, v, qk_loc[self.hq :])
         selected: list[int] = []
         if p - self.n_local >= 0:  # keys behind the window exist: sinks, blocks, remainder (all visible)
             # rotated once, in the representatives' precision: the attention's query and the lookup vector
