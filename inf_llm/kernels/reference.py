@@ -168,12 +168,11 @@ def global_stage_into(
     """
     hkv, lq = sink_k.shape[0], q.shape[1]
     n_sel, bs, d = block_ids.shape[1], store_k.shape[2], store_k.shape[3]
-    heads = torch.arange(hkv, device=q.device).unsqueeze(1)
-    ids = block_ids.expand(hkv, -1)  # (Hkv, K)
-    blocks_k = store_k[ids, heads].reshape(hkv, n_sel * bs, d)  # (Hkv, K * bs, D)
-    blocks_v = store_v[ids, heads].reshape(hkv, n_sel * bs, d)
-    keys = torch.cat((sink_k, blocks_k, rem_k), dim=1)
-    values = torch.cat((sink_v, blocks_v, rem_v), dim=1)
+    blocks_k = torch.empty(hkv, n_sel, bs, d, dtype=store_k.dtype, device=q.device)  # (Hkv, K, bs, D)
+    blocks_v = torch.empty_like(blocks_k)
+    gather_blocks(store_k, store_v, block_ids, blocks_k.transpose(0, 1), blocks_v.transpose(0, 1))
+    keys = torch.cat((sink_k, blocks_k.flatten(1, 2), rem_k), dim=1)  # [sinks | K * bs block keys | remainder]
+    values = torch.cat((sink_v, blocks_v.flatten(1, 2), rem_v), dim=1)
     always = sink_k.shape[1] + n_sel * bs
     visible = always + (torch.arange(lq, device=q.device) + rem_offset).clamp(0, rem_k.shape[1])
     out_g, lse_g = prefix_attention(q[None], keys[None], values[None], scale=scale, visible=visible)

@@ -519,24 +519,19 @@ _window_key_scores_tuned = triton.autotune(
 def _attend_block(
     acc, m_i, l_i, q, StoreK, StoreV, ids_ptr, zero_r, kvh, stride_bn, stride_bh, stride_bt,
     stride_bvn, stride_bvh, stride_bvt, block_size, qk_scale,
-    EVEN_BLOCKS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    MASK_BLOCKS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr, INTERPRETER: tl.constexpr,
 ):
-    """Online-softmax update with every key of the store block whose id is at ids_ptr (all visible)."""
+    """Online-softmax update with every key of the store block whose id is at ids_ptr (all visible; masks
+    only when block_size is not a whole number of key tiles)."""
     block = tl.load(ids_ptr).to(tl.int64)
     kvh64 = kvh.to(tl.int64)
     k_base = StoreK + block * stride_bn + kvh64 * stride_bh
     v_base = StoreV + block * stride_bvn + kvh64 * stride_bvh
-    if EVEN_BLOCKS:  # whole tiles: no masks
-        acc, m_i, l_i = _attn_tiles(
-            acc, m_i, l_i, q, k_base, v_base, stride_bt, stride_bvt, zero_r, zero_r + block_size, block_size,
-            0, block_size, 0, 0, qk_scale, False, HEAD_DIM, BLOCK_M, BLOCK_N, DOT_PRECISION, INTERPRETER,
-        )
-    else:
-        acc, m_i, l_i = _attn_tiles(
-            acc, m_i, l_i, q, k_base, v_base, stride_bt, stride_bvt, zero_r, zero_r + block_size, block_size,
-            0, block_size, 0, 0, qk_scale, True, HEAD_DIM, BLOCK_M, BLOCK_N, DOT_PRECISION, INTERPRETER,
-        )
+    acc, m_i, l_i = _attn_tiles(
+        acc, m_i, l_i, q, k_base, v_base, stride_bt, stride_bvt, zero_r, zero_r + block_size, block_size,
+        0, block_size, 0, 0, qk_scale, MASK_BLOCKS, HEAD_DIM, BLOCK_M, BLOCK_N, DOT_PRECISION, INTERPRETER,
+    )
     return acc, m_i, l_i
 
 
@@ -549,7 +544,7 @@ def _global_stage_kernel(
     stride_ih, stride_ik,
     stride_rh, stride_rn, stride_rvh, stride_rvn,
     q_len, n_sink, n_sel, block_size, n_rem, rem_offset, qk_scale,
-    PER_HEAD: tl.constexpr, EVEN_BLOCKS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+    PER_HEAD: tl.constexpr, MASK_BLOCKS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
     DOT_PRECISION: tl.constexpr, INTERPRETER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """`global_stage_into` for one (row tile, KV head): sinks, then the selected store blocks read in place
@@ -585,7 +580,7 @@ def _global_stage_kernel(
             acc, m_i, l_i = _attend_block(
                 acc, m_i, l_i, q, StoreK, StoreV, ids_ptr + j * stride_ik, zero_r, kvh, stride_bn, stride_bh,
                 stride_bt, stride_bvn, stride_bvh, stride_bvt, block_size, qk_scale,
-                EVEN_BLOCKS, HEAD_DIM, BLOCK_M, BLOCK_N, DOT_PRECISION, INTERPRETER,
+                MASK_BLOCKS, HEAD_DIM, BLOCK_M, BLOCK_N, DOT_PRECISION, INTERPRETER,
             )
             j += 1
     else:
@@ -593,7 +588,7 @@ def _global_stage_kernel(
             acc, m_i, l_i = _attend_block(
                 acc, m_i, l_i, q, StoreK, StoreV, ids_ptr + j * stride_ik, zero_r, kvh, stride_bn, stride_bh,
                 stride_bt, stride_bvn, stride_bvh, stride_bvt, block_size, qk_scale,
-                EVEN_BLOCKS, HEAD_DIM, BLOCK_M, BLOCK_N, DOT_PRECISION, INTERPRETER,
+                MASK_BLOCKS, HEAD_DIM, BLOCK_M, BLOCK_N, DOT_PRECISION, INTERPRETER,
             )
     hi_r = tl.minimum(tl.maximum(qi + rem_offset, 0), n_rem)  # remainder: a prefix per row
     hi_max = _max(tl.where(row_ok, hi_r, 0), 0, INTERPRETER)
@@ -1028,7 +1023,7 @@ def global_stage_into(
             block_ids.stride(0), block_ids.stride(1),
             rem_k.stride(0), rem_k.stride(1), rem_v.stride(0), rem_v.stride(1),
             lq, sink_k.shape[1], block_ids.shape[1], block_size, rem_k.shape[1], int(rem_offset), scale * _LOG2E,
-            PER_HEAD=block_ids.shape[0] > 1, EVEN_BLOCKS=block_size % block_n == 0, GROUP=group, HEAD_DIM=d,
+            PER_HEAD=block_ids.shape[0] > 1, MASK_BLOCKS=block_size % block_n != 0, GROUP=group, HEAD_DIM=d,
             DOT_PRECISION=_dot_precision(q.dtype), INTERPRETER=_INTERPRETED, BLOCK_M=block_m, BLOCK_N=block_n,
             **tiles,
         )

@@ -50,13 +50,19 @@ def _release_cached_pinned_memory() -> None:
         empty()
 
 
+def synchronize_devices() -> None:
+    """Wait for every GPU's queued work (whichever GPU a layer runs on); nothing to do without CUDA."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for device in range(torch.cuda.device_count()):
+            torch.cuda.synchronize(device)
+
+
 def _wait_for_device_access(storage: torch.Tensor) -> None:
     """Before the host touches pinned store memory: the device may still be writing it (asynchronous
     copies of new blocks) or reading it (offload_access: direct gathers blocks from it in a kernel,
     which the caching host allocator does not track). Rare (growth, saving), so a stream sync is cheap."""
-    if storage.is_pinned() and torch.cuda.is_available() and torch.cuda.is_initialized():
-        for device in range(torch.cuda.device_count()):  # whichever GPU the layer runs on
-            torch.cuda.synchronize(device)
+    if storage.is_pinned():
+        synchronize_devices()
 
 
 class TokenBuffer:
@@ -199,9 +205,9 @@ class BlockStore:
         grows as usual."""
         pin = pin_memory and storage_device.type == "cpu" and torch.cuda.is_available()
         self.dtype, self.codec = dtype, codec
-        self.spec = StorageSpec(num_heads, block_size, head_dim, dtype, storage_device, pin, codec)
+        spec = StorageSpec(num_heads, block_size, head_dim, dtype, storage_device, pin, codec)
         lent = host_storage is not None and storage_device.type == "cpu"
-        tensors = host_storage(self.spec) if lent else self.spec.allocate(MIN_CAPACITY // 8)
+        tensors = host_storage(spec) if lent else spec.allocate(MIN_CAPACITY // 8)
         self.k, self.v = tensors["k"], tensors["v"]
         self.k_scale, self.v_scale = tensors.get("k_scale"), tensors.get("v_scale")
         cap = self.k.shape[0]

@@ -15,7 +15,7 @@ import threading
 
 import torch
 
-from inf_llm.memory.buffers import StorageSpec
+from inf_llm.memory.buffers import StorageSpec, synchronize_devices
 
 
 class HostBlockPool:
@@ -34,10 +34,7 @@ class HostBlockPool:
             if self._lent:
                 return None
             self._lent = True
-        # the previous borrower's copies (side stream) and kernels may still touch the tensors
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            for device in range(torch.cuda.device_count()):
-                torch.cuda.synchronize(device)
+        synchronize_devices()  # the previous borrower's copies (side stream) and kernels may still touch them
         return HostPoolLease(self)
 
     def nbytes(self) -> int:
