@@ -45,6 +45,7 @@ if __package__ in (None, ""):  # run as `python benchmark/speed.py`: make the re
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from inf_llm.adapter import InfLLMCache, cache_kwargs, patch_model, unpatch_model  # noqa: E402
+from inf_llm.adapter.decode_graph import DecodeGraph  # noqa: E402
 from inf_llm.config import InfLLMConfig, load_config  # noqa: E402
 from inf_llm.errors import ConfigError  # noqa: E402
 
@@ -140,6 +141,7 @@ class Result:
     peak_gpu_reserved_bytes: int | None = None
     host_bytes: int | None = None
     memory_stats: dict | None = None  # InfLLMCache.stats() summed over layers (inf-llm rows)
+    decode_graph: dict | None = None  # DecodeGraphStats of the decode (replayed/eager steps), when graphed
     config: dict | None = None
 
 
@@ -166,6 +168,9 @@ def _parse(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="seeds the weights and the input ids")
     p.add_argument("--decode-tokens", type=int, default=32, help="timed decode steps (mean reported)")
     p.add_argument("--decode-warmup", type=int, default=4, help="untimed decode steps before the timed ones")
+    p.add_argument("--decode-graph", choices=("on", "off"), default="on",
+                   help="inf-llm rows on CUDA: replay decode steps as a CUDA graph (DecodeGraph); off: eager\n"
+                        "steps, as transformers runs them (the origin row is always eager)")
     p.add_argument("--warmup-prefill", type=int, default=DEFAULT_WARMUP_PREFILL,
                    help="tokens of the untimed per-row warm-up prefill (0: no warm-up)")
     p.add_argument("--max-seconds-per-row", type=float, default=DEFAULT_MAX_SECONDS,
@@ -373,30 +378,37 @@ def prefill(model, cache, ids: torch.Tensor, chunk: int, budget_s: float | None,
     return PrefillRun(done, elapsed, chunk_s, True, elapsed)
 
 
-def decode(model, cache, first: torch.Tensor, warmup: int, steps: int) -> list[float]:
+def decoder(model, cache, graph: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+    """token (1, 1) -> next-token logits (1, vocab): a `DecodeGraph` (CUDA graph replays) or eager forwards."""
+    if graph:
+        return DecodeGraph(model, cache)
+    kw = cache_kwargs(model, cache)
+    return lambda token: model(token, **kw, use_cache=True, logits_to_keep=1).logits[:, -1]
+
+
+def decode(step: Callable[[torch.Tensor], torch.Tensor], first: torch.Tensor, warmup: int, steps: int) -> list[float]:
     """Greedy decode: feed `first` (1, 1), then each argmax; returns ms of each of the `steps` timed steps.
 
     No host sync inside the loop: the next token stays on the device, and on CUDA each step is timed by a
     pair of events read once at the end.
     """
     device = first.device
-    kw = cache_kwargs(model, cache)
     token = first
     for _ in range(warmup):
-        token = model(token, **kw, use_cache=True, logits_to_keep=1).logits[:, -1].argmax(-1, keepdim=True)
+        token = step(token).argmax(-1, keepdim=True)
     _sync(device)
     if device.type == "cuda":
         events = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)]
         events[0].record()
         for i in range(steps):
-            token = model(token, **kw, use_cache=True, logits_to_keep=1).logits[:, -1].argmax(-1, keepdim=True)
+            token = step(token).argmax(-1, keepdim=True)
             events[i + 1].record()
         torch.cuda.synchronize(device)  # the one sync: read all step times
         return [events[i].elapsed_time(events[i + 1]) for i in range(steps)]
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()
-        token = model(token, **kw, use_cache=True, logits_to_keep=1).logits[:, -1].argmax(-1, keepdim=True)
+        token = step(token).argmax(-1, keepdim=True)
         times.append((time.perf_counter() - t0) * 1e3)
     return times
 
@@ -425,7 +437,10 @@ def measure(model, spec: RowSpec, cfg: InfLLMConfig, chunk: int, ids: torch.Tens
             res.status = "est"
             res.note = (f"prefill stopped at {done} tokens ({done / run.seconds:,.0f} tok/s so far, whole "
                         f"extrapolated); decode at {res.decode_context}")
-        steps = decode(model, cache, ids[:, done : done + 1], args.decode_warmup, args.decode_tokens)
+        step = decoder(model, cache, _graphed(spec, args, device))
+        steps = decode(step, ids[:, done : done + 1], args.decode_warmup, args.decode_tokens)
+        if isinstance(step, DecodeGraph):
+            res.decode_graph = {**asdict(step.stats), "disabled": step.disabled_reason}
     expected = done + args.decode_warmup + args.decode_tokens
     if cache.get_seq_length() != expected:  # the cache was bypassed: the numbers would be meaningless
         raise RuntimeError(f"cache holds {cache.get_seq_length()} tokens after the run, expected {expected}")
@@ -440,6 +455,10 @@ def measure(model, spec: RowSpec, cfg: InfLLMConfig, chunk: int, ids: torch.Tens
     del cache
 
 
+def _graphed(spec: RowSpec, args: argparse.Namespace, device: torch.device) -> bool:
+    return args.decode_graph == "on" and spec.memory_type == "inf-llm" and device.type == "cuda"
+
+
 def warm_up(model, spec: RowSpec, chunk: int, ids: torch.Tensor, args: argparse.Namespace) -> None:
     """Untimed: a short prefill and a few decode steps on a throwaway cache (compile, autotune, allocator)."""
     n = min(args.warmup_prefill, ids.shape[1] - 1)
@@ -449,7 +468,9 @@ def warm_up(model, spec: RowSpec, chunk: int, ids: torch.Tensor, args: argparse.
     cache = _make_cache(model, spec)
     with torch.inference_mode():
         prefill(model, cache, ids[:, :n], chunk, None, 0, spec.name)
-        decode(model, cache, ids[:, n : n + 1], 0, max(2, args.decode_warmup))
+        # enough steps for a capture and replays (the first steps after a prefill may form a block)
+        decode(decoder(model, cache, _graphed(spec, args, ids.device)), ids[:, n : n + 1], 0,
+               max(2, args.decode_warmup))
     _sync(ids.device)
     del cache
     _say(f"  [{spec.name}] warm-up ({n} tokens + decode) {time.perf_counter() - t0:.1f}s")
@@ -469,7 +490,16 @@ def _summary(r: Result) -> str:
             f"decode {_fmt(r.decode_ms_per_token, '.1f')} ms/token (median {_fmt(r.decode_ms_median, '.1f')}) at "
             f"{r.decode_context} tokens, peak GPU above weights "
             f"{_fmt(_gib(r.peak_gpu_bytes_above_weights), '.2f', 'n/a')} GiB, "
-            f"host {_fmt(_gib(r.host_bytes), '.2f')} GiB")
+            f"host {_fmt(_gib(r.host_bytes), '.2f')} GiB{_graph_note(r)}")
+
+
+def _graph_note(r: Result) -> str:
+    g = r.decode_graph
+    if not g:
+        return ""
+    if g["disabled"]:
+        return f"; CUDA graph off: {g['disabled']}"
+    return f"; CUDA graph: {g['replayed']} replayed, {g['eager'] + g['static_eager']} eager, {g['captures']} captures"
 
 
 def table(results: list[Result]) -> str:

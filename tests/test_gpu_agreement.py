@@ -80,3 +80,37 @@ def test_fast_path_matches_torch_path_bfloat16(offload):
     # A random-weight model attends almost uniformly, so two blocks' scores often differ by less than bf16
     # rounding and a lookup may pick the other one; most lookups must still agree.
     assert same >= 0.75, f"only {same:.1%} of lookups agree"
+
+
+@pytest.mark.parametrize("offload", [False, "direct"])
+def test_decode_graph_replays_equal_eager_decode_steps(offload):
+    """DecodeGraph (the decode step captured once as a CUDA graph, replayed with per-step arguments) gives the
+    eager steps' logits, lookups and retrieval counts, across block formations and a store growth."""
+    from inf_llm.adapter.decode_graph import DecodeGraph
+
+    model = build_tiny_model("mistral", num_attention_heads=8, num_key_value_heads=2, head_dim=128).cuda()
+    ids = torch.randint(0, model.config.vocab_size, (1, 1400), generator=torch.Generator().manual_seed(2)).cuda()
+    access = (["model.offload=true", "model.offload_access=direct", "model.pin_memory=true"] if offload
+              else ["model.offload=false"])
+    results = []
+    for graphed in (False, True):
+        cfg = load_config(CONFIG, [*MEMORY, "model.fattn=true", *access])
+        patch_model(model, cfg.model)
+        cache = InfLLMCache(model)
+        kw = cache_kwargs(model, cache)
+        with torch.inference_mode():
+            model(ids[:, :1000], use_cache=True, **kw)
+            step = DecodeGraph(model, cache) if graphed else None
+            logits, lookups = [], []
+            for p in range(1000, 1400):
+                token = ids[:, p : p + 1]
+                out = step(token) if graphed else model(token, use_cache=True, logits_to_keep=1, **kw).logits[:, -1]
+                logits.append(out.float().clone())
+                lookups.append([layer.memory.retrieved_last for layer in cache.layers])
+        counts = [layer.memory.retrieval_counts for layer in cache.layers]
+        results.append((torch.cat(logits), lookups, counts, step))
+    step = results[1][3]
+    assert step.disabled_reason is None and step.stats.captures >= 1
+    assert step.stats.replayed > 300, step.stats  # most steps replayed; a block forms every 32 tokens
+    assert results[0][1] == results[1][1] and results[0][2] == results[1][2]
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-4, atol=1e-4)

@@ -184,6 +184,7 @@ def global_stage_into(
 def decode_attention(
     q_loc: torch.Tensor, k_loc: torch.Tensor, v_loc: torch.Tensor,
     q_glb: torch.Tensor, k_glb: torch.Tensor, v_glb: torch.Tensor, *, scale: float,
+    global_bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One query that sees every key it is given: the decoding step of both stages in one softmax.
 
@@ -192,6 +193,8 @@ def decode_attention(
     + `merge_partials` + `window_key_scores` for a single query, in a handful of small ops instead of ~60
     (decoding on a CPU is bound by op count, not arithmetic). Returns out (Hq, D) in q's dtype, lse (Hq,)
     float32 and the probability each window key receives, summed over its group's query heads (Hkv, Ll).
+    `global_bias` (Lg,) float32, added to the scaled global scores: -inf hides a global key (the static decode
+    step's fixed-size remainder slots past the live ones).
     """
     hkv, lg = k_loc.shape[0], k_glb.shape[1]
     group = q_loc.shape[0] // hkv
@@ -200,7 +203,10 @@ def decode_attention(
     # K/V are read where they lie (no concatenated copy; `.float()` is free when the memory keeps them in
     # float32, as it does on CPUs): only the score rows are joined, for the one softmax
     scores = torch.cat((q_g @ k_glb.float().transpose(1, 2), q_l @ k_loc.float().transpose(1, 2)), dim=-1)
-    probs = torch.softmax(scores.mul_(scale), dim=-1)  # (Hkv, G, Lg+Ll): [global | window]
+    scores.mul_(scale)
+    if global_bias is not None:
+        scores[..., :lg] += global_bias
+    probs = torch.softmax(scores, dim=-1)  # (Hkv, G, Lg+Ll): [global | window]
     # lse from the largest probability, p_max = exp(max - lse): same value to rounding, half the time of
     # logsumexp + subtract + exp on a CPU (finite: the window is never empty)
     lse = scores.amax(dim=-1, keepdim=True) - probs.amax(dim=-1, keepdim=True).log()  # (Hkv, G, 1)

@@ -22,6 +22,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -31,6 +32,9 @@ from inf_llm.memory.block_cache import BlockCache
 from inf_llm.memory.buffers import BlockStore, StorageSpec, TokenBuffer, representative_dtype
 from inf_llm.memory.compression import BlockCodec
 from inf_llm.memory.rope import RotaryTable
+
+if TYPE_CHECKING:
+    from inf_llm.memory.static_step import StaticDecodeStep
 
 log = logging.getLogger(__name__)
 
@@ -180,6 +184,9 @@ class ContextMemory:
         )
         self._fetched: tuple[torch.Tensor, torch.Tensor] | None = None
         self._slot_ids: torch.Tensor | None = None  # direct: 0..topk-1, the fetched blocks' slots
+        # Set by a caller that replays decode steps as a CUDA graph (adapter.decode_graph): single-token calls
+        # then run its fixed-shape step, and the caller plans and advances the host state around them.
+        self.static_step: StaticDecodeStep | None = None
 
     # ------------------------------------------------------------------------------------------ public
     def process(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
@@ -189,6 +196,8 @@ class ContextMemory:
         Returns the attention output (Hq, L, D) in q's dtype.
         """
         length = q.shape[1]
+        if length == 1 and self.static_step is not None:
+            return self.static_step.run(q, k, v, scale)
         if length == 1 and self.policy.windowed and hasattr(self.ops, "decode_attention"):
             return self._decode_step(q, k, v, scale)
         start, end = self.seen, self.seen + length

@@ -1,0 +1,133 @@
+"""One layer's decode step with every per-step quantity in device tensors, so a CUDA graph can replay it.
+
+`ContextMemory._decode_step` decides on the host at every step (window bounds, remainder length, block
+count, rotation angle) and slices its buffers at host offsets: a captured graph would replay the first
+step's choices. `StaticDecodeStep` computes the same step with fixed shapes instead:
+
+  window     always `n_local` keys, read at a device offset
+  remainder  `block_size` slots, those past the live count hidden by a -inf bias
+  lookup     top-k over the store's whole capacity, blocks past the count scored -inf
+  positions  the local rotation angle and the tail's write slot, read from `args`
+
+The caller fills `args` with `plan()`'s values, runs (or replays) `run`, then calls `advance()` for the
+host bookkeeping the graph cannot do. Steps that change the layout (a block forms, the window is
+re-rotated, sinks are still filling) are refused by `plan()` and take the ordinary path; `layout()` names
+every buffer address a graph bakes in, so the caller re-captures when one moved (a buffer grew).
+Knows nothing of transformers or CUDA graphs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from inf_llm.memory.context_memory import ROTATION_SLACK, ContextMemory
+from inf_llm.memory.rope import apply_rotation
+
+# The int64 values of `args`, in order (indices into the tail's buffers unless said otherwise).
+ARGS = ("write", "window", "remainder", "remainder_len", "rotation", "blocks")
+
+
+class StaticDecodeStep:
+    """The fixed-shape decode step of one `ContextMemory` (inf-llm, device path, shared top-k)."""
+
+    def __init__(self, memory: ContextMemory):
+        if not self.supports(memory):
+            raise ValueError("the static decode step needs inf-llm on the device path with a shared top-k")
+        m = self.memory = memory
+        cfg, device = m.cfg, m.device
+        self.args = torch.zeros(len(ARGS), dtype=torch.int64, device=device)  # the caller may rebind a view
+        self.window_range = torch.arange(m.n_local, device=device)
+        self.remainder_range = torch.arange(cfg.block_size, device=device)
+        self.neg_inf = torch.tensor(float("-inf"), device=device)
+        self.zero = torch.zeros((), device=device)
+        self.ones = torch.ones(cfg.topk, dtype=torch.int32, device=device)
+        self.fixed = m.n_init + cfg.topk * cfg.block_size  # sinks and blocks: always visible
+        # [sinks | top-k blocks | remainder slots]; the sinks are copied in every step (they are few): no
+        # host state says whether they are staged
+        self.stage_k = torch.empty(m.hkv, self.fixed + cfg.block_size, m.d, dtype=m.dtype, device=device)
+        self.stage_v = torch.empty_like(self.stage_k)
+        self.bias = torch.zeros(self.stage_k.shape[1], dtype=torch.float32, device=device)
+        self.rotation_rows = m.n_local + ROTATION_SLACK * m.exc + 1  # every angle the window uses
+        self.block_ids: torch.Tensor | None = None  # the last step's selection (1, topk), on the device
+
+    @staticmethod
+    def supports(memory: ContextMemory) -> bool:
+        cfg = memory.cfg
+        return (memory.policy.keeps_blocks and memory.device_lookup and cfg.topk > 0 and not cfg.perhead
+                and not cfg.dense_decoding and hasattr(memory.ops, "decode_attention"))
+
+    def plan(self) -> list[int] | None:
+        """`args` for the next step, or None when it must take the ordinary path (it forms a block, re-rotates
+        the window, fills sinks, or finds fewer than top-k blocks or a full tail buffer). Prepares what the
+        step reads (rotation table rows, count buffer) outside any capture."""
+        m, cfg = self.memory, self.memory.cfg
+        p, tail = m.seen, m.tail
+        remainder_len = p - m.n_local + 1 - tail.first_pos  # tokens behind the window, not yet a block
+        if (m.init_len < m.n_init or m.rot_base is None or p - m.rot_base > m.n_local + ROTATION_SLACK * m.exc
+                or not 0 <= remainder_len < cfg.block_size or m.store.count < cfg.topk
+                or tail.offset + tail.length >= tail.k.shape[1]):
+            return None
+        m.rope.cos_sin(0, self.rotation_rows, m.dtype)
+        m._count_device_selections(force=True)  # the ordinary steps' pending selections
+        capacity = m.store.repr.shape[0]
+        if m._device_counts is None or m._device_counts.shape[0] < capacity:
+            grown = torch.zeros(capacity, dtype=torch.int32, device=m.device)
+            if m._device_counts is not None:
+                grown[: m._device_counts.shape[0]] = m._device_counts
+            m._device_counts = grown
+        return [tail.offset + tail.length, tail.offset + remainder_len, tail.offset, remainder_len,
+                p - m.rot_base, m.store.count]
+
+    def layout(self) -> tuple:
+        """Addresses and sizes a captured step depends on: equal layouts replay the same graph."""
+        m = self.memory
+        cos, sin = m.rope.cos_sin(0, self.rotation_rows, m.dtype)
+        tensors = (m.tail.k, m.tail.v, m.tail.k_rot, m.tail.score, m.store.k, m.store.v, m.store.repr,
+                   m._device_counts, m.init_k, m.init_v, cos, sin, self.args)
+        return tuple((t.data_ptr(), tuple(t.shape)) for t in tensors)
+
+    def run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        """The step for q (Hq, 1, D), k/v (Hkv, 1, D) un-rotated, as `ContextMemory.process` would compute it;
+        device ops only (no host sync, no host-dependent shape). Returns (Hq, 1, D)."""
+        m, cfg = self.memory, self.memory.cfg
+        a, tail, store = self.args, m.tail, m.store
+        write = a[0:1]
+        cos, sin = m.rope.cos_sin(0, self.rotation_rows, q.dtype)
+        angle = a[4:5]
+        qk_loc = apply_rotation(torch.cat((q, k)), cos.index_select(0, angle), sin.index_select(0, angle))
+        tail.k.index_copy_(1, write, k)
+        tail.v.index_copy_(1, write, v)
+        tail.k_rot.index_copy_(1, write, qk_loc[m.hq :])
+        tail.score.index_fill_(1, write, 0.0)
+        window = self.window_range + a[1]
+        # lookup: the shared top-k over every store slot, slots past the block count never chosen
+        q_glb = m.rope.rotate_at(q.to(m.repr_dtype), m.policy.global_query_pos)
+        qvec = m._query_vector(q, q_glb)  # (1, Hkv * D)
+        scores = (store.repr @ qvec.mT).mT  # (1, capacity), a GEMV
+        slots = torch.arange(store.repr.shape[0], device=m.device)
+        ids = torch.where(slots < a[5], scores, self.neg_inf).topk(cfg.topk, dim=-1).indices  # (1, topk)
+        bs, n_init = cfg.block_size, m.n_init
+        self.stage_k[:, :n_init].copy_(m.init_k)
+        self.stage_v[:, :n_init].copy_(m.init_v)
+        blocks_k = self.stage_k[:, n_init : self.fixed].view(m.hkv, cfg.topk, bs, m.d).transpose(0, 1)
+        blocks_v = self.stage_v[:, n_init : self.fixed].view(m.hkv, cfg.topk, bs, m.d).transpose(0, 1)
+        m.ops.gather_blocks(store.k, store.v, ids, blocks_k, blocks_v)
+        remainder = (self.remainder_range + a[2]).clamp_(max=tail.k.shape[1] - 1)
+        self.stage_k[:, self.fixed :].copy_(tail.k.index_select(1, remainder))
+        self.stage_v[:, self.fixed :].copy_(tail.v.index_select(1, remainder))
+        self.bias[self.fixed :] = torch.where(self.remainder_range < a[3], self.zero, self.neg_inf)
+        out, _, received = m.ops.decode_attention(
+            qk_loc[: m.hq, 0], tail.k_rot.index_select(1, window), tail.v.index_select(1, window),
+            q_glb[:, 0], self.stage_k, self.stage_v, scale=scale, global_bias=self.bias,
+        )
+        tail.score.index_add_(1, window, received)
+        m._device_counts.index_add_(0, ids[0], self.ones)
+        self.block_ids = ids
+        return out[:, None]
+
+    def advance(self) -> None:
+        """The host bookkeeping of a step `run` computed on the device (after it ran or was replayed)."""
+        m = self.memory
+        m.tail.length += 1
+        m.seen += 1
+        m._retrieved, m._lookup, m._call_qvecs = [self.block_ids], None, None
