@@ -57,7 +57,8 @@ def main(argv=None) -> int:
     model = patch_model(build_model(args.shape, device, DTYPES[args.dtype], 0), cfg.model)
     offload = {"auto": None, "on": True, "off": False}[args.offload]
     total = args.warmup + args.tokens
-    ids = torch.randint(0, model.config.vocab_size, (1, total + 1), device=device)
+    # one more chunk for the torch.profiler pass (a whole prefill chunk, not a single token)
+    ids = torch.randint(0, model.config.vocab_size, (1, total + cfg.chunk_size), device=device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     report = io.StringIO()
 

@@ -453,12 +453,41 @@ def test_gather_blocks_into_strided_slots(per_head, block_size, pinned):
     assert (results[0][0][:, :5] == 0).all()
 
 
+@pytest.mark.parametrize("block_size", [8, 24, 128])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_form_blocks_writes_store_slots_and_representatives(block_size, dtype):
+    """New blocks from tail-like strided views: K/V copied into the store slots exactly, representatives the
+    reference's (the mean of the repr_topk best-scored keys, float32); ties resolve to a valid choice."""
+    gen = torch.Generator().manual_seed(8)
+    hkv, n, d, repr_topk = 3, 2, 32, 4
+    tail_k = _rand(hkv, 7 + n * block_size, d, dtype=dtype, gen=gen)  # 7 tokens before the new blocks
+    tail_v = _rand(hkv, 7 + n * block_size, d, dtype=dtype, gen=gen)
+    score = torch.rand(hkv, 7 + n * block_size, generator=gen).to(DEVICE)
+    score[0, 7:10] = 5.0  # a tie at the top of head 0's first block
+    keys, values = (x[:, 7:].unflatten(1, (n, block_size)) for x in (tail_k, tail_v))
+    scores = score[:, 7:].unflatten(1, (n, block_size))
+    results = []
+    for op in (triton_attn.form_blocks, reference.form_blocks):
+        store_k = torch.zeros(5, hkv, block_size, d, dtype=dtype, device=DEVICE)
+        store_v, store_repr = torch.zeros_like(store_k), torch.zeros(5, hkv * d, device=DEVICE)
+        op(keys, values, scores, repr_topk, store_k[1 : 1 + n], store_v[1 : 1 + n],
+           store_repr[1 : 1 + n].view(n, hkv, d))
+        results.append((store_k, store_v, store_repr))
+    (got_k, got_v, got_r), (ref_k, ref_v, ref_r) = results
+    assert torch.equal(got_k, ref_k) and torch.equal(got_v, ref_v)
+    assert torch.equal(got_k[1:3].transpose(0, 1).cpu(), keys.cpu()) and (got_k[0] == 0).all()
+    torch.testing.assert_close(got_r, ref_r, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="repr_topk"):
+        triton_attn.form_blocks(keys, values, scores, block_size + 1, store_k[1 : 1 + n], store_v[1 : 1 + n],
+                                store_repr[1 : 1 + n].view(n, hkv, d))
+
+
 def test_reexports_match_reference():
     """Callers may take the mask helpers and the torch-only op from either backend module."""
     for name in ("window_mask", "prefix_mask", "masked_attention", "NEG_INF"):
         assert getattr(triton_attn, name) is getattr(reference, name)
     for name in ("windowed_attention", "prefix_attention", "merge_partials", "window_key_scores", "global_stage_into",
-                 "gather_blocks"):
+                 "gather_blocks", "form_blocks"):
         assert name in triton_attn.__all__
 
 

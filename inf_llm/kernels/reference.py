@@ -150,6 +150,26 @@ def gather_blocks(
     dst_v.copy_(src_v[ids, heads].transpose(0, 1))
 
 
+def block_representatives(keys: torch.Tensor, scores: torch.Tensor, repr_topk: int, dtype: torch.dtype) -> torch.Tensor:
+    """(n, Hkv, D) in `dtype`: per block and head, the mean of the `repr_topk` keys (Hkv, n, bs, D) with the
+    highest scores (Hkv, n, bs)."""
+    best = scores.topk(repr_topk, dim=-1).indices  # (Hkv, n, repr_topk)
+    chosen = keys.gather(2, best.unsqueeze(-1).expand(-1, -1, -1, keys.shape[-1]))  # (Hkv, n, repr_topk, D)
+    return chosen.mean(dim=2, dtype=dtype).transpose(0, 1)
+
+
+def form_blocks(
+    keys: torch.Tensor, values: torch.Tensor, scores: torch.Tensor, repr_topk: int,
+    dst_k: torch.Tensor, dst_v: torch.Tensor, dst_repr: torch.Tensor,
+) -> None:
+    """New memory blocks into the store: dst_k/dst_v (n, Hkv, bs, D) = keys/values (Hkv, n, bs, D), and
+    dst_repr (n, Hkv, D) = per block and head the mean (in dst_repr's dtype) of the `repr_topk` keys with the
+    highest scores (Hkv, n, bs)."""
+    dst_repr.copy_(block_representatives(keys, scores, repr_topk, dst_repr.dtype))
+    dst_k.copy_(keys.transpose(0, 1))
+    dst_v.copy_(values.transpose(0, 1))
+
+
 def global_stage_into(
     q: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
     sink_k: torch.Tensor, sink_v: torch.Tensor,

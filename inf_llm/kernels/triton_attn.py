@@ -47,6 +47,7 @@ from inf_llm.kernels.reference import NEG_INF, decode_attention, masked_attentio
 __all__ = [
     "NEG_INF",
     "decode_attention",
+    "form_blocks",
     "gather_blocks",
     "global_stage_into",
     "masked_attention",
@@ -507,6 +508,10 @@ def _window_key_scores_kernel(
     tl.store(out_ptrs, acc, mask=col_ok)
 
 
+# The autotuner's winner per key of _window_key_scores_tuned (its launch kwargs), for launching the kernel
+# directly once tuned: this op runs once per execution block and layer, where host time is the limit.
+_WINDOW_SCORES_CONFIGS: dict[tuple, dict] = {}
+
 _window_key_scores_tuned = triton.autotune(
     configs=_tune_configs(),
     key=["tune_rows", "HEAD_DIM", "GROUP"],
@@ -643,6 +648,41 @@ def _gather_blocks_kernel(
         src_v = block * stride_svn + h * stride_svh + t[:, None].to(tl.int64) * stride_svt + offs_d[None, :]
         dst_v = j64 * stride_dvn + h * stride_dvh + t[:, None].to(tl.int64) * stride_dvt + offs_d[None, :]
         tl.store(DstV + dst_v, tl.load(SrcV + src_v, mask=ok), mask=ok)
+
+
+@triton.jit
+def _form_blocks_kernel(
+    K, V, Score, DstK, DstV, Repr,
+    stride_kh, stride_kn, stride_kt, stride_vh, stride_vn, stride_vt,
+    stride_sh, stride_sn,
+    stride_dn, stride_dh, stride_dt, stride_dvn, stride_dvh, stride_dvt,
+    stride_rn, stride_rh,
+    HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_P2: tl.constexpr, REPR_TOPK: tl.constexpr,
+    BLOCK_T: tl.constexpr, INTERPRETER: tl.constexpr,
+):
+    """One new memory block of one KV head: its representative (the mean of the REPR_TOPK best-scored keys,
+    float32) and its K/V copied into the store. Grid (n, Hkv)."""
+    j = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)
+    offs_d = tl.arange(0, HEAD_DIM)
+    t = tl.arange(0, BLOCK_P2)
+    s = tl.load(Score + h * stride_sh + j * stride_sn + t, mask=t < BLOCK_SIZE, other=float("-inf"))
+    acc = tl.full([HEAD_DIM], 0, tl.float32)
+    k_base = K + h * stride_kh + j * stride_kn
+    for _ in tl.static_range(REPR_TOPK):  # top-k by repeated arg-max (the lowest index among equal scores)
+        best = _min(tl.where(s == _max(s, 0, INTERPRETER), t, BLOCK_P2), 0, INTERPRETER)
+        acc += tl.load(k_base + best.to(tl.int64) * stride_kt + offs_d).to(tl.float32)
+        s = tl.where(t == best, float("-inf"), s)
+    tl.store(Repr + j * stride_rn + h * stride_rh + offs_d, acc / REPR_TOPK)
+    v_base = V + h * stride_vh + j * stride_vn
+    for t0 in range(0, BLOCK_SIZE, BLOCK_T):
+        rows = t0 + tl.arange(0, BLOCK_T)
+        ok = (rows < BLOCK_SIZE)[:, None]
+        r64 = rows[:, None].to(tl.int64)
+        keys = tl.load(k_base + r64 * stride_kt + offs_d[None, :], mask=ok)
+        tl.store(DstK + j * stride_dn + h * stride_dh + r64 * stride_dt + offs_d[None, :], keys, mask=ok)
+        values = tl.load(v_base + r64 * stride_vt + offs_d[None, :], mask=ok)
+        tl.store(DstV + j * stride_dvn + h * stride_dvh + r64 * stride_dvt + offs_d[None, :], values, mask=ok)
 
 
 # True when triton was imported with TRITON_INTERPRET=1: kernels then run on CPU tensors (tests), with small
@@ -946,8 +986,16 @@ def window_key_scores(
                 *args, 0, BLOCK_M=_INTERPRETER_BLOCK, BLOCK_N=_INTERPRETER_BLOCK, **const
             )
         else:
-            grid = lambda meta: (triton.cdiv(lk, meta["BLOCK_N"]), b * hkv)  # noqa: E731
-            _window_key_scores_tuned[grid](*args, triton.next_power_of_2(min(group * lq, 8192)), **const)
+            tune_rows = triton.next_power_of_2(min(group * lq, 8192))
+            key = (tune_rows, d, group, q.dtype, k.dtype, lse.dtype, out.dtype)
+            best = _WINDOW_SCORES_CONFIGS.get(key)
+            if best is None:
+                grid = lambda meta: (triton.cdiv(lk, meta["BLOCK_N"]), b * hkv)  # noqa: E731
+                _window_key_scores_tuned[grid](*args, tune_rows, **const)
+                _WINDOW_SCORES_CONFIGS[key] = _window_key_scores_tuned.best_config.all_kwargs()
+            else:  # the tuned launch without the autotuner's per-call dispatch (~30 us of host time)
+                grid = (triton.cdiv(lk, best["BLOCK_N"]), b * hkv)
+                _window_key_scores_kernel[grid](*args, tune_rows, **const, **best)
     return out
 
 
@@ -1070,4 +1118,52 @@ def gather_blocks(
             *dst_k.stride()[:3], *dst_v.stride()[:3],
             PER_HEAD=block_ids.shape[0] > 1, HEAD_DIM=d, BLOCK_SIZE=block_size,
             BLOCK_T=_INTERPRETER_BLOCK if _INTERPRETED else 32,
+        )
+
+
+def form_blocks(
+    keys: torch.Tensor, values: torch.Tensor, scores: torch.Tensor, repr_topk: int,
+    dst_k: torch.Tensor, dst_v: torch.Tensor, dst_repr: torch.Tensor,
+) -> None:
+    """New memory blocks into the store, as `reference.form_blocks`, in one launch (the torch version is a
+    top-k, a gather, a mean and three copies: host launches bound the prefill's per-execution-block work).
+
+    keys/values (Hkv, n, bs, D) and scores (Hkv, n, bs) float32, e.g. views of the tail; dst_k/dst_v
+    (n, Hkv, bs, D) and dst_repr (n, Hkv, D) float32: the store's new slots, on the same device. Last
+    dimensions contiguous. Among equal scores the lowest position is taken first.
+    """
+    named = (("keys", keys, 4), ("values", values, 4), ("scores", scores, 3), ("dst_k", dst_k, 4),
+             ("dst_v", dst_v, 4), ("dst_repr", dst_repr, 3))
+    for name, t, nd in named:
+        _check_tensor(name, t, nd)
+        if t.device != keys.device:
+            raise ValueError(f"{name} is on {t.device}; expected {keys.device} like keys")
+        if t.numel() and t.stride(-1) != 1:
+            raise ValueError(f"{name} must be contiguous in its last dimension")
+    hkv, n, bs, d = keys.shape
+    if values.shape != keys.shape or scores.shape != (hkv, n, bs):
+        raise ValueError(f"values {tuple(values.shape)} / scores {tuple(scores.shape)} must match keys "
+                         f"{tuple(keys.shape)} / {(hkv, n, bs)}")
+    if dst_k.shape != (n, hkv, bs, d) or dst_v.shape != dst_k.shape or dst_repr.shape != (n, hkv, d):
+        raise ValueError(f"dst_k {tuple(dst_k.shape)} / dst_v {tuple(dst_v.shape)} / dst_repr "
+                         f"{tuple(dst_repr.shape)} must be {(n, hkv, bs, d)} / {(n, hkv, d)}")
+    if dst_k.dtype != keys.dtype or dst_v.dtype != values.dtype:
+        raise ValueError(f"the store's dtype ({dst_k.dtype}) differs from the keys' ({keys.dtype})")
+    if scores.dtype != torch.float32 or dst_repr.dtype != torch.float32:
+        raise ValueError(f"scores ({scores.dtype}) and dst_repr ({dst_repr.dtype}) must be float32")
+    if not 1 <= repr_topk <= bs:
+        raise ValueError(f"repr_topk {repr_topk} must be in [1, block size {bs}]")
+    if d & (d - 1) or d > _MAX_HEAD_DIM:
+        raise ValueError(f"head dim {d} is not supported: need a power of two <= {_MAX_HEAD_DIM}")
+    _check_device(keys.device)
+    if n == 0 or hkv == 0:
+        return
+    with _device_guard(keys.device):
+        _form_blocks_kernel[(n, hkv)](
+            keys, values, scores, dst_k, dst_v, dst_repr,
+            keys.stride(0), keys.stride(1), keys.stride(2), values.stride(0), values.stride(1), values.stride(2),
+            scores.stride(0), scores.stride(1),
+            *dst_k.stride()[:3], *dst_v.stride()[:3], dst_repr.stride(0), dst_repr.stride(1),
+            HEAD_DIM=d, BLOCK_SIZE=bs, BLOCK_P2=triton.next_power_of_2(bs), REPR_TOPK=repr_topk,
+            BLOCK_T=_INTERPRETER_BLOCK if _INTERPRETED else 32, INTERPRETER=_INTERPRETED,
         )

@@ -233,9 +233,7 @@ class BlockStore:
     def add_many(self, k: torch.Tensor, v: torch.Tensor, representatives: torch.Tensor, start_pos: list[int]) -> None:
         """k, v (n, Hkv, block_size, D); representatives (n, Hkv * D) or (n, Hkv, D) (may be strided: copied
         in place, not reshaped first); start_pos: first position of each."""
-        n = k.shape[0]
-        self._reserve(n)
-        new = slice(self.count, self.count + n)
+        new = self.claim(k.shape[0], start_pos)
         if self.codec is not None:  # encoded where k/v are (the compute device): half the bytes cross over
             k, k_scale = self.codec.encode(k, keys=True)
             v, v_scale = self.codec.encode(v, keys=False)
@@ -244,8 +242,15 @@ class BlockStore:
         self.k[new].copy_(k, non_blocking=True)
         self.v[new].copy_(v, non_blocking=True)
         self.repr[new].view(representatives.shape).copy_(representatives)
+
+    def claim(self, n: int, start_pos: list[int]) -> slice:
+        """Slots for n new blocks starting at `start_pos`, counted as stored: the caller fills k, v and repr
+        at the returned slice (`add_many`, or a fused op writing them in place)."""
+        self._reserve(n)
+        new = slice(self.count, self.count + n)
         self.start_pos.extend(start_pos)
         self.count += n
+        return new
 
     def copy_block(self, block: int, dst_k: torch.Tensor, dst_v: torch.Tensor) -> None:
         """Block `block`'s K/V into dst_k/dst_v (Hkv, block_size, D) in the model dtype, on their device

@@ -28,6 +28,7 @@ import torch
 
 from inf_llm.config import CacheStrategy, MemoryType, ModelConfig
 from inf_llm.errors import ConfigError, MissingDependencyError
+from inf_llm.kernels.reference import block_representatives
 from inf_llm.memory.block_cache import BlockCache
 from inf_llm.memory.buffers import BlockStore, StorageSpec, TokenBuffer, representative_dtype
 from inf_llm.memory.compression import BlockCodec
@@ -564,7 +565,10 @@ class ContextMemory:
         reprs = self.store.representatives()[first:last]  # (N, Hkv*D), float32 (float64 in float64 tests)
         if self.cfg.perhead:
             return torch.einsum("...hd,nhd->...hn", qvec, reprs.view(-1, self.hkv, self.d))
-        # (N, X) @ (X, Hsel): a GEMV for cuBLAS (as qvec @ reprs.T, an m=1 GEMM, it took 56 us on an H200)
+        # (N, X) @ (X, Hsel): a GEMV for cuBLAS (as qvec @ reprs.T, an m=1 GEMM, it took 56 us on an H200);
+        # one lookup vector through torch.mv, which dispatches in less host time than matmul
+        if qvec.dim() == 2:
+            return torch.mv(reprs, qvec[0]).unsqueeze(0)  # (1, N)
         return (reprs @ qvec.mT).mT  # (..., 1, N)
 
     def _select_blocks(self, qb: torch.Tensor, index: int, q_rotated: torch.Tensor | None = None
@@ -706,14 +710,18 @@ class ContextMemory:
         keys = self.tail.keys(first, first + n * bs).unflatten(1, (n, bs))  # (Hkv, n, bs, D)
         values = self.tail.values(first, first + n * bs).unflatten(1, (n, bs))
         scores = self.tail.scores(first, first + n * bs).unflatten(1, (n, bs))  # (Hkv, n, bs)
-        best = scores.topk(self.cfg.repr_topk, dim=-1).indices  # (Hkv, n, repr_topk)
-        chosen = keys.gather(2, best.unsqueeze(-1).expand(-1, -1, -1, self.d))  # (Hkv, n, repr_topk, D)
-        representatives = chosen.mean(dim=2, dtype=self.repr_dtype).transpose(0, 1)  # (n, Hkv, D)
-        self.store.add_many(keys.transpose(0, 1), values.transpose(0, 1), representatives,
-                            [first + i * bs for i in range(n)])
+        starts = [first + i * bs for i in range(n)]
+        store = self.store
+        if store.codec is None and store.k.device == self.device:  # one op writes the store's new slots
+            new = store.claim(n, starts)
+            self.ops.form_blocks(keys, values, scores, self.cfg.repr_topk, store.k[new], store.v[new],
+                                 store.repr[new].view(n, self.hkv, self.d))
+        else:  # to the host (compressed): representatives here, K/V copied over asynchronously
+            representatives = block_representatives(keys, scores, self.cfg.repr_topk, self.repr_dtype)
+            store.add_many(keys.transpose(0, 1), values.transpose(0, 1), representatives, starts)
         if self._faiss_index is not None:
-            for representative in representatives:
-                self._faiss_add(representative.reshape(-1))
+            for representative in store.repr[store.count - n : store.count]:
+                self._faiss_add(representative)
         self.tail.drop_front(n * bs)
 
     def _faiss_add(self, representative: torch.Tensor) -> None:

@@ -103,7 +103,7 @@ class StaticDecodeStep:
         # lookup: the shared top-k over every store slot, slots past the block count never chosen
         q_glb = m.rope.rotate_at(q.to(m.repr_dtype), m.policy.global_query_pos)
         qvec = m._query_vector(q, q_glb)  # (1, Hkv * D)
-        scores = (store.repr @ qvec.mT).mT  # (1, capacity), a GEMV
+        scores = torch.mv(store.repr, qvec[0]).unsqueeze(0)  # (1, capacity)
         slots = torch.arange(store.repr.shape[0], device=m.device)
         ids = torch.where(slots < a[5], scores, self.neg_inf).topk(cfg.topk, dim=-1).indices  # (1, topk)
         bs, n_init = cfg.block_size, m.n_init
