@@ -541,19 +541,19 @@ class ContextMemory:
     def _query_vectors(self, q: torch.Tensor, bounds: list[tuple[int, int]], start: int) -> torch.Tensor:
         """`_query_vector` of every execution block of a call, (n, Hsel, X), in a few ops: runs of full
         blocks by one reshaped mean, a partial first or last block by its own."""
-        qf = q.to(self.repr_dtype)
+        dtype = self.repr_dtype  # means accumulated in the representatives' dtype (q is not converted whole)
         means, k = [], 0
         while k < len(bounds):
             j = k
             while j < len(bounds) and bounds[j][1] - bounds[j][0] == self.exc:
                 j += 1
             if j > k:  # blocks k..j-1 are full: (Hq, j-k, D)
-                rows = qf[:, bounds[k][0] - start : bounds[j - 1][1] - start]
-                means.append(rows.unflatten(1, (j - k, self.exc)).mean(dim=2))
+                rows = q[:, bounds[k][0] - start : bounds[j - 1][1] - start]
+                means.append(rows.unflatten(1, (j - k, self.exc)).mean(dim=2, dtype=dtype))
                 k = j
             else:
                 s, e = bounds[k]
-                means.append(qf[:, s - start : e - start].mean(dim=1, keepdim=True))
+                means.append(q[:, s - start : e - start].mean(dim=1, keepdim=True, dtype=dtype))
                 k += 1
         mean = means[0] if len(means) == 1 else torch.cat(means, dim=1)  # (Hq, n, D)
         rotated = self.rope.rotate_at(mean, self.policy.global_query_pos)
@@ -626,9 +626,10 @@ class ContextMemory:
             self._device_counts = grown
         if all(ids.shape[0] == 1 for ids in selections):  # one id list per execution block: no duplicates
             flat = torch.cat([ids[0] for ids in selections])
-            # index_put_ with a device scalar: `counts[flat] += 1` would copy the 1 from the host
-            one = torch.ones((), dtype=torch.int32, device=flat.device)
-            self._device_counts.index_put_((flat,), one, accumulate=True)
+            # index_add_ (atomic adds): index_put_(accumulate=True) sorts the indices and waits for the device
+            # (a sync that cost the prefill its overlap of host and GPU, every 64 lookups of every layer)
+            ones = torch.ones(flat.shape, dtype=torch.int32, device=flat.device)
+            self._device_counts.index_add_(0, flat, ones)
             return
         for ids in selections:  # perhead: a block selected by several heads counts once
             hit = torch.zeros(n_blocks, dtype=torch.int32, device=ids.device).index_fill_(0, ids.flatten(), 1)
