@@ -89,7 +89,9 @@ class TokenBuffer:
             return
         live = slice(self.offset, self.offset + self.length)
         if self.length + extra > capacity // 2:
-            capacity = max(2 * capacity, self.length + extra)
+            # a multiple of 64: the capacity is a stride of the score buffer, and Triton specializes (compiles
+            # another variant) on strides that are not multiples of 16
+            capacity = max(2 * capacity, -(-(self.length + extra) // 64) * 64)
         # Either grow, or compact (copy the live part to the front of a new buffer of the same size).
         self.k = _grown(self.k, 1, capacity, live)
         self.v = _grown(self.v, 1, capacity, live)

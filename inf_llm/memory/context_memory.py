@@ -293,7 +293,9 @@ class ContextMemory:
     def retrieval_counts(self) -> dict[int, int]:
         """Block id -> execution blocks that selected it, since the last `reset_retrieval_counts`."""
         counts = dict(self._counts)
-        self._count_device_selections(force=True)
+        # counts made by forwards in inference mode are inference tensors: updated in that mode only
+        with torch.inference_mode(self._device_counts is not None and self._device_counts.is_inference()):
+            self._count_device_selections(force=True)
         if self._device_counts is not None:
             hits = self._device_counts[: self.store.count].tolist()  # host copy, only when asked
             for block, n in enumerate(hits):
@@ -541,19 +543,19 @@ class ContextMemory:
     def _query_vectors(self, q: torch.Tensor, bounds: list[tuple[int, int]], start: int) -> torch.Tensor:
         """`_query_vector` of every execution block of a call, (n, Hsel, X), in a few ops: runs of full
         blocks by one reshaped mean, a partial first or last block by its own."""
-        dtype = self.repr_dtype  # means accumulated in the representatives' dtype (q is not converted whole)
+        qf = q.to(self.repr_dtype)  # contiguous: a strided mean of q (a transposed view) is slower on a GPU
         means, k = [], 0
         while k < len(bounds):
             j = k
             while j < len(bounds) and bounds[j][1] - bounds[j][0] == self.exc:
                 j += 1
             if j > k:  # blocks k..j-1 are full: (Hq, j-k, D)
-                rows = q[:, bounds[k][0] - start : bounds[j - 1][1] - start]
-                means.append(rows.unflatten(1, (j - k, self.exc)).mean(dim=2, dtype=dtype))
+                rows = qf[:, bounds[k][0] - start : bounds[j - 1][1] - start]
+                means.append(rows.unflatten(1, (j - k, self.exc)).mean(dim=2))
                 k = j
             else:
                 s, e = bounds[k]
-                means.append(q[:, s - start : e - start].mean(dim=1, keepdim=True, dtype=dtype))
+                means.append(qf[:, s - start : e - start].mean(dim=1, keepdim=True))
                 k += 1
         mean = means[0] if len(means) == 1 else torch.cat(means, dim=1)  # (Hq, n, D)
         rotated = self.rope.rotate_at(mean, self.policy.global_query_pos)
