@@ -172,7 +172,7 @@ def _parse(argv=None) -> argparse.Namespace:
                    help="inf-llm rows on CUDA: replay decode steps as a CUDA graph (DecodeGraph); off: eager\n"
                         "steps, as transformers runs them (the origin row is always eager)")
     p.add_argument("--warmup-prefill", type=int, default=DEFAULT_WARMUP_PREFILL,
-                   help="tokens of the untimed per-row warm-up prefill (0: no warm-up)")
+                   help="tokens of the untimed per-row warm-up prefill, one short like the timed ones (0: none)")
     p.add_argument("--max-seconds-per-row", type=float, default=DEFAULT_MAX_SECONDS,
                    help="prefill budget per row x length; a prefill projected to exceed it stops early and\n"
                         "its tokens/s is reported as an estimate ('est')")
@@ -460,8 +460,12 @@ def _graphed(spec: RowSpec, args: argparse.Namespace, device: torch.device) -> b
 
 
 def warm_up(model, spec: RowSpec, chunk: int, ids: torch.Tensor, args: argparse.Namespace) -> None:
-    """Untimed: a short prefill and a few decode steps on a throwaway cache (compile, autotune, allocator)."""
-    n = min(args.warmup_prefill, ids.shape[1] - 1)
+    """Untimed: a short prefill and a few decode steps on a throwaway cache (compile, autotune, allocator).
+
+    The prefill is one token short of --warmup-prefill, as the timed prefill is of its length: its last
+    chunk then has the odd length of the timed one's, whose kernel variants would otherwise compile inside
+    the timed prefill (seconds on a fresh GPU machine)."""
+    n = min(args.warmup_prefill, ids.shape[1]) - 1
     if n <= 0:
         return
     t0 = time.perf_counter()
