@@ -88,7 +88,8 @@ def test_decode_graph_replays_equal_eager_decode_steps(offload):
     eager steps' logits, lookups and retrieval counts, across block formations and a store growth."""
     from inf_llm.adapter.decode_graph import DecodeGraph
 
-    model = build_tiny_model("mistral", num_attention_heads=8, num_key_value_heads=2, head_dim=128).cuda()
+    # head dim 64: the float32 kernel variants at 128 take minutes to compile on a fresh machine
+    model = build_tiny_model("mistral", num_attention_heads=8, num_key_value_heads=2, head_dim=64).cuda()
     ids = torch.randint(0, model.config.vocab_size, (1, 1400), generator=torch.Generator().manual_seed(2)).cuda()
     access = (["model.offload=true", "model.offload_access=direct", "model.pin_memory=true"] if offload
               else ["model.offload=false"])
