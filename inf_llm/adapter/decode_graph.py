@@ -81,7 +81,7 @@ class DecodeGraph:
         self._graph.replay()
         self._advance()
         self.stats.replayed += 1
-        return self._logits[:, -1]
+        return self._logits
 
     # ---------------------------------------------------------------------------------------------- internals
     def _forward(self, token: torch.Tensor) -> torch.Tensor:
