@@ -13,7 +13,8 @@ Rows (see docs/speed.md):
   stream-llm     type stream-llm (sinks + local window); fattn true on CUDA, false on CPU
   origin-sdpa    the UNPATCHED model: transformers' sdpa attention and its DynamicCache (full attention)
 Memory settings come from --config (default config/mistral-inf-llm.yaml, the original Mistral preset) plus
---set overrides; `model.type` and `model.fattn` are set by the row.
+--set overrides; `model.type` and `model.fattn` are set by the row. Decode steps of inf-llm rows on CUDA
+replay as CUDA graphs (`model.decode_graph`, as in the server; `--set model.decode_graph=false`: eager).
 
 For each row x length, with the same seeded input ids for every row: chunked prefill of all tokens but the
 last (`chunk_size` per forward, logits_to_keep=1), then greedy decode (feeding the last prompt token first):
@@ -45,7 +46,6 @@ if __package__ in (None, ""):  # run as `python benchmark/speed.py`: make the re
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from inf_llm.adapter import InfLLMCache, cache_kwargs, patch_model, unpatch_model  # noqa: E402
-from inf_llm.adapter.decode_graph import DecodeGraph  # noqa: E402
 from inf_llm.config import InfLLMConfig, load_config  # noqa: E402
 from inf_llm.errors import ConfigError  # noqa: E402
 
@@ -168,9 +168,6 @@ def _parse(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="seeds the weights and the input ids")
     p.add_argument("--decode-tokens", type=int, default=32, help="timed decode steps (mean reported)")
     p.add_argument("--decode-warmup", type=int, default=4, help="untimed decode steps before the timed ones")
-    p.add_argument("--decode-graph", choices=("on", "off"), default="on",
-                   help="inf-llm rows on CUDA: replay decode steps as a CUDA graph (DecodeGraph); off: eager\n"
-                        "steps, as transformers runs them (the origin row is always eager)")
     p.add_argument("--warmup-prefill", type=int, default=DEFAULT_WARMUP_PREFILL,
                    help="tokens of the untimed per-row warm-up prefill, one short like the timed ones (0: none)")
     p.add_argument("--max-seconds-per-row", type=float, default=DEFAULT_MAX_SECONDS,
@@ -378,10 +375,9 @@ def prefill(model, cache, ids: torch.Tensor, chunk: int, budget_s: float | None,
     return PrefillRun(done, elapsed, chunk_s, True, elapsed)
 
 
-def decoder(model, cache, graph: bool) -> Callable[[torch.Tensor], torch.Tensor]:
-    """token (1, 1) -> next-token logits (1, vocab): a `DecodeGraph` (CUDA graph replays) or eager forwards."""
-    if graph:
-        return DecodeGraph(model, cache)
+def decoder(model, cache) -> Callable[[torch.Tensor], torch.Tensor]:
+    """token (1, 1) -> next-token logits (1, vocab), as generate() steps: through the patched model's
+    CUDA-graph runner where `model.decode_graph` allows it (inf-llm rows on CUDA), else eager forwards."""
     kw = cache_kwargs(model, cache)
     return lambda token: model(token, **kw, use_cache=True, logits_to_keep=1).logits[:, -1]
 
@@ -437,10 +433,10 @@ def measure(model, spec: RowSpec, cfg: InfLLMConfig, chunk: int, ids: torch.Tens
             res.status = "est"
             res.note = (f"prefill stopped at {done} tokens ({done / run.seconds:,.0f} tok/s so far, whole "
                         f"extrapolated); decode at {res.decode_context}")
-        step = decoder(model, cache, _graphed(spec, args, device))
-        steps = decode(step, ids[:, done : done + 1], args.decode_warmup, args.decode_tokens)
-        if isinstance(step, DecodeGraph):
-            res.decode_graph = {**asdict(step.stats), "disabled": step.disabled_reason}
+        steps = decode(decoder(model, cache), ids[:, done : done + 1], args.decode_warmup, args.decode_tokens)
+        runner = getattr(cache, "decode_graph", None)
+        if runner is not None:
+            res.decode_graph = {**asdict(runner.stats), "disabled": runner.disabled_reason}
     expected = done + args.decode_warmup + args.decode_tokens
     if cache.get_seq_length() != expected:  # the cache was bypassed: the numbers would be meaningless
         raise RuntimeError(f"cache holds {cache.get_seq_length()} tokens after the run, expected {expected}")
@@ -453,10 +449,6 @@ def measure(model, spec: RowSpec, cfg: InfLLMConfig, chunk: int, ids: torch.Tens
         res.peak_gpu_reserved_bytes = torch.cuda.max_memory_reserved(device)
     res.memory_stats = _summed_stats(cache)
     del cache
-
-
-def _graphed(spec: RowSpec, args: argparse.Namespace, device: torch.device) -> bool:
-    return args.decode_graph == "on" and spec.memory_type == "inf-llm" and device.type == "cuda"
 
 
 def warm_up(model, spec: RowSpec, chunk: int, ids: torch.Tensor, args: argparse.Namespace) -> None:
@@ -473,8 +465,7 @@ def warm_up(model, spec: RowSpec, chunk: int, ids: torch.Tensor, args: argparse.
     with torch.inference_mode():
         prefill(model, cache, ids[:, :n], chunk, None, 0, spec.name)
         # enough steps for a capture and replays (the first steps after a prefill may form a block)
-        decode(decoder(model, cache, _graphed(spec, args, ids.device)), ids[:, n : n + 1], 0,
-               max(2, args.decode_warmup))
+        decode(decoder(model, cache), ids[:, n : n + 1], 0, max(2, args.decode_warmup))
     _sync(ids.device)
     del cache
     _say(f"  [{spec.name}] warm-up ({n} tokens + decode) {time.perf_counter() - t0:.1f}s")

@@ -110,6 +110,12 @@ class ModelConfig(_Strict):
         "and lent to each conversation in turn, so long requests do not page-lock memory as they grow "
         "(as vLLM's swap space); beyond it a store grows as usual. null: allocate as the store grows",
     )
+    decode_graph: bool | None = Field(
+        None,
+        description="replay each decode step as one CUDA graph (inf-llm with blocks on the device or "
+        "offload_access: direct; other memories decode eagerly). null: on GPUs; true: also on CPUs, where the "
+        "fixed-shape step runs eagerly (for tests); false: never",
+    )
     cpu_packed_linear: bool = Field(
         True, description="CPU bf16: linear weights prepacked for oneDNN (same outputs, ~1.25x faster decoding)"
     )

@@ -103,3 +103,29 @@ def test_decode_graph_checks_cancellation_before_each_step():
         with pytest.raises(GenerationCancelled):
             step(ids[:, 141:142])
         assert cache.is_consistent() and cache.get_seq_length() == 141
+
+
+def test_generate_decodes_through_the_cache_runner_with_the_same_tokens():
+    """patch_model routes generate()'s one-token forwards through a DecodeGraph kept on the cache (here
+    `decode_graph: true` on CPU: the fixed-shape step eagerly); the greedy tokens equal plain decoding, the
+    forward keeps its signature (generate inspects it) and unpatch_model restores the model's own forward."""
+    import inspect
+
+    from inf_llm.adapter import unpatch_model
+
+    model = build_tiny_model("llama", seed=9)
+    ids = torch.randint(3, 300, (1, 200), generator=torch.Generator().manual_seed(10))
+    outputs, runners = [], []
+    for graph in (False, True):
+        with torch.no_grad(), patched(model, type="inf-llm", offload_access="direct", pin_memory=True,
+                                      decode_graph=graph, **SMALL):
+            assert "logits_to_keep" in inspect.signature(model.forward).parameters
+            cache = InfLLMCache(model, offload=True)
+            outputs.append(model.generate(ids, **cache_kwargs(model, cache), max_new_tokens=60, do_sample=False,
+                                          pad_token_id=0))
+            runners.append(cache.decode_graph)
+    assert runners[0] is None and runners[1] is not None
+    assert runners[1].stats.static_eager > 30 and runners[1].stats.eager > 0
+    assert torch.equal(outputs[0], outputs[1])
+    unpatch_model(model)
+    assert "forward" not in vars(model)

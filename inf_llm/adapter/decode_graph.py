@@ -8,6 +8,9 @@ captures the whole forward pass of one token (transformers' layers and every lay
     step = DecodeGraph(model, cache)     # after the prefill
     logits = step(token)                 # token (1, 1) on the device; logits (1, vocab), valid until the next step
 
+`patch_model` also routes `model.generate`'s one-token forwards through a runner kept on each cache
+(`install_decode_graphs`, config `decode_graph`), so the server and the chat decode through graphs on GPUs.
+
 Per step the host only plans each layer's arguments (no device work), copies them in one transfer, and
 replays. A step that changes the memory's layout (a block forms every `block_size` tokens, the window is
 re-rotated, sinks still filling) runs the ordinary eager forward; when a buffer moved (the store grew), the
@@ -17,11 +20,14 @@ next plain step runs eagerly through the static path and the graph is captured a
 
 from __future__ import annotations
 
+import functools
 import logging
+import weakref
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from inf_llm.adapter.hf import InfLLMCache, cache_kwargs
 from inf_llm.errors import GenerationCancelled
@@ -31,6 +37,8 @@ log = logging.getLogger(__name__)
 
 # Host buffers of step arguments in flight: the host writes one while the device may still copy the others.
 ARG_BUFFERS = 4
+# Where install_decode_graphs keeps the model's own forward.
+PLAIN_FORWARD = "_infllm_plain_forward"
 
 
 @dataclass
@@ -45,8 +53,10 @@ class DecodeGraph:
     """One-token forward passes of `model` on `cache` (batch 1), replayed from a CUDA graph when possible."""
 
     def __init__(self, model: nn.Module, cache: InfLLMCache, use_graph: bool | None = None):
-        self.model, self.cache = model, cache
-        self.kwargs = cache_kwargs(model, cache)
+        self.model = model
+        # weak: a runner kept on its cache must not make a reference cycle (a discarded cache holds GBs)
+        self._cache = weakref.ref(cache)
+        self._cache_arg = next(iter(cache_kwargs(model, cache)))  # "cache" or "past_key_values"
         self.use_graph = use_graph
         self.stats = DecodeGraphStats()
         self._steps: list[StaticDecodeStep] | None = None
@@ -59,6 +69,14 @@ class DecodeGraph:
         self._copied: list = []  # an event per host buffer: its last copy to the device is done
         self._turn = 0
         self.disabled_reason: str | None = None
+        self.busy = False  # inside one of its own forwards
+
+    @property
+    def cache(self) -> InfLLMCache:
+        cache = self._cache()
+        if cache is None:
+            raise RuntimeError("the cache of this DecodeGraph is gone")
+        return cache
 
     # ------------------------------------------------------------------------------------------------ public
     def __call__(self, token: torch.Tensor) -> torch.Tensor:
@@ -85,7 +103,11 @@ class DecodeGraph:
 
     # ---------------------------------------------------------------------------------------------- internals
     def _forward(self, token: torch.Tensor) -> torch.Tensor:
-        return self.model(token, **self.kwargs, use_cache=True, logits_to_keep=1).logits[:, -1]
+        self.busy = True  # the model's forward hook (install_decode_graphs) lets this call through
+        try:
+            return self.model(token, **{self._cache_arg: self.cache}, use_cache=True, logits_to_keep=1).logits[:, -1]
+        finally:
+            self.busy = False
 
     def _graphs(self) -> bool:
         if self.disabled_reason is not None:
@@ -94,8 +116,10 @@ class DecodeGraph:
 
     def _plans(self) -> list[list[int]] | None:
         """Each layer's arguments for a static step, or None when any layer needs the ordinary path."""
+        memories = [layer.memory for layer in self.cache.layers]
+        if self._steps and any(step.memory is not m for step, m in zip(self._steps, memories)):
+            self._steps, self._graph, self._layout = None, None, None  # the cache was reset or reloaded
         if self._steps is None:
-            memories = [layer.memory for layer in self.cache.layers]
             if any(m is None for m in memories) or len({m.device for m in memories}) != 1:
                 return None  # before the prefill, or layers spread over devices
             if not all(StaticDecodeStep.supports(m) for m in memories):
@@ -179,3 +203,56 @@ class DecodeGraph:
         self.stats.captures += 1
         self.stats.static_eager += 1
         return logits
+
+
+# --------------------------------------------------------------------------------------------- generate() hook
+def install_decode_graphs(model: nn.Module) -> None:
+    """Route the one-token forwards of `model` (as `generate` makes them) on an InfLLMCache through a
+    `DecodeGraph` kept on that cache; every other call runs the model's own forward. The wrapper keeps the
+    forward's signature (`functools.wraps`): generate inspects it (which arguments the model takes)."""
+    if getattr(model, PLAIN_FORWARD, None) is not None:
+        return
+    plain = model.forward
+
+    @functools.wraps(plain)
+    def forward(*args, **kwargs):
+        logits = _graph_step(model, args, kwargs)
+        if logits is None:
+            return plain(*args, **kwargs)
+        return CausalLMOutputWithPast(logits=logits.unsqueeze(1).clone(), past_key_values=_cache_of(kwargs))
+
+    setattr(model, PLAIN_FORWARD, plain)
+    model.forward = forward
+
+
+def remove_decode_graphs(model: nn.Module) -> None:
+    if getattr(model, PLAIN_FORWARD, None) is not None:
+        del model.forward  # the instance attribute: the class's forward shows through again
+        delattr(model, PLAIN_FORWARD)
+
+
+def _cache_of(kwargs: dict):
+    return kwargs.get("past_key_values", kwargs.get("cache"))
+
+
+# forward() arguments under which a call is not a plain decode step (their effect is not in the graph)
+_OTHER_INPUTS = ("inputs_embeds", "labels")
+_OTHER_OUTPUTS = ("output_attentions", "output_hidden_states")
+
+
+def _graph_step(model: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """Logits (1, vocab) of a one-token forward on an InfLLMCache through its DecodeGraph, or None when the
+    call is something else (a prefill chunk, another cache, extra outputs asked for) or graphs are off."""
+    cache = _cache_of(kwargs)
+    input_ids = args[0] if args else kwargs.get("input_ids")
+    if (not isinstance(cache, InfLLMCache) or input_ids is None or tuple(input_ids.shape) != (1, 1)
+            or kwargs.get("use_cache") is False or any(kwargs.get(name) is not None for name in _OTHER_INPUTS)
+            or any(kwargs.get(name) for name in _OTHER_OUTPUTS)):
+        return None
+    enabled = cache.patch_state.cfg.decode_graph
+    if enabled is False or (enabled is None and input_ids.device.type != "cuda"):
+        return None
+    runner = getattr(cache, "decode_graph", None)
+    if runner is None:
+        runner = cache.decode_graph = DecodeGraph(model, cache)
+    return None if runner.busy else runner(input_ids)

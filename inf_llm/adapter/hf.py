@@ -132,6 +132,9 @@ def patch_model(model: nn.Module, cfg: ModelConfig) -> nn.Module:
         head_dim=head_dim, rotary=rotary,
         host_pool=HostBlockPool(cfg.host_pool_tokens) if cfg.host_pool_tokens else None,
     )
+    from inf_llm.adapter.decode_graph import install_decode_graphs  # it builds on this module
+
+    install_decode_graphs(model)
     log.info("patched %s with %s attention", type(model).__name__, MemoryType(cfg.type).value)
     return model
 
@@ -141,6 +144,9 @@ def unpatch_model(model: nn.Module, implementation: str = "sdpa") -> nn.Module:
     if isinstance(inner.rotary_emb, IdentityRotary):
         inner.rotary_emb = inner.rotary_emb.real
     model.set_attn_implementation(implementation)
+    from inf_llm.adapter.decode_graph import remove_decode_graphs
+
+    remove_decode_graphs(model)
     if hasattr(model, "infllm"):
         del model.infllm
     return model
@@ -224,6 +230,7 @@ class InfLLMCache(Cache):
         self.patch_state = state
         self.offload = offload if offload is not None else state.cfg.offload  # None: host blocks on GPUs
         self.should_stop: Callable[[], bool] | None = None
+        self.decode_graph = None  # adapter.decode_graph.DecodeGraph of this cache's decode steps, made lazily
         # the host pool, if configured and free; given back when this cache is garbage (refcounting: layers
         # hold no reference to their cache)
         self.host_lease = state.host_pool.lend() if state.host_pool is not None and self.offload is not False else None
@@ -277,6 +284,7 @@ class InfLLMCache(Cache):
         twin = InfLLMCache.__new__(InfLLMCache)
         twin.patch_state, twin.offload, twin.should_stop = self.patch_state, self.offload, None
         twin.host_lease = None  # the pool is this cache's: the twin allocates its own host memory
+        twin.decode_graph = None
         Cache.__init__(twin, layers=[InfLLMLayer(twin, i) for i in range(self.patch_state.num_layers)])
         twin.load_state_dict(self.state_dict())
         return twin
