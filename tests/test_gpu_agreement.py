@@ -95,7 +95,7 @@ def test_decode_graph_replays_equal_eager_decode_steps(offload):
               else ["model.offload=false"])
     results = []
     for graphed in (False, True):
-        cfg = load_config(CONFIG, [*MEMORY, "model.fattn=true", *access])
+        cfg = load_config(CONFIG, [*MEMORY, "model.fattn=true", *access, f"model.decode_graph={str(graphed).lower()}"])
         patch_model(model, cfg.model)
         cache = InfLLMCache(model)
         kw = cache_kwargs(model, cache)
@@ -115,3 +115,21 @@ def test_decode_graph_replays_equal_eager_decode_steps(offload):
     assert step.stats.replayed > 300, step.stats  # most steps replayed; a block forms every 32 tokens
     assert results[0][1] == results[1][1] and results[0][2] == results[1][2]
     torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-4, atol=1e-4)
+
+
+def test_generate_replays_decode_steps_as_cuda_graphs():
+    """model.generate on a GPU (as the server runs it): with `decode_graph` left to its default the one-token
+    forwards replay a CUDA graph, and the greedy tokens equal eager decoding."""
+    model = build_tiny_model("mistral", num_attention_heads=8, num_key_value_heads=2, head_dim=64).cuda()
+    ids = torch.randint(0, model.config.vocab_size, (1, 1000), generator=torch.Generator().manual_seed(3)).cuda()
+    outputs, runners = [], []
+    for setting in ("false", "null"):
+        cfg = load_config(CONFIG, [*MEMORY, "model.fattn=true", "model.offload=false", f"model.decode_graph={setting}"])
+        patch_model(model, cfg.model)
+        cache = InfLLMCache(model)
+        with torch.inference_mode():
+            outputs.append(model.generate(ids, **cache_kwargs(model, cache), max_new_tokens=200, do_sample=False,
+                                          pad_token_id=0))
+        runners.append(cache.decode_graph)
+    assert runners[0] is None and runners[1].stats.replayed > 150, runners[1].stats
+    assert torch.equal(outputs[0], outputs[1])

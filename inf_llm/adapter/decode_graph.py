@@ -20,6 +20,7 @@ next plain step runs eagerly through the static path and the graph is captured a
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import logging
 import weakref
@@ -39,6 +40,8 @@ log = logging.getLogger(__name__)
 ARG_BUFFERS = 4
 # Where install_decode_graphs keeps the model's own forward.
 PLAIN_FORWARD = "_infllm_plain_forward"
+# True inside a DecodeGraph's own forward: the generate() hook then runs the model's forward (per thread)
+_IN_RUNNER: contextvars.ContextVar[bool] = contextvars.ContextVar("infllm_in_decode_graph", default=False)
 
 
 @dataclass
@@ -69,7 +72,6 @@ class DecodeGraph:
         self._copied: list = []  # an event per host buffer: its last copy to the device is done
         self._turn = 0
         self.disabled_reason: str | None = None
-        self.busy = False  # inside one of its own forwards
 
     @property
     def cache(self) -> InfLLMCache:
@@ -103,11 +105,11 @@ class DecodeGraph:
 
     # ---------------------------------------------------------------------------------------------- internals
     def _forward(self, token: torch.Tensor) -> torch.Tensor:
-        self.busy = True  # the model's forward hook (install_decode_graphs) lets this call through
+        inside = _IN_RUNNER.set(True)  # the model's forward hook (install_decode_graphs) lets this call through
         try:
             return self.model(token, **{self._cache_arg: self.cache}, use_cache=True, logits_to_keep=1).logits[:, -1]
         finally:
-            self.busy = False
+            _IN_RUNNER.reset(inside)
 
     def _graphs(self) -> bool:
         if self.disabled_reason is not None:
@@ -243,6 +245,8 @@ _OTHER_OUTPUTS = ("output_attentions", "output_hidden_states")
 def _graph_step(model: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor | None:
     """Logits (1, vocab) of a one-token forward on an InfLLMCache through its DecodeGraph, or None when the
     call is something else (a prefill chunk, another cache, extra outputs asked for) or graphs are off."""
+    if _IN_RUNNER.get():  # a runner's own forward (eager step or capture)
+        return None
     cache = _cache_of(kwargs)
     input_ids = args[0] if args else kwargs.get("input_ids")
     if (not isinstance(cache, InfLLMCache) or input_ids is None or tuple(input_ids.shape) != (1, 1)
@@ -255,4 +259,4 @@ def _graph_step(model: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor | N
     runner = getattr(cache, "decode_graph", None)
     if runner is None:
         runner = cache.decode_graph = DecodeGraph(model, cache)
-    return None if runner.busy else runner(input_ids)
+    return runner(input_ids)
