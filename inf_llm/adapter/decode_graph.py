@@ -83,7 +83,8 @@ class DecodeGraph:
     # ------------------------------------------------------------------------------------------------ public
     def __call__(self, token: torch.Tensor) -> torch.Tensor:
         """Logits (1, vocab) of the next token after `token` (1, 1), the cache advanced by one position."""
-        plans = self._plans()
+        # after a failed capture the ordinary eager step, not the static one (which only a graph makes fast)
+        plans = self._plans() if self.disabled_reason is None else None
         if plans is None:
             self.stats.eager += 1
             return self._forward(token)
@@ -112,8 +113,6 @@ class DecodeGraph:
             _IN_RUNNER.reset(inside)
 
     def _graphs(self) -> bool:
-        if self.disabled_reason is not None:
-            return False
         return self.use_graph if self.use_graph is not None else self._args.device.type == "cuda"
 
     def _plans(self) -> list[list[int]] | None:
