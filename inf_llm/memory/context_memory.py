@@ -258,7 +258,7 @@ class ContextMemory:
         p = self.seen
         self._retrieved, self._lookup, self._call_qvecs = [], None, None
         window_start = max(p - self.n_local + 1, self.tail.first_pos)
-        if self.rot_base is None or p - self.rot_base > self.n_local + ROTATION_SLACK * self.exc:
+        if self._rebase_due(p):
             self._rebase_rotation(window_start)  # the live keys; the new one is rotated at the new base below
         # query and key at the same local position: one rotation of both (each rotation is ~5 kernel launches)
         qk_loc = self.rope.rotate(torch.cat((q, k)), p - self.rot_base)
@@ -622,10 +622,7 @@ class ContextMemory:
         selections, self._uncounted = self._uncounted, []
         n_blocks = self.store.count
         if self._device_counts is None or self._device_counts.shape[0] < n_blocks:
-            grown = torch.zeros(max(2 * n_blocks, 64), dtype=torch.int32, device=selections[0].device)
-            if self._device_counts is not None:
-                grown[: self._device_counts.shape[0]] = self._device_counts
-            self._device_counts = grown
+            self._grow_device_counts(max(2 * n_blocks, 64))
         if all(ids.shape[0] == 1 for ids in selections):  # one id list per execution block: no duplicates
             flat = torch.cat([ids[0] for ids in selections])
             # index_add_ (atomic adds): index_put_(accumulate=True) sorts the indices and waits for the device
@@ -636,6 +633,17 @@ class ContextMemory:
         for ids in selections:  # perhead: a block selected by several heads counts once
             hit = torch.zeros(n_blocks, dtype=torch.int32, device=ids.device).index_fill_(0, ids.flatten(), 1)
             self._device_counts[:n_blocks] += hit
+
+    def _grow_device_counts(self, size: int) -> None:
+        """The device path's per-block counts with room for `size` blocks, the counts so far kept."""
+        grown = torch.zeros(size, dtype=torch.int32, device=self.device)
+        if self._device_counts is not None:
+            grown[: self._device_counts.shape[0]] = self._device_counts
+        self._device_counts = grown
+
+    def _rebase_due(self, p: int) -> bool:
+        """A decode step at position p re-rotates the window first (angles would exceed n_local + the slack)."""
+        return self.rot_base is None or p - self.rot_base > self.n_local + ROTATION_SLACK * self.exc
 
     def _batched_select(self, index: int) -> list[list[int]]:
         """chunk_topk_calc: score the execution blocks of `chunk_topk_calc` tokens in one matmul and one host

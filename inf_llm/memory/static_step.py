@@ -63,18 +63,15 @@ class StaticDecodeStep:
         m, cfg = self.memory, self.memory.cfg
         p, tail = m.seen, m.tail
         remainder_len = p - m.n_local + 1 - tail.first_pos  # tokens behind the window, not yet a block
-        if (m.init_len < m.n_init or m.rot_base is None or p - m.rot_base > m.n_local + ROTATION_SLACK * m.exc
-                or not 0 <= remainder_len < cfg.block_size or m.store.count < cfg.topk
+        if (m.init_len < m.n_init or m._rebase_due(p) or not 0 <= remainder_len < cfg.block_size
+                or m.store.count < cfg.topk
                 or tail.offset + tail.length >= tail.k.shape[1]):
             return None
         m.rope.cos_sin(0, self.rotation_rows, m.dtype)
         m._count_device_selections(force=True)  # the ordinary steps' pending selections
         capacity = m.store.repr.shape[0]
         if m._device_counts is None or m._device_counts.shape[0] < capacity:
-            grown = torch.zeros(capacity, dtype=torch.int32, device=m.device)
-            if m._device_counts is not None:
-                grown[: m._device_counts.shape[0]] = m._device_counts
-            m._device_counts = grown
+            m._grow_device_counts(capacity)
         return [tail.offset + tail.length, tail.offset + remainder_len, tail.offset, remainder_len,
                 p - m.rot_base, m.store.count]
 
