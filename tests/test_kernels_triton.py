@@ -482,12 +482,34 @@ def test_form_blocks_writes_store_slots_and_representatives(block_size, dtype):
                                 store_repr[1 : 1 + n].view(n, hkv, d))
 
 
+@pytest.mark.parametrize("one_angle", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_rotate_matches_reference_on_a_transposed_view(one_angle, dtype):
+    """RoPE in one launch on transformers' layout (q as a transposed (H, L, D) view), per-row angles or one
+    angle for all rows, odd length: within the 2x-reference rule of the float32 rotation."""
+    from inf_llm.memory import RotaryTable
+
+    gen = torch.Generator().manual_seed(4)
+    h, length, d = 3, 37, 32
+    x = _rand(length, h, d, dtype=dtype, gen=gen).transpose(0, 1)  # (H, L, D), not contiguous
+    rope = RotaryTable((1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))).to(DEVICE), d)
+    start, rows = 1000, 1 if one_angle else length
+    got = triton_attn.rotate(x, *rope.cos_sin(start, start + rows, dtype))
+    ref = reference.rotate(x, *rope.cos_sin(start, start + rows, dtype))
+    gold = reference.rotate(x.float(), *rope.cos_sin(start, start + rows, torch.float32))
+    assert got.shape == (h, length, d) and got.dtype == dtype and got.is_contiguous()
+    err, ref_err = (got.float() - gold).abs().max(), (ref.float() - gold).abs().max()
+    assert err <= 2 * ref_err + OUT_FLOOR[dtype], (err, ref_err)
+    with pytest.raises(ValueError, match="cos"):
+        triton_attn.rotate(x, *rope.cos_sin(0, 2, dtype))
+
+
 def test_reexports_match_reference():
     """Callers may take the mask helpers and the torch-only op from either backend module."""
     for name in ("window_mask", "prefix_mask", "masked_attention", "NEG_INF"):
         assert getattr(triton_attn, name) is getattr(reference, name)
     for name in ("windowed_attention", "prefix_attention", "merge_partials", "window_key_scores", "global_stage_into",
-                 "gather_blocks", "form_blocks"):
+                 "gather_blocks", "form_blocks", "rotate"):
         assert name in triton_attn.__all__
 
 

@@ -150,6 +150,17 @@ def gather_blocks(
     dst_v.copy_(src_v[ids, heads].transpose(0, 1))
 
 
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE: `x * cos + rotate_half(x) * sin` for x (H, L, D) and cos/sin (L, D), or (1, D) for one angle for
+    every row, in x's dtype exactly as transformers computes it, without materialising rotate_half (same
+    roundings: a + (-b)c = a - bc)."""
+    half = x.shape[-1] // 2
+    out = x * cos
+    out[..., :half] -= x[..., half:] * sin[..., :half]
+    out[..., half:] += x[..., :half] * sin[..., half:]
+    return out
+
+
 def block_representatives(keys: torch.Tensor, scores: torch.Tensor, repr_topk: int, dtype: torch.dtype) -> torch.Tensor:
     """(n, Hkv, D) in `dtype`: per block and head, the mean of the `repr_topk` keys (Hkv, n, bs, D) with the
     highest scores (Hkv, n, bs)."""

@@ -54,6 +54,7 @@ __all__ = [
     "merge_partials",
     "prefix_attention",
     "prefix_mask",
+    "rotate",
     "window_key_scores",
     "window_mask",
     "windowed_attention",
@@ -685,6 +686,34 @@ def _form_blocks_kernel(
         tl.store(DstV + j * stride_dvn + h * stride_dvh + r64 * stride_dvt + offs_d[None, :], values, mask=ok)
 
 
+@triton.jit
+def _rotate_kernel(
+    X, Cos, Sin, Out, n_rows, stride_xh, stride_xl, stride_cl, stride_sl, stride_oh, stride_ol,
+    HALF: tl.constexpr, ONE_ROW: tl.constexpr, BLOCK_L: tl.constexpr, INTERPRETER: tl.constexpr,
+):
+    """Out = X * cos + rotate_half(X) * sin for BLOCK_L rows of one head, in float32, rounded once. Grid
+    (cdiv(L, BLOCK_L), H); ONE_ROW: every row at the same angle (cos/sin row 0)."""
+    h = tl.program_id(1).to(tl.int64)
+    rows = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
+    ok = (rows < n_rows)[:, None]
+    r64 = rows[:, None].to(tl.int64)
+    d = tl.arange(0, HALF)[None, :]
+    x_base = X + h * stride_xh + r64 * stride_xl
+    x1 = tl.load(x_base + d, mask=ok, other=0.0).to(tl.float32)
+    x2 = tl.load(x_base + HALF + d, mask=ok, other=0.0).to(tl.float32)
+    angle = r64 * 0 if ONE_ROW else r64
+    c_base = Cos + angle * stride_cl
+    s_base = Sin + angle * stride_sl
+    c1 = tl.load(c_base + d, mask=ok, other=0.0).to(tl.float32)
+    c2 = tl.load(c_base + HALF + d, mask=ok, other=0.0).to(tl.float32)
+    s1 = tl.load(s_base + d, mask=ok, other=0.0).to(tl.float32)
+    s2 = tl.load(s_base + HALF + d, mask=ok, other=0.0).to(tl.float32)
+    o_base = Out + h * stride_oh + r64 * stride_ol
+    dtype = Out.dtype.element_ty
+    tl.store(o_base + d, _round_to(x1 * c1 - x2 * s1, dtype, INTERPRETER), mask=ok)
+    tl.store(o_base + HALF + d, _round_to(x2 * c2 + x1 * s2, dtype, INTERPRETER), mask=ok)
+
+
 # True when triton was imported with TRITON_INTERPRET=1: kernels then run on CPU tensors (tests), with small
 # fixed tiles and no autotuning. Fixed at import, like the kernel objects themselves.
 _INTERPRETED = isinstance(_attn_fwd_kernel, InterpretedFunction)
@@ -1167,3 +1196,39 @@ def form_blocks(
             HEAD_DIM=d, BLOCK_SIZE=bs, BLOCK_P2=triton.next_power_of_2(bs), REPR_TOPK=repr_topk,
             BLOCK_T=_INTERPRETER_BLOCK if _INTERPRETED else 32, INTERPRETER=_INTERPRETED,
         )
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """`x * cos + rotate_half(x) * sin`, as `reference.rotate`, in one launch computed in float32 and rounded
+    once (the torch version is five elementwise launches, each a strided pass over x).
+
+    x (H, L, D) with any strides but a contiguous last dimension (e.g. transformers' transposed q); cos/sin
+    (L, D), or (1, D) for one angle for every row. Returns a new contiguous (H, L, D) in x's dtype.
+    """
+    _check_tensor("x", x, 3)
+    _check_tensor("cos", cos, 2)
+    _check_tensor("sin", sin, 2)
+    h, length, d = x.shape
+    if cos.shape != sin.shape or cos.shape[0] not in (1, length) or cos.shape[1] != d:
+        raise ValueError(f"cos {tuple(cos.shape)} / sin {tuple(sin.shape)} must be ({length} or 1, {d})")
+    if d % 2 or (d // 2) & (d // 2 - 1):
+        raise ValueError(f"head dim {d} is not supported: need twice a power of two")
+    for name, t in (("x", x), ("cos", cos), ("sin", sin)):
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device}; expected {x.device}")
+        if t.numel() and t.stride(-1) != 1:
+            raise ValueError(f"{name} must be contiguous in its last dimension")
+    if x.dtype not in _DTYPES:
+        raise ValueError(f"x must be float16, bfloat16 or float32, got {x.dtype}")
+    _check_device(x.device)
+    out = torch.empty((h, length, d), dtype=x.dtype, device=x.device)
+    if out.numel() == 0:
+        return out
+    block_l = _INTERPRETER_BLOCK if _INTERPRETED else 64
+    with _device_guard(x.device):
+        _rotate_kernel[(triton.cdiv(length, block_l), h)](
+            x, cos, sin, out, length, x.stride(0), x.stride(1), cos.stride(0), sin.stride(0),
+            out.stride(0), out.stride(1),
+            HALF=d // 2, ONE_ROW=cos.shape[0] == 1, BLOCK_L=block_l, INTERPRETER=_INTERPRETED,
+        )
+    return out

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from inf_llm.kernels.reference import rotate
+
 # Rows precomputed at first use; the table doubles when a larger position is asked for.
 INITIAL_ROWS = 4096
 
@@ -19,13 +21,8 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def apply_rotation(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """`x * cos + rotate_half(x) * sin` without materialising rotate_half (same roundings: a + (-b)c = a - bc)."""
-    half = x.shape[-1] // 2
-    out = x * cos
-    out[..., :half] -= x[..., half:] * sin[..., :half]
-    out[..., half:] += x[..., :half] * sin[..., half:]
-    return out
+# `x * cos + rotate_half(x) * sin` as transformers computes it: the reference op of the kernels
+apply_rotation = rotate
 
 
 class RotaryTable:
