@@ -4,6 +4,7 @@ introspection, cancellation, and real retrieval with SmolLM2."""
 from __future__ import annotations
 
 import contextlib
+import sys
 
 import pytest
 import torch
@@ -50,6 +51,28 @@ def test_identity_with_stock_attention_while_inside_the_window(family, kind):
     torch.testing.assert_close(ours, stock, rtol=0, atol=1e-5)
     torch.testing.assert_close(chunked, stock, rtol=0, atol=1e-5)
     assert torch.equal(gen, stock_gen)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_identity_rotation_is_skipped_and_real_rotations_are_not(family):
+    """Patching wraps the modeling module's apply_rotary_pos_emb: it hands back q and k themselves for
+    IdentityRotary's cos (no passes over them), and an unpatched model in the same process still rotates."""
+    model = build_tiny_model(family, seed=1)
+    ids = torch.randint(3, 300, (1, 20), generator=torch.Generator().manual_seed(2))
+    attention = next(m for m in model.modules() if hasattr(m, "q_proj"))
+    with torch.no_grad():
+        stock = model(ids).logits
+        with patched(model, type="inf-llm", **SMALL):
+            apply = sys.modules[type(attention).__module__].apply_rotary_pos_emb
+            q, k = torch.randn(1, 4, 5, 16), torch.randn(1, 2, 5, 16)
+            cos, sin = model.model.rotary_emb(q, torch.arange(5)[None])
+            got_q, got_k = apply(q, k, cos, sin)
+            assert got_q is q and got_k is k
+            real_q, _ = apply(q, k, torch.ones_like(cos), torch.zeros_like(sin))  # not marked: computed
+            assert real_q is not q and torch.equal(real_q, q)
+        assert sys.modules[type(attention).__module__].apply_rotary_pos_emb is apply  # stays wrapped
+        after = model(ids).logits
+    assert torch.equal(after, stock)
 
 
 def test_identity_smollm2(smollm2):

@@ -2,6 +2,10 @@
 
 - `IdentityRotary` replaces `model.model.rotary_emb` (cos=1, sin=0): q and k reach the cache and the
   attention function un-rotated and bit-exact; the memory applies RoPE at the positions it chooses.
+  The one step outside transformers' extension points: the modeling module's `apply_rotary_pos_emb` is
+  wrapped so that it returns q and k untouched when handed IdentityRotary's cos, instead of computing
+  `q * 1 + rotate_half(q) * 0` (about ten full passes over q and k per layer: 2% of a GPU prefill chunk,
+  and the most numerous ops of a CPU decode step). Any other cos goes to the original function.
 - `InfLLMCache` (a `Cache` of `InfLLMLayer`s) owns one `ContextMemory` per layer for ONE sequence.
 - `infllm_attention`, registered as attention implementation "infllm", hands each layer's new q/k/v to
   its memory. No mask function is registered, so transformers never builds an N x N mask.
@@ -15,7 +19,9 @@ Knows nothing of HTTP or tokenizers.
 from __future__ import annotations
 
 import contextvars
+import functools
 import logging
+import sys
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -57,8 +63,31 @@ class IdentityRotary(nn.Module):
 
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         shape = (*position_ids.shape[:2], self.dim)
-        one = torch.ones((), dtype=x.dtype, device=x.device)
-        return one.expand(shape), torch.zeros((), dtype=x.dtype, device=x.device).expand(shape)
+        cos = torch.ones((), dtype=x.dtype, device=x.device).expand(shape)
+        cos.infllm_identity = True  # recognised by the wrapped apply_rotary_pos_emb (_skip_identity_rope)
+        return cos, torch.zeros((), dtype=x.dtype, device=x.device).expand(shape)
+
+
+def _skip_identity_rope(model: nn.Module) -> None:
+    """Wrap `apply_rotary_pos_emb` in the modeling modules of the model's attention classes (idempotent; the
+    wrapper delegates unless cos comes from IdentityRotary, so other models in the process are unaffected).
+    A module without that function keeps computing the identity rotation: slower, same result."""
+    for module in model.modules():
+        if not hasattr(module, "q_proj"):
+            continue
+        namespace = sys.modules.get(type(module).__module__)
+        original = getattr(namespace, "apply_rotary_pos_emb", None)
+        if not callable(original) or getattr(original, "infllm_skips_identity", False):
+            continue
+
+        @functools.wraps(original)
+        def apply_rotary_pos_emb(q, k, cos, sin, *args, _original=original, **kwargs):
+            if getattr(cos, "infllm_identity", False):
+                return q, k
+            return _original(q, k, cos, sin, *args, **kwargs)
+
+        apply_rotary_pos_emb.infllm_skips_identity = True
+        namespace.apply_rotary_pos_emb = apply_rotary_pos_emb
 
 
 @dataclass
@@ -125,6 +154,7 @@ def patch_model(model: nn.Module, cfg: ModelConfig) -> nn.Module:
         raise UnsupportedModelError("partial rotary embeddings are not supported")
     AttentionInterface.register(ATTN_IMPLEMENTATION, infllm_attention)
     inner.rotary_emb = IdentityRotary(rotary)
+    _skip_identity_rope(model)
     model.set_attn_implementation(ATTN_IMPLEMENTATION)
     model.infllm = PatchState(
         cfg=cfg, num_layers=text_cfg.num_hidden_layers, num_q_heads=text_cfg.num_attention_heads,
