@@ -431,27 +431,76 @@ def _merge_kernel(
 @triton.jit
 def _key_scores_step(
     Q, Lse, k, cols, b64, kvh, r0, r_hi, q_offset, window, qk_scale, stride_qb, stride_qh, stride_qm,
-    stride_lb, stride_lh, stride_lm, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    INTERPRETER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    stride_lb, stride_lh, stride_lm, MASKED: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, INTERPRETER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Mass that the packed query rows [r0, r0 + BLOCK_M) (< r_hi) give to each key of the tile: (BN,)."""
+    """Mass that the packed query rows [r0, r0 + BLOCK_M) (< r_hi) give to each key of the tile: (BN,).
+
+    MASKED=False is the interior: every row is valid and sees every key of the tile, so no row bounds and
+    no (BN, BM) visibility mask are computed."""
     offs_d = tl.arange(0, HEAD_DIM)
     rows = r0 + tl.arange(0, BLOCK_M)
-    row_ok = rows < r_hi
     qi = rows // GROUP
     head = (kvh * GROUP + rows % GROUP).to(tl.int64)
     q_rows = b64 * stride_qb + head * stride_qh + qi.to(tl.int64) * stride_qm
-    q = tl.load(Q + q_rows[:, None] + offs_d[None, :], mask=row_ok[:, None], other=0.0)  # (BM, D)
-    lse = tl.load(Lse + b64 * stride_lb + head * stride_lh + qi.to(tl.int64) * stride_lm, mask=row_ok, other=0.0)
-    lse = lse.to(tl.float32)
+    l_ptrs = Lse + b64 * stride_lb + head * stride_lh + qi.to(tl.int64) * stride_lm
+    if MASKED:
+        row_ok = rows < r_hi
+        q = tl.load(Q + q_rows[:, None] + offs_d[None, :], mask=row_ok[:, None], other=0.0)  # (BM, D)
+        lse = tl.load(l_ptrs, mask=row_ok, other=0.0).to(tl.float32)
+    else:
+        q = tl.load(Q + q_rows[:, None] + offs_d[None, :])
+        lse = tl.load(l_ptrs).to(tl.float32)
     # A query with a non-finite lse (saw nothing) contributes exp(-inf) = 0, as in the reference.
     finite = (lse > float("-inf")) & (lse < float("inf"))
     lse2 = tl.where(finite, lse * 1.4426950408889634, float("inf"))
     s = _dot(k, tl.trans(q), tl.full([BLOCK_N, BLOCK_M], 0, tl.float32), DOT_PRECISION, INTERPRETER) * qk_scale
-    pos = q_offset + qi
-    visible = (cols[:, None] <= pos[None, :]) & (cols[:, None] > pos[None, :] - window) & row_ok[None, :]
-    p = tl.where(visible, tl.math.exp2(s - lse2[None, :]), 0.0)  # (BN, BM)
+    if MASKED:
+        pos = q_offset + qi
+        visible = (cols[:, None] <= pos[None, :]) & (cols[:, None] > pos[None, :] - window) & row_ok[None, :]
+        p = tl.where(visible, tl.math.exp2(s - lse2[None, :]), 0.0)  # (BN, BM)
+    else:
+        p = tl.math.exp2(s - lse2[None, :])
     return _sum(p, 1, INTERPRETER)
+
+
+@triton.jit
+def _key_scores_tiles(
+    acc, Q, Lse, k, cols, b64, kvh, start_a, end_a, start_b, end_b, r_hi, q_offset, window, qk_scale,
+    stride_qb, stride_qh, stride_qm, stride_lb, stride_lh, stride_lm,
+    MASKED: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    INTERPRETER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """`_key_scores_step` over the row tiles of [start_a, end_a) then [start_b, end_b) (multiples of BLOCK_M),
+    one loop for both masked edges as in `_attn_tiles`."""
+    n_a = (tl.maximum(end_a - start_a, 0) + BLOCK_M - 1) // BLOCK_M
+    n_b = (tl.maximum(end_b - start_b, 0) + BLOCK_M - 1) // BLOCK_M
+    if INTERPRETER:  # see _attn_tiles: no tensor-bounded range in the interpreter
+        t = n_a * 0
+        while t < n_a + n_b:
+            r0 = tl.where(t < n_a, start_a + t * BLOCK_M, start_b + (t - n_a) * BLOCK_M)
+            acc += _key_scores_step(
+                Q, Lse, k, cols, b64, kvh, r0, r_hi, q_offset, window, qk_scale, stride_qb, stride_qh, stride_qm,
+                stride_lb, stride_lh, stride_lm, MASKED, GROUP, HEAD_DIM, DOT_PRECISION, INTERPRETER, BLOCK_M,
+                BLOCK_N,
+            )
+            t += 1
+    elif MASKED:
+        for t in range(0, n_a + n_b):
+            r0 = tl.where(t < n_a, start_a + t * BLOCK_M, start_b + (t - n_a) * BLOCK_M)
+            acc += _key_scores_step(
+                Q, Lse, k, cols, b64, kvh, r0, r_hi, q_offset, window, qk_scale, stride_qb, stride_qh, stride_qm,
+                stride_lb, stride_lh, stride_lm, MASKED, GROUP, HEAD_DIM, DOT_PRECISION, INTERPRETER, BLOCK_M,
+                BLOCK_N,
+            )
+    else:
+        for r0 in range(start_a, end_a, BLOCK_M):
+            acc += _key_scores_step(
+                Q, Lse, k, cols, b64, kvh, r0, r_hi, q_offset, window, qk_scale, stride_qb, stride_qh, stride_qm,
+                stride_lb, stride_lh, stride_lm, MASKED, GROUP, HEAD_DIM, DOT_PRECISION, INTERPRETER, BLOCK_M,
+                BLOCK_N,
+            )
+    return acc
 
 
 @triton.jit(do_not_specialize=["q_len", "k_len", "q_offset", "window"])  # lengths vary per call: no recompiles
@@ -468,7 +517,9 @@ def _window_key_scores_kernel(
     """Per-key mass sum_{rows} exp(q.k * scale - lse_row) for one key tile of one (batch, KV head).
 
     Grid (cdiv(Lk, BLOCK_N), B * Hkv): each program owns its keys, loads them once and loops over only the
-    packed query rows whose window can reach the tile, so the sum needs no atomics. Out (B, Hkv, Lk) fp32.
+    packed query rows whose window can reach the tile, so the sum needs no atomics. Row tiles whose queries
+    all see every key of the tile (most of them: the band's edges are one key tile wide) skip the masks.
+    Out (B, Hkv, Lk) fp32.
     """
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -488,21 +539,25 @@ def _window_key_scores_kernel(
     i_hi = tl.minimum(n_last + window - q_offset, q_len)
     r_lo = ((i_lo * GROUP) // BLOCK_M) * BLOCK_M
     r_hi = i_hi * GROUP
+    # Interior row tiles: every query at or after the tile's last key (pos >= n_last) and with the tile's
+    # first key still in its window (pos <= n0 + window - 1). Keys past k_len are never stored.
+    int_lo = (tl.maximum(n_last - q_offset, 0) * GROUP + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    int_hi = (tl.minimum(n0 + window - q_offset, q_len) * GROUP) // BLOCK_M * BLOCK_M
+    int_lo = tl.maximum(int_lo, r_lo)
+    no_interior = int_hi <= int_lo
+    int_lo = tl.where(no_interior, r_lo, int_lo)
+    int_hi = tl.where(no_interior, r_lo, int_hi)
     acc = tl.full([BLOCK_N], 0, tl.float32)
-    if INTERPRETER:  # see _attn_tiles: no tensor-bounded range in the interpreter
-        r0 = r_lo
-        while r0 < r_hi:
-            acc += _key_scores_step(
-                Q, Lse, k, cols, b64, kvh, r0, r_hi, q_offset, window, qk_scale, stride_qb, stride_qh, stride_qm,
-                stride_lb, stride_lh, stride_lm, GROUP, HEAD_DIM, DOT_PRECISION, INTERPRETER, BLOCK_M, BLOCK_N,
-            )
-            r0 += BLOCK_M
-    else:
-        for r0 in range(r_lo, r_hi, BLOCK_M):
-            acc += _key_scores_step(
-                Q, Lse, k, cols, b64, kvh, r0, r_hi, q_offset, window, qk_scale, stride_qb, stride_qh, stride_qm,
-                stride_lb, stride_lh, stride_lm, GROUP, HEAD_DIM, DOT_PRECISION, INTERPRETER, BLOCK_M, BLOCK_N,
-            )
+    acc = _key_scores_tiles(  # interior: no masks
+        acc, Q, Lse, k, cols, b64, kvh, int_lo, int_hi, 0, 0, r_hi, q_offset, window, qk_scale,
+        stride_qb, stride_qh, stride_qm, stride_lb, stride_lh, stride_lm,
+        False, GROUP, HEAD_DIM, DOT_PRECISION, INTERPRETER, BLOCK_M, BLOCK_N,
+    )
+    acc = _key_scores_tiles(  # the edges before and after it
+        acc, Q, Lse, k, cols, b64, kvh, r_lo, int_lo, int_hi, r_hi, r_hi, q_offset, window, qk_scale,
+        stride_qb, stride_qh, stride_qm, stride_lb, stride_lh, stride_lm,
+        True, GROUP, HEAD_DIM, DOT_PRECISION, INTERPRETER, BLOCK_M, BLOCK_N,
+    )
     out_ptrs = Out + b64 * stride_ob + kvh.to(tl.int64) * stride_oh + cols
     if ACCUMULATE:  # added to running scores (each program owns its keys: no atomics)
         acc += tl.load(out_ptrs, mask=col_ok, other=0.0)
@@ -691,8 +746,13 @@ def _rotate_kernel(
     X, Cos, Sin, Out, n_rows, stride_xh, stride_xl, stride_cl, stride_sl, stride_oh, stride_ol,
     HALF: tl.constexpr, ONE_ROW: tl.constexpr, BLOCK_L: tl.constexpr, INTERPRETER: tl.constexpr,
 ):
-    """Out = X * cos + rotate_half(X) * sin for BLOCK_L rows of one head, in float32, rounded once. Grid
-    (cdiv(L, BLOCK_L), H); ONE_ROW: every row at the same angle (cos/sin row 0)."""
+    """Out = X * cos + rotate_half(X) * sin for BLOCK_L rows of one head. Grid (cdiv(L, BLOCK_L), H); ONE_ROW:
+    every row at the same angle (cos/sin row 0).
+
+    Rounds where the torch ops round (`reference.rotate`: each product, then the sum, to X's dtype), so the
+    result is bit-identical to the torch path's: a single float32 rounding moved near-tied block lookups of
+    the bf16 fast-vs-torch agreement tests. Products of two 16-bit floats are exact in float32, and a float32
+    difference of two of them rounded once to 16 bits is what torch's opmath computes."""
     h = tl.program_id(1).to(tl.int64)
     rows = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
     ok = (rows < n_rows)[:, None]
@@ -710,8 +770,12 @@ def _rotate_kernel(
     s2 = tl.load(s_base + HALF + d, mask=ok, other=0.0).to(tl.float32)
     o_base = Out + h * stride_oh + r64 * stride_ol
     dtype = Out.dtype.element_ty
-    tl.store(o_base + d, _round_to(x1 * c1 - x2 * s1, dtype, INTERPRETER), mask=ok)
-    tl.store(o_base + HALF + d, _round_to(x2 * c2 + x1 * s2, dtype, INTERPRETER), mask=ok)
+    a1 = _round_to(x1 * c1, dtype, INTERPRETER).to(tl.float32)
+    b1 = _round_to(x2 * s1, dtype, INTERPRETER).to(tl.float32)
+    a2 = _round_to(x2 * c2, dtype, INTERPRETER).to(tl.float32)
+    b2 = _round_to(x1 * s2, dtype, INTERPRETER).to(tl.float32)
+    tl.store(o_base + d, _round_to(a1 - b1, dtype, INTERPRETER), mask=ok)
+    tl.store(o_base + HALF + d, _round_to(a2 + b2, dtype, INTERPRETER), mask=ok)
 
 
 # True when triton was imported with TRITON_INTERPRET=1: kernels then run on CPU tensors (tests), with small
@@ -1199,8 +1263,8 @@ def form_blocks(
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """`x * cos + rotate_half(x) * sin`, as `reference.rotate`, in one launch computed in float32 and rounded
-    once (the torch version is five elementwise launches, each a strided pass over x).
+    """`x * cos + rotate_half(x) * sin`, as `reference.rotate` and bit-identical to it for 16-bit dtypes, in
+    one launch (the torch version is five elementwise launches, each a strided pass over x).
 
     x (H, L, D) with any strides but a contiguous last dimension (e.g. transformers' transposed q); cos/sin
     (L, D), or (1, D) for one angle for every row. Returns a new contiguous (H, L, D) in x's dtype.
