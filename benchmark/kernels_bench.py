@@ -10,6 +10,9 @@ Cases (defaults; every size is a flag):
 - prefill global: prefix_attention, Lq 512 over topk*block_size + n_init + remainder keys
   (16*128 + 128 + 384); query i sees the blocks and sinks and a growing part of the remainder.
 - merge of the two partials (B, Hq, 512, D).
+- prefill global in place: global_stage_into (the device path's global stage: sinks, topk blocks read by id
+  from a store, the remainder, merged into the local partial), with automatic and forced key splits
+  (`/auto`, `/1`, `/2`, `/4`); each call first copies the 4 MB local partial back.
 - decode: one query over 4096 local keys and 2176 global keys, and their merge; "decode step" is the three
   ops together, the attention cost of one layer per token.
 Times are medians of `triton.testing.do_bench` (CUDA events, eager: at these sizes the Python launch cost of
@@ -180,6 +183,34 @@ def main(argv=None) -> int:
     add("prefill merge", "merge_partials", f"(B, Hq, {lq}, D)",
         lambda: triton_attn.merge_partials(oa, la, ob, lb), lambda: reference.merge_partials(oa, la, ob, lb),
         kv_bytes=3 * oa.numel() * elem + 3 * la.numel() * 4)
+
+    # ---- prefill, global stage in place (the device path): sinks + topk blocks read from a store by id +
+    # the remainder, merged into the local partial; automatic and forced key splits
+    n_store = max(4 * args.topk, 64)
+    store_k = rand(n_store, hkv, args.block_size, d)  # (N, Hkv, block_size, D)
+    store_v = rand(n_store, hkv, args.block_size, d)
+    ids = torch.randperm(n_store, generator=gen)[: args.topk].to(device)[None]  # (1, topk)
+    sink_k, sink_v = kg[0, :, : args.n_init], vg[0, :, : args.n_init]
+    rem_k, rem_v = kg[0, :, n_fixed:], vg[0, :, n_fixed:]
+    base_out, base_lse = oa[0].clone(), la[0].clone()
+    work_out, work_lse = base_out.clone(), base_lse.clone()
+
+    def global_in_place(ops, **extra):
+        def run():  # from the same local partial every time (a 4 MB copy: a few microseconds)
+            work_out.copy_(base_out)
+            work_lse.copy_(base_lse)
+            ops.global_stage_into(q[0], work_out, work_lse, sink_k, sink_v, store_k, store_v, ids, rem_k, rem_v,
+                                  rem_offset=-(lq - args.remainder), scale=scale, **extra)
+            return work_out.clone(), work_lse.clone()
+        return run
+
+    rem_pairs = sum(min(max(i - (lq - args.remainder), 0), args.remainder) for i in range(lq))
+    for splits in (None, 1, 2, 4):
+        label = "auto" if splits is None else str(splits)
+        extra = {} if splits is None else {"num_splits": splits}
+        add("prefill global", f"global_stage_into/{label}", f"Lq {lq} Lk {lk_global}",
+            global_in_place(triton_attn, **extra), global_in_place(reference),
+            pairs=lq * n_fixed + rem_pairs)
 
     # ---- decode: one query, local window + retrieved global keys
     qd = rand(b, hq, 1, d)

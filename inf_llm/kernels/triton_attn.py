@@ -75,6 +75,9 @@ _DECODE_MAX_BLOCK_M = 64  # row tiles of the split (decode) path: G * Lq rows ro
 _SPLIT_MIN_TILES = 4  # each key split must cover >= 4 key tiles to pay for its partial write and the combine
 _MAX_SPLITS = 64  # bounds the (splits, B, Hq, Lq, D) float32 workspace
 _COMBINE_BLOCK_R = 16  # rows per program of the elementwise merge/combine kernels
+# global_stage_into: programs per SM that the key splits aim for (an execution block of 512 queries has
+# 256 programs of 64 packed rows at Mistral-7B's shape: under two per SM of an H100)
+GLOBAL_PROGRAMS_PER_SM = 4
 _INTERPRETER_SMS = 8  # pretend "SM count" on CPU, so small CPU tests take the same split decisions
 _INTERPRETER_BLOCK = 16  # interpreter tiles: the smallest tl.dot allows, so tiny tests cross tile edges
 
@@ -577,45 +580,69 @@ _window_key_scores_tuned = triton.autotune(
 )(_window_key_scores_kernel)
 
 @triton.jit
-def _attend_block(
-    acc, m_i, l_i, q, StoreK, StoreV, ids_ptr, zero_r, kvh, stride_bn, stride_bh, stride_bt,
-    stride_bvn, stride_bvh, stride_bvt, block_size, qk_scale,
+def _attend_block_tiles(
+    acc, m_i, l_i, q, StoreK, StoreV, ids_ptr, stride_ik, zero_r, kvh, stride_bn, stride_bh, stride_bt,
+    stride_bvn, stride_bvh, stride_bvt, block_size, t_lo, t_hi, qk_scale,
     MASK_BLOCKS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr, INTERPRETER: tl.constexpr,
 ):
-    """Online-softmax update with every key of the store block whose id is at ids_ptr (all visible; masks
-    only when block_size is not a whole number of key tiles)."""
-    block = tl.load(ids_ptr).to(tl.int64)
+    """Online-softmax update with the key tiles t_lo..t_hi-1 of the selected store blocks, numbered across
+    blocks (tile t: block ids[t // tiles_per_block]), all visible (masks only when block_size is not a whole
+    number of key tiles). One flat loop, not a loop per block: the compiler pipelines the next tile's loads
+    across block boundaries (a two-tile loop per block left every block's first load exposed)."""
+    tiles_per_block = (block_size + BLOCK_N - 1) // BLOCK_N
     kvh64 = kvh.to(tl.int64)
-    k_base = StoreK + block * stride_bn + kvh64 * stride_bh
-    v_base = StoreV + block * stride_bvn + kvh64 * stride_bvh
-    acc, m_i, l_i = _attn_tiles(
-        acc, m_i, l_i, q, k_base, v_base, stride_bt, stride_bvt, zero_r, zero_r + block_size, block_size,
-        0, block_size, 0, 0, qk_scale, MASK_BLOCKS, HEAD_DIM, BLOCK_M, BLOCK_N, DOT_PRECISION, INTERPRETER,
-    )
+    if INTERPRETER:  # see _attn_tiles: no tensor-bounded range in the interpreter
+        t = t_lo
+        while t < t_hi:
+            j = t // tiles_per_block
+            block = tl.load(ids_ptr + j * stride_ik).to(tl.int64)
+            acc, m_i, l_i = _attn_step(
+                acc, m_i, l_i, q, StoreK + block * stride_bn + kvh64 * stride_bh,
+                StoreV + block * stride_bvn + kvh64 * stride_bvh, stride_bt, stride_bvt, zero_r,
+                zero_r + block_size, block_size, (t - j * tiles_per_block) * BLOCK_N, qk_scale,
+                MASK_BLOCKS, HEAD_DIM, BLOCK_M, BLOCK_N, DOT_PRECISION, INTERPRETER,
+            )
+            t += 1
+    else:
+        for t in range(t_lo, t_hi):
+            j = t // tiles_per_block
+            block = tl.load(ids_ptr + j * stride_ik).to(tl.int64)
+            acc, m_i, l_i = _attn_step(
+                acc, m_i, l_i, q, StoreK + block * stride_bn + kvh64 * stride_bh,
+                StoreV + block * stride_bvn + kvh64 * stride_bvh, stride_bt, stride_bvt, zero_r,
+                zero_r + block_size, block_size, (t - j * tiles_per_block) * BLOCK_N, qk_scale,
+                MASK_BLOCKS, HEAD_DIM, BLOCK_M, BLOCK_N, DOT_PRECISION, INTERPRETER,
+            )
     return acc, m_i, l_i
 
 
-@triton.jit(do_not_specialize=["q_len", "n_sink", "n_sel", "n_rem", "rem_offset"])
+@triton.jit(do_not_specialize=["q_len", "n_sink", "n_sel", "n_rem", "rem_offset", "num_splits"])
 def _global_stage_kernel(
-    Q, Out, Lse, SinkK, SinkV, StoreK, StoreV, Ids, RemK, RemV,
+    Q, Out, Lse, SinkK, SinkV, StoreK, StoreV, Ids, RemK, RemV, Ws, WsLse,
     stride_qh, stride_qm, stride_oh, stride_om, stride_lh, stride_lm,
     stride_sh, stride_sn, stride_svh, stride_svn,
     stride_bn, stride_bh, stride_bt, stride_bvn, stride_bvh, stride_bvt,
     stride_ih, stride_ik,
     stride_rh, stride_rn, stride_rvh, stride_rvn,
-    q_len, n_sink, n_sel, block_size, n_rem, rem_offset, qk_scale,
-    PER_HEAD: tl.constexpr, MASK_BLOCKS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, INTERPRETER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    q_len, n_sink, n_sel, block_size, n_rem, rem_offset, qk_scale, num_splits,
+    PER_HEAD: tl.constexpr, MASK_BLOCKS: tl.constexpr, SPLIT: tl.constexpr, GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRETER: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
-    """`global_stage_into` for one (row tile, KV head): sinks, then the selected store blocks read in place
-    through their ids, then each row's visible remainder prefix, in one online softmax; then the merge with
-    the local partial already in Out/Lse (each program owns its rows: no races).
+    """`global_stage_into` for one (row tile, KV head, key split): sinks, then the selected store blocks read
+    in place through their ids, then each row's visible remainder prefix, in one online softmax.
 
-    Grid (cdiv(G * Lq, BLOCK_M), Hkv); rows packed i * G + g as in `_attn_fwd_kernel`.
+    Grid (cdiv(G * Lq, BLOCK_M), Hkv, num_splits); rows packed i * G + g as in `_attn_fwd_kernel`.
+    SPLIT=False (one split): the merge with the local partial already in Out/Lse happens here (each program
+    owns its rows: no races). SPLIT=True: the block tiles are shared out among the splits (split 0 also
+    takes the sinks, the last one the remainder), and each writes its normalised partial and lse to Ws
+    (S, Hq, Lq, D) / WsLse (S, Hq, Lq) float32 for `_merge_global_splits_kernel`: an execution block has too
+    few row tiles to fill the GPU, and the splits multiply its programs.
     """
     pid_m = tl.program_id(0)
     kvh = tl.program_id(1)
+    split = tl.program_id(2)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < q_len * GROUP
     qi = rows // GROUP
@@ -629,54 +656,88 @@ def _global_stage_kernel(
     zero_r = tl.full([BLOCK_M], 0, tl.int32)
     kvh64 = kvh.to(tl.int64)
 
+    n_tiles = n_sel * ((block_size + BLOCK_N - 1) // BLOCK_N)
+    per_split = (n_tiles + num_splits - 1) // num_splits
+    t_lo = tl.minimum(split * per_split, n_tiles)
+    t_hi = tl.minimum(t_lo + per_split, n_tiles)
+    n_sink_here = tl.where(split == 0, n_sink, 0)
     acc, m_i, l_i = _attn_tiles(  # sinks: every row sees all of them
         acc, m_i, l_i, q, SinkK + kvh64 * stride_sh, SinkV + kvh64 * stride_svh, stride_sn, stride_svn,
-        zero_r, zero_r + n_sink, n_sink, 0, n_sink, 0, 0, qk_scale,
+        zero_r, zero_r + n_sink, n_sink, 0, n_sink_here, 0, 0, qk_scale,
         True, HEAD_DIM, BLOCK_M, BLOCK_N, DOT_PRECISION, INTERPRETER,
     )
-    ids_ptr = Ids + kvh64 * stride_ih if PER_HEAD else Ids
-    if INTERPRETER:  # see _attn_tiles: no tensor-bounded range in the interpreter
-        j = n_sel * 0
-        while j < n_sel:
-            acc, m_i, l_i = _attend_block(
-                acc, m_i, l_i, q, StoreK, StoreV, ids_ptr + j * stride_ik, zero_r, kvh, stride_bn, stride_bh,
-                stride_bt, stride_bvn, stride_bvh, stride_bvt, block_size, qk_scale,
-                MASK_BLOCKS, HEAD_DIM, BLOCK_M, BLOCK_N, DOT_PRECISION, INTERPRETER,
-            )
-            j += 1
-    else:
-        for j in range(0, n_sel):
-            acc, m_i, l_i = _attend_block(
-                acc, m_i, l_i, q, StoreK, StoreV, ids_ptr + j * stride_ik, zero_r, kvh, stride_bn, stride_bh,
-                stride_bt, stride_bvn, stride_bvh, stride_bvt, block_size, qk_scale,
-                MASK_BLOCKS, HEAD_DIM, BLOCK_M, BLOCK_N, DOT_PRECISION, INTERPRETER,
-            )
+    acc, m_i, l_i = _attend_block_tiles(
+        acc, m_i, l_i, q, StoreK, StoreV, Ids + kvh64 * stride_ih if PER_HEAD else Ids, stride_ik, zero_r, kvh,
+        stride_bn, stride_bh, stride_bt, stride_bvn, stride_bvh, stride_bvt, block_size, t_lo, t_hi, qk_scale,
+        MASK_BLOCKS, HEAD_DIM, BLOCK_M, BLOCK_N, DOT_PRECISION, INTERPRETER,
+    )
     hi_r = tl.minimum(tl.maximum(qi + rem_offset, 0), n_rem)  # remainder: a prefix per row
-    hi_max = _max(tl.where(row_ok, hi_r, 0), 0, INTERPRETER)
+    hi_max = tl.where(split == num_splits - 1, _max(tl.where(row_ok, hi_r, 0), 0, INTERPRETER), 0)
     acc, m_i, l_i = _attn_tiles(
         acc, m_i, l_i, q, RemK + kvh64 * stride_rh, RemV + kvh64 * stride_rvh, stride_rn, stride_rvn,
         zero_r, hi_r, n_rem, 0, hi_max, 0, 0, qk_scale,
         True, HEAD_DIM, BLOCK_M, BLOCK_N, DOT_PRECISION, INTERPRETER,
     )
 
-    # merge with the local partial by log-sum-exp (natural log), in float32
     empty_g = l_i == 0.0
     l_safe = tl.where(empty_g, 1.0, l_i)
     lse_g = tl.where(empty_g, float("-inf"), (m_i + tl.math.log2(l_safe)) * _LN2)
-    o_ptrs = Out + (head * stride_oh + qi64 * stride_om)[:, None] + offs_d[None, :]
-    l_ptrs = Lse + head * stride_lh + qi64 * stride_lm
-    out_l = tl.load(o_ptrs, mask=row_ok[:, None], other=0.0).to(tl.float32)
-    lse_l = tl.load(l_ptrs, mask=row_ok, other=float("-inf"))
-    m = tl.maximum(lse_l, lse_g)
+    if SPLIT:  # partial of this split: rows (split, head, i) of the contiguous workspace
+        w_rows = (split.to(tl.int64) * GROUP * tl.num_programs(1) + head) * q_len + qi64
+        tl.store(Ws + w_rows[:, None] * HEAD_DIM + offs_d[None, :], acc / l_safe[:, None], mask=row_ok[:, None])
+        tl.store(WsLse + w_rows, lse_g, mask=row_ok)
+    else:  # merge with the local partial by log-sum-exp (natural log), in float32
+        o_ptrs = Out + (head * stride_oh + qi64 * stride_om)[:, None] + offs_d[None, :]
+        l_ptrs = Lse + head * stride_lh + qi64 * stride_lm
+        out_l = tl.load(o_ptrs, mask=row_ok[:, None], other=0.0).to(tl.float32)
+        lse_l = tl.load(l_ptrs, mask=row_ok, other=float("-inf"))
+        m = tl.maximum(lse_l, lse_g)
+        m_use = tl.where(m == float("-inf"), 0.0, m)
+        w_l = tl.exp(lse_l - m_use)
+        w_g = tl.exp(lse_g - m_use)
+        den = w_l + w_g
+        empty = den == 0.0
+        den_safe = tl.where(empty, 1.0, den)
+        merged = out_l * (w_l / den_safe)[:, None] + (acc / l_safe[:, None]) * (w_g / den_safe)[:, None]
+        tl.store(o_ptrs, _round_to(merged, Out.dtype.element_ty, INTERPRETER), mask=row_ok[:, None])
+        tl.store(l_ptrs, tl.where(empty, float("-inf"), m_use + tl.log(den_safe)), mask=row_ok)
+
+
+@triton.jit
+def _merge_global_splits_kernel(
+    Out, Lse, Ws, WsLse, n_rows, q_len, stride_oh, stride_om, stride_lh, stride_lm, stride_ws, stride_wl,
+    NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr, INTERPRETER: tl.constexpr,
+):
+    """Out/Lse (the local partial, strided rows (head, i)) merged in place with the NUM_SPLITS global
+    partials of `_global_stage_kernel` by log-sum-exp. Grid cdiv(Hq * Lq, BLOCK_R); rows r = head * Lq + i."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < n_rows
+    rows64 = rows.to(tl.int64)
+    offs_d = tl.arange(0, HEAD_DIM)
+    o_rows = (rows64 // q_len) * stride_oh + (rows64 % q_len) * stride_om
+    l_rows = (rows64 // q_len) * stride_lh + (rows64 % q_len) * stride_lm
+    m = tl.load(Lse + l_rows, mask=row_ok, other=float("-inf"))
+    lse_ptrs = WsLse + rows64
+    for _ in range(NUM_SPLITS):
+        m = tl.maximum(m, tl.load(lse_ptrs, mask=row_ok, other=float("-inf")))
+        lse_ptrs += stride_wl
     m_use = tl.where(m == float("-inf"), 0.0, m)
-    w_l = tl.exp(lse_l - m_use)
-    w_g = tl.exp(lse_g - m_use)
-    den = w_l + w_g
+    w = tl.exp(tl.load(Lse + l_rows, mask=row_ok, other=float("-inf")) - m_use)
+    o_ptrs = Out + o_rows[:, None] + offs_d[None, :]
+    acc = w[:, None] * tl.load(o_ptrs, mask=row_ok[:, None], other=0.0).to(tl.float32)
+    den = w
+    lse_ptrs = WsLse + rows64
+    w_ptrs = Ws + rows64[:, None] * HEAD_DIM + offs_d[None, :]
+    for _ in range(NUM_SPLITS):
+        w = tl.exp(tl.load(lse_ptrs, mask=row_ok, other=float("-inf")) - m_use)
+        acc += w[:, None] * tl.load(w_ptrs, mask=row_ok[:, None], other=0.0)
+        den += w
+        lse_ptrs += stride_wl
+        w_ptrs += stride_ws
     empty = den == 0.0
     den_safe = tl.where(empty, 1.0, den)
-    merged = out_l * (w_l / den_safe)[:, None] + (acc / l_safe[:, None]) * (w_g / den_safe)[:, None]
-    tl.store(o_ptrs, _round_to(merged, Out.dtype.element_ty, INTERPRETER), mask=row_ok[:, None])
-    tl.store(l_ptrs, tl.where(empty, float("-inf"), m_use + tl.log(den_safe)), mask=row_ok)
+    tl.store(o_ptrs, _round_to(acc / den_safe[:, None], Out.dtype.element_ty, INTERPRETER), mask=row_ok[:, None])
+    tl.store(Lse + l_rows, tl.where(empty, float("-inf"), m_use + tl.log(den_safe)), mask=row_ok)
 
 
 @triton.jit
@@ -1096,12 +1157,14 @@ def global_stage_into(
     q: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
     sink_k: torch.Tensor, sink_v: torch.Tensor,
     store_k: torch.Tensor, store_v: torch.Tensor, block_ids: torch.Tensor,
-    rem_k: torch.Tensor, rem_v: torch.Tensor, *, rem_offset: int, scale: float,
+    rem_k: torch.Tensor, rem_v: torch.Tensor, *, rem_offset: int, scale: float, num_splits: int | None = None,
 ) -> None:
     """The global stage of one execution block merged in place into its local result, as
-    `reference.global_stage_into`, in ONE launch: store blocks are read where they lie (through their ids,
-    no gather into a staging buffer), the remainder's per-query prefix is computed in the kernel (no
-    `visible` tensor), and the merge happens before the single store (no partial written and re-read).
+    `reference.global_stage_into`: store blocks are read where they lie (through their ids, no gather into
+    a staging buffer), the remainder's per-query prefix is computed in the kernel (no `visible` tensor).
+    With one key split the merge happens before the single store (one launch); an execution block's few
+    row tiles are split along the block keys when that fills the GPU better (`_global_splits`), and a second
+    small launch merges the splits' partials into out/lse. `num_splits` forces the count (tests, benchmarks).
 
     q (Hq, Lq, D), out (Hq, Lq, D) (q's dtype), lse (Hq, Lq) float32, sink_k/v (Hkv, S, D), store_k/v
     (N, Hkv, block_size, D), block_ids (1 or Hkv, K) int32/int64 on the device (not bounds-checked: ids
@@ -1141,6 +1204,8 @@ def global_stage_into(
             raise ValueError(f"{name}_k {tuple(t.shape)} must be ({hkv}, n, {d})")
     if sink_v.shape != sink_k.shape or rem_v.shape != rem_k.shape:
         raise ValueError("sink_v / rem_v must have the shapes of sink_k / rem_k")
+    if num_splits is not None and not 1 <= num_splits <= _MAX_SPLITS:
+        raise ValueError(f"num_splits must be in [1, {_MAX_SPLITS}], got {num_splits}")
     if lq == 0:
         return
     group = hq // hkv
@@ -1154,20 +1219,38 @@ def global_stage_into(
         # took minutes to compile
         block_m = block_n = 32 if q.dtype == torch.float32 else 64
         tiles = dict(num_warps=4, num_stages=2)
-    grid = (triton.cdiv(group * lq, block_m), hkv)
+    row_tiles = triton.cdiv(group * lq, block_m)
+    block_tiles = block_ids.shape[1] * triton.cdiv(block_size, block_n)
+    splits = num_splits if num_splits is not None else _global_splits(q.device, row_tiles * hkv, block_tiles)
+    ws = ws_lse = lse  # placeholders, never written with one split
+    if splits > 1:
+        ws = torch.empty((splits, hq, lq, d), dtype=torch.float32, device=q.device)
+        ws_lse = torch.empty((splits, hq, lq), dtype=torch.float32, device=q.device)
     with _device_guard(q.device):
-        _global_stage_kernel[grid](
-            q, out, lse, sink_k, sink_v, store_k, store_v, block_ids, rem_k, rem_v,
+        _global_stage_kernel[(row_tiles, hkv, splits)](
+            q, out, lse, sink_k, sink_v, store_k, store_v, block_ids, rem_k, rem_v, ws, ws_lse,
             *q.stride()[:2], *out.stride()[:2], *lse.stride(),
             sink_k.stride(0), sink_k.stride(1), sink_v.stride(0), sink_v.stride(1),
             *store_k.stride()[:3], *store_v.stride()[:3],
             block_ids.stride(0), block_ids.stride(1),
             rem_k.stride(0), rem_k.stride(1), rem_v.stride(0), rem_v.stride(1),
             lq, sink_k.shape[1], block_ids.shape[1], block_size, rem_k.shape[1], int(rem_offset), scale * _LOG2E,
-            PER_HEAD=block_ids.shape[0] > 1, MASK_BLOCKS=block_size % block_n != 0, GROUP=group, HEAD_DIM=d,
-            DOT_PRECISION=_dot_precision(q.dtype), INTERPRETER=_INTERPRETED, BLOCK_M=block_m, BLOCK_N=block_n,
-            **tiles,
+            splits, PER_HEAD=block_ids.shape[0] > 1, MASK_BLOCKS=block_size % block_n != 0, SPLIT=splits > 1,
+            GROUP=group, HEAD_DIM=d, DOT_PRECISION=_dot_precision(q.dtype), INTERPRETER=_INTERPRETED,
+            BLOCK_M=block_m, BLOCK_N=block_n, **tiles,
         )
+        if splits > 1:
+            _merge_global_splits_kernel[(triton.cdiv(hq * lq, _COMBINE_BLOCK_R),)](
+                out, lse, ws, ws_lse, hq * lq, lq, *out.stride()[:2], *lse.stride(), ws.stride(0), ws_lse.stride(0),
+                NUM_SPLITS=splits, HEAD_DIM=d, BLOCK_R=_COMBINE_BLOCK_R, INTERPRETER=_INTERPRETED,
+            )
+
+
+def _global_splits(device: torch.device, programs: int, block_tiles: int) -> int:
+    """Key splits of a global-stage launch: enough programs for GLOBAL_PROGRAMS_PER_SM per SM, each split
+    keeping at least _SPLIT_MIN_TILES block tiles. From shapes only (no sync), so fixed per shape."""
+    wanted = triton.cdiv(GLOBAL_PROGRAMS_PER_SM * _sm_count(device), max(programs, 1))
+    return max(1, min(wanted, block_tiles // _SPLIT_MIN_TILES, _MAX_SPLITS))
 
 
 def gather_blocks(
