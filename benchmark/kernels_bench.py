@@ -11,8 +11,8 @@ Cases (defaults; every size is a flag):
   (16*128 + 128 + 384); query i sees the blocks and sinks and a growing part of the remainder.
 - merge of the two partials (B, Hq, 512, D).
 - prefill global in place: global_stage_into (the device path's global stage: sinks, topk blocks read by id
-  from a store, the remainder, merged into the local partial), with automatic and forced key splits
-  (`/auto`, `/1`, `/2`, `/4`); each call first copies the 4 MB local partial back.
+  from a store, the remainder, merged into the local partial); each call first copies the 4 MB local
+  partial back.
 - decode: one query over 4096 local keys and 2176 global keys, and their merge; "decode step" is the three
   ops together, the attention cost of one layer per token.
 Times are medians of `triton.testing.do_bench` (CUDA events, eager: at these sizes the Python launch cost of
@@ -185,7 +185,7 @@ def main(argv=None) -> int:
         kv_bytes=3 * oa.numel() * elem + 3 * la.numel() * 4)
 
     # ---- prefill, global stage in place (the device path): sinks + topk blocks read from a store by id +
-    # the remainder, merged into the local partial; automatic and forced key splits
+    # the remainder, merged into the local partial
     n_store = max(4 * args.topk, 64)
     store_k = rand(n_store, hkv, args.block_size, d)  # (N, Hkv, block_size, D)
     store_v = rand(n_store, hkv, args.block_size, d)
@@ -195,22 +195,18 @@ def main(argv=None) -> int:
     base_out, base_lse = oa[0].clone(), la[0].clone()
     work_out, work_lse = base_out.clone(), base_lse.clone()
 
-    def global_in_place(ops, **extra):
+    def global_in_place(ops):
         def run():  # from the same local partial every time (a 4 MB copy: a few microseconds)
             work_out.copy_(base_out)
             work_lse.copy_(base_lse)
             ops.global_stage_into(q[0], work_out, work_lse, sink_k, sink_v, store_k, store_v, ids, rem_k, rem_v,
-                                  rem_offset=-(lq - args.remainder), scale=scale, **extra)
+                                  rem_offset=-(lq - args.remainder), scale=scale)
             return work_out.clone(), work_lse.clone()
         return run
 
     rem_pairs = sum(min(max(i - (lq - args.remainder), 0), args.remainder) for i in range(lq))
-    for splits in (None, 1, 2, 4):
-        label = "auto" if splits is None else str(splits)
-        extra = {} if splits is None else {"num_splits": splits}
-        add("prefill global", f"global_stage_into/{label}", f"Lq {lq} Lk {lk_global}",
-            global_in_place(triton_attn, **extra), global_in_place(reference),
-            pairs=lq * n_fixed + rem_pairs)
+    add("prefill global", "global_stage_into", f"Lq {lq} Lk {lk_global}",
+        global_in_place(triton_attn), global_in_place(reference), pairs=lq * n_fixed + rem_pairs)
 
     # ---- decode: one query, local window + retrieved global keys
     qd = rand(b, hq, 1, d)

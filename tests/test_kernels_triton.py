@@ -13,7 +13,6 @@ torch reference's own error at the same precision (plus a small floor for when t
 
 from __future__ import annotations
 
-import functools
 import importlib
 import math
 
@@ -365,15 +364,12 @@ def _global_inputs(hkv, group, lq, d, sinks, n_blocks, bs, k, rem, per_head, dty
 
 @pytest.mark.parametrize("hkv,group,lq,d,sinks,n_blocks,bs,k,rem,rem_offset,per_head", GLOBAL_CASES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("splits", [None, 2, 3])
-def test_global_stage_into(hkv, group, lq, d, sinks, n_blocks, bs, k, rem, rem_offset, per_head, dtype, splits):
+def test_global_stage_into(hkv, group, lq, d, sinks, n_blocks, bs, k, rem, rem_offset, per_head, dtype):
     """In-place global stage + merge equals the reference (prefix attention over the gathered keys, then
-    merge_partials), for partial and whole key tiles, per-head ids, empty parts and empty rows; with the
-    block keys split (2 or 3 splits: some get no tile, the sinks and the remainder go to the end splits)."""
+    merge_partials), for partial and whole key tiles, per-head ids, empty parts and empty rows."""
     inputs = _global_inputs(hkv, group, lq, d, sinks, n_blocks, bs, k, rem, per_head, dtype)
     results = {}
-    for name, op, cast in (("got", functools.partial(triton_attn.global_stage_into, num_splits=splits), dtype),
-                           ("ref", reference.global_stage_into, dtype),
+    for name, op, cast in (("got", triton_attn.global_stage_into, dtype), ("ref", reference.global_stage_into, dtype),
                            ("gold", reference.global_stage_into, torch.float32)):
         q, out, lse, sink_k, sink_v, store_k, store_v, ids, rem_k, rem_v = (
             t.clone() if t.dtype in (torch.int64, torch.float32) and t.dim() <= 2 else t.to(cast) for t in inputs
@@ -397,9 +393,6 @@ def test_global_stage_into_rejects_bad_inputs():
     with pytest.raises(ValueError, match="rem_k"):
         triton_attn.global_stage_into(q, out, lse, sink_k, sink_v, store_k, store_v, ids, rem_k.bfloat16(), rem_v,
                                       rem_offset=0, scale=0.25)
-    with pytest.raises(ValueError, match="num_splits"):
-        triton_attn.global_stage_into(q, out, lse, sink_k, sink_v, store_k, store_v, ids, rem_k, rem_v,
-                                      rem_offset=0, scale=0.25, num_splits=0)
 
 
 @pytest.mark.parametrize("perhead", [False, True])
@@ -580,12 +573,11 @@ def test_window_key_scores_gpu():
 
 @pytest.mark.gpu
 @needs_gpu
-@pytest.mark.parametrize("splits", [None, 1, 4])
-def test_global_stage_into_gpu(splits):
+def test_global_stage_into_gpu():
     """One execution block at Mistral-7B's shape: 512 queries, 128 sinks, 16 of 40 blocks of 128, a
-    remainder of 300 of which the rows see a growing prefix; the automatic split count, none, and 4."""
-    test_global_stage_into(8, 4, 512, 128, 128, 40, 128, 16, 300, -200, False, BF16, splits)
-    test_global_stage_into(4, 3, 100, 64, 16, 9, 64, 5, 70, 3, True, FP16, splits)
+    remainder of 300 of which the rows see a growing prefix; and a D 64 fp16 case with per-head ids."""
+    test_global_stage_into(8, 4, 512, 128, 128, 40, 128, 16, 300, -200, False, BF16)
+    test_global_stage_into(4, 3, 100, 64, 16, 9, 64, 5, 70, 3, True, FP16)
 
 
 @pytest.mark.gpu

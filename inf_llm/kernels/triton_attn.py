@@ -75,9 +75,6 @@ _DECODE_MAX_BLOCK_M = 64  # row tiles of the split (decode) path: G * Lq rows ro
 _SPLIT_MIN_TILES = 4  # each key split must cover >= 4 key tiles to pay for its partial write and the combine
 _MAX_SPLITS = 64  # bounds the (splits, B, Hq, Lq, D) float32 workspace
 _COMBINE_BLOCK_R = 16  # rows per program of the elementwise merge/combine kernels
-# global_stage_into: programs per SM that the key splits aim for (an execution block of 512 queries has
-# 256 programs of 64 packed rows at Mistral-7B's shape: under two per SM of an H100)
-GLOBAL_PROGRAMS_PER_SM = 4
 _INTERPRETER_SMS = 8  # pretend "SM count" on CPU, so small CPU tests take the same split decisions
 _INTERPRETER_BLOCK = 16  # interpreter tiles: the smallest tl.dot allows, so tiny tests cross tile edges
 
@@ -437,7 +434,7 @@ def _key_scores_step(
     stride_lb, stride_lh, stride_lm, MASKED: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
     DOT_PRECISION: tl.constexpr, INTERPRETER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Mass that the packed query rows [r0, r0 + BLOCK_M) (< r_hi) give to each key of the tile: (BN,).
+    """Mass that each packed query row of [r0, r0 + BLOCK_M) (< r_hi) gives to each key of the tile: (BN, BM).
 
     MASKED=False is the interior: every row is valid and sees every key of the tile, so no row bounds and
     no (BN, BM) visibility mask are computed."""
@@ -464,7 +461,7 @@ def _key_scores_step(
         p = tl.where(visible, tl.math.exp2(s - lse2[None, :]), 0.0)  # (BN, BM)
     else:
         p = tl.math.exp2(s - lse2[None, :])
-    return _sum(p, 1, INTERPRETER)
+    return p
 
 
 @triton.jit
@@ -475,34 +472,39 @@ def _key_scores_tiles(
     INTERPRETER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """`_key_scores_step` over the row tiles of [start_a, end_a) then [start_b, end_b) (multiples of BLOCK_M),
-    one loop for both masked edges as in `_attn_tiles`."""
+    one loop for both masked edges as in `_attn_tiles`, added elementwise into acc (BN, BM): the sum over
+    the rows waits for the end of the kernel (a per-tile row sum crosses warps; deferred it cost 67 us per
+    Mistral-7B execution block on an H200 instead of 89 us)."""
     n_a = (tl.maximum(end_a - start_a, 0) + BLOCK_M - 1) // BLOCK_M
     n_b = (tl.maximum(end_b - start_b, 0) + BLOCK_M - 1) // BLOCK_M
     if INTERPRETER:  # see _attn_tiles: no tensor-bounded range in the interpreter
         t = n_a * 0
         while t < n_a + n_b:
             r0 = tl.where(t < n_a, start_a + t * BLOCK_M, start_b + (t - n_a) * BLOCK_M)
-            acc += _key_scores_step(
+            p = _key_scores_step(
                 Q, Lse, k, cols, b64, kvh, r0, r_hi, q_offset, window, qk_scale, stride_qb, stride_qh, stride_qm,
                 stride_lb, stride_lh, stride_lm, MASKED, GROUP, HEAD_DIM, DOT_PRECISION, INTERPRETER, BLOCK_M,
                 BLOCK_N,
             )
+            acc += p
             t += 1
     elif MASKED:
         for t in range(0, n_a + n_b):
             r0 = tl.where(t < n_a, start_a + t * BLOCK_M, start_b + (t - n_a) * BLOCK_M)
-            acc += _key_scores_step(
+            p = _key_scores_step(
                 Q, Lse, k, cols, b64, kvh, r0, r_hi, q_offset, window, qk_scale, stride_qb, stride_qh, stride_qm,
                 stride_lb, stride_lh, stride_lm, MASKED, GROUP, HEAD_DIM, DOT_PRECISION, INTERPRETER, BLOCK_M,
                 BLOCK_N,
             )
+            acc += p
     else:
         for r0 in range(start_a, end_a, BLOCK_M):
-            acc += _key_scores_step(
+            p = _key_scores_step(
                 Q, Lse, k, cols, b64, kvh, r0, r_hi, q_offset, window, qk_scale, stride_qb, stride_qh, stride_qm,
                 stride_lb, stride_lh, stride_lm, MASKED, GROUP, HEAD_DIM, DOT_PRECISION, INTERPRETER, BLOCK_M,
                 BLOCK_N,
             )
+            acc += p
     return acc
 
 
@@ -550,7 +552,7 @@ def _window_key_scores_kernel(
     no_interior = int_hi <= int_lo
     int_lo = tl.where(no_interior, r_lo, int_lo)
     int_hi = tl.where(no_interior, r_lo, int_hi)
-    acc = tl.full([BLOCK_N], 0, tl.float32)
+    acc = tl.full([BLOCK_N, BLOCK_M], 0, tl.float32)  # (key, row) masses, summed over rows at the end
     acc = _key_scores_tiles(  # interior: no masks
         acc, Q, Lse, k, cols, b64, kvh, int_lo, int_hi, 0, 0, r_hi, q_offset, window, qk_scale,
         stride_qb, stride_qh, stride_qm, stride_lb, stride_lh, stride_lm,
@@ -561,6 +563,7 @@ def _window_key_scores_kernel(
         stride_qb, stride_qh, stride_qm, stride_lb, stride_lh, stride_lm,
         True, GROUP, HEAD_DIM, DOT_PRECISION, INTERPRETER, BLOCK_M, BLOCK_N,
     )
+    acc = _sum(acc, 1, INTERPRETER)  # (BN,)
     out_ptrs = Out + b64 * stride_ob + kvh.to(tl.int64) * stride_oh + cols
     if ACCUMULATE:  # added to running scores (each program owns its keys: no atomics)
         acc += tl.load(out_ptrs, mask=col_ok, other=0.0)
@@ -571,8 +574,18 @@ def _window_key_scores_kernel(
 # directly once tuned: this op runs once per execution block and layer, where host time is the limit.
 _WINDOW_SCORES_CONFIGS: dict[tuple, dict] = {}
 
+def _key_scores_configs() -> list[triton.Config]:
+    """Search space of window_key_scores (BLOCK_N keys x BLOCK_M packed rows per step). Measured at the
+    Mistral-7B execution block on an H200 (benchmark/figures/gpu-s7/explore-kernels.json): 128 x 64 with 4
+    warps and 3 stages took 67 us; the attention configs' best, 128 x 64 with 8 warps, 107."""
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+        for bm, bn, w, s in ((128, 64, 4, 3), (128, 64, 4, 2), (64, 128, 4, 3), (64, 64, 4, 3))
+    ]
+
+
 _window_key_scores_tuned = triton.autotune(
-    configs=_tune_configs(),
+    configs=_key_scores_configs(),
     key=["tune_rows", "HEAD_DIM", "GROUP"],
     prune_configs_by={"early_config_prune": _prune_configs},
     restore_value=["Out"],  # tuning runs the kernel several times: accumulated scores must not add up
@@ -617,32 +630,26 @@ def _attend_block_tiles(
     return acc, m_i, l_i
 
 
-@triton.jit(do_not_specialize=["q_len", "n_sink", "n_sel", "n_rem", "rem_offset", "num_splits"])
+@triton.jit(do_not_specialize=["q_len", "n_sink", "n_sel", "n_rem", "rem_offset"])
 def _global_stage_kernel(
-    Q, Out, Lse, SinkK, SinkV, StoreK, StoreV, Ids, RemK, RemV, Ws, WsLse,
+    Q, Out, Lse, SinkK, SinkV, StoreK, StoreV, Ids, RemK, RemV,
     stride_qh, stride_qm, stride_oh, stride_om, stride_lh, stride_lm,
     stride_sh, stride_sn, stride_svh, stride_svn,
     stride_bn, stride_bh, stride_bt, stride_bvn, stride_bvh, stride_bvt,
     stride_ih, stride_ik,
     stride_rh, stride_rn, stride_rvh, stride_rvn,
-    q_len, n_sink, n_sel, block_size, n_rem, rem_offset, qk_scale, num_splits,
-    PER_HEAD: tl.constexpr, MASK_BLOCKS: tl.constexpr, SPLIT: tl.constexpr, GROUP: tl.constexpr,
-    HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRETER: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    q_len, n_sink, n_sel, block_size, n_rem, rem_offset, qk_scale,
+    PER_HEAD: tl.constexpr, MASK_BLOCKS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, INTERPRETER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """`global_stage_into` for one (row tile, KV head, key split): sinks, then the selected store blocks read
-    in place through their ids, then each row's visible remainder prefix, in one online softmax.
+    """`global_stage_into` for one (row tile, KV head): sinks, then the selected store blocks read in place
+    through their ids, then each row's visible remainder prefix, in one online softmax; then the merge with
+    the local partial already in Out/Lse (each program owns its rows: no races).
 
-    Grid (cdiv(G * Lq, BLOCK_M), Hkv, num_splits); rows packed i * G + g as in `_attn_fwd_kernel`.
-    SPLIT=False (one split): the merge with the local partial already in Out/Lse happens here (each program
-    owns its rows: no races). SPLIT=True: the block tiles are shared out among the splits (split 0 also
-    takes the sinks, the last one the remainder), and each writes its normalised partial and lse to Ws
-    (S, Hq, Lq, D) / WsLse (S, Hq, Lq) float32 for `_merge_global_splits_kernel`: an execution block has too
-    few row tiles to fill the GPU, and the splits multiply its programs.
+    Grid (cdiv(G * Lq, BLOCK_M), Hkv); rows packed i * G + g as in `_attn_fwd_kernel`.
     """
     pid_m = tl.program_id(0)
     kvh = tl.program_id(1)
-    split = tl.program_id(2)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < q_len * GROUP
     qi = rows // GROUP
@@ -656,88 +663,43 @@ def _global_stage_kernel(
     zero_r = tl.full([BLOCK_M], 0, tl.int32)
     kvh64 = kvh.to(tl.int64)
 
-    n_tiles = n_sel * ((block_size + BLOCK_N - 1) // BLOCK_N)
-    per_split = (n_tiles + num_splits - 1) // num_splits
-    t_lo = tl.minimum(split * per_split, n_tiles)
-    t_hi = tl.minimum(t_lo + per_split, n_tiles)
-    n_sink_here = tl.where(split == 0, n_sink, 0)
     acc, m_i, l_i = _attn_tiles(  # sinks: every row sees all of them
         acc, m_i, l_i, q, SinkK + kvh64 * stride_sh, SinkV + kvh64 * stride_svh, stride_sn, stride_svn,
-        zero_r, zero_r + n_sink, n_sink, 0, n_sink_here, 0, 0, qk_scale,
+        zero_r, zero_r + n_sink, n_sink, 0, n_sink, 0, 0, qk_scale,
         True, HEAD_DIM, BLOCK_M, BLOCK_N, DOT_PRECISION, INTERPRETER,
     )
     acc, m_i, l_i = _attend_block_tiles(
         acc, m_i, l_i, q, StoreK, StoreV, Ids + kvh64 * stride_ih if PER_HEAD else Ids, stride_ik, zero_r, kvh,
-        stride_bn, stride_bh, stride_bt, stride_bvn, stride_bvh, stride_bvt, block_size, t_lo, t_hi, qk_scale,
+        stride_bn, stride_bh, stride_bt, stride_bvn, stride_bvh, stride_bvt, block_size,
+        0, n_sel * ((block_size + BLOCK_N - 1) // BLOCK_N), qk_scale,
         MASK_BLOCKS, HEAD_DIM, BLOCK_M, BLOCK_N, DOT_PRECISION, INTERPRETER,
     )
     hi_r = tl.minimum(tl.maximum(qi + rem_offset, 0), n_rem)  # remainder: a prefix per row
-    hi_max = tl.where(split == num_splits - 1, _max(tl.where(row_ok, hi_r, 0), 0, INTERPRETER), 0)
+    hi_max = _max(tl.where(row_ok, hi_r, 0), 0, INTERPRETER)
     acc, m_i, l_i = _attn_tiles(
         acc, m_i, l_i, q, RemK + kvh64 * stride_rh, RemV + kvh64 * stride_rvh, stride_rn, stride_rvn,
         zero_r, hi_r, n_rem, 0, hi_max, 0, 0, qk_scale,
         True, HEAD_DIM, BLOCK_M, BLOCK_N, DOT_PRECISION, INTERPRETER,
     )
 
+    # merge with the local partial by log-sum-exp (natural log), in float32
     empty_g = l_i == 0.0
     l_safe = tl.where(empty_g, 1.0, l_i)
     lse_g = tl.where(empty_g, float("-inf"), (m_i + tl.math.log2(l_safe)) * _LN2)
-    if SPLIT:  # partial of this split: rows (split, head, i) of the contiguous workspace
-        w_rows = (split.to(tl.int64) * GROUP * tl.num_programs(1) + head) * q_len + qi64
-        tl.store(Ws + w_rows[:, None] * HEAD_DIM + offs_d[None, :], acc / l_safe[:, None], mask=row_ok[:, None])
-        tl.store(WsLse + w_rows, lse_g, mask=row_ok)
-    else:  # merge with the local partial by log-sum-exp (natural log), in float32
-        o_ptrs = Out + (head * stride_oh + qi64 * stride_om)[:, None] + offs_d[None, :]
-        l_ptrs = Lse + head * stride_lh + qi64 * stride_lm
-        out_l = tl.load(o_ptrs, mask=row_ok[:, None], other=0.0).to(tl.float32)
-        lse_l = tl.load(l_ptrs, mask=row_ok, other=float("-inf"))
-        m = tl.maximum(lse_l, lse_g)
-        m_use = tl.where(m == float("-inf"), 0.0, m)
-        w_l = tl.exp(lse_l - m_use)
-        w_g = tl.exp(lse_g - m_use)
-        den = w_l + w_g
-        empty = den == 0.0
-        den_safe = tl.where(empty, 1.0, den)
-        merged = out_l * (w_l / den_safe)[:, None] + (acc / l_safe[:, None]) * (w_g / den_safe)[:, None]
-        tl.store(o_ptrs, _round_to(merged, Out.dtype.element_ty, INTERPRETER), mask=row_ok[:, None])
-        tl.store(l_ptrs, tl.where(empty, float("-inf"), m_use + tl.log(den_safe)), mask=row_ok)
-
-
-@triton.jit
-def _merge_global_splits_kernel(
-    Out, Lse, Ws, WsLse, n_rows, q_len, stride_oh, stride_om, stride_lh, stride_lm, stride_ws, stride_wl,
-    NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr, INTERPRETER: tl.constexpr,
-):
-    """Out/Lse (the local partial, strided rows (head, i)) merged in place with the NUM_SPLITS global
-    partials of `_global_stage_kernel` by log-sum-exp. Grid cdiv(Hq * Lq, BLOCK_R); rows r = head * Lq + i."""
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    row_ok = rows < n_rows
-    rows64 = rows.to(tl.int64)
-    offs_d = tl.arange(0, HEAD_DIM)
-    o_rows = (rows64 // q_len) * stride_oh + (rows64 % q_len) * stride_om
-    l_rows = (rows64 // q_len) * stride_lh + (rows64 % q_len) * stride_lm
-    m = tl.load(Lse + l_rows, mask=row_ok, other=float("-inf"))
-    lse_ptrs = WsLse + rows64
-    for _ in range(NUM_SPLITS):
-        m = tl.maximum(m, tl.load(lse_ptrs, mask=row_ok, other=float("-inf")))
-        lse_ptrs += stride_wl
+    o_ptrs = Out + (head * stride_oh + qi64 * stride_om)[:, None] + offs_d[None, :]
+    l_ptrs = Lse + head * stride_lh + qi64 * stride_lm
+    out_l = tl.load(o_ptrs, mask=row_ok[:, None], other=0.0).to(tl.float32)
+    lse_l = tl.load(l_ptrs, mask=row_ok, other=float("-inf"))
+    m = tl.maximum(lse_l, lse_g)
     m_use = tl.where(m == float("-inf"), 0.0, m)
-    w = tl.exp(tl.load(Lse + l_rows, mask=row_ok, other=float("-inf")) - m_use)
-    o_ptrs = Out + o_rows[:, None] + offs_d[None, :]
-    acc = w[:, None] * tl.load(o_ptrs, mask=row_ok[:, None], other=0.0).to(tl.float32)
-    den = w
-    lse_ptrs = WsLse + rows64
-    w_ptrs = Ws + rows64[:, None] * HEAD_DIM + offs_d[None, :]
-    for _ in range(NUM_SPLITS):
-        w = tl.exp(tl.load(lse_ptrs, mask=row_ok, other=float("-inf")) - m_use)
-        acc += w[:, None] * tl.load(w_ptrs, mask=row_ok[:, None], other=0.0)
-        den += w
-        lse_ptrs += stride_wl
-        w_ptrs += stride_ws
+    w_l = tl.exp(lse_l - m_use)
+    w_g = tl.exp(lse_g - m_use)
+    den = w_l + w_g
     empty = den == 0.0
     den_safe = tl.where(empty, 1.0, den)
-    tl.store(o_ptrs, _round_to(acc / den_safe[:, None], Out.dtype.element_ty, INTERPRETER), mask=row_ok[:, None])
-    tl.store(Lse + l_rows, tl.where(empty, float("-inf"), m_use + tl.log(den_safe)), mask=row_ok)
+    merged = out_l * (w_l / den_safe)[:, None] + (acc / l_safe[:, None]) * (w_g / den_safe)[:, None]
+    tl.store(o_ptrs, _round_to(merged, Out.dtype.element_ty, INTERPRETER), mask=row_ok[:, None])
+    tl.store(l_ptrs, tl.where(empty, float("-inf"), m_use + tl.log(den_safe)), mask=row_ok)
 
 
 @triton.jit
@@ -1157,14 +1119,12 @@ def global_stage_into(
     q: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
     sink_k: torch.Tensor, sink_v: torch.Tensor,
     store_k: torch.Tensor, store_v: torch.Tensor, block_ids: torch.Tensor,
-    rem_k: torch.Tensor, rem_v: torch.Tensor, *, rem_offset: int, scale: float, num_splits: int | None = None,
+    rem_k: torch.Tensor, rem_v: torch.Tensor, *, rem_offset: int, scale: float,
 ) -> None:
     """The global stage of one execution block merged in place into its local result, as
-    `reference.global_stage_into`: store blocks are read where they lie (through their ids, no gather into
-    a staging buffer), the remainder's per-query prefix is computed in the kernel (no `visible` tensor).
-    With one key split the merge happens before the single store (one launch); an execution block's few
-    row tiles are split along the block keys when that fills the GPU better (`_global_splits`), and a second
-    small launch merges the splits' partials into out/lse. `num_splits` forces the count (tests, benchmarks).
+    `reference.global_stage_into`, in ONE launch: store blocks are read where they lie (through their ids,
+    no gather into a staging buffer), the remainder's per-query prefix is computed in the kernel (no
+    `visible` tensor), and the merge happens before the single store (no partial written and re-read).
 
     q (Hq, Lq, D), out (Hq, Lq, D) (q's dtype), lse (Hq, Lq) float32, sink_k/v (Hkv, S, D), store_k/v
     (N, Hkv, block_size, D), block_ids (1 or Hkv, K) int32/int64 on the device (not bounds-checked: ids
@@ -1204,8 +1164,6 @@ def global_stage_into(
             raise ValueError(f"{name}_k {tuple(t.shape)} must be ({hkv}, n, {d})")
     if sink_v.shape != sink_k.shape or rem_v.shape != rem_k.shape:
         raise ValueError("sink_v / rem_v must have the shapes of sink_k / rem_k")
-    if num_splits is not None and not 1 <= num_splits <= _MAX_SPLITS:
-        raise ValueError(f"num_splits must be in [1, {_MAX_SPLITS}], got {num_splits}")
     if lq == 0:
         return
     group = hq // hkv
@@ -1214,43 +1172,26 @@ def global_stage_into(
         block_m = block_n = _INTERPRETER_BLOCK
         tiles = {}
     else:
-        # fixed tiles (no autotuner dispatch on this per-execution-block launch): 64 x 64 won the prefill
-        # shapes of _tune_configs on an H100; float32 (tests) gets 32 x 32: at D = 128 its 64 x 64 variant
-        # took minutes to compile
+        # fixed tiles (no autotuner dispatch on this per-execution-block launch): 64 x 64, 4 warps, 2 stages
+        # took 64 us per Mistral-7B execution block on an H200, as 3 stages did; 128 x 64 and 8 warps 69-70,
+        # 64 x 128 94, 4 stages 99 (benchmark/figures/gpu-s7/explore-kernels.json). float32 (tests) gets
+        # 32 x 32: at D = 128 its 64 x 64 variant took minutes to compile
         block_m = block_n = 32 if q.dtype == torch.float32 else 64
         tiles = dict(num_warps=4, num_stages=2)
-    row_tiles = triton.cdiv(group * lq, block_m)
-    block_tiles = block_ids.shape[1] * triton.cdiv(block_size, block_n)
-    splits = num_splits if num_splits is not None else _global_splits(q.device, row_tiles * hkv, block_tiles)
-    ws = ws_lse = lse  # placeholders, never written with one split
-    if splits > 1:
-        ws = torch.empty((splits, hq, lq, d), dtype=torch.float32, device=q.device)
-        ws_lse = torch.empty((splits, hq, lq), dtype=torch.float32, device=q.device)
+    grid = (triton.cdiv(group * lq, block_m), hkv)
     with _device_guard(q.device):
-        _global_stage_kernel[(row_tiles, hkv, splits)](
-            q, out, lse, sink_k, sink_v, store_k, store_v, block_ids, rem_k, rem_v, ws, ws_lse,
+        _global_stage_kernel[grid](
+            q, out, lse, sink_k, sink_v, store_k, store_v, block_ids, rem_k, rem_v,
             *q.stride()[:2], *out.stride()[:2], *lse.stride(),
             sink_k.stride(0), sink_k.stride(1), sink_v.stride(0), sink_v.stride(1),
             *store_k.stride()[:3], *store_v.stride()[:3],
             block_ids.stride(0), block_ids.stride(1),
             rem_k.stride(0), rem_k.stride(1), rem_v.stride(0), rem_v.stride(1),
             lq, sink_k.shape[1], block_ids.shape[1], block_size, rem_k.shape[1], int(rem_offset), scale * _LOG2E,
-            splits, PER_HEAD=block_ids.shape[0] > 1, MASK_BLOCKS=block_size % block_n != 0, SPLIT=splits > 1,
-            GROUP=group, HEAD_DIM=d, DOT_PRECISION=_dot_precision(q.dtype), INTERPRETER=_INTERPRETED,
-            BLOCK_M=block_m, BLOCK_N=block_n, **tiles,
+            PER_HEAD=block_ids.shape[0] > 1, MASK_BLOCKS=block_size % block_n != 0, GROUP=group, HEAD_DIM=d,
+            DOT_PRECISION=_dot_precision(q.dtype), INTERPRETER=_INTERPRETED, BLOCK_M=block_m, BLOCK_N=block_n,
+            **tiles,
         )
-        if splits > 1:
-            _merge_global_splits_kernel[(triton.cdiv(hq * lq, _COMBINE_BLOCK_R),)](
-                out, lse, ws, ws_lse, hq * lq, lq, *out.stride()[:2], *lse.stride(), ws.stride(0), ws_lse.stride(0),
-                NUM_SPLITS=splits, HEAD_DIM=d, BLOCK_R=_COMBINE_BLOCK_R, INTERPRETER=_INTERPRETED,
-            )
-
-
-def _global_splits(device: torch.device, programs: int, block_tiles: int) -> int:
-    """Key splits of a global-stage launch: enough programs for GLOBAL_PROGRAMS_PER_SM per SM, each split
-    keeping at least _SPLIT_MIN_TILES block tiles. From shapes only (no sync), so fixed per shape."""
-    wanted = triton.cdiv(GLOBAL_PROGRAMS_PER_SM * _sm_count(device), max(programs, 1))
-    return max(1, min(wanted, block_tiles // _SPLIT_MIN_TILES, _MAX_SPLITS))
 
 
 def gather_blocks(
