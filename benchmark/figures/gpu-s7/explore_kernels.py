@@ -1,5 +1,5 @@
-"""Ran on the H200 at commit 4e1bd1e-era code (its KEY_SCORES_OPTIONS / GLOBAL_STAGE_TILES hooks were removed after
-the choice). Exploration: window_key_scores and global_stage_into variants at the exec-block shape."""
+"""Ran on the H200 at 247b41f plus exploration hooks (KEY_SCORES_OPTIONS, GLOBAL_STAGE_TILES) removed after the
+choice. Exploration: window_key_scores and global_stage_into variants at the exec-block shape."""
 import itertools
 import json
 import math
