@@ -4,13 +4,13 @@ import itertools
 import json
 import math
 import os
-import sys
 
 import torch
 import triton
 import triton.testing
 
-from inf_llm.kernels import reference, triton_attn as ta
+from inf_llm.kernels import reference
+from inf_llm.kernels import triton_attn as ta
 
 dev = torch.device("cuda")
 torch.manual_seed(0)
