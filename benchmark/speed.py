@@ -133,6 +133,9 @@ class Result:
     prefill_tok_s: float | None = None  # (tokens - 1) / prefill seconds; extrapolated when status is est
     prefill_measured_tok_s: float | None = None  # prefill_tokens / prefill_seconds
     chunk_seconds: list[float] = field(default_factory=list)
+    # per chunk, the host's time to issue it (until the forward returned, before the sync): close to
+    # chunk_seconds when the host, not the GPU, bounds the prefill
+    chunk_issue_seconds: list[float] = field(default_factory=list)
     decode_context: int | None = None  # tokens in the cache when the timed decode started
     decode_ms_per_token: float | None = None
     decode_ms_median: float | None = None
@@ -326,6 +329,7 @@ class PrefillRun:
     tokens: int  # tokens fed
     seconds: float
     chunk_seconds: list[float]
+    chunk_issue_seconds: list[float]
     complete: bool
     projected_seconds: float  # the whole prefill: measured when complete, else extrapolated
 
@@ -345,6 +349,7 @@ def prefill(model, cache, ids: torch.Tensor, chunk: int, budget_s: float | None,
     total = ids.shape[1]
     kw = cache_kwargs(model, cache)
     chunk_s: list[float] = []
+    issue_s: list[float] = []
     _sync(device)
     start = last_print = time.perf_counter()
     done = 0
@@ -352,6 +357,7 @@ def prefill(model, cache, ids: torch.Tensor, chunk: int, budget_s: float | None,
         end = min(total, done + chunk)
         t0 = time.perf_counter()
         out = model(ids[:, done:end], **kw, use_cache=True, logits_to_keep=1)
+        issue_s.append(time.perf_counter() - t0)
         del out
         _sync(device)
         now = time.perf_counter()
@@ -370,9 +376,9 @@ def prefill(model, cache, ids: torch.Tensor, chunk: int, budget_s: float | None,
             if (done >= settle and projected > budget_s) or elapsed >= budget_s:
                 _say(f"  [{label}] stopping prefill at {done}/{total} tokens after {elapsed:.1f}s: whole prefill "
                      f"projected at {projected:.0f}s > budget {budget_s:g}s")
-                return PrefillRun(done, elapsed, chunk_s, False, projected)
+                return PrefillRun(done, elapsed, chunk_s, issue_s, False, projected)
     elapsed = time.perf_counter() - start
-    return PrefillRun(done, elapsed, chunk_s, True, elapsed)
+    return PrefillRun(done, elapsed, chunk_s, issue_s, True, elapsed)
 
 
 def decoder(model, cache) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -425,6 +431,7 @@ def measure(model, spec: RowSpec, cfg: InfLLMConfig, chunk: int, ids: torch.Tens
                       progress=lambda tokens: setattr(res, "prefill_tokens", tokens))
         done = run.tokens
         res.prefill_tokens, res.prefill_seconds, res.chunk_seconds = done, run.seconds, run.chunk_seconds
+        res.chunk_issue_seconds = run.chunk_issue_seconds
         res.prefill_measured_tok_s = done / run.seconds
         res.prefill_tok_s = (length - 1) / run.projected_seconds
         # decode from the token after what was prefilled (the prompt's last token when complete)
