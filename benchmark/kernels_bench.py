@@ -15,6 +15,8 @@ Cases (defaults; every size is a flag):
   partial back.
 - decode: one query over 4096 local keys and 2176 global keys, and their merge; "decode step" is the three
   ops together, the attention cost of one layer per token.
+- layer: transformers' RMSNorm and SiLU-and-multiply over a prefill chunk (8192 x 4096 and 8192 x 14336),
+  the fused kernels of `model.fused_elementwise` against the torch expressions of the stock modules.
 Times are medians of `triton.testing.do_bench` (CUDA events, eager: at these sizes the Python launch cost of
 an op, tens of microseconds, can exceed its GPU time, so eager numbers move with the host CPU) and, for the
 Triton ops, of `do_bench_cudagraph` (CUDA-graph replay: the GPU time alone). TFLOP/s and GB/s use the
@@ -76,11 +78,14 @@ def _parse(argv=None) -> argparse.Namespace:
     p.add_argument("--topk", type=int, default=16)
     p.add_argument("--block-size", type=int, default=128)
     p.add_argument("--remainder", type=int, default=384, help="global-stage keys after blocks and sinks")
+    p.add_argument("--chunk", type=int, default=8192, help="prefill chunk (rows of the elementwise layer ops)")
+    p.add_argument("--intermediate", type=int, default=14336, help="MLP width (Mistral-7B: 14336)")
     args = p.parse_args(argv)
     if args.smoke:
         args.q_heads, args.kv_heads, args.head_dim = 4, 2, 64
         args.exec_block, args.n_local, args.n_init = 8, 24, 4
         args.topk, args.block_size, args.remainder = 2, 8, 5
+        args.chunk, args.intermediate = 64, 384
     return args
 
 
@@ -237,6 +242,23 @@ def main(argv=None) -> int:
     add("decode step", "local+global+merge", f"Lk {args.n_local} + {n_fixed}",
         lambda: decode_step(triton_attn), lambda: decode_step(reference),
         pairs=args.n_local + n_fixed, kv_bytes=kv_local + kv_global)
+
+    # ---- transformers' elementwise layer ops of a prefill chunk (model.fused_elementwise) against the torch
+    # expressions the stock modules compute
+    from inf_llm.kernels import triton_elementwise
+
+    hidden = hq * d
+    xs, norm_w = rand(args.chunk, hidden), rand(hidden)
+
+    def torch_rms_norm():
+        h = xs.float()
+        return norm_w * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-5)).to(xs.dtype)
+
+    add("layer", "rms_norm", f"{args.chunk} x {hidden}", lambda: triton_elementwise.rms_norm(xs, norm_w, 1e-5),
+        torch_rms_norm, kv_bytes=2 * xs.numel() * elem)
+    gate, up = rand(args.chunk, args.intermediate), rand(args.chunk, args.intermediate)
+    add("layer", "silu_mul", f"{args.chunk} x {args.intermediate}", lambda: triton_elementwise.silu_mul(gate, up),
+        lambda: torch.nn.functional.silu(gate) * up, kv_bytes=3 * gate.numel() * elem)
 
     # The configs the autotuner chose, per key (diagnostics: private attributes of the Triton autotuner).
     tuned = {

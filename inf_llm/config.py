@@ -116,11 +116,11 @@ class ModelConfig(_Strict):
         "offload_access: direct; other memories decode eagerly). null: on GPUs; true: also on CPUs, where the "
         "fixed-shape step runs eagerly (for tests); false: never",
     )
-    fused_norm: bool = Field(
+    fused_elementwise: bool = Field(
         False,
-        description="on CUDA, the model's RMSNorm layers (Llama, Mistral, Qwen2, Qwen3) run one Triton kernel "
-        "each instead of seven elementwise passes (same formula and roundings; the mean's summation order may "
-        "differ by an ulp). Off by default until its prefill speed is measured on a GPU",
+        description="on CUDA, the model's RMSNorm layers and SwiGLU activations (Llama, Mistral, Qwen2, Qwen3) "
+        "run one Triton kernel each instead of seven and two elementwise passes (same formulas and roundings, "
+        "an ulp apart at most). Off by default until its prefill speed is measured on a GPU",
     )
     cpu_packed_linear: bool = Field(
         True, description="CPU bf16: linear weights prepacked for oneDNN (same outputs, ~1.25x faster decoding)"

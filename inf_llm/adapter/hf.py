@@ -163,13 +163,13 @@ def patch_model(model: nn.Module, cfg: ModelConfig) -> nn.Module:
         host_pool=HostBlockPool(cfg.host_pool_tokens) if cfg.host_pool_tokens else None,
     )
     from inf_llm.adapter.decode_graph import install_decode_graphs  # it builds on this module
-    from inf_llm.adapter.fused_norm import install_fused_norms, remove_fused_norms
+    from inf_llm.adapter.fused_elementwise import install_fused_elementwise, remove_fused_elementwise
 
     install_decode_graphs(model)
-    if cfg.fused_norm:
-        install_fused_norms(model)
+    if cfg.fused_elementwise:
+        install_fused_elementwise(model)
     else:
-        remove_fused_norms(model)  # a re-patch with fused_norm off
+        remove_fused_elementwise(model)  # a re-patch with the option off
     log.info("patched %s with %s attention", type(model).__name__, MemoryType(cfg.type).value)
     return model
 
@@ -180,10 +180,10 @@ def unpatch_model(model: nn.Module, implementation: str = "sdpa") -> nn.Module:
         inner.rotary_emb = inner.rotary_emb.real
     model.set_attn_implementation(implementation)
     from inf_llm.adapter.decode_graph import remove_decode_graphs
-    from inf_llm.adapter.fused_norm import remove_fused_norms
+    from inf_llm.adapter.fused_elementwise import remove_fused_elementwise
 
     remove_decode_graphs(model)
-    remove_fused_norms(model)
+    remove_fused_elementwise(model)
     if hasattr(model, "infllm"):
         del model.infllm
     return model

@@ -1,11 +1,15 @@
-"""Fused RMSNorm for Llama-family models on a GPU, as transformers computes it (`LlamaRMSNorm.forward`:
-upcast to float32, mean of squares, times rsqrt(mean + eps), back to the input dtype, times the weight) in
-one launch and one pass over the row, instead of seven elementwise kernels with float32 intermediates
-(about 25 ms per 8,192-token chunk of a Mistral-7B-shaped prefill on an H200).
+"""Fused elementwise layer ops for Llama-family models on a GPU, computed as transformers computes them:
 
-Rounds where transformers rounds (to the input dtype before the weight multiplies, then to the output
-dtype), so outputs match the stock module up to the summation order of the mean (rare 1-ulp differences).
-Knows nothing of models: `inf_llm.adapter.fused_norm` decides which modules use it. Runs on CPU tensors
+- `rms_norm`: `LlamaRMSNorm.forward` (upcast to float32, mean of squares, times rsqrt(mean + eps), back to
+  the input dtype, times the weight) in one launch and one pass over the row, instead of seven elementwise
+  kernels with float32 intermediates (about 25 ms per 8,192-token chunk of a Mistral-7B-shaped prefill on
+  an H200);
+- `silu_mul`: the SwiGLU MLP's `silu(gate) * up` in one pass instead of two (SiLU, then the product: about
+  9 ms per chunk there).
+
+Each rounds where the torch ops round (to the 16-bit dtype after every op), so outputs match the stock
+modules up to the mean's summation order and the exponential's last bit (rare 1-ulp differences). Knows
+nothing of models: `inf_llm.adapter.fused_elementwise` decides which modules use them. Runs on CPU tensors
 under the Triton interpreter (tests), like `triton_attn`.
 """
 
@@ -19,6 +23,7 @@ from inf_llm.kernels.triton_attn import _INTERPRETED, _check_device, _device_gua
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_COLS = 65536  # one row per program, held in registers
+_INTERPRETER_BLOCK_ELEMENTS = 256  # silu_mul under the interpreter: small blocks, so tests cross their edges
 
 
 @triton.jit
@@ -71,5 +76,40 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     with _device_guard(x.device):
         _rms_norm_kernel[(rows.shape[0],)](
             rows, w, out, rows.stride(0), n, n, float(eps), BLOCK=block, INTERPRETER=_INTERPRETED, **warps,
+        )
+    return out
+
+
+@triton.jit
+def _silu_mul_kernel(Gate, Up, Out, n, BLOCK: tl.constexpr, INTERPRETER: tl.constexpr):
+    """Out = round(round(silu(Gate)) * Up) over BLOCK elements, silu(x) = x / (1 + exp(-x)) in float32."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < n
+    g = tl.load(Gate + offs, mask=ok, other=0.0).to(tl.float32)
+    u = tl.load(Up + offs, mask=ok, other=0.0).to(tl.float32)
+    act = _round_to(g / (1.0 + tl.exp(-g)), Out.dtype.element_ty, INTERPRETER).to(tl.float32)
+    tl.store(Out + offs, _round_to(act * u, Out.dtype.element_ty, INTERPRETER), mask=ok)
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """`torch.nn.functional.silu(gate) * up` for two tensors of one shape and dtype, in one pass.
+
+    Returns a new contiguous tensor. Bad input raises ValueError naming the argument."""
+    if not isinstance(gate, torch.Tensor) or not isinstance(up, torch.Tensor):
+        raise ValueError("gate and up must be tensors")
+    if gate.shape != up.shape or gate.dtype != up.dtype or gate.device != up.device:
+        raise ValueError(f"gate {tuple(gate.shape)} {gate.dtype} on {gate.device} and up {tuple(up.shape)} "
+                         f"{up.dtype} on {up.device} must match")
+    if gate.dtype not in _DTYPES:
+        raise ValueError(f"gate / up must be float16, bfloat16 or float32, got {gate.dtype}")
+    _check_device(gate.device)
+    gate, up = gate.contiguous(), up.contiguous()  # no copy for a linear layer's output
+    out = torch.empty_like(gate)
+    if out.numel() == 0:
+        return out
+    block = _INTERPRETER_BLOCK_ELEMENTS if _INTERPRETED else 2048
+    with _device_guard(gate.device):
+        _silu_mul_kernel[(triton.cdiv(out.numel(), block),)](
+            gate, up, out, out.numel(), BLOCK=block, INTERPRETER=_INTERPRETED,
         )
     return out
