@@ -1,0 +1,44 @@
+"""The GPU benchmark scripts run end to end on a CPU at tiny sizes (the GPU numbers in docs/speed.md come
+from the same code): `benchmark/speed.py` on a tiny random model, `benchmark/kernels_bench.py --smoke` under
+the Triton interpreter. Real subprocesses, real JSON."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _run(args: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+def test_speed_script_writes_rows_with_chunk_and_issue_times(tmp_path):
+    out = tmp_path / "speed.json"
+    proc = _run(["benchmark/speed.py", "--shape", "tiny", "--rows", "inf-llm-torch,origin-sdpa", "--lengths", "2048",
+                 "--decode-tokens", "4", "--out", str(out)])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = {r["row"]: r for r in json.loads(out.read_text())["results"]}
+    assert set(results) == {"inf-llm-torch", "origin-sdpa"}
+    for row in results.values():
+        assert row["status"] == "ok" and row["prefill_tok_s"] > 0 and row["decode_ms_per_token"] > 0
+        chunks, issued = row["chunk_seconds"], row["chunk_issue_seconds"]
+        assert len(chunks) == len(issued) > 0
+        assert all(0 < i <= c for i, c in zip(issued, chunks))  # issuing a chunk is part of its time
+    assert "inf-llm-torch" in proc.stdout and "prefill tok/s" in proc.stdout
+
+
+def test_kernels_bench_smoke_times_every_op_against_the_reference(tmp_path):
+    out = tmp_path / "kernels.json"
+    proc = _run(["-m", "benchmark.kernels_bench", "--smoke", "--out", str(out)])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    ops = {row["op"] for row in rows}
+    assert {"windowed_attention", "window_key_scores", "prefix_attention", "merge_partials", "global_stage_into",
+            "rms_norm", "silu_mul"} <= ops
+    for row in rows:
+        assert row["triton_ms"] > 0 and row["reference_ms"] > 0
+        assert row["out_err"] <= 2e-2, row  # bf16 outputs against the torch reference
