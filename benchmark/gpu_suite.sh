@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# The GPU checks of the fast path (issue 6) on one machine with one GPU, in parts that each fit a
+# 10-minute command, every result under OUT (at most 8 files per part: a lent GPU machine returns 8).
+#
+#   bash benchmark/gpu_suite.sh OUT tests   # kernel, fast-vs-torch agreement, decode-graph and fused-op GPU tests
+#   bash benchmark/gpu_suite.sh OUT speed   # origin vs inf-llm at 32K/128K (one run), then 512K; Mistral-7B shape
+#   bash benchmark/gpu_suite.sh OUT fused   # 128K without and with model.fused_elementwise, and the kernel bench
+#   bash benchmark/gpu_suite.sh OUT flat    # offload_access: direct + host_pool_tokens at 32K/128K/512K
+#
+# On a fresh machine the first Triton compiles take minutes (the tests part spent ~7 of its minutes so on an
+# H200). Wheels the machine lacks: scripts/fetch_device_wheels.sh (installed here when .wheels exists).
+set -uo pipefail
+cd "$(dirname "$(realpath "$0")")/.."
+OUT=${1:?usage: gpu_suite.sh OUT tests|speed|fused|flat}
+PART=${2:?usage: gpu_suite.sh OUT tests|speed|fused|flat}
+mkdir -p "$OUT"
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+if [ -f .wheels/requirements.txt ]; then
+    python -m pip install -q --no-index --find-links .wheels -r .wheels/requirements.txt > /dev/null 2>&1
+fi
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader > "$OUT/gpu.txt" 2>&1
+COMMON=(--warmup-prefill 16384 --decode-tokens 32 --max-seconds-per-row 60)
+DEVICE=(--set model.offload=false)
+
+case "$PART" in
+tests)
+    timeout 560 python -m pytest -q -m gpu tests/test_kernels_triton.py tests/test_gpu_agreement.py \
+        tests/test_decode_graph.py tests/test_fused_elementwise.py -p no:cacheprovider > "$OUT/gpu-tests.log" 2>&1
+    echo "pytest exit $?" >> "$OUT/gpu-tests.log"
+    tail -3 "$OUT/gpu-tests.log"
+    ;;
+speed)
+    timeout 240 python benchmark/speed.py --rows origin-sdpa,inf-llm-fattn --lengths 32k,128k "${COMMON[@]}" \
+        "${DEVICE[@]}" --out "$OUT/speed-main.json" > "$OUT/speed-main.log" 2>&1
+    timeout 150 python benchmark/speed.py --rows inf-llm-fattn --lengths 512k "${COMMON[@]}" "${DEVICE[@]}" \
+        --out "$OUT/speed-512k.json" > "$OUT/speed-512k.log" 2>&1
+    tail -6 "$OUT/speed-main.log"; tail -3 "$OUT/speed-512k.log"
+    ;;
+fused)
+    for fused in false true; do
+        timeout 150 python benchmark/speed.py --rows inf-llm-fattn --lengths 128k "${COMMON[@]}" "${DEVICE[@]}" \
+            --set model.fused_elementwise=$fused --out "$OUT/speed-fused-$fused.json" > "$OUT/speed-fused-$fused.log" 2>&1
+        tail -3 "$OUT/speed-fused-$fused.log"
+    done
+    timeout 150 python -m benchmark.kernels_bench --out "$OUT/kernels.json" > "$OUT/kernels.log" 2>&1
+    tail -20 "$OUT/kernels.log"
+    ;;
+flat)
+    timeout 300 python benchmark/speed.py --rows inf-llm-fattn --lengths 32k,128k,512k "${COMMON[@]}" \
+        --set model.offload=true --set model.offload_access=direct --set model.pin_memory=true \
+        --set model.host_pool_tokens=524288 --out "$OUT/speed-flat.json" > "$OUT/speed-flat.log" 2>&1
+    tail -6 "$OUT/speed-flat.log"
+    ;;
+*)
+    echo "unknown part $PART: tests, speed, fused or flat" >&2
+    exit 2
+    ;;
+esac
