@@ -1,12 +1,9 @@
 """`model.fused_elementwise`: the Triton RMSNorm and SiLU-and-multiply (`inf_llm.kernels.triton_elementwise`)
 against transformers' own modules, and their installation by `patch_model`. On CPU the kernels run under
-the Triton interpreter (set only around the import and while this module's tests run, as in
-test_kernels_triton.py); a CUDA model test is marked gpu.
+the Triton interpreter (`tests/triton_interpreter.py`); a CUDA model test is marked gpu.
 """
 
 from __future__ import annotations
-
-import importlib
 
 import pytest
 import torch
@@ -15,36 +12,9 @@ from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
 from inf_llm.adapter import InfLLMCache, cache_kwargs, patch_model, unpatch_model
 from inf_llm.config import ModelConfig
 from tests.models import build_tiny_model
+from tests.triton_interpreter import DEVICE, INTERPRET, import_kernels, triton_interpreter_env  # noqa: F401
 
-INTERPRET = not torch.cuda.is_available()
-DEVICE = torch.device("cpu") if INTERPRET else torch.device("cuda")
-
-
-def _import_triton_elementwise():
-    if not INTERPRET:
-        return importlib.import_module("inf_llm.kernels.triton_elementwise")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TRITON_INTERPRET", "1")
-        attn = importlib.import_module("inf_llm.kernels.triton_attn")
-        if not attn._INTERPRETED:  # imported earlier in this process without the interpreter
-            importlib.reload(attn)
-        module = importlib.import_module("inf_llm.kernels.triton_elementwise")
-        if not module._INTERPRETED:
-            module = importlib.reload(module)
-    return module
-
-
-triton_elementwise = _import_triton_elementwise()
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _interpreter_env():
-    if not INTERPRET:
-        yield
-        return
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TRITON_INTERPRET", "1")
-        yield
+triton_elementwise = import_kernels("inf_llm.kernels.triton_elementwise")
 
 
 def _ulp(t: torch.Tensor) -> torch.Tensor:

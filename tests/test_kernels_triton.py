@@ -1,11 +1,11 @@
 """Triton attention ops (`inf_llm.kernels.triton_attn`) against the torch reference, which is the spec.
 
-Without a GPU the kernels run on CPU tensors under the Triton interpreter. `TRITON_INTERPRET=1` must be in
-the environment when the kernels are defined (import of triton_attn) and when they first launch, so this
-module sets it only around its own import and, through an autouse module fixture, while its tests run;
-nothing leaks into other test modules. Triton's own objects keep what they built, which is harmless: no
-other test module uses triton. CPU sizes are tiny (the interpreter runs each program in numpy); the
-Mistral-sized variants are marked `gpu` and run only where a GPU is present (`pytest -m gpu`).
+Without a GPU the kernels run on CPU tensors under the Triton interpreter (`tests/triton_interpreter.py`:
+`TRITON_INTERPRET=1` set only around the import of triton_attn and while this module's tests run; nothing
+leaks into other test modules). Triton's own objects keep what they built, which is harmless: only this
+module and test_fused_elementwise.py use triton, both this way. CPU sizes are tiny (the interpreter runs each
+program in numpy); the Mistral-sized variants are marked `gpu` and run only where a GPU is present
+(`pytest -m gpu`).
 
 Accuracy rule (STYLE.md): against the float32 reference, a kernel's error must be at most about twice the
 torch reference's own error at the same precision (plus a small floor for when that error is ~0).
@@ -13,50 +13,21 @@ torch reference's own error at the same precision (plus a small floor for when t
 
 from __future__ import annotations
 
-import importlib
 import math
 
 import pytest
 import torch
 
 from inf_llm.kernels import reference
+from tests.triton_interpreter import DEVICE, INTERPRET, import_kernels, triton_interpreter_env  # noqa: F401
 
-_ACCEL = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
-DEVICE = _ACCEL if _ACCEL is not None else torch.device("cpu")
-INTERPRET = DEVICE.type == "cpu"
-_INTERPRET_ENV = "TRITON_INTERPRET"
-
-
-def _import_triton_attn():
-    """Import triton_attn; on CPU with TRITON_INTERPRET=1 set only for the import (kernels are built then)."""
-    if not INTERPRET:
-        return importlib.import_module("inf_llm.kernels.triton_attn")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(_INTERPRET_ENV, "1")
-        module = importlib.import_module("inf_llm.kernels.triton_attn")
-        if not module._INTERPRETED:  # imported earlier in this process without the interpreter
-            module = importlib.reload(module)
-    return module
-
-
-triton_attn = _import_triton_attn()
+triton_attn = import_kernels("inf_llm.kernels.triton_attn")
 
 # Floors under the 2x-reference rule: float32 is checked near 1e-5 absolute; 16-bit outputs against their
 # rounding (ulp(1) is 2**-10 for fp16 and 2**-7 for bf16).
 OUT_FLOOR = {torch.float32: 1e-5, torch.float16: 2e-4, torch.bfloat16: 2e-3}
 LSE_FLOOR = 1e-5  # lse is float32 in every op; the dots are exact products summed in fp32
 SCORES_RTOL = 1e-5  # window_key_scores: both sides compute q.k in fp32 on the same values
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _interpreter_env():
-    """Keep TRITON_INTERPRET=1 while this module's tests launch kernels (triton reads it lazily at launch)."""
-    if not INTERPRET:
-        yield
-        return
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(_INTERPRET_ENV, "1")
-        yield
 
 
 def _rand(*shape, dtype, gen):

@@ -1,0 +1,46 @@
+"""How test modules run Triton kernels without a GPU: on CPU tensors under the Triton interpreter.
+
+`TRITON_INTERPRET=1` must be in the environment when the kernels are defined (import of the kernel module)
+and when they launch, so a test module imports its kernel module through `import_kernels` (the variable is
+set only around the import) and imports `triton_interpreter_env` (an autouse module fixture that sets it
+while that module's tests run). Nothing leaks into other test modules. On a GPU both do nothing special.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+import pytest
+import torch
+
+_ACCEL = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
+DEVICE = _ACCEL if _ACCEL is not None else torch.device("cpu")
+INTERPRET = DEVICE.type == "cpu"
+_INTERPRET_ENV = "TRITON_INTERPRET"
+
+
+def import_kernels(name: str) -> ModuleType:
+    """Import the kernel module `name`; on CPU with TRITON_INTERPRET=1 set for the import. triton_attn (whose
+    helpers the other kernel modules use) and `name` are reloaded if an earlier import in this process built
+    them without the interpreter."""
+    if not INTERPRET:
+        return importlib.import_module(name)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(_INTERPRET_ENV, "1")
+        for module_name in dict.fromkeys(("inf_llm.kernels.triton_attn", name)):
+            module = importlib.import_module(module_name)
+            if not module._INTERPRETED:
+                module = importlib.reload(module)
+    return module
+
+
+@pytest.fixture(autouse=True, scope="module")
+def triton_interpreter_env():
+    """Keep TRITON_INTERPRET=1 while the importing module's tests launch kernels (triton reads it at launch)."""
+    if not INTERPRET:
+        yield
+        return
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(_INTERPRET_ENV, "1")
+        yield
