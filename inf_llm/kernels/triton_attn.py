@@ -481,30 +481,27 @@ def _key_scores_tiles(
         t = n_a * 0
         while t < n_a + n_b:
             r0 = tl.where(t < n_a, start_a + t * BLOCK_M, start_b + (t - n_a) * BLOCK_M)
-            p = _key_scores_step(
+            acc += _key_scores_step(
                 Q, Lse, k, cols, b64, kvh, r0, r_hi, q_offset, window, qk_scale, stride_qb, stride_qh, stride_qm,
                 stride_lb, stride_lh, stride_lm, MASKED, GROUP, HEAD_DIM, DOT_PRECISION, INTERPRETER, BLOCK_M,
                 BLOCK_N,
             )
-            acc += p
             t += 1
     elif MASKED:
         for t in range(0, n_a + n_b):
             r0 = tl.where(t < n_a, start_a + t * BLOCK_M, start_b + (t - n_a) * BLOCK_M)
-            p = _key_scores_step(
+            acc += _key_scores_step(
                 Q, Lse, k, cols, b64, kvh, r0, r_hi, q_offset, window, qk_scale, stride_qb, stride_qh, stride_qm,
                 stride_lb, stride_lh, stride_lm, MASKED, GROUP, HEAD_DIM, DOT_PRECISION, INTERPRETER, BLOCK_M,
                 BLOCK_N,
             )
-            acc += p
     else:
         for r0 in range(start_a, end_a, BLOCK_M):
-            p = _key_scores_step(
+            acc += _key_scores_step(
                 Q, Lse, k, cols, b64, kvh, r0, r_hi, q_offset, window, qk_scale, stride_qb, stride_qh, stride_qm,
                 stride_lb, stride_lh, stride_lm, MASKED, GROUP, HEAD_DIM, DOT_PRECISION, INTERPRETER, BLOCK_M,
                 BLOCK_N,
             )
-            acc += p
     return acc
 
 
