@@ -98,7 +98,8 @@ def main(argv=None) -> int:
             sync()
         sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
         # kernels of one chunk, s (device-side events only: a CPU op's device time repeats its kernels')
-        busy = sum(e.self_device_time_total for e in prof.key_averages() if e.device_type == DeviceType.CUDA and not e.is_user_annotation) / 1e6
+        kernels = [e for e in prof.key_averages() if e.device_type == DeviceType.CUDA and not e.is_user_annotation]
+        busy = sum(e.self_device_time_total for e in kernels) / 1e6
         print(f"wall per chunk without profilers: {', '.join(f'{w * 1e3:.1f}' for w in walls)} ms; "
               f"kernel time of one chunk: {busy * 1e3:.1f} ms", file=report)
         print(prof.key_averages().table(sort_by=sort, row_limit=args.top), file=report)

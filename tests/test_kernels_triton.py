@@ -480,12 +480,37 @@ def test_rotate_matches_reference_on_a_transposed_view(one_angle, dtype):
         triton_attn.rotate(x, *rope.cos_sin(0, 2, dtype))
 
 
+@pytest.mark.parametrize("hsel, x, k, first, n", [
+    (1, 48, 4, 10, 10),  # no new block: the earlier top is returned as a top-k
+    (1, 48, 4, 10, 17),  # one tile of new blocks; X below one 64-wide tile
+    (3, 16, 3, 5, 300),  # several heads (perhead) and several tiles of new blocks
+    (1, 200, 16, 40, 90),  # X above one tile and not a power of two (SmolLM2: 3 KV heads x 64)
+])
+def test_refine_topk_equals_a_full_top_k(hsel, x, k, first, n):
+    """The batched lookup's refinement (earlier top-k of blocks [0, first) plus the blocks formed since)
+    selects what one top-k over all n blocks selects; the Triton op and the reference agree."""
+    gen = torch.Generator().manual_seed(first + n)
+    query = _rand(hsel, x, dtype=torch.float32, gen=gen)
+    reprs = _rand(n, hsel * x, dtype=torch.float32, gen=gen)
+    full = torch.einsum("hx,nhx->hn", query, reprs.view(n, hsel, x))  # (Hsel, n)
+    values, indices = full[:, :first].topk(k, dim=-1)
+    want = full.topk(k, dim=-1).indices.sort(dim=-1).values
+    for ops in (reference, triton_attn):
+        got = ops.refine_topk(values, indices, query, reprs, first, k)
+        assert got.shape == (hsel, k) and got.dtype == torch.int64
+        assert torch.equal(got.sort(dim=-1).values, want), ops.__name__
+    with pytest.raises(ValueError, match="k must be"):
+        triton_attn.refine_topk(values, indices, query, reprs, first, k + n - first + 1)
+    with pytest.raises(ValueError, match="reprs"):
+        triton_attn.refine_topk(values, indices, query, reprs[:, 1:], first, k)
+
+
 def test_reexports_match_reference():
     """Callers may take the mask helpers and the torch-only op from either backend module."""
     for name in ("window_mask", "prefix_mask", "masked_attention", "NEG_INF"):
         assert getattr(triton_attn, name) is getattr(reference, name)
     for name in ("windowed_attention", "prefix_attention", "merge_partials", "window_key_scores", "global_stage_into",
-                 "gather_blocks", "form_blocks", "rotate"):
+                 "gather_blocks", "form_blocks", "rotate", "refine_topk"):
         assert name in triton_attn.__all__
 
 

@@ -150,6 +150,25 @@ def gather_blocks(
     dst_v.copy_(src_v[ids, heads].transpose(0, 1))
 
 
+def refine_topk(
+    values: torch.Tensor, indices: torch.Tensor, query: torch.Tensor, reprs: torch.Tensor, first: int, k: int
+) -> torch.Tensor:
+    """Top-k block ids (Hsel, k), int64, among an earlier top-k and the blocks formed since.
+
+    values/indices (Hsel, k0): the top-k0 scores and ids of blocks [0, first), scored earlier in a batch;
+    query (Hsel, X) float32: the lookup vector; reprs (N, Hsel * X) float32: representatives, rows
+    [first, N) are scored here (row n's head h is the slice [h * X, (h + 1) * X)). The overall top-k lies
+    inside (earlier top-k0) + (new blocks), so this equals a top-k over all N blocks when k <= k0, up to
+    ties; ids come in score order. Needs k <= k0 + N - first.
+    """
+    hsel, x = query.shape
+    new = reprs[first:].view(-1, hsel, x)  # (n_new, Hsel, X)
+    scores = torch.einsum("hx,nhx->hn", query, new)
+    new_ids = torch.arange(first, first + new.shape[0], device=indices.device).expand(hsel, -1)
+    candidates = torch.cat([values, scores], dim=-1)
+    return torch.cat([indices, new_ids], dim=-1).gather(-1, candidates.topk(k, dim=-1).indices)
+
+
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """RoPE: `x * cos + rotate_half(x) * sin` for x (H, L, D) and cos/sin (L, D), or (1, D) for one angle for
     every row, in x's dtype exactly as transformers computes it, without materialising rotate_half (same

@@ -54,6 +54,7 @@ __all__ = [
     "merge_partials",
     "prefix_attention",
     "prefix_mask",
+    "refine_topk",
     "rotate",
     "window_key_scores",
     "window_mask",
@@ -762,6 +763,50 @@ def _form_blocks_kernel(
 
 
 @triton.jit
+def _refine_topk_kernel(
+    Values, Indices, Query, Reprs, Out,
+    stride_vh, stride_ih, stride_qh, stride_rn, stride_oh,
+    k0, first, n_new, n_tiles,
+    X: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_X: tl.constexpr,
+    INTERPRETER: tl.constexpr,
+):
+    """Top-K block ids of one lookup head. The candidates sit in one register vector: the running top
+    (at first the earlier top-k0) in positions [0, KP), new blocks BLOCK_C - KP at a time in [KP, BLOCK_C),
+    each scored against the query here; after every tile the best K move to positions [0, K) by repeated
+    arg-max (the lowest position among equal scores). Grid (Hsel,)."""
+    h = tl.program_id(0).to(tl.int64)
+    c = tl.arange(0, BLOCK_C)
+    run_v = tl.load(Values + h * stride_vh + c, mask=c < k0, other=float("-inf")).to(tl.float32)
+    run_i = tl.load(Indices + h * stride_ih + c, mask=c < k0, other=-1).to(tl.int64)
+    tile = n_tiles * 0
+    # at least one tile: with no new block the earlier top is still reduced to K. A while loop: the
+    # interpreter cannot take a runtime bound in `range` (see _attn_tiles), and nothing here pipelines.
+    while tile < n_tiles:
+        row = tile * (BLOCK_C - KP) + c - KP
+        is_new = (c >= KP) & (row < n_new)
+        block = (first + row).to(tl.int64)
+        acc = tl.full([BLOCK_C], 0, tl.float32)
+        for x0 in tl.static_range(0, X, BLOCK_X):
+            offs_x = x0 + tl.arange(0, BLOCK_X)
+            qv = tl.load(Query + h * stride_qh + offs_x, mask=offs_x < X, other=0.0)
+            r = tl.load(Reprs + block[:, None] * stride_rn + h * X + offs_x[None, :],
+                        mask=is_new[:, None] & (offs_x < X)[None, :], other=0.0)
+            acc += _sum(r * qv[None, :], 1, INTERPRETER)
+        cand_v = tl.where(is_new, acc, tl.where(c < KP, run_v, float("-inf")))
+        cand_i = tl.where(is_new, block, run_i)
+        run_v = tl.full([BLOCK_C], float("-inf"), tl.float32)
+        run_i = tl.full([BLOCK_C], -1, tl.int64)
+        for j in range(K):
+            best_v = _max(cand_v, 0, INTERPRETER)
+            pos = _min(tl.where(cand_v == best_v, c, BLOCK_C), 0, INTERPRETER)
+            run_v = tl.where(c == j, best_v, run_v)
+            run_i = tl.where(c == j, _sum(tl.where(c == pos, cand_i, 0), 0, INTERPRETER), run_i)
+            cand_v = tl.where(c == pos, float("-inf"), cand_v)
+        tile += 1
+    tl.store(Out + h * stride_oh + c, run_i, mask=c < K)
+
+
+@triton.jit
 def _rotate_kernel(
     X, Cos, Sin, Out, n_rows, stride_xh, stride_xl, stride_cl, stride_sl, stride_oh, stride_ol,
     HALF: tl.constexpr, ONE_ROW: tl.constexpr, BLOCK_L: tl.constexpr, INTERPRETER: tl.constexpr,
@@ -1281,6 +1326,51 @@ def form_blocks(
             HEAD_DIM=d, BLOCK_SIZE=bs, BLOCK_P2=triton.next_power_of_2(bs), REPR_TOPK=repr_topk,
             BLOCK_T=_INTERPRETER_BLOCK if _INTERPRETED else 32, INTERPRETER=_INTERPRETED,
         )
+
+
+def refine_topk(
+    values: torch.Tensor, indices: torch.Tensor, query: torch.Tensor, reprs: torch.Tensor, first: int, k: int
+) -> torch.Tensor:
+    """Top-k block ids among an earlier top-k and the blocks formed since, as `reference.refine_topk`, in one
+    launch (the torch version is a GEMV, a concatenation, a top-k and a gather; a prefill's lookups are one
+    per execution block and layer, so their launches count).
+
+    values (Hsel, k0) float32 and indices (Hsel, k0) int: the earlier top-k0 of blocks [0, first); query
+    (Hsel, X) float32; reprs (N, Hsel * X) float32, rows [first, N) scored here. Returns (Hsel, k) int64.
+    """
+    for name, t in (("values", values), ("indices", indices), ("query", query), ("reprs", reprs)):
+        _check_tensor(name, t, 2)
+        if t.device != query.device:
+            raise ValueError(f"{name} is on {t.device}; expected {query.device} like query")
+        if t.numel() and t.stride(-1) != 1:
+            raise ValueError(f"{name} must be contiguous in its last dimension")
+    hsel, x = query.shape
+    k0, n = values.shape[1], reprs.shape[0]
+    if values.shape[0] != hsel or indices.shape != values.shape or reprs.shape[1] != hsel * x:
+        raise ValueError(f"values {tuple(values.shape)} / indices {tuple(indices.shape)} / reprs "
+                         f"{tuple(reprs.shape)} must be ({hsel}, k0) / ({hsel}, k0) / (N, {hsel * x})")
+    if values.dtype != torch.float32 or query.dtype != torch.float32 or reprs.dtype != torch.float32:
+        raise ValueError(f"values, query and reprs must be float32, got {values.dtype}, {query.dtype}, {reprs.dtype}")
+    if indices.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"indices must be int32/int64, got {indices.dtype}")
+    if isinstance(first, bool) or not isinstance(first, numbers.Integral) or not 0 <= first <= n:
+        raise ValueError(f"first must be an int in [0, {n}], got {first!r}")
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= k0 + n - first:
+        raise ValueError(f"k must be an int in [1, {k0 + n - first}] (the candidates), got {k!r}")
+    _check_device(query.device)
+    out = torch.empty((hsel, k), dtype=torch.int64, device=query.device)
+    kp = triton.next_power_of_2(max(k0, k))
+    block_c = max(128, 2 * kp)
+    n_new = n - first
+    with _device_guard(query.device):
+        _refine_topk_kernel[(hsel,)](
+            values, indices, query, reprs, out,
+            values.stride(0), indices.stride(0), query.stride(0), reprs.stride(0), out.stride(0),
+            k0, first, n_new, max(triton.cdiv(n_new, block_c - kp), 1),
+            X=x, K=int(k), KP=kp, BLOCK_C=block_c, BLOCK_X=min(64, triton.next_power_of_2(x)),
+            INTERPRETER=_INTERPRETED, num_warps=4,
+        )
+    return out
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -612,12 +612,29 @@ class ContextMemory:
                        index: int = 0) -> torch.Tensor:
         if n_blocks <= self.cfg.topk or (self.cfg.dense_decoding and qb.shape[1] == 1):
             ids = torch.arange(n_blocks, device=self.store.repr.device).expand(heads, -1)
+        elif self._call_qvecs is not None:
+            ids = self._device_batched_select(index, n_blocks)
         else:
-            qvec = self._call_qvecs[index] if self._call_qvecs is not None else self._query_vector(qb, q_rotated)
+            qvec = self._query_vector(qb, q_rotated)
             ids = self._block_scores(qvec, 0, n_blocks).topk(self.cfg.topk, dim=-1).indices  # (Hsel, k)
         self._retrieved.append(ids)
         self._uncounted.append(ids)  # counted in batches by _count_device_selections
         return ids
+
+    def _device_batched_select(self, index: int, n_blocks: int) -> torch.Tensor:
+        """Device path, execution block `index` of a call: the call's lookups score the blocks that exist
+        at its first lookup in one matmul and one top-k; each execution block then refines its row with
+        the blocks formed since (`ops.refine_topk`, one launch; exact, as in _batched_select). A lookup per
+        execution block was a GEMV and a top-k of several launches each, in every layer."""
+        topk, batch = self.cfg.topk, self._lookup
+        if batch is None:
+            scores = self._block_scores(self._call_qvecs, 0, n_blocks)  # (n_exec, Hsel, N)
+            values, indices = scores.topk(topk, dim=-1)
+            batch = self._lookup = _Lookup(0, n_blocks, values, indices, self._call_qvecs)
+        if n_blocks == batch.known_blocks:
+            return batch.indices[index]
+        return self.ops.refine_topk(batch.values[index], batch.indices[index], batch.query_vectors[index],
+                                    self.store.representatives()[:n_blocks], batch.known_blocks, topk)
 
     def _count_device_selections(self, force: bool = False) -> None:
         """Device path: add the pending selections to the per-block counts, on the device (a block counts
