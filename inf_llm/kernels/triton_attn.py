@@ -64,8 +64,9 @@ __all__ = [
 _LOG2E = 1.4426950408889634  # scores are kept in base 2 inside the kernels: exp2 is the fast hardware op
 _LN2 = tl.constexpr(0.6931471805599453)  # back to natural-log lse at the store
 # Queries per windowed_attention call that ContextMemory should use: the kernel skips key tiles outside
-# every query's window, so a long call costs only its launches less.
-LOCAL_STAGE_ROWS = 2048
+# every query's window, so a whole prefill chunk is one launch, and its output is the call's (pieces of
+# 2048 queries cost four launches and a copy of each piece's output per layer).
+LOCAL_STAGE_ROWS = 1 << 16
 _MODE_WINDOW = 0  # key j visible to query at pos iff pos - window < j <= pos
 _MODE_PREFIX = 1  # key j visible to query i iff j < visible[i]
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)

@@ -46,7 +46,7 @@ ROTATION_SLACK = 4
 # _count_device_selections).
 COUNT_BATCH = 64
 # Queries of one local-stage call when the ops do not say (`ops.LOCAL_STAGE_ROWS`: the Triton kernels take
-# 2048, the torch ops one execution block) and there are no execution blocks (origin): bounds the explicit
+# a whole prefill chunk, the torch ops one execution block) and there are no execution blocks (origin): bounds the explicit
 # (rows x keys) scores of the torch ops (8192 queries x 12K keys x 32 heads of fp32 took 12 GiB on a GPU).
 LOCAL_STAGE_ROWS = 2048
 
@@ -207,10 +207,15 @@ class ContextMemory:
         bounds = self._exec_bounds(start, end)
         self._lookup = None
         self._call_qvecs = None
+        # global-stage queries: all rows at one angle, rotated once for the call
+        has_global = self.n_local is not None and end - 1 - self.n_local >= 0
+        q_glb = self._rotate(q, self.policy.global_query_pos, one_angle=True) if has_global else None
         # Lookup vectors of all execution blocks at once: they depend on the queries only (the device path's
         # per-block ops are host launches; chunk_topk_calc scores them in batches)
-        if self.policy.keeps_blocks and len(bounds) > 1 and (self.device_lookup or self.cfg.chunk_topk_calc):
-            self._call_qvecs = self._query_vectors(q, bounds, start)
+        if has_global and self.policy.keeps_blocks and len(bounds) > 1 and (
+            self.device_lookup or self.cfg.chunk_topk_calc
+        ):
+            self._call_qvecs = self._query_vectors(q_glb, bounds, start)
         # Local stage of every query of the call in one launch: it depends on nothing the execution blocks
         # change (formation only moves the tail's front past keys no later query's window reaches).
         kv_start = self.tail.first_pos if self.n_local is None else max(start - self.n_local + 1, self.tail.first_pos)
@@ -219,9 +224,8 @@ class ContextMemory:
         ):
             self._rebase_rotation(kv_start)
         q_loc = self._rotate(q, start - self.rot_base)
-        out = torch.empty_like(q)  # (Hq, L, D)
-        lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)  # (Hq, L)
         piece = getattr(self.ops, "LOCAL_STAGE_ROWS", None) or self.exc or LOCAL_STAGE_ROWS
+        out = lse = None
         a = start
         while a < end:  # pieces aligned to multiples of `piece` positions, as execution blocks are
             b = min((a // piece + 1) * piece, end)
@@ -230,11 +234,14 @@ class ContextMemory:
                 q_loc[None, :, a - start : b - start], self.tail.rotated_keys(k0, b)[None],
                 self.tail.values(k0, b)[None], scale=scale, q_offset=a - k0, window=self.n_local,
             )
-            out[:, a - start : b - start], lse[:, a - start : b - start] = piece_out[0], piece_lse[0]
+            if a == start and b == end:  # one piece (the Triton ops): its result is the call's, no copy
+                out, lse = piece_out[0], piece_lse[0]  # (Hq, L, D), (Hq, L)
+            else:
+                if out is None:
+                    out = torch.empty_like(q)
+                    lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
+                out[:, a - start : b - start], lse[:, a - start : b - start] = piece_out[0], piece_lse[0]
             a = b
-        # global-stage queries: all rows at one angle, rotated once for the call
-        has_global = self.n_local is not None and end - 1 - self.n_local >= 0
-        q_glb = self._rotate(q, self.policy.global_query_pos, one_angle=True) if has_global else None
         for i, (s, e) in enumerate(bounds):
             rows = slice(s - start, e - start)
             if has_global and e - 1 - self.n_local >= 0:
@@ -546,26 +553,28 @@ class ContextMemory:
         per_kv = q_rotated[:, 0].view(self.hkv, self.group, self.d).sum(dim=1)  # (Hkv, D)
         return per_kv if self.cfg.perhead else per_kv.reshape(1, -1)
 
-    def _query_vectors(self, q: torch.Tensor, bounds: list[tuple[int, int]], start: int) -> torch.Tensor:
-        """`_query_vector` of every execution block of a call, (n, Hsel, X), in a few ops: runs of full
-        blocks by one reshaped mean, a partial first or last block by its own."""
-        qf = q.to(self.repr_dtype)  # contiguous: a strided mean of q (a transposed view) is slower on a GPU
+    def _query_vectors(self, q_glb: torch.Tensor, bounds: list[tuple[int, int]], start: int) -> torch.Tensor:
+        """`_query_vector` of every execution block of a call, (n, Hsel, X), in a few ops, from the call's
+        queries already rotated to the global angle (rotation is linear: the mean of rotated queries is the
+        rotated mean, up to their rounding, as the original averages its rotated global queries). Means in
+        the representatives' precision, read straight from the contiguous q_glb: converting q first cost a
+        full float32 copy of it per layer. Runs of full blocks by one reshaped mean, a partial first or last
+        block by its own."""
         means, k = [], 0
         while k < len(bounds):
             j = k
             while j < len(bounds) and bounds[j][1] - bounds[j][0] == self.exc:
                 j += 1
             if j > k:  # blocks k..j-1 are full: (Hq, j-k, D)
-                rows = qf[:, bounds[k][0] - start : bounds[j - 1][1] - start]
-                means.append(rows.unflatten(1, (j - k, self.exc)).mean(dim=2))
+                rows = q_glb[:, bounds[k][0] - start : bounds[j - 1][1] - start]
+                means.append(rows.unflatten(1, (j - k, self.exc)).mean(dim=2, dtype=self.repr_dtype))
                 k = j
             else:
                 s, e = bounds[k]
-                means.append(qf[:, s - start : e - start].mean(dim=1, keepdim=True))
+                means.append(q_glb[:, s - start : e - start].mean(dim=1, keepdim=True, dtype=self.repr_dtype))
                 k += 1
         mean = means[0] if len(means) == 1 else torch.cat(means, dim=1)  # (Hq, n, D)
-        rotated = self.rope.rotate_at(mean, self.policy.global_query_pos)
-        per_kv = rotated.view(self.hkv, self.group, len(bounds), self.d).sum(dim=1).transpose(0, 1)  # (n, Hkv, D)
+        per_kv = mean.view(self.hkv, self.group, len(bounds), self.d).sum(dim=1).transpose(0, 1)  # (n, Hkv, D)
         return per_kv if self.cfg.perhead else per_kv.reshape(len(bounds), 1, -1)
 
     def _block_scores(self, qvec: torch.Tensor, first: int, last: int) -> torch.Tensor:
