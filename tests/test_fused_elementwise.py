@@ -81,7 +81,7 @@ def test_silu_mul_matches_torch(dtype):
 def test_patch_installs_and_removes_the_fused_modules():
     """fused_elementwise: every RMSNorm and SiLU MLP of the model gets the fused forward (CPU tensors take
     the module's own forward: identical logits); unpatching, or patching again with the option off, removes
-    it."""
+    it. By default it is on for a model on a CUDA GPU only."""
     model = build_tiny_model("llama", seed=1)
     ids = torch.randint(3, 300, (1, 40), generator=torch.Generator().manual_seed(2))
     layers = model.config.num_hidden_layers
@@ -93,6 +93,8 @@ def test_patch_installs_and_removes_the_fused_modules():
         assert all("forward" in m.__dict__ for m in fused)
         logits = model(ids, **cache_kwargs(model, InfLLMCache(model)), use_cache=True).logits
         patch_model(model, ModelConfig(type="origin", fused_elementwise=False))
+        assert not any("forward" in m.__dict__ for m in fused)
+        patch_model(model, ModelConfig(type="origin"))  # the default (null): only for a model on a CUDA GPU
         assert not any("forward" in m.__dict__ for m in fused)
         patch_model(model, ModelConfig(type="origin", fused_elementwise=True))
         unpatch_model(model)

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import contextvars
 import functools
+import importlib.util
+import itertools
 import logging
 import sys
 import weakref
@@ -166,12 +168,20 @@ def patch_model(model: nn.Module, cfg: ModelConfig) -> nn.Module:
     from inf_llm.adapter.fused_elementwise import install_fused_elementwise, remove_fused_elementwise
 
     install_decode_graphs(model)
-    if cfg.fused_elementwise:
+    if _wants_fused_elementwise(model, cfg):
         install_fused_elementwise(model)
     else:
         remove_fused_elementwise(model)  # a re-patch with the option off
     log.info("patched %s with %s attention", type(model).__name__, MemoryType(cfg.type).value)
     return model
+
+
+def _wants_fused_elementwise(model: nn.Module, cfg: ModelConfig) -> bool:
+    """`fused_elementwise`: as set, or (null) when the weights are on a CUDA GPU and triton is installed."""
+    if cfg.fused_elementwise is not None:
+        return cfg.fused_elementwise
+    on_gpu = any(p.device.type == "cuda" for p in itertools.islice(model.parameters(), 1))
+    return on_gpu and importlib.util.find_spec("triton") is not None
 
 
 def unpatch_model(model: nn.Module, implementation: str = "sdpa") -> nn.Module:

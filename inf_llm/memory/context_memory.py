@@ -46,8 +46,9 @@ ROTATION_SLACK = 4
 # _count_device_selections).
 COUNT_BATCH = 64
 # Queries of one local-stage call when the ops do not say (`ops.LOCAL_STAGE_ROWS`: the Triton kernels take
-# a whole prefill chunk, the torch ops one execution block) and there are no execution blocks (origin): bounds the explicit
-# (rows x keys) scores of the torch ops (8192 queries x 12K keys x 32 heads of fp32 took 12 GiB on a GPU).
+# a whole prefill chunk, the torch ops one execution block) and there are no execution blocks (origin):
+# bounds the explicit (rows x keys) scores of the torch ops (8192 queries x 12K keys x 32 heads of fp32 took
+# 12 GiB on a GPU).
 LOCAL_STAGE_ROWS = 2048
 
 
