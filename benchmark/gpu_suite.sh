@@ -6,13 +6,15 @@
 #   bash benchmark/gpu_suite.sh OUT speed   # origin vs inf-llm at 32K/128K (one run), then 512K; Mistral-7B shape
 #   bash benchmark/gpu_suite.sh OUT fused   # 128K without and with model.fused_elementwise, and the kernel bench
 #   bash benchmark/gpu_suite.sh OUT flat    # offload_access: direct + host_pool_tokens at 32K/128K/512K
+#   bash benchmark/gpu_suite.sh OUT profile # wall vs kernel time per 8K chunk at 16K-80K, with GPU clocks sampled
 #
+# TESTS_TIMEOUT (seconds, default 560) bounds the tests part, e.g. to run it after another part in one command.
 # On a fresh machine the first Triton compiles take minutes (the tests part spent ~7 of its minutes so on an
 # H200). Wheels the machine lacks: scripts/fetch_device_wheels.sh (installed here when .wheels exists).
 set -uo pipefail
 cd "$(dirname "$(realpath "$0")")/.."
-OUT=${1:?usage: gpu_suite.sh OUT tests|speed|fused|flat}
-PART=${2:?usage: gpu_suite.sh OUT tests|speed|fused|flat}
+OUT=${1:?usage: gpu_suite.sh OUT tests|speed|fused|flat|profile}
+PART=${2:?usage: gpu_suite.sh OUT tests|speed|fused|flat|profile}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 if [ -f .wheels/requirements.txt ]; then
@@ -24,7 +26,7 @@ DEVICE=(--set model.offload=false)
 
 case "$PART" in
 tests)
-    timeout 560 python -m pytest -q -m gpu tests/test_kernels_triton.py tests/test_gpu_agreement.py \
+    timeout "${TESTS_TIMEOUT:-560}" python -m pytest -q -m gpu tests/test_kernels_triton.py tests/test_gpu_agreement.py \
         tests/test_decode_graph.py tests/test_fused_elementwise.py -p no:cacheprovider > "$OUT/gpu-tests.log" 2>&1
     echo "pytest exit $?" >> "$OUT/gpu-tests.log"
     tail -3 "$OUT/gpu-tests.log"
@@ -51,8 +53,17 @@ flat)
         --set model.host_pool_tokens=524288 --out "$OUT/speed-flat.json" > "$OUT/speed-flat.log" 2>&1
     tail -6 "$OUT/speed-flat.log"
     ;;
+profile)
+    nvidia-smi --query-gpu=timestamp,utilization.gpu,clocks.sm,power.draw,temperature.gpu,clocks_throttle_reasons.active \
+        --format=csv -lms 200 > "$OUT/smi.csv" 2>&1 &
+    smi=$!
+    timeout 200 python -m benchmark.profile_prefill --tokens 65536 --warmup 16384 --offload off --top 60 \
+        > "$OUT/profile-prefill.txt" 2>&1
+    kill $smi
+    grep "wall per chunk" "$OUT/profile-prefill.txt"
+    ;;
 *)
-    echo "unknown part $PART: tests, speed, fused or flat" >&2
+    echo "unknown part $PART: tests, speed, fused, flat or profile" >&2
     exit 2
     ;;
 esac

@@ -489,6 +489,10 @@ def test_rotate_matches_reference_on_a_transposed_view(one_angle, dtype):
 def test_refine_topk_equals_a_full_top_k(hsel, x, k, first, n):
     """The batched lookup's refinement (earlier top-k of blocks [0, first) plus the blocks formed since)
     selects what one top-k over all n blocks selects; the Triton op and the reference agree."""
+    _check_refine_topk(hsel, x, k, first, n)
+
+
+def _check_refine_topk(hsel, x, k, first, n):
     gen = torch.Generator().manual_seed(first + n)
     query = _rand(hsel, x, dtype=torch.float32, gen=gen)
     reprs = _rand(n, hsel * x, dtype=torch.float32, gen=gen)
@@ -558,6 +562,15 @@ def test_prefix_attention_gpu(b, hkv, group, lq, lk, d, vis, dtype):
     if vis == "global":  # blocks + init all visible, then a growing part of the remainder
         vis = (2176 + torch.arange(lq) * 300 // lq).tolist()
     test_prefix_attention(b, hkv, group, lq, lk, d, vis, dtype)
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("hsel, x, k, first, n", [(1, 1024, 16, 900, 964), (8, 128, 16, 4000, 4003),
+                                                 (1, 1024, 16, 4000, 4000)])
+def test_refine_topk_gpu(hsel, x, k, first, n):
+    """Mistral-7B lookups (8 KV heads x 128, or per head): ~1K and ~4K blocks, up to 64 formed since."""
+    _check_refine_topk(hsel, x, k, first, n)
 
 
 @pytest.mark.gpu
