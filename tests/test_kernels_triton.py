@@ -478,6 +478,18 @@ def test_rotate_matches_reference_on_a_transposed_view(one_angle, dtype):
         assert torch.equal(got, ref), (got.float() - ref.float()).abs().max()
     with pytest.raises(ValueError, match="cos"):
         triton_attn.rotate(x, *rope.cos_sin(0, 2, dtype))
+    # into slots of a larger buffer (the tail's rotated keys): the same values, nothing around them touched
+    for ops in (triton_attn, reference):
+        buf = torch.zeros(h, length + 5, d, dtype=dtype, device=DEVICE)
+        assert ops.rotate(x, *rope.cos_sin(start, start + rows, dtype), out=buf[:, 2 : 2 + length]) is not None
+        if dtype == torch.float32:
+            torch.testing.assert_close(buf[:, 2 : 2 + length], ref, rtol=1e-6, atol=1e-5)
+        else:
+            assert torch.equal(buf[:, 2 : 2 + length], ref)
+        assert not buf[:, :2].any() and not buf[:, 2 + length :].any()
+    other = torch.float16 if dtype != torch.float16 else torch.float32
+    with pytest.raises(ValueError, match="out"):
+        triton_attn.rotate(x, *rope.cos_sin(start, start + rows, dtype), out=buf[:, :length].to(other))
 
 
 @pytest.mark.parametrize("hsel, x, k, first, n", [

@@ -169,12 +169,12 @@ def refine_topk(
     return torch.cat([indices, new_ids], dim=-1).gather(-1, candidates.topk(k, dim=-1).indices)
 
 
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """RoPE: `x * cos + rotate_half(x) * sin` for x (H, L, D) and cos/sin (L, D), or (1, D) for one angle for
     every row, in x's dtype exactly as transformers computes it, without materialising rotate_half (same
-    roundings: a + (-b)c = a - bc)."""
+    roundings: a + (-b)c = a - bc). Written into `out` (x's shape, not overlapping x) when given."""
     half = x.shape[-1] // 2
-    out = x * cos
+    out = torch.mul(x, cos, out=out) if out is not None else x * cos
     out[..., :half] -= x[..., half:] * sin[..., :half]
     out[..., half:] += x[..., :half] * sin[..., half:]
     return out

@@ -67,6 +67,8 @@ _LN2 = tl.constexpr(0.6931471805599453)  # back to natural-log lse at the store
 # every query's window, so a whole prefill chunk is one launch, and its output is the call's (pieces of
 # 2048 queries cost four launches and a copy of each piece's output per layer).
 LOCAL_STAGE_ROWS = 1 << 16
+# refine_topk keeps its best K by one bitonic sort of the candidates (else K arg-max reductions)
+_REFINE_BY_SORT = True
 _MODE_WINDOW = 0  # key j visible to query at pos iff pos - window < j <= pos
 _MODE_PREFIX = 1  # key j visible to query i iff j < visible[i]
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -769,16 +771,19 @@ def _refine_topk_kernel(
     stride_vh, stride_ih, stride_qh, stride_rn, stride_oh,
     k0, first, n_new, n_tiles,
     X: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_X: tl.constexpr,
-    INTERPRETER: tl.constexpr,
+    SORT: tl.constexpr, INTERPRETER: tl.constexpr,
 ):
-    """Top-K block ids of one lookup head. The candidates sit in one register vector: the running top
-    (at first the earlier top-k0) in positions [0, KP), new blocks BLOCK_C - KP at a time in [KP, BLOCK_C),
-    each scored against the query here; after every tile the best K move to positions [0, K) by repeated
-    arg-max (the lowest position among equal scores). Grid (Hsel,)."""
+    """Top-K block ids of one lookup head. Each candidate is one int64, its score's order-preserving bits
+    above its block id (unique keys: one max finds both, and equal scores rank the higher id first). The
+    candidates sit in one register vector: the running top (at first the earlier top-k0) in positions
+    [0, KP), new blocks BLOCK_C - KP at a time in [KP, BLOCK_C), scored against the query here; after every
+    tile the best K move to positions [0, K), by one bitonic sort (SORT) or K arg-max steps. Grid (Hsel,)."""
     h = tl.program_id(0).to(tl.int64)
     c = tl.arange(0, BLOCK_C)
-    run_v = tl.load(Values + h * stride_vh + c, mask=c < k0, other=float("-inf")).to(tl.float32)
-    run_i = tl.load(Indices + h * stride_ih + c, mask=c < k0, other=-1).to(tl.int64)
+    none = -0x7FFFFFFFFFFFFFFF - 1  # below every candidate
+    run = _score_id_keys(tl.load(Values + h * stride_vh + c, mask=c < k0, other=0.0).to(tl.float32),
+                         tl.load(Indices + h * stride_ih + c, mask=c < k0, other=0).to(tl.int64))
+    run = tl.where(c < k0, run, none)
     tile = n_tiles * 0
     # at least one tile: with no new block the earlier top is still reduced to K. A while loop: the
     # interpreter cannot take a runtime bound in `range` (see _attn_tiles), and nothing here pipelines.
@@ -786,25 +791,34 @@ def _refine_topk_kernel(
         row = tile * (BLOCK_C - KP) + c - KP
         is_new = (c >= KP) & (row < n_new)
         block = (first + row).to(tl.int64)
-        acc = tl.full([BLOCK_C], 0, tl.float32)
+        acc = tl.full([BLOCK_C, BLOCK_X], 0, tl.float32)  # products summed once, after the loads
         for x0 in tl.static_range(0, X, BLOCK_X):
             offs_x = x0 + tl.arange(0, BLOCK_X)
             qv = tl.load(Query + h * stride_qh + offs_x, mask=offs_x < X, other=0.0)
             r = tl.load(Reprs + block[:, None] * stride_rn + h * X + offs_x[None, :],
                         mask=is_new[:, None] & (offs_x < X)[None, :], other=0.0)
-            acc += _sum(r * qv[None, :], 1, INTERPRETER)
-        cand_v = tl.where(is_new, acc, tl.where(c < KP, run_v, float("-inf")))
-        cand_i = tl.where(is_new, block, run_i)
-        run_v = tl.full([BLOCK_C], float("-inf"), tl.float32)
-        run_i = tl.full([BLOCK_C], -1, tl.int64)
-        for j in range(K):
-            best_v = _max(cand_v, 0, INTERPRETER)
-            pos = _min(tl.where(cand_v == best_v, c, BLOCK_C), 0, INTERPRETER)
-            run_v = tl.where(c == j, best_v, run_v)
-            run_i = tl.where(c == j, _sum(tl.where(c == pos, cand_i, 0), 0, INTERPRETER), run_i)
-            cand_v = tl.where(c == pos, float("-inf"), cand_v)
+            acc += r * qv[None, :]
+        new = _score_id_keys(_sum(acc, 1, INTERPRETER), block)
+        cand = tl.where(is_new, new, tl.where(c < KP, run, none))
+        if SORT and not INTERPRETER:  # (tl.sort is compiled-only under the interpreter, see _max)
+            run = tl.where(c < K, tl.sort(cand, 0, descending=True), none)
+        else:
+            run = tl.full([BLOCK_C], none, tl.int64)
+            for j in range(K):
+                best = _max(cand, 0, INTERPRETER)
+                run = tl.where(c == j, best, run)
+                cand = tl.where(cand == best, none, cand)
         tile += 1
-    tl.store(Out + h * stride_oh + c, run_i, mask=c < K)
+    tl.store(Out + h * stride_oh + c, run & 0xFFFFFFFF, mask=c < K)
+
+
+@triton.jit
+def _score_id_keys(score, block_id):
+    """int64 keys ordered as (score, id): float32 bits made order-preserving as a signed int32 (negative
+    floats have their magnitude bits flipped) above the id (non-negative, below 2**31)."""
+    bits = score.to(tl.int32, bitcast=True)
+    bits = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    return (bits.to(tl.int64) << 32) | block_id
 
 
 @triton.jit
@@ -1369,17 +1383,19 @@ def refine_topk(
             values.stride(0), indices.stride(0), query.stride(0), reprs.stride(0), out.stride(0),
             k0, first, n_new, max(triton.cdiv(n_new, block_c - kp), 1),
             X=x, K=int(k), KP=kp, BLOCK_C=block_c, BLOCK_X=min(64, triton.next_power_of_2(x)),
-            INTERPRETER=_INTERPRETED, num_warps=4,
+            SORT=_REFINE_BY_SORT, INTERPRETER=_INTERPRETED, num_warps=4,
         )
     return out
 
 
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """`x * cos + rotate_half(x) * sin`, as `reference.rotate` and bit-identical to it for 16-bit dtypes, in
     one launch (the torch version is five elementwise launches, each a strided pass over x).
 
     x (H, L, D) with any strides but a contiguous last dimension (e.g. transformers' transposed q); cos/sin
-    (L, D), or (1, D) for one angle for every row. Returns a new contiguous (H, L, D) in x's dtype.
+    (L, D), or (1, D) for one angle for every row. Returns a new contiguous (H, L, D) in x's dtype, or writes
+    `out` (H, L, D) of x's dtype, any strides with a contiguous last dimension (e.g. a buffer's slots) and
+    not overlapping x, and returns it.
     """
     _check_tensor("x", x, 3)
     _check_tensor("cos", cos, 2)
@@ -1397,7 +1413,11 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     if x.dtype not in _DTYPES:
         raise ValueError(f"x must be float16, bfloat16 or float32, got {x.dtype}")
     _check_device(x.device)
-    out = torch.empty((h, length, d), dtype=x.dtype, device=x.device)
+    if out is None:
+        out = torch.empty((h, length, d), dtype=x.dtype, device=x.device)
+    elif out.shape != x.shape or out.dtype != x.dtype or out.device != x.device or out.stride(-1) != 1:
+        raise ValueError(f"out {tuple(out.shape)} {out.dtype} on {out.device} must be {tuple(x.shape)} "
+                         f"{x.dtype} on {x.device}, contiguous in its last dimension")
     if out.numel() == 0:
         return out
     block_l = _INTERPRETER_BLOCK if _INTERPRETED else 64

@@ -203,7 +203,9 @@ class ContextMemory:
         if length == 1 and self.policy.windowed and hasattr(self.ops, "decode_attention"):
             return self._decode_step(q, k, v, scale)
         start, end = self.seen, self.seen + length
-        self.tail.append(k, v, self._rotate(k, start - self.rot_base) if self.rot_base is not None else None)
+        self.tail.append(k, v)
+        if self.rot_base is not None:  # the new keys' rotated copies, written in place
+            self._rotate(k, start - self.rot_base, out=self.tail.rotated_keys(start, end))
         self._retrieved = []
         bounds = self._exec_bounds(start, end)
         self._lookup = None
@@ -223,7 +225,7 @@ class ContextMemory:
         if self.rot_base is None or (
             self.n_local is not None and end - 1 - self.rot_base > self.n_local + max(ROTATION_SLACK * self.exc, length)
         ):
-            self._rebase_rotation(kv_start)
+            self._rebase_rotation(kv_start, by_ops=True)
         q_loc = self._rotate(q, start - self.rot_base)
         piece = getattr(self.ops, "LOCAL_STAGE_ROWS", None) or self.exc or LOCAL_STAGE_ROWS
         out = lse = None
@@ -399,17 +401,25 @@ class ContextMemory:
             scale=scale,
         )
 
-    def _rotate(self, x: torch.Tensor, start: int, one_angle: bool = False) -> torch.Tensor:
+    def _rotate(self, x: torch.Tensor, start: int, one_angle: bool = False, out: torch.Tensor | None = None
+                ) -> torch.Tensor:
         """x (H, L, D) rotated to positions start.. (or every row to `start`) by the ops' rotation: one launch
-        on the GPU instead of five strided elementwise passes per rotation of a prefill chunk's queries."""
+        on the GPU instead of five strided elementwise passes per rotation of a prefill chunk's queries.
+        Into `out` (e.g. the tail's rotated-key slots) when given."""
         cos, sin = self.rope.cos_sin(start, start + (1 if one_angle else x.shape[-2]), x.dtype)
-        return self.ops.rotate(x, cos, sin)
+        return self.ops.rotate(x, cos, sin, out=out)
 
-    def _rebase_rotation(self, base: int) -> None:
-        """Re-rotate the live keys from `base` on to positions relative to `base`."""
+    def _rebase_rotation(self, base: int, by_ops: bool = False) -> None:
+        """Re-rotate the live keys from `base` on to positions relative to `base`. `by_ops`: through the ops'
+        rotation, straight into the slots (prefill); decode steps keep the torch rotation, which the decode
+        graphs were built and checked with (the two are bit-identical in 16-bit dtypes)."""
         self.rot_base = base
         start, end = max(base, self.tail.first_pos), self.tail.end_pos
-        if end > start:
+        if end <= start:
+            return
+        if by_ops:
+            self._rotate(self.tail.keys(start, end), start - base, out=self.tail.rotated_keys(start, end))
+        else:
             self.tail.rotated_keys(start, end).copy_(self.rope.rotate(self.tail.keys(start, end), start - base))
 
     def _global_keys(self, qb: torch.Tensor, s: int, e: int, index: int, q_rotated: torch.Tensor | None = None):
