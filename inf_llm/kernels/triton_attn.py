@@ -67,8 +67,6 @@ _LN2 = tl.constexpr(0.6931471805599453)  # back to natural-log lse at the store
 # every query's window, so a whole prefill chunk is one launch, and its output is the call's (pieces of
 # 2048 queries cost four launches and a copy of each piece's output per layer).
 LOCAL_STAGE_ROWS = 1 << 16
-# refine_topk keeps its best K by one bitonic sort of the candidates (else K arg-max reductions)
-_REFINE_BY_SORT = True
 _MODE_WINDOW = 0  # key j visible to query at pos iff pos - window < j <= pos
 _MODE_PREFIX = 1  # key j visible to query i iff j < visible[i]
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -765,19 +763,20 @@ def _form_blocks_kernel(
         tl.store(DstV + j * stride_dvn + h * stride_dvh + r64 * stride_dvt + offs_d[None, :], values, mask=ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["k0", "first", "n_new", "n_tiles"])  # they change every call: no variants
 def _refine_topk_kernel(
     Values, Indices, Query, Reprs, Out,
     stride_vh, stride_ih, stride_qh, stride_rn, stride_oh,
     k0, first, n_new, n_tiles,
     X: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_X: tl.constexpr,
-    SORT: tl.constexpr, INTERPRETER: tl.constexpr,
+    INTERPRETER: tl.constexpr,
 ):
     """Top-K block ids of one lookup head. Each candidate is one int64, its score's order-preserving bits
     above its block id (unique keys: one max finds both, and equal scores rank the higher id first). The
     candidates sit in one register vector: the running top (at first the earlier top-k0) in positions
     [0, KP), new blocks BLOCK_C - KP at a time in [KP, BLOCK_C), scored against the query here; after every
-    tile the best K move to positions [0, K), by one bitonic sort (SORT) or K arg-max steps. Grid (Hsel,)."""
+    tile the best K move to positions [0, K) by K max-reductions (a bitonic sort of the vector, tl.sort,
+    took 24-28 us against 10-12 on an H200 with 32-64 new blocks: benchmark/figures/gpu-s8). Grid (Hsel,)."""
     h = tl.program_id(0).to(tl.int64)
     c = tl.arange(0, BLOCK_C)
     none = -0x7FFFFFFFFFFFFFFF - 1  # below every candidate
@@ -800,14 +799,11 @@ def _refine_topk_kernel(
             acc += r * qv[None, :]
         new = _score_id_keys(_sum(acc, 1, INTERPRETER), block)
         cand = tl.where(is_new, new, tl.where(c < KP, run, none))
-        if SORT and not INTERPRETER:  # (tl.sort is compiled-only under the interpreter, see _max)
-            run = tl.where(c < K, tl.sort(cand, 0, descending=True), none)
-        else:
-            run = tl.full([BLOCK_C], none, tl.int64)
-            for j in range(K):
-                best = _max(cand, 0, INTERPRETER)
-                run = tl.where(c == j, best, run)
-                cand = tl.where(cand == best, none, cand)
+        run = tl.full([BLOCK_C], none, tl.int64)
+        for j in range(K):
+            best = _max(cand, 0, INTERPRETER)
+            run = tl.where(c == j, best, run)
+            cand = tl.where(cand == best, none, cand)
         tile += 1
     tl.store(Out + h * stride_oh + c, run & 0xFFFFFFFF, mask=c < K)
 
@@ -1383,7 +1379,7 @@ def refine_topk(
             values.stride(0), indices.stride(0), query.stride(0), reprs.stride(0), out.stride(0),
             k0, first, n_new, max(triton.cdiv(n_new, block_c - kp), 1),
             X=x, K=int(k), KP=kp, BLOCK_C=block_c, BLOCK_X=min(64, triton.next_power_of_2(x)),
-            SORT=_REFINE_BY_SORT, INTERPRETER=_INTERPRETED, num_warps=4,
+            INTERPRETER=_INTERPRETED, num_warps=4,
         )
     return out
 

@@ -1,7 +1,9 @@
 """Session 8 exploration: refine_topk (the batched lookup's per-execution-block refinement) with its best K
 kept by one bitonic sort or by K arg-max steps, against the lookup it replaced (a GEMV over every block and a
 torch top-k), at the Mistral-7B shape (8 KV heads x 128 = 1024 per lookup vector, top-16). CUDA-graph
-replay times (GPU time alone). Run from the repository root: python benchmark/figures/gpu-s8/refine_variants.py
+replay times (GPU time alone). Ran at commit 2467c4a (refine-variants.json); the sort variant and its
+`_REFINE_BY_SORT` switch were removed after it. From the repository root:
+python benchmark/figures/gpu-s8/refine_variants.py OUT.json
 """
 
 import json
