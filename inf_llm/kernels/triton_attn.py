@@ -30,6 +30,7 @@ them.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import numbers
 
@@ -935,11 +936,21 @@ def _check_window(q_offset, window, lq: int) -> tuple[int, int]:
     return q_offset, win
 
 
+_NO_GUARD = contextlib.nullcontext()
+
+
+@functools.cache
+def _one_cuda_device() -> bool:
+    return torch.cuda.device_count() <= 1
+
+
 def _device_guard(device: torch.device):
-    """Triton launches on the current CUDA device: switch to the tensors' device when it is another one."""
-    if device.type == "cuda" and device.index != torch.cuda.current_device():
+    """Triton launches on the current CUDA device: switch to the tensors' device when it is another one.
+    With one GPU there is no other (asking torch for the current device cost ~8 us per launch, and a prefill
+    chunk makes thousands)."""
+    if device.type == "cuda" and not _one_cuda_device() and device.index != torch.cuda.current_device():
         return torch.cuda.device(device)
-    return contextlib.nullcontext()
+    return _NO_GUARD
 
 
 def _sm_count(device: torch.device) -> int:
