@@ -7,14 +7,16 @@
 #   bash benchmark/gpu_suite.sh OUT fused   # 128K without and with model.fused_elementwise, and the kernel bench
 #   bash benchmark/gpu_suite.sh OUT flat    # offload_access: direct + host_pool_tokens at 32K/128K/512K
 #   bash benchmark/gpu_suite.sh OUT profile # wall vs kernel time per 8K chunk at 16K-80K, with GPU clocks sampled
+#   bash benchmark/gpu_suite.sh OUT report  # one ~8-minute command: quick kernel tests, speed (32K/128K with
+#                                           # origin, then 512K), flat, profile, then the agreement tests
 #
 # TESTS_TIMEOUT (seconds, default 560) bounds the tests part, e.g. to run it after another part in one command.
 # On a fresh machine the first Triton compiles take minutes (the tests part spent ~7 of its minutes so on an
 # H200). Wheels the machine lacks: scripts/fetch_device_wheels.sh (installed here when .wheels exists).
 set -uo pipefail
 cd "$(dirname "$(realpath "$0")")/.."
-OUT=${1:?usage: gpu_suite.sh OUT tests|speed|fused|flat|profile}
-PART=${2:?usage: gpu_suite.sh OUT tests|speed|fused|flat|profile}
+OUT=${1:?usage: gpu_suite.sh OUT tests|speed|fused|flat|profile|report}
+PART=${2:?usage: gpu_suite.sh OUT tests|speed|fused|flat|profile|report}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 if [ -f .wheels/requirements.txt ]; then
@@ -62,8 +64,29 @@ profile)
     kill $smi
     grep "wall per chunk" "$OUT/profile-prefill.txt"
     ;;
+report)  # logs appended to one file: 7 files in all
+    log="$OUT/report.log"
+    timeout 120 python -m pytest -q -m gpu tests/test_kernels_triton.py -k "refine or rotate or global_stage" \
+        -p no:cacheprovider >> "$log" 2>&1
+    timeout 240 python benchmark/speed.py --rows origin-sdpa,inf-llm-fattn --lengths 32k,128k "${COMMON[@]}" \
+        "${DEVICE[@]}" --out "$OUT/speed-main.json" >> "$log" 2>&1
+    timeout 120 python benchmark/speed.py --rows inf-llm-fattn --lengths 512k "${COMMON[@]}" "${DEVICE[@]}" \
+        --out "$OUT/speed-512k.json" >> "$log" 2>&1
+    timeout 200 python benchmark/speed.py --rows inf-llm-fattn --lengths 32k,128k,512k "${COMMON[@]}" \
+        --set model.offload=true --set model.offload_access=direct --set model.pin_memory=true \
+        --set model.host_pool_tokens=524288 --out "$OUT/speed-flat.json" >> "$log" 2>&1
+    nvidia-smi --query-gpu=timestamp,utilization.gpu,clocks.sm,power.draw,clocks_throttle_reasons.active \
+        --format=csv -lms 200 > "$OUT/smi.csv" 2>&1 &
+    smi=$!
+    timeout 150 python -m benchmark.profile_prefill --tokens 65536 --warmup 16384 --offload off --top 60 \
+        > "$OUT/profile-prefill.txt" 2>&1
+    kill $smi
+    timeout "${TESTS_TIMEOUT:-150}" python -m pytest -q -m gpu tests/test_gpu_agreement.py -p no:cacheprovider \
+        >> "$log" 2>&1
+    grep -E "passed|failed|^inf-llm|^origin|wall per chunk" "$log" "$OUT/profile-prefill.txt"
+    ;;
 *)
-    echo "unknown part $PART: tests, speed, fused, flat or profile" >&2
+    echo "unknown part $PART: tests, speed, fused, flat, profile or report" >&2
     exit 2
     ;;
 esac
