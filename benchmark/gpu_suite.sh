@@ -28,7 +28,7 @@ DEVICE=(--set model.offload=false)
 
 case "$PART" in
 tests)
-    timeout "${TESTS_TIMEOUT:-560}" python -m pytest -q -m gpu tests/test_kernels_triton.py tests/test_gpu_agreement.py \
+    timeout "${TESTS_TIMEOUT:-560}" python -m pytest -q -rA -m gpu tests/test_kernels_triton.py tests/test_gpu_agreement.py \
         tests/test_decode_graph.py tests/test_fused_elementwise.py -p no:cacheprovider > "$OUT/gpu-tests.log" 2>&1
     echo "pytest exit $?" >> "$OUT/gpu-tests.log"
     tail -3 "$OUT/gpu-tests.log"
@@ -81,7 +81,7 @@ report)  # logs appended to one file: 7 files in all
     timeout 150 python -m benchmark.profile_prefill --tokens 65536 --warmup 16384 --offload off --top 60 \
         > "$OUT/profile-prefill.txt" 2>&1
     kill $smi
-    timeout "${TESTS_TIMEOUT:-150}" python -m pytest -q -m gpu tests/test_gpu_agreement.py -p no:cacheprovider \
+    timeout "${TESTS_TIMEOUT:-150}" python -m pytest -q -rA -m gpu tests/test_gpu_agreement.py -p no:cacheprovider \
         >> "$log" 2>&1
     grep -E "passed|failed|^inf-llm|^origin|wall per chunk" "$log" "$OUT/profile-prefill.txt"
     ;;

@@ -458,14 +458,13 @@ def test_form_blocks_writes_store_slots_and_representatives(block_size, dtype):
 
 @pytest.mark.parametrize("one_angle", [False, True])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_rotate_matches_reference_on_a_transposed_view(one_angle, dtype):
+def test_rotate_matches_reference_on_a_transposed_view(one_angle, dtype, h=3, length=37, d=32):
     """RoPE in one launch on transformers' layout (q as a transposed (H, L, D) view), per-row angles or one
     angle for all rows, odd length: bit-identical to the torch rotation in 16-bit dtypes (the fast path's
     lookups must see the same rotated queries as the torch path's), within rounding in float32."""
     from inf_llm.memory import RotaryTable
 
     gen = torch.Generator().manual_seed(4)
-    h, length, d = 3, 37, 32
     x = (_rand(length, h, d, dtype=torch.float32, gen=gen) * 8).to(dtype).transpose(0, 1)  # (H, L, D), strided
     rope = RotaryTable((1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))).to(DEVICE), d)
     start, rows = 1000, 1 if one_angle else length
@@ -583,6 +582,15 @@ def test_prefix_attention_gpu(b, hkv, group, lq, lk, d, vis, dtype):
 def test_refine_topk_gpu(hsel, x, k, first, n):
     """Mistral-7B lookups (8 KV heads x 128, or per head): ~1K and ~4K blocks, up to 64 formed since."""
     _check_refine_topk(hsel, x, k, first, n)
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("one_angle", [False, True])
+def test_rotate_gpu(one_angle):
+    """Bit-identity with the torch rotation where it matters, on the GPU (the compiler must not fuse a
+    product into the sum): Mistral-7B's 32 heads of 128, a prefill chunk of 8191 rows, bf16."""
+    test_rotate_matches_reference_on_a_transposed_view(one_angle, BF16, h=32, length=8191, d=128)
 
 
 @pytest.mark.gpu
