@@ -72,16 +72,21 @@ def test_fast_path_matches_torch_path_bfloat16(offload):
     fast_logits, fast_lookups = run(model, True, offload, ids)
     torch_logits, torch_lookups = run(model, False, offload, ids)
     cosine = torch.nn.functional.cosine_similarity(fast_logits.flatten(), torch_logits.flatten(), dim=0)
+    per_layer = [sum(a == b for a, b in zip(fa, ta)) / len(fa) for fa, ta in zip(fast_lookups, torch_lookups)]
     pairs = [(a, b) for fa, ta in zip(fast_lookups, torch_lookups) for a, b in zip(fa, ta)]
     same = sum(a == b for a, b in pairs) / len(pairs)
     print(f"bf16 offload={offload}: logits cosine {cosine:.6f}, max |diff| "
-          f"{(fast_logits - torch_logits).abs().max():.4f}, lookups identical {same:.1%} of {len(pairs)}")
-    # A random-weight model attends almost uniformly, so two blocks' scores often differ by less than bf16
-    # rounding and a lookup may pick the other one; most lookups must still agree. Each lookup that differs
-    # moves the logits, so the cosine follows the share of lookups that agree: 0.99926 with 86% identical
-    # (an earlier H100 run), 0.99834 with 81-82% (H200, session 7, after window_key_scores began to sum in
-    # another order): ~0.0009 per 5 points of lookups, so the 75% floor of identical lookups lands near
-    # 0.997 (extrapolated from those two runs).
+          f"{(fast_logits - torch_logits).abs().max():.4f}, lookups identical {same:.1%} of {len(pairs)}, "
+          f"per layer {', '.join(f'{x:.1%}' for x in per_layer)}")
+    # The first layer's inputs are the same on both paths (embeddings, the same projections): only float32
+    # summation orders differ there (scores, lse), and multiplying every key score by 1 + 1e-6 noise moved
+    # none of its lookups (torch path, CPU, session 8). Later layers see the first one's attention output,
+    # which differs by bf16 rounding between the kernels and the torch ops: a random-weight model attends
+    # almost uniformly, so two blocks' scores often differ by less than that and a lookup may pick the
+    # other one (bf16-ulp noise on the attention output alone left 90-96% identical on CPU). Each lookup
+    # that differs moves the logits, so the cosine follows the share of lookups that agree: 0.99926 with
+    # 86% identical (an H100), 0.99834 with 81-82% (an H200, session 7): the 75% floor lands near 0.997.
+    assert per_layer[0] >= 0.95, f"first layer: only {per_layer[0]:.1%} of lookups agree"
     assert same >= 0.75, f"only {same:.1%} of lookups agree"
     assert cosine > 0.997
 
