@@ -42,3 +42,15 @@ def test_kernels_bench_smoke_times_every_op_against_the_reference(tmp_path):
     for row in rows:
         assert row["triton_ms"] > 0 and row["reference_ms"] > 0
         assert row["out_err"] <= 2e-2, row  # bf16 outputs against the torch reference
+
+
+def test_host_overhead_measures_the_glue_per_execution_block(tmp_path):
+    """The fast path's prefill glue with the kernels stubbed out: lookups, formation and the ops' wrappers run
+    (blocks form, every execution block looks up), and the JSON says what one execution block costs."""
+    out = tmp_path / "host.json"
+    proc = _run(["-m", "benchmark.host_overhead", "--chunks", "2", "--out", str(out)])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result["execution_blocks_per_chunk"] == 16 and len(result["chunk_layer_ms"]) == 2
+    assert 0 < result["us_per_execution_block"] < 1e5
+    assert "per execution block" in proc.stdout

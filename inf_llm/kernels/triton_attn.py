@@ -864,6 +864,17 @@ _INTERPRETED = isinstance(_attn_fwd_kernel, InterpretedFunction)
 # validation and launch helpers
 
 
+def _cdiv(a: int, b: int) -> int:
+    """triton.cdiv for host code: Triton 3.6 wraps its own in a constexpr-function dispatcher that costs a few
+    microseconds per call, and the wrappers make ~6 such calls per execution block and layer."""
+    return -(-a // b)
+
+
+def _next_pow2(n: int) -> int:
+    """triton.next_power_of_2 for host code (see _cdiv), the same values (0 for n <= 0)."""
+    return 0 if n <= 0 else 1 << (n - 1).bit_length()
+
+
 def _check_device(device: torch.device) -> None:
     if device.type == "cpu" and not _INTERPRETED:
         raise ValueError(
@@ -975,14 +986,14 @@ def _split_plan(device: torch.device, n_rows: int, n_bh: int, key_span: int, hea
     if _INTERPRETED:
         block_m = block_n = _INTERPRETER_BLOCK
     else:
-        block_m = max(16, min(triton.next_power_of_2(n_rows), _DECODE_MAX_BLOCK_M))
+        block_m = max(16, min(_next_pow2(n_rows), _DECODE_MAX_BLOCK_M))
         block_n = 64 if head_dim >= 128 else 128
-    programs = triton.cdiv(n_rows, block_m) * n_bh
+    programs = _cdiv(n_rows, block_m) * n_bh
     sms = _sm_count(device)
     if not _INTERPRETED and programs * 2 > sms:
         return None
-    key_tiles = triton.cdiv(max(key_span, 1), block_n)
-    splits = min(triton.cdiv(sms, 2 * programs), triton.cdiv(key_tiles, _SPLIT_MIN_TILES), _MAX_SPLITS)
+    key_tiles = _cdiv(max(key_span, 1), block_n)
+    splits = min(_cdiv(sms, 2 * programs), _cdiv(key_tiles, _SPLIT_MIN_TILES), _MAX_SPLITS)
     return block_m, block_n, max(splits, 1)
 
 
@@ -1013,13 +1024,13 @@ def _attention(q, k, v, *, scale, mode, q_offset=0, window=0, visible=None, num_
     const = dict(GROUP=group, HEAD_DIM=d, MODE=mode, DOT_PRECISION=_dot_precision(q.dtype), INTERPRETER=_INTERPRETED)
     with _device_guard(q.device):
         if plan is None:
-            grid = lambda meta: (triton.cdiv(n_rows, meta["BLOCK_M"]), b * hkv, 1)  # noqa: E731
+            grid = lambda meta: (_cdiv(n_rows, meta["BLOCK_M"]), b * hkv, 1)  # noqa: E731
             _attn_fwd_tuned[grid](
-                out, lse, vis, *args, 1, rows, triton.next_power_of_2(min(n_rows, 8192)), **const
+                out, lse, vis, *args, 1, rows, _next_pow2(min(n_rows, 8192)), **const
             )
             return out, lse
         block_m, block_n, splits = plan
-        grid = (triton.cdiv(n_rows, block_m), b * hkv, splits)
+        grid = (_cdiv(n_rows, block_m), b * hkv, splits)
         tiles = dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4, num_stages=3)
         if splits == 1:
             _attn_fwd_kernel[grid](out, lse, vis, *args, 1, rows, 0, **const, **tiles)
@@ -1027,7 +1038,7 @@ def _attention(q, k, v, *, scale, mode, q_offset=0, window=0, visible=None, num_
         ws = torch.empty((splits, rows, d), dtype=torch.float32, device=q.device)  # (S, B*Hq*Lq, D)
         ws_lse = torch.empty((splits, rows), dtype=torch.float32, device=q.device)  # (S, B*Hq*Lq)
         _attn_fwd_kernel[grid](ws, ws_lse, vis, *args, splits, rows, 0, **const, **tiles)
-        _combine_splits_kernel[(triton.cdiv(rows, _COMBINE_BLOCK_R),)](
+        _combine_splits_kernel[(_cdiv(rows, _COMBINE_BLOCK_R),)](
             ws, ws_lse, out, lse, rows, ws.stride(0), ws_lse.stride(0),
             NUM_SPLITS=splits, HEAD_DIM=d, BLOCK_R=_COMBINE_BLOCK_R, INTERPRETER=_INTERPRETED,
         )
@@ -1107,10 +1118,10 @@ def merge_partials(
     if d == 0:
         return out, torch.logaddexp(lse_a.float(), lse_b.float())
     with _device_guard(out_a.device):
-        _merge_kernel[(triton.cdiv(rows, _COMBINE_BLOCK_R),)](
+        _merge_kernel[(_cdiv(rows, _COMBINE_BLOCK_R),)](
             out_a, lse_a, out_b, lse_b, out, lse, rows, h, seq, d,
             *out_a.stride()[:3], *out_b.stride()[:3], *lse_a.stride(), *lse_b.stride(),
-            BLOCK_D=triton.next_power_of_2(d), BLOCK_R=_COMBINE_BLOCK_R, INTERPRETER=_INTERPRETED,
+            BLOCK_D=_next_pow2(d), BLOCK_R=_COMBINE_BLOCK_R, INTERPRETER=_INTERPRETED,
         )
     return out, lse
 
@@ -1161,20 +1172,20 @@ def window_key_scores(
                  ACCUMULATE=into is not None)
     with _device_guard(q.device):
         if _INTERPRETED:
-            grid = (triton.cdiv(lk, _INTERPRETER_BLOCK), b * hkv)
+            grid = (_cdiv(lk, _INTERPRETER_BLOCK), b * hkv)
             _window_key_scores_kernel[grid](
                 *args, 0, BLOCK_M=_INTERPRETER_BLOCK, BLOCK_N=_INTERPRETER_BLOCK, **const
             )
         else:
-            tune_rows = triton.next_power_of_2(min(group * lq, 8192))
+            tune_rows = _next_pow2(min(group * lq, 8192))
             key = (tune_rows, d, group, q.dtype, k.dtype, lse.dtype, out.dtype)
             best = _WINDOW_SCORES_CONFIGS.get(key)
             if best is None:
-                grid = lambda meta: (triton.cdiv(lk, meta["BLOCK_N"]), b * hkv)  # noqa: E731
+                grid = lambda meta: (_cdiv(lk, meta["BLOCK_N"]), b * hkv)  # noqa: E731
                 _window_key_scores_tuned[grid](*args, tune_rows, **const)
                 _WINDOW_SCORES_CONFIGS[key] = _window_key_scores_tuned.best_config.all_kwargs()
             else:  # the tuned launch without the autotuner's per-call dispatch (~30 us of host time)
-                grid = (triton.cdiv(lk, best["BLOCK_N"]), b * hkv)
+                grid = (_cdiv(lk, best["BLOCK_N"]), b * hkv)
                 _window_key_scores_kernel[grid](*args, tune_rows, **const, **best)
     return out
 
@@ -1242,7 +1253,7 @@ def global_stage_into(
         # 32 x 32: at D = 128 its 64 x 64 variant took minutes to compile
         block_m = block_n = 32 if q.dtype == torch.float32 else 64
         tiles = dict(num_warps=4, num_stages=2)
-    grid = (triton.cdiv(group * lq, block_m), hkv)
+    grid = (_cdiv(group * lq, block_m), hkv)
     with _device_guard(q.device):
         _global_stage_kernel[grid](
             q, out, lse, sink_k, sink_v, store_k, store_v, block_ids, rem_k, rem_v,
@@ -1345,7 +1356,7 @@ def form_blocks(
             keys.stride(0), keys.stride(1), keys.stride(2), values.stride(0), values.stride(1), values.stride(2),
             scores.stride(0), scores.stride(1),
             *dst_k.stride()[:3], *dst_v.stride()[:3], dst_repr.stride(0), dst_repr.stride(1),
-            HEAD_DIM=d, BLOCK_SIZE=bs, BLOCK_P2=triton.next_power_of_2(bs), REPR_TOPK=repr_topk,
+            HEAD_DIM=d, BLOCK_SIZE=bs, BLOCK_P2=_next_pow2(bs), REPR_TOPK=repr_topk,
             BLOCK_T=_INTERPRETER_BLOCK if _INTERPRETED else 32, INTERPRETER=_INTERPRETED,
         )
 
@@ -1381,15 +1392,15 @@ def refine_topk(
         raise ValueError(f"k must be an int in [1, {k0 + n - first}] (the candidates), got {k!r}")
     _check_device(query.device)
     out = torch.empty((hsel, k), dtype=torch.int64, device=query.device)
-    kp = triton.next_power_of_2(max(k0, k))
+    kp = _next_pow2(max(k0, k))
     block_c = max(128, 2 * kp)
     n_new = n - first
     with _device_guard(query.device):
         _refine_topk_kernel[(hsel,)](
             values, indices, query, reprs, out,
             values.stride(0), indices.stride(0), query.stride(0), reprs.stride(0), out.stride(0),
-            k0, first, n_new, max(triton.cdiv(n_new, block_c - kp), 1),
-            X=x, K=int(k), KP=kp, BLOCK_C=block_c, BLOCK_X=min(64, triton.next_power_of_2(x)),
+            k0, first, n_new, max(_cdiv(n_new, block_c - kp), 1),
+            X=x, K=int(k), KP=kp, BLOCK_C=block_c, BLOCK_X=min(64, _next_pow2(x)),
             INTERPRETER=_INTERPRETED, num_warps=4,
         )
     return out
@@ -1429,7 +1440,7 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Ten
         return out
     block_l = _INTERPRETER_BLOCK if _INTERPRETED else 64
     with _device_guard(x.device):
-        _rotate_kernel[(triton.cdiv(length, block_l), h)](
+        _rotate_kernel[(_cdiv(length, block_l), h)](
             x, cos, sin, out, length, x.stride(0), x.stride(1), cos.stride(0), sin.stride(0),
             out.stride(0), out.stride(1),
             HALF=d // 2, ONE_ROW=cos.shape[0] == 1, BLOCK_L=block_l, INTERPRETER=_INTERPRETED,

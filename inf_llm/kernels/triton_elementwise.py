@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from inf_llm.kernels.triton_attn import _INTERPRETED, _check_device, _device_guard, _round_to, _sum
+from inf_llm.kernels.triton_attn import _INTERPRETED, _cdiv, _check_device, _device_guard, _next_pow2, _round_to, _sum
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_COLS = 65536  # one row per program, held in registers
@@ -71,7 +71,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     out = torch.empty(x.shape, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
     if out.numel() == 0:
         return out
-    block = triton.next_power_of_2(n)
+    block = _next_pow2(n)
     warps = {} if _INTERPRETED else {"num_warps": 8 if block >= 2048 else 4}
     with _device_guard(x.device):
         _rms_norm_kernel[(rows.shape[0],)](
@@ -109,7 +109,7 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         return out
     block = _INTERPRETER_BLOCK_ELEMENTS if _INTERPRETED else 2048
     with _device_guard(gate.device):
-        _silu_mul_kernel[(triton.cdiv(out.numel(), block),)](
+        _silu_mul_kernel[(_cdiv(out.numel(), block),)](
             gate, up, out, out.numel(), BLOCK=block, INTERPRETER=_INTERPRETED,
         )
     return out
