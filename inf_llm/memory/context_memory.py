@@ -97,6 +97,7 @@ class _Lookup:
     values: torch.Tensor  # (n_exec, Hsel, k) scores of the top-k among known blocks
     indices: torch.Tensor  # (n_exec, Hsel, k)
     query_vectors: torch.Tensor  # (n_exec, Hsel, Hkv*D or D): to score blocks formed later
+    rows: tuple | None = None  # device path: (values, indices, query_vectors) unbound per execution block
 
 
 class ContextMemory:
@@ -245,15 +246,21 @@ class ContextMemory:
                     lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
                 out[:, a - start : b - start], lse[:, a - start : b - start] = piece_out[0], piece_lse[0]
             a = b
+        # every execution block's rows as views made in one call per tensor (a slice per block and tensor
+        # costs the host more than the rest of the loop's bookkeeping)
+        sizes = [e - s for s, e in bounds]
+        q_rows, out_rows, lse_rows = q.split(sizes, 1), out.split(sizes, 1), lse.split(sizes, 1)
+        q_glb_rows = q_glb.split(sizes, 1) if has_global else None
+        if self.policy.keeps_blocks:
+            q_loc_rows, lse_rows4 = q_loc[None].split(sizes, 2), lse[None].split(sizes, 2)
         for i, (s, e) in enumerate(bounds):
-            rows = slice(s - start, e - start)
             if has_global and e - 1 - self.n_local >= 0:
-                self._attend_global(q[:, rows], q_glb[:, rows], out[:, rows], lse[:, rows], s, e, i, scale)
+                self._attend_global(q_rows[i], q_glb_rows[i], out_rows[i], lse_rows[i], s, e, i, scale)
             if self.policy.keeps_blocks:  # probability each window key receives from the final softmax
                 w_start = max(s - self.n_local + 1, self.tail.first_pos)
                 self.ops.window_key_scores(
-                    q_loc[None, :, rows], self.tail.rotated_keys(w_start, e)[None], scale=scale,
-                    q_offset=s - w_start, window=self.n_local, lse=lse[None, :, rows],
+                    q_loc_rows[i], self.tail.rotated_keys(w_start, e)[None], scale=scale,
+                    q_offset=s - w_start, window=self.n_local, lse=lse_rows4[i],
                     into=self.tail.scores(w_start, e)[None],
                 )
             self.seen = e
@@ -650,11 +657,12 @@ class ContextMemory:
         if batch is None:
             scores = self._block_scores(self._call_qvecs, 0, n_blocks)  # (n_exec, Hsel, N)
             values, indices = scores.topk(topk, dim=-1)
-            batch = self._lookup = _Lookup(0, n_blocks, values, indices, self._call_qvecs)
+            rows = (values.unbind(0), indices.unbind(0), self._call_qvecs.unbind(0))  # views in three calls
+            batch = self._lookup = _Lookup(0, n_blocks, values, indices, self._call_qvecs, rows)
+        values, indices, query = (part[index] for part in batch.rows)
         if n_blocks == batch.known_blocks:
-            return batch.indices[index]
-        return self.ops.refine_topk(batch.values[index], batch.indices[index], batch.query_vectors[index],
-                                    self.store.representatives()[:n_blocks], batch.known_blocks, topk)
+            return indices
+        return self.ops.refine_topk(values, indices, query, self.store.representatives(), batch.known_blocks, topk)
 
     def _count_device_selections(self, force: bool = False) -> None:
         """Device path: add the pending selections to the per-block counts, on the device (a block counts
