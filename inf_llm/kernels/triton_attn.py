@@ -574,6 +574,7 @@ def _window_key_scores_kernel(
 # directly once tuned: this op runs once per execution block and layer, where host time is the limit.
 _WINDOW_SCORES_CONFIGS: dict[tuple, dict] = {}
 
+
 def _key_scores_configs() -> list[triton.Config]:
     """Search space of window_key_scores (BLOCK_N keys x BLOCK_M packed rows per step). Measured at the
     Mistral-7B execution block on an H200 (benchmark/figures/gpu-s7/explore-kernels.json): 128 x 64 with 4
@@ -592,39 +593,52 @@ _window_key_scores_tuned = triton.autotune(
     cache_results=True,
 )(_window_key_scores_kernel)
 
+
 @triton.jit
-def _attend_block_tiles(
-    acc, m_i, l_i, q, StoreK, StoreV, ids_ptr, stride_ik, zero_r, kvh, stride_bn, stride_bh, stride_bt,
-    stride_bvn, stride_bvh, stride_bvt, block_size, t_lo, t_hi, qk_scale,
+def _block_tile_step(
+    acc, m_i, l_i, q, t, StoreK, StoreV, ids_ptr, stride_ik, zero_r, kvh64, stride_bn, stride_bh, stride_bt,
+    stride_bvn, stride_bvh, stride_bvt, block_size, tiles_per_block, qk_scale,
     MASK_BLOCKS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr, INTERPRETER: tl.constexpr,
 ):
-    """Online-softmax update with the key tiles t_lo..t_hi-1 of the selected store blocks, numbered across
+    """`_attn_step` over key tile t of the selected store blocks (block ids[t // tiles_per_block])."""
+    j = t // tiles_per_block
+    block = tl.load(ids_ptr + j * stride_ik).to(tl.int64)
+    return _attn_step(
+        acc, m_i, l_i, q, StoreK + block * stride_bn + kvh64 * stride_bh,
+        StoreV + block * stride_bvn + kvh64 * stride_bvh, stride_bt, stride_bvt, zero_r,
+        zero_r + block_size, block_size, (t - j * tiles_per_block) * BLOCK_N, qk_scale,
+        MASK_BLOCKS, HEAD_DIM, BLOCK_M, BLOCK_N, DOT_PRECISION, INTERPRETER,
+    )
+
+
+@triton.jit
+def _attend_block_tiles(
+    acc, m_i, l_i, q, StoreK, StoreV, ids_ptr, stride_ik, zero_r, kvh, stride_bn, stride_bh, stride_bt,
+    stride_bvn, stride_bvh, stride_bvt, block_size, n_sel, qk_scale,
+    MASK_BLOCKS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, INTERPRETER: tl.constexpr,
+):
+    """Online-softmax update with every key tile of the n_sel selected store blocks, numbered across
     blocks (tile t: block ids[t // tiles_per_block]), all visible (masks only when block_size is not a whole
     number of key tiles). One flat loop, not a loop per block: the compiler pipelines the next tile's loads
     across block boundaries (a two-tile loop per block left every block's first load exposed)."""
     tiles_per_block = (block_size + BLOCK_N - 1) // BLOCK_N
     kvh64 = kvh.to(tl.int64)
     if INTERPRETER:  # see _attn_tiles: no tensor-bounded range in the interpreter
-        t = t_lo
-        while t < t_hi:
-            j = t // tiles_per_block
-            block = tl.load(ids_ptr + j * stride_ik).to(tl.int64)
-            acc, m_i, l_i = _attn_step(
-                acc, m_i, l_i, q, StoreK + block * stride_bn + kvh64 * stride_bh,
-                StoreV + block * stride_bvn + kvh64 * stride_bvh, stride_bt, stride_bvt, zero_r,
-                zero_r + block_size, block_size, (t - j * tiles_per_block) * BLOCK_N, qk_scale,
+        t = n_sel * 0
+        while t < n_sel * tiles_per_block:
+            acc, m_i, l_i = _block_tile_step(
+                acc, m_i, l_i, q, t, StoreK, StoreV, ids_ptr, stride_ik, zero_r, kvh64, stride_bn, stride_bh,
+                stride_bt, stride_bvn, stride_bvh, stride_bvt, block_size, tiles_per_block, qk_scale,
                 MASK_BLOCKS, HEAD_DIM, BLOCK_M, BLOCK_N, DOT_PRECISION, INTERPRETER,
             )
             t += 1
     else:
-        for t in range(t_lo, t_hi):
-            j = t // tiles_per_block
-            block = tl.load(ids_ptr + j * stride_ik).to(tl.int64)
-            acc, m_i, l_i = _attn_step(
-                acc, m_i, l_i, q, StoreK + block * stride_bn + kvh64 * stride_bh,
-                StoreV + block * stride_bvn + kvh64 * stride_bvh, stride_bt, stride_bvt, zero_r,
-                zero_r + block_size, block_size, (t - j * tiles_per_block) * BLOCK_N, qk_scale,
+        for t in range(0, n_sel * tiles_per_block):
+            acc, m_i, l_i = _block_tile_step(
+                acc, m_i, l_i, q, t, StoreK, StoreV, ids_ptr, stride_ik, zero_r, kvh64, stride_bn, stride_bh,
+                stride_bt, stride_bvn, stride_bvh, stride_bvt, block_size, tiles_per_block, qk_scale,
                 MASK_BLOCKS, HEAD_DIM, BLOCK_M, BLOCK_N, DOT_PRECISION, INTERPRETER,
             )
     return acc, m_i, l_i
@@ -670,8 +684,7 @@ def _global_stage_kernel(
     )
     acc, m_i, l_i = _attend_block_tiles(
         acc, m_i, l_i, q, StoreK, StoreV, Ids + kvh64 * stride_ih if PER_HEAD else Ids, stride_ik, zero_r, kvh,
-        stride_bn, stride_bh, stride_bt, stride_bvn, stride_bvh, stride_bvt, block_size,
-        0, n_sel * ((block_size + BLOCK_N - 1) // BLOCK_N), qk_scale,
+        stride_bn, stride_bh, stride_bt, stride_bvn, stride_bvh, stride_bvt, block_size, n_sel, qk_scale,
         MASK_BLOCKS, HEAD_DIM, BLOCK_M, BLOCK_N, DOT_PRECISION, INTERPRETER,
     )
     hi_r = tl.minimum(tl.maximum(qi + rem_offset, 0), n_rem)  # remainder: a prefix per row
