@@ -25,6 +25,30 @@ fi
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader > "$OUT/gpu.txt" 2>&1
 COMMON=(--warmup-prefill 16384 --decode-tokens 32 --max-seconds-per-row 60)
 DEVICE=(--set model.offload=false)
+FLAT=(--set model.offload=true --set model.offload_access=direct --set model.pin_memory=true
+      --set model.host_pool_tokens=524288)
+
+# Each run: its time limit, then the log its output is appended to (parts share them: `report` runs most).
+speed_main() {
+    timeout "$1" python benchmark/speed.py --rows origin-sdpa,inf-llm-fattn --lengths 32k,128k "${COMMON[@]}" \
+        "${DEVICE[@]}" --out "$OUT/speed-main.json" >> "$2" 2>&1
+}
+speed_512k() {
+    timeout "$1" python benchmark/speed.py --rows inf-llm-fattn --lengths 512k "${COMMON[@]}" "${DEVICE[@]}" \
+        --out "$OUT/speed-512k.json" >> "$2" 2>&1
+}
+speed_flat() {
+    timeout "$1" python benchmark/speed.py --rows inf-llm-fattn --lengths 32k,128k,512k "${COMMON[@]}" \
+        "${FLAT[@]}" --out "$OUT/speed-flat.json" >> "$2" 2>&1
+}
+profile() {  # with the GPU's clocks, power and throttle reasons sampled every 200 ms
+    nvidia-smi --query-gpu=timestamp,utilization.gpu,clocks.sm,power.draw,temperature.gpu,clocks_throttle_reasons.active \
+        --format=csv -lms 200 > "$OUT/smi.csv" 2>&1 &
+    local smi=$!
+    timeout "$1" python -m benchmark.profile_prefill --tokens 65536 --warmup 16384 --offload off --top 60 \
+        > "$OUT/profile-prefill.txt" 2>&1
+    kill $smi
+}
 
 case "$PART" in
 tests)
@@ -34,10 +58,8 @@ tests)
     tail -3 "$OUT/gpu-tests.log"
     ;;
 speed)
-    timeout 240 python benchmark/speed.py --rows origin-sdpa,inf-llm-fattn --lengths 32k,128k "${COMMON[@]}" \
-        "${DEVICE[@]}" --out "$OUT/speed-main.json" > "$OUT/speed-main.log" 2>&1
-    timeout 150 python benchmark/speed.py --rows inf-llm-fattn --lengths 512k "${COMMON[@]}" "${DEVICE[@]}" \
-        --out "$OUT/speed-512k.json" > "$OUT/speed-512k.log" 2>&1
+    speed_main 240 "$OUT/speed-main.log"
+    speed_512k 150 "$OUT/speed-512k.log"
     tail -6 "$OUT/speed-main.log"; tail -3 "$OUT/speed-512k.log"
     ;;
 fused)
@@ -50,37 +72,21 @@ fused)
     tail -20 "$OUT/kernels.log"
     ;;
 flat)
-    timeout 300 python benchmark/speed.py --rows inf-llm-fattn --lengths 32k,128k,512k "${COMMON[@]}" \
-        --set model.offload=true --set model.offload_access=direct --set model.pin_memory=true \
-        --set model.host_pool_tokens=524288 --out "$OUT/speed-flat.json" > "$OUT/speed-flat.log" 2>&1
+    speed_flat 300 "$OUT/speed-flat.log"
     tail -6 "$OUT/speed-flat.log"
     ;;
 profile)
-    nvidia-smi --query-gpu=timestamp,utilization.gpu,clocks.sm,power.draw,temperature.gpu,clocks_throttle_reasons.active \
-        --format=csv -lms 200 > "$OUT/smi.csv" 2>&1 &
-    smi=$!
-    timeout 200 python -m benchmark.profile_prefill --tokens 65536 --warmup 16384 --offload off --top 60 \
-        > "$OUT/profile-prefill.txt" 2>&1
-    kill $smi
+    profile 200
     grep "wall per chunk" "$OUT/profile-prefill.txt"
     ;;
 report)  # logs appended to one file: 7 files in all
     log="$OUT/report.log"
     timeout 120 python -m pytest -q -m gpu tests/test_kernels_triton.py -k "refine or rotate or global_stage" \
         -p no:cacheprovider >> "$log" 2>&1
-    timeout 240 python benchmark/speed.py --rows origin-sdpa,inf-llm-fattn --lengths 32k,128k "${COMMON[@]}" \
-        "${DEVICE[@]}" --out "$OUT/speed-main.json" >> "$log" 2>&1
-    timeout 120 python benchmark/speed.py --rows inf-llm-fattn --lengths 512k "${COMMON[@]}" "${DEVICE[@]}" \
-        --out "$OUT/speed-512k.json" >> "$log" 2>&1
-    timeout 200 python benchmark/speed.py --rows inf-llm-fattn --lengths 32k,128k,512k "${COMMON[@]}" \
-        --set model.offload=true --set model.offload_access=direct --set model.pin_memory=true \
-        --set model.host_pool_tokens=524288 --out "$OUT/speed-flat.json" >> "$log" 2>&1
-    nvidia-smi --query-gpu=timestamp,utilization.gpu,clocks.sm,power.draw,clocks_throttle_reasons.active \
-        --format=csv -lms 200 > "$OUT/smi.csv" 2>&1 &
-    smi=$!
-    timeout 150 python -m benchmark.profile_prefill --tokens 65536 --warmup 16384 --offload off --top 60 \
-        > "$OUT/profile-prefill.txt" 2>&1
-    kill $smi
+    speed_main 240 "$log"
+    speed_512k 120 "$log"
+    speed_flat 200 "$log"
+    profile 150
     timeout "${TESTS_TIMEOUT:-150}" python -m pytest -q -rA -m gpu tests/test_gpu_agreement.py -p no:cacheprovider \
         >> "$log" 2>&1
     grep -E "passed|failed|^inf-llm|^origin|wall per chunk" "$log" "$OUT/profile-prefill.txt"
