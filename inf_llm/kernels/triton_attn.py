@@ -905,6 +905,18 @@ def _check_tensor(name: str, t, ndim: int) -> None:
         raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
 
 
+def _check_tensors(named, like_name: str, like) -> None:
+    """Each (name, tensor, ndim) of `named`: a tensor of that rank, on the device of `like` (one of them,
+    called `like_name`), contiguous in its last dimension."""
+    for name, t, ndim in named:
+        _check_tensor(name, t, ndim)
+    for name, t, _ in named:
+        if t.device != like.device:
+            raise ValueError(f"{name} is on {t.device}; expected {like.device} like {like_name}")
+        if t.numel() and t.stride(-1) != 1:
+            raise ValueError(f"{name} must be contiguous in its last dimension")
+
+
 def _check_qk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None) -> None:
     """Shapes, dtypes, devices and strides shared by the attention ops (v None for window_key_scores)."""
     named = [("q", q), ("k", k)] + ([("v", v)] if v is not None else [])
@@ -1337,14 +1349,8 @@ def form_blocks(
     (n, Hkv, bs, D) and dst_repr (n, Hkv, D) float32: the store's new slots, on the same device. Last
     dimensions contiguous. Among equal scores the lowest position is taken first.
     """
-    named = (("keys", keys, 4), ("values", values, 4), ("scores", scores, 3), ("dst_k", dst_k, 4),
-             ("dst_v", dst_v, 4), ("dst_repr", dst_repr, 3))
-    for name, t, nd in named:
-        _check_tensor(name, t, nd)
-        if t.device != keys.device:
-            raise ValueError(f"{name} is on {t.device}; expected {keys.device} like keys")
-        if t.numel() and t.stride(-1) != 1:
-            raise ValueError(f"{name} must be contiguous in its last dimension")
+    _check_tensors((("keys", keys, 4), ("values", values, 4), ("scores", scores, 3), ("dst_k", dst_k, 4),
+                    ("dst_v", dst_v, 4), ("dst_repr", dst_repr, 3)), "keys", keys)
     hkv, n, bs, d = keys.shape
     if values.shape != keys.shape or scores.shape != (hkv, n, bs):
         raise ValueError(f"values {tuple(values.shape)} / scores {tuple(scores.shape)} must match keys "
@@ -1384,12 +1390,8 @@ def refine_topk(
     values (Hsel, k0) float32 and indices (Hsel, k0) int: the earlier top-k0 of blocks [0, first); query
     (Hsel, X) float32; reprs (N, Hsel * X) float32, rows [first, N) scored here. Returns (Hsel, k) int64.
     """
-    for name, t in (("values", values), ("indices", indices), ("query", query), ("reprs", reprs)):
-        _check_tensor(name, t, 2)
-        if t.device != query.device:
-            raise ValueError(f"{name} is on {t.device}; expected {query.device} like query")
-        if t.numel() and t.stride(-1) != 1:
-            raise ValueError(f"{name} must be contiguous in its last dimension")
+    _check_tensors((("values", values, 2), ("indices", indices, 2), ("query", query, 2), ("reprs", reprs, 2)),
+                   "query", query)
     hsel, x = query.shape
     k0, n = values.shape[1], reprs.shape[0]
     if values.shape[0] != hsel or indices.shape != values.shape or reprs.shape[1] != hsel * x:
@@ -1428,19 +1430,12 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Ten
     `out` (H, L, D) of x's dtype, any strides with a contiguous last dimension (e.g. a buffer's slots) and
     not overlapping x, and returns it.
     """
-    _check_tensor("x", x, 3)
-    _check_tensor("cos", cos, 2)
-    _check_tensor("sin", sin, 2)
+    _check_tensors((("x", x, 3), ("cos", cos, 2), ("sin", sin, 2)), "x", x)
     h, length, d = x.shape
     if cos.shape != sin.shape or cos.shape[0] not in (1, length) or cos.shape[1] != d:
         raise ValueError(f"cos {tuple(cos.shape)} / sin {tuple(sin.shape)} must be ({length} or 1, {d})")
     if d % 2 or (d // 2) & (d // 2 - 1):
         raise ValueError(f"head dim {d} is not supported: need twice a power of two")
-    for name, t in (("x", x), ("cos", cos), ("sin", sin)):
-        if t.device != x.device:
-            raise ValueError(f"{name} is on {t.device}; expected {x.device}")
-        if t.numel() and t.stride(-1) != 1:
-            raise ValueError(f"{name} must be contiguous in its last dimension")
     if x.dtype not in _DTYPES:
         raise ValueError(f"x must be float16, bfloat16 or float32, got {x.dtype}")
     _check_device(x.device)
