@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextvars
 import functools
 import importlib.util
-import itertools
 import logging
 import sys
 import weakref
@@ -180,8 +179,8 @@ def _wants_fused_elementwise(model: nn.Module, cfg: ModelConfig) -> bool:
     """`fused_elementwise`: as set, or (null) when the weights are on a CUDA GPU and triton is installed."""
     if cfg.fused_elementwise is not None:
         return cfg.fused_elementwise
-    on_gpu = any(p.device.type == "cuda" for p in itertools.islice(model.parameters(), 1))
-    return on_gpu and importlib.util.find_spec("triton") is not None
+    first = next(model.parameters(), None)
+    return first is not None and first.device.type == "cuda" and importlib.util.find_spec("triton") is not None
 
 
 def unpatch_model(model: nn.Module, implementation: str = "sdpa") -> nn.Module:
