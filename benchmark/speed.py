@@ -133,8 +133,9 @@ class Result:
     prefill_tok_s: float | None = None  # (tokens - 1) / prefill seconds; extrapolated when status is est
     prefill_measured_tok_s: float | None = None  # prefill_tokens / prefill_seconds
     chunk_seconds: list[float] = field(default_factory=list)
-    # per chunk, the host's time to issue it (until the forward returned, before the sync): close to
-    # chunk_seconds when the host, not the GPU, bounds the prefill
+    # per chunk, the host's time to issue it (until the forward returned, before the sync). Well under
+    # chunk_seconds only while the GPU's launch queue never fills; once it fills (the Mistral-7B shape) it
+    # follows chunk_seconds whichever side is slower: profile_prefill.py's wall vs kernel time tells them apart
     chunk_issue_seconds: list[float] = field(default_factory=list)
     decode_context: int | None = None  # tokens in the cache when the timed decode started
     decode_ms_per_token: float | None = None
