@@ -7,6 +7,8 @@
 #   bash benchmark/gpu_suite.sh OUT fused   # 128K without and with model.fused_elementwise, and the kernel bench
 #   bash benchmark/gpu_suite.sh OUT flat    # offload_access: direct + host_pool_tokens at 32K/128K/512K
 #   bash benchmark/gpu_suite.sh OUT profile # wall vs kernel time per 8K chunk at 16K-80K, with GPU clocks sampled
+#   bash benchmark/gpu_suite.sh OUT cache   # direct's device block cache: its kernel tests, the flat configuration at
+#                                           # 32K/128K/512K, at 128K with 128 slots, and the device path at 128K
 #   bash benchmark/gpu_suite.sh OUT report  # one ~8-minute command: quick kernel tests, speed (32K/128K with
 #                                           # origin, then 512K), flat, profile, then the agreement tests
 #
@@ -15,8 +17,8 @@
 # H200). Wheels the machine lacks: scripts/fetch_device_wheels.sh (installed here when .wheels exists).
 set -uo pipefail
 cd "$(dirname "$(realpath "$0")")/.."
-OUT=${1:?usage: gpu_suite.sh OUT tests|speed|fused|flat|profile|report}
-PART=${2:?usage: gpu_suite.sh OUT tests|speed|fused|flat|profile|report}
+OUT=${1:?usage: gpu_suite.sh OUT tests|speed|fused|flat|profile|cache|report}
+PART=${2:?usage: gpu_suite.sh OUT tests|speed|fused|flat|profile|cache|report}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 if [ -f .wheels/requirements.txt ]; then
@@ -79,6 +81,17 @@ profile)
     profile 200
     grep "wall per chunk" "$OUT/profile-prefill.txt"
     ;;
+cache)
+    log="$OUT/cache.log"
+    timeout 150 python -m pytest -q -m gpu tests/test_kernels_triton.py -k "cache_blocks or rotate or global_stage" \
+        -p no:cacheprovider >> "$log" 2>&1
+    speed_flat 220 "$log"
+    timeout 90 python benchmark/speed.py --rows inf-llm-fattn --lengths 128k "${COMMON[@]}" "${FLAT[@]}" \
+        --set model.max_cached_block=128 --out "$OUT/speed-flat-128slots.json" >> "$log" 2>&1
+    timeout 90 python benchmark/speed.py --rows inf-llm-fattn --lengths 128k "${COMMON[@]}" "${DEVICE[@]}" \
+        --out "$OUT/speed-device-128k.json" >> "$log" 2>&1
+    grep -E "passed|failed|\] prefill|^inf-llm" "$log"
+    ;;
 report)  # logs appended to one file: 7 files in all
     log="$OUT/report.log"
     timeout 120 python -m pytest -q -m gpu tests/test_kernels_triton.py -k "refine or rotate or global_stage" \
@@ -92,7 +105,7 @@ report)  # logs appended to one file: 7 files in all
     grep -E "passed|failed|^inf-llm|^origin|wall per chunk" "$log" "$OUT/profile-prefill.txt"
     ;;
 *)
-    echo "unknown part $PART: tests, speed, fused, flat, profile or report" >&2
+    echo "unknown part $PART: tests, speed, fused, flat, profile, cache or report" >&2
     exit 2
     ;;
 esac

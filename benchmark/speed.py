@@ -493,7 +493,14 @@ def _summary(r: Result) -> str:
             f"decode {_fmt(r.decode_ms_per_token, '.1f')} ms/token (median {_fmt(r.decode_ms_median, '.1f')}) at "
             f"{r.decode_context} tokens, peak GPU above weights "
             f"{_fmt(_gib(r.peak_gpu_bytes_above_weights), '.2f', 'n/a')} GiB, "
-            f"host {_fmt(_gib(r.host_bytes), '.2f')} GiB{_graph_note(r)}")
+            f"host {_fmt(_gib(r.host_bytes), '.2f')} GiB{_cache_note(r)}{_graph_note(r)}")
+
+
+def _cache_note(r: Result) -> str:
+    """The block cache's hit share (offloaded rows), prefill and decode together."""
+    m = r.memory_stats or {}
+    looked_up = m.get("cache_hits", 0) + m.get("cache_misses", 0)
+    return f"; block cache hits {m['cache_hits'] / looked_up:.1%} of {looked_up:,}" if looked_up else ""
 
 
 def _graph_note(r: Result) -> str:

@@ -520,12 +520,76 @@ def _check_refine_topk(hsel, x, k, first, n):
         triton_attn.refine_topk(values, indices, query, reprs[:, 1:], first, k)
 
 
+def _check_cache_blocks(n_blocks, hkv, block_size, d, n_slots, k, steps, pinned=False, seed=0):
+    """A run of selections through the device LRU cache: the Triton op and the reference make the same
+    slot choices and bookkeeping, every selected block is then in its slot, and hits are not re-read."""
+    gen = torch.Generator().manual_seed(seed)
+    src_k = _rand(n_blocks, hkv, block_size, d, dtype=torch.bfloat16, gen=gen)
+    src_v = _rand(n_blocks, hkv, block_size, d, dtype=torch.bfloat16, gen=gen)
+    if pinned:
+        src_k, src_v = src_k.cpu().pin_memory(), src_v.cpu().pin_memory()
+
+    def empty_cache():
+        cache = torch.zeros(2, n_slots, hkv, block_size, d, dtype=torch.bfloat16, device=DEVICE)
+        tags = torch.full((n_slots,), -1, dtype=torch.int64, device=DEVICE)
+        return [cache[0], cache[1], tags, tags.clone(), torch.zeros(3, dtype=torch.int64, device=DEVICE)]
+
+    caches = {ops: empty_cache() for ops in (triton_attn, reference)}
+    for step in range(steps):
+        # mostly from a few "hot" blocks (hits), now and then from all of them (misses, evictions)
+        pool = n_blocks if step % 4 == 0 else min(n_blocks, k + 3)
+        ids = torch.randperm(pool, generator=gen)[:k][None].to(DEVICE)
+        slots = {ops: ops.cache_blocks(src_k, src_v, ids, *state) for ops, state in caches.items()}
+        assert torch.equal(slots[triton_attn], slots[reference]), step
+        for got, want in zip(caches[triton_attn], caches[reference]):
+            assert torch.equal(got, want), step
+        cache_k, cache_v, tags = caches[triton_attn][:3]
+        assert torch.equal(tags[slots[triton_attn][0]], ids[0])
+        assert torch.equal(cache_k[slots[triton_attn][0]].cpu(), src_k[ids[0].cpu()].cpu())
+        assert torch.equal(cache_v[slots[triton_attn][0]].cpu(), src_v[ids[0].cpu()].cpu())
+    clock, requested, misses = caches[triton_attn][4].tolist()
+    assert clock == steps and requested == steps * k and 0 < misses < requested
+
+
+@pytest.mark.parametrize("n_blocks, n_slots, k", [(30, 6, 4), (50, 16, 16), (9, 32, 5)])
+def test_cache_blocks_keeps_hits_and_evicts_the_least_recently_used(n_blocks, n_slots, k):
+    """offload_access: direct's device cache (bookkeeping on the device): as the reference, step by step;
+    a cache exactly as large as a selection (16 of 16) and one larger than the store."""
+    _check_cache_blocks(n_blocks, 2, 8, 16, n_slots, k, steps=12, seed=n_blocks)
+
+
+def test_cache_blocks_lru_order_and_errors():
+    """Empty slots first, then the least recently used; a slot a hit holds is never taken. Bad shapes and
+    a cache smaller than the selection are refused."""
+    src = torch.arange(8, dtype=torch.float32, device=DEVICE).view(8, 1, 1, 1).expand(8, 1, 1, 16).contiguous()
+    cache = torch.zeros(3, 1, 1, 16, device=DEVICE)
+    tags = torch.full((3,), -1, dtype=torch.int64, device=DEVICE)
+    stamps, counters = tags.clone(), torch.zeros(3, dtype=torch.int64, device=DEVICE)
+    state = (cache, cache.clone(), tags, stamps, counters)
+
+    def fetch(*ids):
+        return triton_attn.cache_blocks(src, src, torch.tensor([ids], device=DEVICE), *state)[0].tolist()
+
+    assert fetch(5, 6) == [0, 1]  # empty slots in order
+    assert fetch(7) == [2]
+    assert fetch(6, 0) == [1, 0]  # 6 stays; 0 takes the oldest (5's slot 0)
+    assert fetch(1, 7) == [0, 2]  # 7 hits slot 2; 1 takes slot 0 (0 and 6 were used together: the lower slot)
+    assert tags.tolist() == [1, 6, 7] and counters.tolist() == [4, 7, 5]  # clock, requested, misses
+    assert state[0][:, 0, 0, 0].tolist() == [1.0, 6.0, 7.0]
+    with pytest.raises(ValueError, match="slots"):
+        triton_attn.cache_blocks(src, src, torch.arange(4, device=DEVICE)[None], *state)
+    with pytest.raises(ValueError, match="counters"):
+        triton_attn.cache_blocks(src, src, torch.tensor([[1]], device=DEVICE), *state[:4], counters[:2])
+    with pytest.raises(ValueError, match=r"\(1, K\)"):
+        triton_attn.cache_blocks(src, src, torch.tensor([[1], [2]], device=DEVICE), *state)
+
+
 def test_reexports_match_reference():
     """Callers may take the mask helpers and the torch-only op from either backend module."""
     for name in ("window_mask", "prefix_mask", "masked_attention", "NEG_INF"):
         assert getattr(triton_attn, name) is getattr(reference, name)
     for name in ("windowed_attention", "prefix_attention", "merge_partials", "window_key_scores", "global_stage_into",
-                 "gather_blocks", "form_blocks", "rotate", "refine_topk"):
+                 "gather_blocks", "form_blocks", "rotate", "refine_topk", "cache_blocks"):
         assert name in triton_attn.__all__
 
 
@@ -582,6 +646,14 @@ def test_prefix_attention_gpu(b, hkv, group, lq, lk, d, vis, dtype):
 def test_refine_topk_gpu(hsel, x, k, first, n):
     """Mistral-7B lookups (8 KV heads x 128, or per head): ~1K and ~4K blocks, up to 64 formed since."""
     _check_refine_topk(hsel, x, k, first, n)
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_cache_blocks_gpu():
+    """Mistral-7B blocks (8 KV heads x 128 tokens x 128) read from a pinned host store into a 32-slot cache
+    by 16-block selections."""
+    _check_cache_blocks(300, 8, 128, 128, 32, 16, steps=20, pinned=True)
 
 
 @pytest.mark.gpu

@@ -177,8 +177,9 @@ def test_device_lookup_path_matches_host_path(perhead):
 
 @pytest.mark.parametrize("perhead", [False, True])
 def test_direct_offload_access_matches_the_block_cache(perhead):
-    """offload_access: direct (the selected blocks fetched from the host store by id on the device, no cache,
-    no host sync) attends the same blocks as the block cache path, prefill and decode steps."""
+    """offload_access: direct (the selected blocks fetched from the host store by id on the device, through a
+    device-bookkept cache, no host sync) attends the same blocks as the block cache path, prefill and decode
+    steps."""
     q, k, v = random_qkv(300, seed=6)
     direct = make_memory("inf-llm", perhead=perhead, offload=True, offload_access="direct", pin_memory=True)
     cached = make_memory("inf-llm", perhead=perhead, offload=True, max_cached_block=64)
@@ -187,6 +188,26 @@ def test_direct_offload_access_matches_the_block_cache(perhead):
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=2e-6)  # score vs id order: float32 sums
     assert direct.retrieved_last == cached.retrieved_last and len(direct.retrieved_last) > 3
     assert direct.retrieval_counts == cached.retrieval_counts
+    stats = direct.stats()
+    if perhead:  # each head's own blocks: fetched into fresh slots every time, no cache
+        assert direct.device_cache is None and stats.cache_hits == stats.cache_misses == 0
+    else:  # a shared selection: the device cache of max_cached_block slots (on a CPU: host bytes)
+        assert direct.device_cache.k.shape[0] == 6 and stats.cache_hits > 0 and stats.cache_misses > 0
+        assert stats.host_bytes >= direct.device_cache.nbytes() + direct.store.nbytes()[0]
+
+
+def test_direct_device_cache_is_emptied_when_a_session_is_loaded():
+    """A loaded state replaces the store's blocks: the device cache must not serve the old ones."""
+    q, k, v = random_qkv(200, seed=7)
+    q2, k2, v2 = random_qkv(200, seed=8)
+    direct = [make_memory("inf-llm", offload=True, offload_access="direct", pin_memory=True) for _ in range(3)]
+    feed(direct[0], q, k, v, [200])
+    feed(direct[1], q2, k2, v2, [200])
+    direct[0].load_state(direct[1].state())  # its cache holds blocks of the first input
+    direct[2].load_state(direct[1].state())  # a fresh cache
+    step = [m.process(q[:, :1], k[:, :1], v[:, :1], default_scale(D)) for m in direct]
+    torch.testing.assert_close(step[0], step[2], rtol=0, atol=0)
+    torch.testing.assert_close(step[1], step[2], rtol=1e-12, atol=1e-12)
 
 
 def test_perhead_retrieval_differs_per_head_and_matches_single_head_when_one_kv_head():
@@ -298,6 +319,36 @@ def test_token_buffer_grows_and_compacts_without_losing_data():
     assert buf.first_pos == 2700 and buf.length == 300
     assert torch.equal(buf.keys(2700, 3000), data[:, 2700:])
     assert buf.k.shape[1] <= 1024  # bounded by what is live, not by what passed through
+
+
+def test_token_buffer_holds_about_what_a_prefill_needs_and_compacts_in_place():
+    """The window (n_local) plus a chunk: the capacity stays within 1.125x of it, rounded to 64 (doubling
+    held 32K positions per layer for the 12.3K a Mistral-7B prefill needs), and compacting keeps the
+    tensors (a captured decode graph reads them by address). Decoding after it neither grows nor loses."""
+    buf = TokenBuffer(1, 4, torch.float32, torch.device("cpu"), with_scores=True)
+    n_local, block, chunk, pos = 4096, 128, 8192, 0
+    data = torch.randn(1, 16 * chunk + 3000, 4)
+
+    def keep_window():
+        behind = (pos - n_local - buf.first_pos) // block  # blocks formed behind the window
+        if behind > 0:
+            buf.drop_front(behind * block)
+
+    for _ in range(16):
+        buf.append(data[:, pos : pos + chunk], data[:, pos : pos + chunk])
+        pos += chunk
+        keep_window()
+        if pos == 3 * chunk:
+            pointer = buf.k.data_ptr()
+    needed = n_local + block + chunk
+    assert buf.k.shape[1] <= -(-(needed * 9 // 8) // 64) * 64 and buf.k.shape[1] % 64 == 0
+    assert buf.k.data_ptr() == pointer  # compacted in place since the third chunk
+    for _ in range(3000):
+        buf.append(data[:, pos : pos + 1], data[:, pos : pos + 1])
+        pos += 1
+        keep_window()
+    assert buf.k.data_ptr() == pointer
+    assert torch.equal(buf.keys(buf.first_pos, pos), data[:, buf.first_pos : pos])
 
 
 @pytest.mark.parametrize("kind", ["inf-llm", "stream-llm", "infinite-lm"])

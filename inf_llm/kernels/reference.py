@@ -150,6 +150,43 @@ def gather_blocks(
     dst_v.copy_(src_v[ids, heads].transpose(0, 1))
 
 
+def cache_blocks(
+    src_k: torch.Tensor, src_v: torch.Tensor, block_ids: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
+    tags: torch.Tensor, stamps: torch.Tensor, counters: torch.Tensor,
+) -> torch.Tensor:
+    """Make the selected blocks resident in a device cache with LRU eviction, bookkept on the device, and
+    return the slot of each (1, K) int64, for `global_stage_into` / `gather_blocks` over the cache.
+
+    src_k/v (N, Hkv, block_size, D): the store (pinned host memory for the Triton op); block_ids (1, K) int,
+    distinct, >= 0; cache_k/v (C, Hkv, block_size, D) with C >= K; tags (C,) int64: the block each slot
+    holds (-1: empty); stamps (C,) int64: the clock value of its last use; counters (3,) int64: the clock
+    (one tick per call), the blocks requested and the misses so far. A selected block already in a slot keeps it (a
+    hit); each miss takes the least recently used slot that no hit of this call holds (empty ones first,
+    then lower stamps, then lower slot numbers), and is copied there from the store.
+    """
+    ids = block_ids[0].to(tags.device, torch.int64)  # (K,)
+    n_slots, k = tags.shape[0], ids.shape[0]
+    slot_range = torch.arange(n_slots, device=tags.device)
+    match = ids[:, None] == tags[None, :]  # (K, C)
+    hit = match.any(1)
+    hit_slot = torch.where(match, slot_range, -1).amax(1)
+    lru_key = torch.where(match.any(0), torch.iinfo(torch.int64).max, stamps * n_slots + slot_range)
+    victims = lru_key.topk(k, largest=False).indices  # ascending: the j-th miss takes victims[j]
+    miss = ~hit
+    before = torch.cumsum(miss, 0) - miss.long()  # misses ahead of each miss
+    slots = torch.where(hit, hit_slot, victims[before.clamp(max=k - 1)])
+    clock = counters[0].clone()
+    tags[slots] = ids
+    stamps[slots] = clock
+    counters[0] += 1
+    counters[1] += k
+    counters[2] += miss.sum()
+    fill, fetch = slots[miss], ids[miss].to(src_k.device)
+    cache_k[fill] = src_k.index_select(0, fetch).to(cache_k.device)
+    cache_v[fill] = src_v.index_select(0, fetch).to(cache_v.device)
+    return slots[None]
+
+
 def refine_topk(
     values: torch.Tensor, indices: torch.Tensor, query: torch.Tensor, reprs: torch.Tensor, first: int, k: int
 ) -> torch.Tensor:

@@ -47,6 +47,7 @@ from inf_llm.kernels.reference import NEG_INF, decode_attention, masked_attentio
 
 __all__ = [
     "NEG_INF",
+    "cache_blocks",
     "decode_attention",
     "form_blocks",
     "gather_blocks",
@@ -64,6 +65,7 @@ __all__ = [
 
 _LOG2E = 1.4426950408889634  # scores are kept in base 2 inside the kernels: exp2 is the fast hardware op
 _LN2 = tl.constexpr(0.6931471805599453)  # back to natural-log lse at the store
+_NEVER_USED = tl.constexpr(0x7FFFFFFFFFFFFFFF)  # cache_blocks: the LRU key of slots no miss may take
 # Queries per windowed_attention call that ContextMemory should use: the kernel skips key tiles outside
 # every query's window, so a whole prefill chunk is one launch, and its output is the call's (pieces of
 # 2048 queries cost four launches and a copy of each piece's output per layer).
@@ -717,29 +719,73 @@ def _global_stage_kernel(
 
 @triton.jit
 def _gather_blocks_kernel(
-    SrcK, SrcV, Ids, DstK, DstV,
+    SrcK, SrcV, Ids, DstK, DstV, DstRows,
     stride_sn, stride_sh, stride_st, stride_svn, stride_svh, stride_svt,
     stride_ih, stride_ik,
     stride_dn, stride_dh, stride_dt, stride_dvn, stride_dvh, stride_dvt,
-    PER_HEAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_T: tl.constexpr,
+    PER_HEAD: tl.constexpr, INDIRECT: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    BLOCK_T: tl.constexpr,
 ):
     """Dst[j, h] = Src[ids[h or 0, j], h] for K and V. Grid (K, Hkv). Src may be pinned host memory, read
-    by the GPU over the bus (the ids never leave the device); Dst is on the device."""
+    by the GPU over the bus (the ids never leave the device); Dst is on the device. INDIRECT: into Dst row
+    DstRows[j] instead of j, and nothing for a negative row (a cache hit: the block is there already)."""
     j = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
     ids_ptr = Ids + (h * stride_ih if PER_HEAD else 0) + j * stride_ik
     block = tl.load(ids_ptr).to(tl.int64)
-    offs_d = tl.arange(0, HEAD_DIM)
-    j64 = j.to(tl.int64)
-    for t0 in range(0, BLOCK_SIZE, BLOCK_T):  # a constexpr bound: fixed per model, unrolled
-        t = t0 + tl.arange(0, BLOCK_T)
-        ok = (t < BLOCK_SIZE)[:, None]
-        src = block * stride_sn + h * stride_sh + t[:, None].to(tl.int64) * stride_st + offs_d[None, :]
-        dst = j64 * stride_dn + h * stride_dh + t[:, None].to(tl.int64) * stride_dt + offs_d[None, :]
-        tl.store(DstK + dst, tl.load(SrcK + src, mask=ok), mask=ok)
-        src_v = block * stride_svn + h * stride_svh + t[:, None].to(tl.int64) * stride_svt + offs_d[None, :]
-        dst_v = j64 * stride_dvn + h * stride_dvh + t[:, None].to(tl.int64) * stride_dvt + offs_d[None, :]
-        tl.store(DstV + dst_v, tl.load(SrcV + src_v, mask=ok), mask=ok)
+    row = j.to(tl.int64)
+    if INDIRECT:
+        row = tl.load(DstRows + j).to(tl.int64)
+    if row >= 0:
+        offs_d = tl.arange(0, HEAD_DIM)
+        for t0 in range(0, BLOCK_SIZE, BLOCK_T):  # a constexpr bound: fixed per model, unrolled
+            t = t0 + tl.arange(0, BLOCK_T)
+            ok = (t < BLOCK_SIZE)[:, None]
+            src = block * stride_sn + h * stride_sh + t[:, None].to(tl.int64) * stride_st + offs_d[None, :]
+            dst = row * stride_dn + h * stride_dh + t[:, None].to(tl.int64) * stride_dt + offs_d[None, :]
+            tl.store(DstK + dst, tl.load(SrcK + src, mask=ok), mask=ok)
+            src_v = block * stride_svn + h * stride_svh + t[:, None].to(tl.int64) * stride_svt + offs_d[None, :]
+            dst_v = row * stride_dvn + h * stride_dvh + t[:, None].to(tl.int64) * stride_dvt + offs_d[None, :]
+            tl.store(DstV + dst_v, tl.load(SrcV + src_v, mask=ok), mask=ok)
+
+
+@triton.jit
+def _cache_assign_kernel(
+    Ids, Tags, Stamps, Counters, Slots, Fill, stride_ik, n_slots,
+    K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, INTERPRETER: tl.constexpr,
+):
+    """The LRU bookkeeping of `cache_blocks` for one selection, in one program (it reads and rewrites every
+    slot's tag). Slots[k]: where block Ids[k] will be; Fill[k]: that slot for a miss (to be copied), -1 for
+    a hit. Grid (1,)."""
+    kk = tl.arange(0, BLOCK_K)
+    cc = tl.arange(0, BLOCK_C)
+    k_ok = kk < K
+    c_ok = cc < n_slots
+    ids = tl.load(Ids + kk * stride_ik, mask=k_ok, other=-2).to(tl.int64)  # -2 matches no tag (empty: -1)
+    tags = tl.load(Tags + cc, mask=c_ok, other=-3)
+    stamps = tl.load(Stamps + cc, mask=c_ok, other=0)
+    clock = tl.load(Counters)
+    match = ids[:, None] == tags[None, :]  # (BLOCK_K, BLOCK_C)
+    hit_slot = _max(tl.where(match, cc[None, :], -1), 1, INTERPRETER)
+    miss = k_ok & (hit_slot < 0)
+    held = _max(match.to(tl.int32), 0, INTERPRETER) > 0  # slots a hit of this call keeps
+    # least recently used first: empty slots (stamp -1), then older stamps, then lower slot numbers
+    lru_key = tl.where(held | ~c_ok, _NEVER_USED, stamps * n_slots + cc)
+    before = _sum(tl.where((kk[None, :] < kk[:, None]) & miss[None, :], 1, 0), 1, INTERPRETER)  # misses ahead
+    slot = hit_slot
+    for j in range(K):  # the j-th miss takes the j-th least recently used slot
+        least = _min(lru_key, 0, INTERPRETER)
+        victim = _min(tl.where(lru_key == least, cc, BLOCK_C), 0, INTERPRETER)
+        slot = tl.where(miss & (before == j), victim, slot)
+        lru_key = tl.where(cc == victim, _NEVER_USED, lru_key)
+    slot = slot.to(tl.int64)
+    tl.store(Slots + kk, slot, mask=k_ok)
+    tl.store(Fill + kk, tl.where(miss, slot, -1), mask=k_ok)
+    tl.store(Tags + slot, ids, mask=k_ok)
+    tl.store(Stamps + slot, slot * 0 + clock, mask=k_ok)
+    tl.store(Counters, clock + 1)
+    tl.store(Counters + 1, tl.load(Counters + 1) + K)
+    tl.store(Counters + 2, tl.load(Counters + 2) + _sum(miss.to(tl.int64), 0, INTERPRETER))
 
 
 @triton.jit
@@ -1330,12 +1376,66 @@ def gather_blocks(
         return
     with _device_guard(dst_k.device):
         _gather_blocks_kernel[(n_sel, hkv)](
-            src_k, src_v, block_ids, dst_k, dst_v,
+            src_k, src_v, block_ids, dst_k, dst_v, block_ids,
             *src_k.stride()[:3], *src_v.stride()[:3], *block_ids.stride(),
             *dst_k.stride()[:3], *dst_v.stride()[:3],
-            PER_HEAD=block_ids.shape[0] > 1, HEAD_DIM=d, BLOCK_SIZE=block_size,
+            PER_HEAD=block_ids.shape[0] > 1, INDIRECT=False, HEAD_DIM=d, BLOCK_SIZE=block_size,
             BLOCK_T=_INTERPRETER_BLOCK if _INTERPRETED else 32,
         )
+
+
+_MAX_CACHE_SLOTS = 2048  # cache_blocks' bookkeeping holds every slot's tag in one program's registers
+
+
+def cache_blocks(
+    src_k: torch.Tensor, src_v: torch.Tensor, block_ids: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
+    tags: torch.Tensor, stamps: torch.Tensor, counters: torch.Tensor,
+) -> torch.Tensor:
+    """The selected blocks made resident in a device LRU cache, as `reference.cache_blocks`, in two launches
+    and no host sync: one program does the bookkeeping (hits keep their slot, misses take the least recently
+    used others), then the misses alone are read from the store (pinned host memory, over the bus) into
+    their slots. Returns the slots (1, K) int64; tags/stamps/counters are updated in place.
+    """
+    _check_tensors((("src_k", src_k, 4), ("src_v", src_v, 4)), "src_k", src_k)
+    _check_tensors((("cache_k", cache_k, 4), ("cache_v", cache_v, 4), ("block_ids", block_ids, 2),
+                    ("tags", tags, 1), ("stamps", stamps, 1), ("counters", counters, 1)), "cache_k", cache_k)
+    n_slots, hkv, block_size, d = cache_k.shape
+    k = block_ids.shape[1]
+    if cache_v.shape != cache_k.shape or src_k.shape[1:] != cache_k.shape[1:] or src_v.shape != src_k.shape:
+        raise ValueError(f"src {tuple(src_k.shape)}/{tuple(src_v.shape)} and cache {tuple(cache_k.shape)}/"
+                         f"{tuple(cache_v.shape)} must be (N, Hkv, bs, D) and (C, Hkv, bs, D)")
+    if block_ids.shape[0] != 1 or block_ids.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"block_ids must be (1, K) int32/int64, got {tuple(block_ids.shape)} {block_ids.dtype}")
+    if not k <= n_slots <= _MAX_CACHE_SLOTS:
+        raise ValueError(f"the cache has {n_slots} slots: need between the {k} blocks selected and {_MAX_CACHE_SLOTS}")
+    if tags.shape != (n_slots,) or stamps.shape != (n_slots,) or counters.shape != (3,):
+        raise ValueError(f"tags {tuple(tags.shape)} / stamps {tuple(stamps.shape)} / counters "
+                         f"{tuple(counters.shape)} must be ({n_slots},) / ({n_slots},) / (3,)")
+    if any(t.dtype != torch.int64 for t in (tags, stamps, counters)):
+        raise ValueError("tags, stamps and counters must be int64")
+    if src_k.dtype != cache_k.dtype or src_v.dtype != cache_v.dtype:
+        raise ValueError(f"src ({src_k.dtype}) and cache ({cache_k.dtype}) dtypes differ")
+    if src_k.device != cache_k.device and not (src_k.is_pinned() and src_v.is_pinned()):
+        raise ValueError(f"src on {src_k.device} must be pinned host memory (or on {cache_k.device})")
+    if d & (d - 1) or d > _MAX_HEAD_DIM:
+        raise ValueError(f"head dim {d} is not supported: need a power of two <= {_MAX_HEAD_DIM}")
+    _check_device(cache_k.device)
+    placed = torch.empty((2, k), dtype=torch.int64, device=cache_k.device)  # slots, then the misses' slots
+    if k == 0:
+        return placed[:1]
+    with _device_guard(cache_k.device):
+        _cache_assign_kernel[(1,)](
+            block_ids, tags, stamps, counters, placed, placed[1], block_ids.stride(1), n_slots,
+            K=k, BLOCK_K=_next_pow2(k), BLOCK_C=_next_pow2(n_slots), INTERPRETER=_INTERPRETED,
+        )
+        _gather_blocks_kernel[(k, hkv)](
+            src_k, src_v, block_ids, cache_k, cache_v, placed[1],
+            *src_k.stride()[:3], *src_v.stride()[:3], *block_ids.stride(),
+            *cache_k.stride()[:3], *cache_v.stride()[:3],
+            PER_HEAD=False, INDIRECT=True, HEAD_DIM=d, BLOCK_SIZE=block_size,
+            BLOCK_T=_INTERPRETER_BLOCK if _INTERPRETED else 32,
+        )
+    return placed[:1]
 
 
 def form_blocks(

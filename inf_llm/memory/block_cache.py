@@ -1,8 +1,13 @@
-"""Bounded accelerator cache of memory blocks (`max_cached_block` slots), with LRU, FIFO or LRU-S eviction.
+"""Bounded accelerator caches of memory blocks (`max_cached_block` slots) for blocks offloaded to host memory:
+each lookup's selected blocks are made resident (copied from the `BlockStore` into free or evicted slots)
+and the global stage reads them from the slots.
 
-Used when blocks are offloaded to host memory: each lookup's selected blocks are made resident (copied
-from the `BlockStore` into free or evicted slots) and the global stage reads them from the slots.
-Pure bookkeeping plus copies; knows nothing of attention.
+- `BlockCache` (offload_access: cache): bookkept on the host (the block ids come to the host once per
+  lookup), with LRU, FIFO or LRU-S eviction.
+- `DeviceBlockCache` (offload_access: direct): bookkept on the device by the ops' `cache_blocks` (LRU), so
+  the ids never leave the GPU and decode steps can be replayed as CUDA graphs.
+
+Bookkeeping plus copies; knows nothing of attention.
 """
 
 from __future__ import annotations
@@ -111,3 +116,35 @@ class BlockCache:
         self.slot_of.clear()
         self.priority.clear()
         self.free = list(range(self.capacity - 1, -1, -1))
+
+
+class DeviceBlockCache:
+    """Slots (capacity, Hkv, block_size, D) on the compute device whose LRU bookkeeping lives there too:
+    `fetch` keeps a selection's hits where they are and reads only its misses from the (pinned host) store,
+    over the bus. Decoding retrieves mostly the blocks of the step before; reading all of them from host
+    memory at every step cost a Mistral-7B 256 MB of bus traffic per token."""
+
+    def __init__(self, capacity: int, block_shape: tuple[int, int, int], dtype: torch.dtype, device: torch.device):
+        self.capacity = capacity
+        self.k = torch.empty(capacity, *block_shape, dtype=dtype, device=device)
+        self.v = torch.empty_like(self.k)
+        self.tags = torch.full((capacity,), -1, dtype=torch.int64, device=device)  # block id per slot, -1: empty
+        self.stamps = torch.full_like(self.tags, -1)  # clock value of each slot's last use
+        self.counters = torch.zeros(3, dtype=torch.int64, device=device)  # clock, blocks requested, misses
+
+    def fetch(self, ops, store: "BlockStore", block_ids: torch.Tensor) -> torch.Tensor:
+        """Make `block_ids` (1, K) resident; returns their slots (1, K) int64, on the device."""
+        return ops.cache_blocks(store.k, store.v, block_ids, self.k, self.v, self.tags, self.stamps, self.counters)
+
+    def hits_and_misses(self) -> tuple[int, int]:
+        """Blocks found resident and blocks read from the store so far (a host read of the counters)."""
+        requested, misses = self.counters[1:].tolist()
+        return requested - misses, misses
+
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+    def clear(self) -> None:
+        """Forget every slot (the store's contents changed)."""
+        self.tags.fill_(-1)
+        self.stamps.fill_(-1)

@@ -29,7 +29,7 @@ import torch
 from inf_llm.config import CacheStrategy, MemoryType, ModelConfig
 from inf_llm.errors import ConfigError, MissingDependencyError
 from inf_llm.kernels.reference import block_representatives
-from inf_llm.memory.block_cache import BlockCache
+from inf_llm.memory.block_cache import BlockCache, DeviceBlockCache
 from inf_llm.memory.buffers import BlockStore, StorageSpec, TokenBuffer, representative_dtype
 from inf_llm.memory.compression import BlockCodec
 from inf_llm.memory.rope import RotaryTable
@@ -185,8 +185,11 @@ class ContextMemory:
         self.device_lookup = possible and (
             (device.type != "cpu" or self._direct) if device_lookup is None else device_lookup
         )
-        self._fetched: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._slot_ids: torch.Tensor | None = None  # direct: 0..topk-1, the fetched blocks' slots
+        self._fetched: tuple[torch.Tensor, torch.Tensor] | None = None  # direct with perhead: fetched blocks
+        self._slot_ids: torch.Tensor | None = None  # direct with perhead: 0..topk-1, the fetched blocks' slots
+        # direct (a shared top-k): the blocks read from the host so far, kept in max_cached_block device slots
+        # (allocated at the first lookup)
+        self.device_cache: DeviceBlockCache | None = None
         # Set by a caller that replays decode steps as a CUDA graph (adapter.decode_graph): single-token calls
         # then run its fixed-shape step, and the caller plans and advances the host state around them.
         self.static_step: StaticDecodeStep | None = None
@@ -331,8 +334,8 @@ class ContextMemory:
         if self.store is not None:
             storage, reprs = self.store.nbytes()
             device_bytes += reprs
-            if self.cache is not None:
-                device_bytes += self.cache.nbytes()
+            if self.cache is not None or self.device_cache is not None:
+                device_bytes += (self.cache if self.cache is not None else self.device_cache).nbytes()
                 host_bytes += storage
             elif self.device.type == "cpu" or self.store.k.device.type == "cpu":  # CPU model, or direct
                 host_bytes += storage
@@ -340,14 +343,19 @@ class ContextMemory:
                 device_bytes += storage
         if self.device.type == "cpu":
             host_bytes, device_bytes = host_bytes + device_bytes, 0
+        hits, misses = 0, 0
+        if self.cache is not None:
+            hits, misses = self.cache.hits, self.cache.misses
+        elif self.device_cache is not None:
+            hits, misses = self.device_cache.hits_and_misses()  # host copy of the device counters, here only
         return LayerStats(
             seen_tokens=self.seen,
             init_tokens=self.init_len,
             window_tokens=self.tail.length,
             blocks=self.store.count if self.store is not None else 0,
             retrieved_last=self.retrieved_last,  # host copy of the device path's ids, here only
-            cache_hits=self.cache.hits if self.cache is not None else 0,
-            cache_misses=self.cache.misses if self.cache is not None else 0,
+            cache_hits=hits,
+            cache_misses=misses,
             device_bytes=device_bytes,
             host_bytes=host_bytes,
         )
@@ -395,9 +403,7 @@ class ContextMemory:
         ids = self._select_blocks(qb, index)
         if ids is None:
             ids = torch.empty(1, 0, dtype=torch.int64, device=self.device)
-        store_k, store_v = self.store.k, self.store.v
-        if self._direct:  # fetch the selected blocks from (pinned) host memory, by id
-            store_k, store_v, ids = self._fetch_blocks(ids)
+        store_k, store_v, ids = self._resident(ids)
         tail_first = self.tail.first_pos
         tail_end = max(e - self.n_local, tail_first)  # positions <= e - 1 - n_local: seen by some query here
         self.ops.global_stage_into(
@@ -481,13 +487,19 @@ class ContextMemory:
         bs, n = self.cfg.block_size, ids.shape[1] * self.cfg.block_size
         dst_k = k_glb[:, at : at + n].view(self.hkv, ids.shape[1], bs, self.d).transpose(0, 1)  # (k, Hkv, bs, D)
         dst_v = v_glb[:, at : at + n].view(self.hkv, ids.shape[1], bs, self.d).transpose(0, 1)
-        self.ops.gather_blocks(self.store.k, self.store.v, ids, dst_k, dst_v)
+        self.ops.gather_blocks(*self._resident(ids), dst_k, dst_v)
         self._staged_blocks = []  # the host path's slot bookkeeping no longer matches the staging buffer
 
-    def _fetch_blocks(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """offload_access: direct: the selected blocks (ids (Hsel, k) on the device) read from the pinned host
-        store into device slots, each head's own blocks in its slots. Returns (K, V, slot ids) in the
-        store's layout for `global_stage_into`."""
+    def _resident(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Device path: where the selected blocks (ids (Hsel, k) on the device) can be read on the device:
+        (K, V, ids) in the store's layout, for `global_stage_into` or `gather_blocks`. The store itself
+        when it is on the device; with offload_access: direct, the device cache's slots (only blocks not
+        cached yet cross the bus), or with perhead fresh device slots (each head's own blocks)."""
+        if not self._direct:
+            return self.store.k, self.store.v, ids
+        if not self.cfg.perhead:
+            cache = self.block_cache_on_device()
+            return cache.k, cache.v, cache.fetch(self.ops, self.store, ids)
         n_sel = ids.shape[1]
         if self._fetched is None or self._fetched[0].shape[0] < n_sel:
             shape = (max(n_sel, self.cfg.topk), self.hkv, self.cfg.block_size, self.d)
@@ -497,6 +509,14 @@ class ContextMemory:
         fetched_k, fetched_v = self._fetched[0][:n_sel], self._fetched[1][:n_sel]
         self.ops.gather_blocks(self.store.k, self.store.v, ids, fetched_k, fetched_v)
         return fetched_k, fetched_v, self._slot_ids[:, :n_sel]
+
+    def block_cache_on_device(self) -> DeviceBlockCache:
+        """offload_access: direct: the device block cache, allocated on first use (call it outside a CUDA
+        graph capture: its initial fill must not be captured)."""
+        if self.device_cache is None:
+            self.device_cache = DeviceBlockCache(self.cfg.max_cached_block, (self.hkv, self.cfg.block_size, self.d),
+                                                 self.dtype, self.device)
+        return self.device_cache
 
     def _stage_blocks(self, ids_per_head: list[list[int]], k_glb, v_glb, at: int) -> list[int]:
         """Write the selected blocks into staging slots [at, at + n_sel * block_size); returns the block id of
@@ -817,6 +837,8 @@ class ContextMemory:
             self.store.load_state(state["store"])
             if self.cache is not None:
                 self.cache.clear()
+            if self.device_cache is not None:
+                self.device_cache.clear()
             if self._faiss_index is not None:
                 for index in self._faiss_index:
                     index.reset()

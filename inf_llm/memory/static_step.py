@@ -68,6 +68,8 @@ class StaticDecodeStep:
                 or tail.offset + tail.length >= tail.k.shape[1]):
             return None
         m.rope.cos_sin(0, self.rotation_rows, m.dtype)
+        if m._direct:
+            m.block_cache_on_device()  # allocated (and emptied) here, not inside a capture
         m._count_device_selections(force=True)  # the ordinary steps' pending selections
         capacity = m.store.repr.shape[0]
         if m._device_counts is None or m._device_counts.shape[0] < capacity:
@@ -81,6 +83,9 @@ class StaticDecodeStep:
         cos, sin = m.rope.cos_sin(0, self.rotation_rows, m.dtype)
         tensors = (m.tail.k, m.tail.v, m.tail.k_rot, m.tail.score, m.store.k, m.store.v, m.store.repr,
                    m._device_counts, m.init_k, m.init_v, cos, sin, self.args)
+        if m.device_cache is not None:
+            tensors += (m.device_cache.k, m.device_cache.v, m.device_cache.tags, m.device_cache.stamps,
+                        m.device_cache.counters)
         return tuple((t.data_ptr(), tuple(t.shape)) for t in tensors)
 
     def run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
@@ -108,7 +113,7 @@ class StaticDecodeStep:
         self.stage_v[:, :n_init].copy_(m.init_v)
         blocks_k = self.stage_k[:, n_init : self.fixed].view(m.hkv, cfg.topk, bs, m.d).transpose(0, 1)
         blocks_v = self.stage_v[:, n_init : self.fixed].view(m.hkv, cfg.topk, bs, m.d).transpose(0, 1)
-        m.ops.gather_blocks(store.k, store.v, ids, blocks_k, blocks_v)
+        m.ops.gather_blocks(*m._resident(ids), blocks_k, blocks_v)  # direct: through the device cache
         remainder = (self.remainder_range + a[2]).clamp_(max=tail.k.shape[1] - 1)
         self.stage_k[:, self.fixed :].copy_(tail.k.index_select(1, remainder))
         self.stage_v[:, self.fixed :].copy_(tail.v.index_select(1, remainder))
