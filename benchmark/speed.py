@@ -441,6 +441,7 @@ def measure(model, spec: RowSpec, cfg: InfLLMConfig, chunk: int, ids: torch.Tens
             res.status = "est"
             res.note = (f"prefill stopped at {done} tokens ({done / run.seconds:,.0f} tok/s so far, whole "
                         f"extrapolated); decode at {res.decode_context}")
+        after_prefill = _summed_stats(cache)  # untimed: between the prefill's last sync and the decode
         steps = decode(decoder(model, cache), ids[:, done : done + 1], args.decode_warmup, args.decode_tokens)
         runner = getattr(cache, "decode_graph", None)
         if runner is not None:
@@ -456,6 +457,9 @@ def measure(model, spec: RowSpec, cfg: InfLLMConfig, chunk: int, ids: torch.Tens
         res.peak_gpu_bytes_above_weights = torch.cuda.max_memory_allocated(device) - weights_bytes
         res.peak_gpu_reserved_bytes = torch.cuda.max_memory_reserved(device)
     res.memory_stats = _summed_stats(cache)
+    if res.memory_stats is not None and after_prefill is not None:  # the decode steps' own share
+        for key in ("cache_hits", "cache_misses"):
+            res.memory_stats[f"decode_{key}"] = res.memory_stats[key] - after_prefill[key]
     del cache
 
 
@@ -497,10 +501,14 @@ def _summary(r: Result) -> str:
 
 
 def _cache_note(r: Result) -> str:
-    """The block cache's hit share (offloaded rows), prefill and decode together."""
+    """The block cache's hit share (offloaded rows): prefill and decode together, and decode alone."""
     m = r.memory_stats or {}
     looked_up = m.get("cache_hits", 0) + m.get("cache_misses", 0)
-    return f"; block cache hits {m['cache_hits'] / looked_up:.1%} of {looked_up:,}" if looked_up else ""
+    if not looked_up:
+        return ""
+    decoded = m.get("decode_cache_hits", 0) + m.get("decode_cache_misses", 0)
+    decode = f", decode {m['decode_cache_hits'] / decoded:.1%} of {decoded:,}" if decoded else ""
+    return f"; block cache hits {m['cache_hits'] / looked_up:.1%} of {looked_up:,}{decode}"
 
 
 def _graph_note(r: Result) -> str:

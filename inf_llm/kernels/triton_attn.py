@@ -125,6 +125,27 @@ def _round_to(x, dtype: tl.constexpr, INTERPRETER: tl.constexpr):
 
 
 @triton.jit
+def _rounded(x, dtype: tl.constexpr, INTERPRETER: tl.constexpr):
+    """float32 x rounded to `dtype` (nearest even) and kept in float32: a rounding the torch ops make between
+    two 16-bit ops, for more float32 arithmetic. Not `x.to(dtype).to(tl.float32)`: on the GPU the compiler
+    folds that pair away (an H200 run of the rotation differed from the torch ops' in 23% of its bf16 values,
+    benchmark/figures/gpu-s9). bf16: integer arithmetic on the bits (finite x); fp16: the PTX conversions."""
+    if dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
+        x = bits.to(tl.float32, bitcast=True)
+    elif dtype == tl.float16:
+        if INTERPRETER:
+            x = x.to(tl.float16).to(tl.float32)
+        else:
+            x = tl.inline_asm_elementwise(
+                "{ .reg .b16 t; cvt.rn.f16.f32 t, $1; cvt.f32.f16 $0, t; }", "=r,r", [x],
+                dtype=tl.float32, is_pure=True, pack=1,
+            )
+    return x
+
+
+@triton.jit
 def _max(x, axis: tl.constexpr, INTERPRETER: tl.constexpr):
     """tl.max. In the interpreter tl.max/min/sum/cdiv are compiled-only objects when triton was imported
     before TRITON_INTERPRET was set (as under pytest, whose conftest imports transformers): there the
@@ -906,12 +927,12 @@ def _rotate_kernel(
     s2 = tl.load(s_base + HALF + d, mask=ok, other=0.0).to(tl.float32)
     o_base = Out + h * stride_oh + r64 * stride_ol
     dtype = Out.dtype.element_ty
-    a1 = _round_to(x1 * c1, dtype, INTERPRETER).to(tl.float32)
-    b1 = _round_to(x2 * s1, dtype, INTERPRETER).to(tl.float32)
-    a2 = _round_to(x2 * c2, dtype, INTERPRETER).to(tl.float32)
-    b2 = _round_to(x1 * s2, dtype, INTERPRETER).to(tl.float32)
-    tl.store(o_base + d, _round_to(a1 - b1, dtype, INTERPRETER), mask=ok)
-    tl.store(o_base + HALF + d, _round_to(a2 + b2, dtype, INTERPRETER), mask=ok)
+    a1 = _rounded(x1 * c1, dtype, INTERPRETER)
+    b1 = _rounded(x2 * s1, dtype, INTERPRETER)
+    a2 = _rounded(x2 * c2, dtype, INTERPRETER)
+    b2 = _rounded(x1 * s2, dtype, INTERPRETER)
+    tl.store(o_base + d, _rounded(a1 - b1, dtype, INTERPRETER).to(dtype), mask=ok)  # exact: already rounded
+    tl.store(o_base + HALF + d, _rounded(a2 + b2, dtype, INTERPRETER).to(dtype), mask=ok)
 
 
 # True when triton was imported with TRITON_INTERPRET=1: kernels then run on CPU tensors (tests), with small

@@ -19,7 +19,9 @@ import torch
 import triton
 import triton.language as tl
 
-from inf_llm.kernels.triton_attn import _INTERPRETED, _cdiv, _check_device, _device_guard, _next_pow2, _round_to, _sum
+from inf_llm.kernels.triton_attn import (
+    _INTERPRETED, _cdiv, _check_device, _device_guard, _next_pow2, _round_to, _rounded, _sum,
+)
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_COLS = 65536  # one row per program, held in registers
@@ -41,7 +43,7 @@ def _rms_norm_kernel(
         inv = 1.0 / tl.sqrt(mean_sq + eps)
     else:
         inv = tl.math.rsqrt(mean_sq + eps)  # the libdevice rsqrtf that torch.rsqrt calls on CUDA
-    normed = _round_to(x * inv, X.dtype.element_ty, INTERPRETER).to(tl.float32)
+    normed = _rounded(x * inv, X.dtype.element_ty, INTERPRETER)  # (a .to() pair would be folded away)
     w = tl.load(W + cols, mask=ok, other=0.0).to(tl.float32)
     tl.store(Out + row * stride_o + cols, _round_to(w * normed, Out.dtype.element_ty, INTERPRETER), mask=ok)
 
@@ -87,7 +89,7 @@ def _silu_mul_kernel(Gate, Up, Out, n, BLOCK: tl.constexpr, INTERPRETER: tl.cons
     ok = offs < n
     g = tl.load(Gate + offs, mask=ok, other=0.0).to(tl.float32)
     u = tl.load(Up + offs, mask=ok, other=0.0).to(tl.float32)
-    act = _round_to(g / (1.0 + tl.exp(-g)), Out.dtype.element_ty, INTERPRETER).to(tl.float32)
+    act = _rounded(g / (1.0 + tl.exp(-g)), Out.dtype.element_ty, INTERPRETER)
     tl.store(Out + offs, _round_to(act * u, Out.dtype.element_ty, INTERPRETER), mask=ok)
 
 
