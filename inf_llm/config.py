@@ -29,6 +29,9 @@ CONFIG_ENV_VAR = "INFLLM_CONFIG"
 DEFAULT_CONFIG_NAME = "smollm2-135m-inf-llm.yaml"
 # The original project's "no limit" value for max_len (int32 max).
 UNLIMITED_LEN = 2147483647
+# offload_access: direct bookkeeps its block cache in one GPU program, which holds every slot's tag in
+# registers (inf_llm.kernels.triton_attn._MAX_CACHE_SLOTS is the same bound)
+MAX_DEVICE_CACHED_BLOCKS = 2048
 
 
 class MemoryType(str, Enum):
@@ -102,7 +105,8 @@ class ModelConfig(_Strict):
         "cache",
         description="how offloaded blocks reach the GPU: cache (a device cache of max_cached_block blocks, "
         "the block ids read by the host once per execution block) or direct (the GPU reads the selected "
-        "blocks from pinned host memory by id: no host sync, no cache; needs pin_memory, no offload_dtype)",
+        "blocks it does not hold from pinned host memory by id, into a device LRU cache of max_cached_block "
+        "blocks bookkept on the GPU: no host sync; needs pin_memory, no offload_dtype)",
     )
     host_pool_tokens: int | None = Field(
         None, ge=1,
@@ -218,6 +222,12 @@ class InfLLMConfig(_Strict):
                     m.score_decay,
                 )
         if m.offload_access == "direct":
+            if m.type is MemoryType.INF_LLM and m.max_cached_block > MAX_DEVICE_CACHED_BLOCKS:
+                raise ValueError(
+                    f"model.max_cached_block ({m.max_cached_block}) is above {MAX_DEVICE_CACHED_BLOCKS}, the "
+                    f"most the device-bookkept cache of offload_access: direct holds; lower it, or keep the "
+                    f"blocks on the GPU (offload: false)"
+                )
             if m.offload is False or m.offload_dtype is not None or m.faiss or not m.pin_memory:
                 raise ValueError(
                     "model.offload_access: direct reads offloaded blocks from pinned host memory on the GPU: it "

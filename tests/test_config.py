@@ -153,6 +153,10 @@ BAD_CONFIGS = {
         "model:\n  offload_access: direct\n",
         ["model.offload_access: direct", "model.pin_memory: true", "offload_access: cache"],
     ),
+    "direct with a device cache beyond its kernel": (
+        "model:\n  offload_access: direct\n  pin_memory: true\n  max_cached_block: 4096\n",
+        ["model.max_cached_block (4096) is above 2048", "offload: false"],
+    ),
     "bad offload_access": ("model:\n  offload_access: zero-copy\n", ["model.offload_access='zero-copy'", "'direct'"]),
     "max_len <= n_init": ("max_len: 100\n", ["max_len (100) must be > model.n_init (128) for truncation: suffix"]),
     "bad conv_type": ("conv_type: alpaca\n", ["conv_type='alpaca' is invalid", "'llama-3-inst'"]),

@@ -1405,7 +1405,8 @@ def gather_blocks(
         )
 
 
-_MAX_CACHE_SLOTS = 2048  # cache_blocks' bookkeeping holds every slot's tag in one program's registers
+_MAX_CACHE_SLOTS = 2048  # cache_blocks' bookkeeping holds every slot's tag in one program's registers (the
+# config refuses more: inf_llm.config.MAX_DEVICE_CACHED_BLOCKS)
 
 
 def cache_blocks(
