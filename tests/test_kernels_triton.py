@@ -584,6 +584,43 @@ def test_cache_blocks_lru_order_and_errors():
         triton_attn.cache_blocks(src, src, torch.tensor([[1], [2]], device=DEVICE), *state)
 
 
+@pytest.mark.parametrize("hkv, group, d, n_loc, n_glb, bias, dtype", [
+    (2, 4, 16, 37, 21, True, torch.float32),  # odd lengths, hidden global slots
+    (3, 3, 64, 50, 0, False, torch.bfloat16),  # no global keys yet; group 3
+    (1, 1, 32, 16, 33, True, torch.float16),
+    (2, 2, 16, 100, 70, True, torch.bfloat16),  # strided window keys (below)
+])
+def test_decode_attention_matches_reference(hkv, group, d, n_loc, n_glb, bias, dtype):
+    """The decoding query's two stages in one softmax (key splits, then their combine with the window keys'
+    received probabilities): as the torch op, to float32 rounding (16-bit outputs: 1 ulp)."""
+    _check_decode_attention(hkv, group, d, n_loc, n_glb, bias, dtype, seed=n_loc)
+
+
+def _check_decode_attention(hkv, group, d, n_loc, n_glb, bias, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    hq = hkv * group
+    q_loc = _rand(hq, d, dtype=dtype, gen=gen)
+    q_glb = _rand(hq, d, dtype=torch.float32, gen=gen)  # the static step's: in the representatives' dtype
+    k_loc = _rand(hkv, n_loc + 7, d, dtype=dtype, gen=gen)[:, 3 : 3 + n_loc]  # a view, as of the tail
+    v_loc = _rand(hkv, n_loc, d, dtype=dtype, gen=gen)
+    k_glb, v_glb = (_rand(hkv, n_glb, d, dtype=dtype, gen=gen) for _ in range(2))
+    global_bias = None
+    if bias:
+        global_bias = torch.zeros(n_glb, device=DEVICE)
+        global_bias[-5:] = float("-inf")  # remainder slots past the live ones
+    want = reference.decode_attention(q_loc, k_loc, v_loc, q_glb, k_glb, v_glb, scale=0.3, global_bias=global_bias)
+    got = triton_attn.decode_attention(q_loc, k_loc, v_loc, q_glb, k_glb, v_glb, scale=0.3, global_bias=global_bias)
+    for name, g, w in zip(("out", "lse", "received"), got, want):
+        assert g.shape == w.shape and g.dtype == w.dtype, name
+    tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+    torch.testing.assert_close(got[0], want[0], rtol=tol, atol=tol)
+    torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[2], want[2], rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="global_bias"):
+        triton_attn.decode_attention(q_loc, k_loc, v_loc, q_glb, k_glb, v_glb, scale=0.3,
+                                     global_bias=torch.zeros(n_glb + 1, device=DEVICE))
+
+
 def test_reexports_match_reference():
     """Callers may take the mask helpers and the torch-only op from either backend module."""
     for name in ("window_mask", "prefix_mask", "masked_attention", "NEG_INF"):
@@ -646,6 +683,16 @@ def test_prefix_attention_gpu(b, hkv, group, lq, lk, d, vis, dtype):
 def test_refine_topk_gpu(hsel, x, k, first, n):
     """Mistral-7B lookups (8 KV heads x 128, or per head): ~1K and ~4K blocks, up to 64 formed since."""
     _check_refine_topk(hsel, x, k, first, n)
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("dtype", [BF16, FP16])
+def test_decode_attention_gpu(dtype):
+    """The static decode step's shapes for Mistral-7B: a 4096-key window, 128 sinks + 16 blocks of 128 + 128
+    remainder slots (the last hidden), 32 query heads on 8 KV heads of 128; and a D 64 group-3 case."""
+    _check_decode_attention(8, 4, 128, 4096, 128 + 16 * 128 + 128, True, dtype, seed=1)
+    _check_decode_attention(4, 3, 64, 1000, 300, False, dtype, seed=2)
 
 
 @pytest.mark.gpu

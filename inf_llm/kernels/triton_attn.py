@@ -39,11 +39,7 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
-# decode_attention is re-exported as this backend's op: the single-query decode step stays in torch, because
-# a decode step is bound by host launches, not by the GPU, and the torch op makes fewer of them than the
-# two-stage kernels plus merge and scoring (measured on an H200, Mistral-7B shape, blocks on the device:
-# 70-120 -> 50-83 ms per token at 32K-128K; offloaded: 123-133 -> 99).
-from inf_llm.kernels.reference import NEG_INF, decode_attention, masked_attention, prefix_mask, window_mask
+from inf_llm.kernels.reference import NEG_INF, masked_attention, prefix_mask, window_mask
 
 __all__ = [
     "NEG_INF",
@@ -739,6 +735,119 @@ def _global_stage_kernel(
 
 
 @triton.jit
+def _decode_attn_kernel(
+    QLoc, QGlb, KLoc, VLoc, KGlb, VGlb, Bias, PartO, PartM, PartL, WinS,
+    stride_qlh, stride_qgh, stride_klh, stride_kln, stride_vlh, stride_vln,
+    stride_kgh, stride_kgn, stride_vgh, stride_vgn,
+    n_loc, n_glb, tiles_glb, n_tiles, tiles_per_split, n_splits, scale,
+    GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_BIAS: tl.constexpr, INTERPRETER: tl.constexpr,
+):
+    """One split of one KV head's keys for a decoding query: [global keys, seen by the query at the global
+    angle | window keys, seen at the local angle], float32 scores in natural units (scaled, plus the bias),
+    online softmax over the split's tiles. Writes the split's unnormalised output, max and sum, and the
+    window keys' scores (the combine turns them into the probability each key receives). Grid (splits, Hkv)."""
+    split = tl.program_id(0)
+    h = tl.program_id(1).to(tl.int64)
+    rows = tl.arange(0, BLOCK_G)
+    row_ok = rows < GROUP
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_n = tl.arange(0, BLOCK_N)
+    q_rows = h * GROUP + rows.to(tl.int64)
+    q_loc = tl.load(QLoc + q_rows[:, None] * stride_qlh + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    q_glb = tl.load(QGlb + q_rows[:, None] * stride_qgh + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    q_loc = q_loc.to(tl.float32)
+    q_glb = q_glb.to(tl.float32)
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.full([BLOCK_G], 0, tl.float32)
+    acc = tl.full([BLOCK_G, HEAD_DIM], 0, tl.float32)
+    t = split * tiles_per_split
+    t_end = tl.minimum(t + tiles_per_split, n_tiles)
+    while t < t_end:  # a while loop: the interpreter cannot take a runtime bound in `range`
+        if t < tiles_glb:
+            cols = t * BLOCK_N + offs_n
+            ok = cols < n_glb
+            k_ptrs = KGlb + h * stride_kgh + cols[:, None].to(tl.int64) * stride_kgn + offs_d[None, :]
+            v_ptrs = VGlb + h * stride_vgh + cols[:, None].to(tl.int64) * stride_vgn + offs_d[None, :]
+            q = q_glb
+        else:
+            cols = (t - tiles_glb) * BLOCK_N + offs_n
+            ok = cols < n_loc
+            k_ptrs = KLoc + h * stride_klh + cols[:, None].to(tl.int64) * stride_kln + offs_d[None, :]
+            v_ptrs = VLoc + h * stride_vlh + cols[:, None].to(tl.int64) * stride_vln + offs_d[None, :]
+            q = q_loc
+        k = tl.load(k_ptrs, mask=ok[:, None], other=0.0).to(tl.float32)
+        s = _dot(q, tl.trans(k), tl.full([BLOCK_G, BLOCK_N], 0, tl.float32), "ieee", INTERPRETER) * scale
+        if t < tiles_glb:
+            if HAS_BIAS:
+                s += tl.load(Bias + cols, mask=ok, other=0.0)[None, :]
+        else:  # the window keys' scores, for the probabilities they receive
+            w_ptrs = WinS + (h * GROUP + rows[:, None].to(tl.int64)) * n_loc + cols[None, :]
+            tl.store(w_ptrs, s, mask=row_ok[:, None] & ok[None, :])
+        s = tl.where(row_ok[:, None] & ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, _max(s, 1, INTERPRETER))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp(s - m_use[:, None])
+        alpha = tl.exp(m_i - m_use)
+        v = tl.load(v_ptrs, mask=ok[:, None], other=0.0).to(tl.float32)
+        l_i = l_i * alpha + _sum(p, 1, INTERPRETER)
+        acc = _dot(p, v, acc * alpha[:, None], "ieee", INTERPRETER)
+        m_i = m_new
+        t += 1
+    part = (split.to(tl.int64) * tl.num_programs(1) + h) * GROUP + rows.to(tl.int64)  # (split, h, g) rows
+    tl.store(PartO + part[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=row_ok[:, None])
+    tl.store(PartM + part, m_i, mask=row_ok)
+    tl.store(PartL + part, l_i, mask=row_ok)
+
+
+@triton.jit
+def _decode_combine_kernel(
+    PartO, PartM, PartL, WinS, Out, Lse, Received, n_loc, n_splits, n_kv,
+    GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+    INTERPRETER: tl.constexpr,
+):
+    """The splits of one KV head merged by log-sum-exp into its G query heads' output and lse, then the
+    probability each window key receives, summed over the group. Grid (Hkv,)."""
+    h = tl.program_id(0).to(tl.int64)
+    rows = tl.arange(0, BLOCK_G)
+    row_ok = rows < GROUP
+    offs_d = tl.arange(0, HEAD_DIM)
+    m = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    split = n_splits * 0
+    while split < n_splits:
+        part = (split.to(tl.int64) * n_kv + h) * GROUP + rows
+        m = tl.maximum(m, tl.load(PartM + part, mask=row_ok, other=float("-inf")))
+        split += 1
+    m_use = tl.where(m == float("-inf"), 0.0, m)
+    acc = tl.full([BLOCK_G, HEAD_DIM], 0, tl.float32)
+    den = tl.full([BLOCK_G], 0, tl.float32)
+    split = n_splits * 0
+    while split < n_splits:
+        part = (split.to(tl.int64) * n_kv + h) * GROUP + rows
+        w = tl.exp(tl.load(PartM + part, mask=row_ok, other=float("-inf")) - m_use)
+        den += w * tl.load(PartL + part, mask=row_ok, other=0.0)
+        acc += w[:, None] * tl.load(PartO + part[:, None] * HEAD_DIM + offs_d[None, :], mask=row_ok[:, None],
+                                    other=0.0)
+        split += 1
+    den_safe = tl.where(den == 0.0, 1.0, den)
+    lse = tl.where(den == 0.0, float("-inf"), m_use + tl.log(den_safe))
+    q_rows = h * GROUP + rows
+    tl.store(Out + q_rows[:, None] * HEAD_DIM + offs_d[None, :],
+             _round_to(acc / den_safe[:, None], Out.dtype.element_ty, INTERPRETER), mask=row_ok[:, None])
+    tl.store(Lse + q_rows, lse, mask=row_ok)
+    offs_n = tl.arange(0, BLOCK_N)
+    c0 = n_loc * 0
+    while c0 < n_loc:
+        cols = c0 + offs_n
+        ok = cols < n_loc
+        s = tl.load(WinS + q_rows[:, None] * n_loc + cols[None, :], mask=row_ok[:, None] & ok[None, :],
+                    other=float("-inf"))
+        received = _sum(tl.exp(s - tl.where(row_ok, lse, 0.0)[:, None]), 0, INTERPRETER)
+        tl.store(Received + h * n_loc + cols, received, mask=ok)
+        c0 += BLOCK_N
+
+
+@triton.jit
 def _gather_blocks_kernel(
     SrcK, SrcV, Ids, DstK, DstV, DstRows,
     stride_sn, stride_sh, stride_st, stride_svn, stride_svh, stride_svt,
@@ -1359,6 +1468,71 @@ def global_stage_into(
             DOT_PRECISION=_dot_precision(q.dtype), INTERPRETER=_INTERPRETED, BLOCK_M=block_m, BLOCK_N=block_n,
             **tiles,
         )
+
+
+def decode_attention(
+    q_loc: torch.Tensor, k_loc: torch.Tensor, v_loc: torch.Tensor,
+    q_glb: torch.Tensor, k_glb: torch.Tensor, v_glb: torch.Tensor, *, scale: float,
+    global_bias: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One decoding query over [global keys | window keys] in one softmax, as `reference.decode_attention`
+    (float32 scores, the same outputs), in two launches: key splits (flash-decoding) and their combine,
+    which also turns the window keys' scores into the probability each receives. The torch op is ~20
+    kernels per layer and step; a decode step replayed as a CUDA graph is bound by its kernel count.
+
+    q_loc/q_glb (Hq, D) (q_glb may be float32); k_loc/v_loc (Hkv, Ll, D) and k_glb/v_glb (Hkv, Lg, D), any
+    strides with a contiguous last dimension; global_bias (Lg,) float32 or None. Returns out (Hq, D) in
+    q_loc's dtype, lse (Hq,) float32, received (Hkv, Ll) float32.
+    """
+    _check_tensors((("q_loc", q_loc, 2), ("q_glb", q_glb, 2), ("k_loc", k_loc, 3), ("v_loc", v_loc, 3),
+                    ("k_glb", k_glb, 3), ("v_glb", v_glb, 3)), "q_loc", q_loc)
+    hq, d = q_loc.shape
+    hkv, n_loc = k_loc.shape[:2]
+    n_glb = k_glb.shape[1]
+    if (q_glb.shape != (hq, d) or v_loc.shape != k_loc.shape or v_glb.shape != k_glb.shape
+            or k_loc.shape[2] != d or k_glb.shape[::2] != (hkv, d)):
+        raise ValueError(f"q_loc {tuple(q_loc.shape)} / q_glb {tuple(q_glb.shape)} must be (Hq, D); k/v_loc "
+                         f"{tuple(k_loc.shape)} / k/v_glb {tuple(k_glb.shape)} (Hkv, L, D) with the same Hkv, D")
+    if hkv == 0 or hq % hkv or n_loc == 0:
+        raise ValueError(f"query heads ({hq}) must be a multiple of KV heads ({hkv}); the window must not be empty")
+    if d & (d - 1) or not _MIN_HEAD_DIM <= d <= _MAX_HEAD_DIM:
+        raise ValueError(f"head dim {d} is not supported: need a power of two in [{_MIN_HEAD_DIM}, {_MAX_HEAD_DIM}]")
+    if global_bias is not None and (global_bias.shape != (n_glb,) or global_bias.dtype != torch.float32
+                                    or global_bias.device != q_loc.device):
+        raise ValueError(f"global_bias must be ({n_glb},) float32 on {q_loc.device}")
+    _check_device(q_loc.device)
+    group = hq // hkv
+    block_n = _INTERPRETER_BLOCK if _INTERPRETED else 64
+    tiles_glb = _cdiv(n_glb, block_n)
+    n_tiles = tiles_glb + _cdiv(n_loc, block_n)
+    want = min(_MAX_SPLITS, _cdiv(2 * _sm_count(q_loc.device), hkv))
+    per_split = _cdiv(n_tiles, min(want, n_tiles))
+    splits = _cdiv(n_tiles, per_split)
+    dev = q_loc.device
+    parts = torch.empty((splits * hkv * group * (d + 2),), dtype=torch.float32, device=dev)
+    part_o = parts[: splits * hkv * group * d]
+    part_m = parts[splits * hkv * group * d : splits * hkv * group * (d + 1)]
+    part_l = parts[splits * hkv * group * (d + 1) :]
+    win_s = torch.empty((hq * n_loc,), dtype=torch.float32, device=dev)
+    out = torch.empty((hq, d), dtype=q_loc.dtype, device=dev)
+    lse = torch.empty((hq,), dtype=torch.float32, device=dev)
+    received = torch.empty((hkv, n_loc), dtype=torch.float32, device=dev)
+    block_g = max(16, _next_pow2(group))  # tl.dot needs 16 rows
+    with _device_guard(dev):
+        _decode_attn_kernel[(splits, hkv)](
+            q_loc, q_glb, k_loc, v_loc, k_glb, v_glb, global_bias if global_bias is not None else lse,
+            part_o, part_m, part_l, win_s,
+            q_loc.stride(0), q_glb.stride(0), k_loc.stride(0), k_loc.stride(1), v_loc.stride(0), v_loc.stride(1),
+            k_glb.stride(0), k_glb.stride(1), v_glb.stride(0), v_glb.stride(1),
+            n_loc, n_glb, tiles_glb, n_tiles, per_split, splits, _check_scale(scale),
+            GROUP=group, BLOCK_G=block_g, HEAD_DIM=d, BLOCK_N=block_n, HAS_BIAS=global_bias is not None,
+            INTERPRETER=_INTERPRETED,
+        )
+        _decode_combine_kernel[(hkv,)](
+            part_o, part_m, part_l, win_s, out, lse, received, n_loc, splits, hkv,
+            GROUP=group, BLOCK_G=block_g, HEAD_DIM=d, BLOCK_N=block_n, INTERPRETER=_INTERPRETED,
+        )
+    return out, lse, received
 
 
 def gather_blocks(

@@ -21,7 +21,6 @@ from __future__ import annotations
 import torch
 
 from inf_llm.memory.context_memory import ROTATION_SLACK, ContextMemory
-from inf_llm.memory.rope import apply_rotation
 
 # The int64 values of `args`, in order (indices into the tail's buffers unless said otherwise).
 ARGS = ("write", "window", "remainder", "remainder_len", "rotation", "blocks")
@@ -49,6 +48,7 @@ class StaticDecodeStep:
         self.bias = torch.zeros(self.stage_k.shape[1], dtype=torch.float32, device=device)
         self.rotation_rows = m.n_local + ROTATION_SLACK * m.exc + 1  # every angle the window uses
         self.block_ids: torch.Tensor | None = None  # the last step's selection (1, topk), on the device
+        self.store_slots = torch.arange(0, device=device)  # 0..capacity-1, made by plan() as the store grows
 
     @staticmethod
     def supports(memory: ContextMemory) -> bool:
@@ -74,6 +74,8 @@ class StaticDecodeStep:
         capacity = m.store.repr.shape[0]
         if m._device_counts is None or m._device_counts.shape[0] < capacity:
             m._grow_device_counts(capacity)
+        if self.store_slots.shape[0] != capacity:  # slot numbers of the store, for the lookup's mask
+            self.store_slots = torch.arange(capacity, device=m.device)
         return [tail.offset + tail.length, tail.offset + remainder_len, tail.offset, remainder_len,
                 p - m.rot_base, m.store.count]
 
@@ -82,7 +84,7 @@ class StaticDecodeStep:
         m = self.memory
         cos, sin = m.rope.cos_sin(0, self.rotation_rows, m.dtype)
         tensors = (m.tail.k, m.tail.v, m.tail.k_rot, m.tail.score, m.store.k, m.store.v, m.store.repr,
-                   m._device_counts, m.init_k, m.init_v, cos, sin, self.args)
+                   m._device_counts, m.init_k, m.init_v, cos, sin, self.args, self.store_slots)
         if m.device_cache is not None:
             tensors += (m.device_cache.k, m.device_cache.v, m.device_cache.tags, m.device_cache.stamps,
                         m.device_cache.counters)
@@ -96,7 +98,8 @@ class StaticDecodeStep:
         write = a[0:1]
         cos, sin = m.rope.cos_sin(0, self.rotation_rows, q.dtype)
         angle = a[4:5]
-        qk_loc = apply_rotation(torch.cat((q, k)), cos.index_select(0, angle), sin.index_select(0, angle))
+        # the ops' rotation: one kernel on a GPU (bit-identical to the torch one in 16-bit dtypes), not five
+        qk_loc = m.ops.rotate(torch.cat((q, k)), cos.index_select(0, angle), sin.index_select(0, angle))
         tail.k.index_copy_(1, write, k)
         tail.v.index_copy_(1, write, v)
         tail.k_rot.index_copy_(1, write, qk_loc[m.hq :])
@@ -106,8 +109,7 @@ class StaticDecodeStep:
         q_glb = m.rope.rotate_at(q.to(m.repr_dtype), m.policy.global_query_pos)
         qvec = m._query_vector(q, q_glb)  # (1, Hkv * D)
         scores = torch.mv(store.repr, qvec[0]).unsqueeze(0)  # (1, capacity)
-        slots = torch.arange(store.repr.shape[0], device=m.device)
-        ids = torch.where(slots < a[5], scores, self.neg_inf).topk(cfg.topk, dim=-1).indices  # (1, topk)
+        ids = torch.where(self.store_slots < a[5], scores, self.neg_inf).topk(cfg.topk, dim=-1).indices  # (1, topk)
         bs, n_init = cfg.block_size, m.n_init
         self.stage_k[:, :n_init].copy_(m.init_k)
         self.stage_v[:, :n_init].copy_(m.init_v)
