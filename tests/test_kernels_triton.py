@@ -532,7 +532,7 @@ def _check_cache_blocks(n_blocks, hkv, block_size, d, n_slots, k, steps, pinned=
     def empty_cache():
         cache = torch.zeros(2, n_slots, hkv, block_size, d, dtype=torch.bfloat16, device=DEVICE)
         tags = torch.full((n_slots,), -1, dtype=torch.int64, device=DEVICE)
-        return [cache[0], cache[1], tags, tags.clone(), torch.zeros(3, dtype=torch.int64, device=DEVICE)]
+        return [cache[0], cache[1], tags, tags.clone(), torch.zeros(4, dtype=torch.int64, device=DEVICE)]
 
     caches = {ops: empty_cache() for ops in (triton_attn, reference)}
     for step in range(steps):
@@ -547,7 +547,7 @@ def _check_cache_blocks(n_blocks, hkv, block_size, d, n_slots, k, steps, pinned=
         assert torch.equal(tags[slots[triton_attn][0]], ids[0])
         assert torch.equal(cache_k[slots[triton_attn][0]].cpu(), src_k[ids[0].cpu()].cpu())
         assert torch.equal(cache_v[slots[triton_attn][0]].cpu(), src_v[ids[0].cpu()].cpu())
-    clock, requested, misses = caches[triton_attn][4].tolist()
+    clock, requested, misses, _ = caches[triton_attn][4].tolist()
     assert clock == steps and requested == steps * k and 0 < misses < requested
 
 
@@ -558,13 +558,35 @@ def test_cache_blocks_keeps_hits_and_evicts_the_least_recently_used(n_blocks, n_
     _check_cache_blocks(n_blocks, 2, 8, 16, n_slots, k, steps=12, seed=n_blocks)
 
 
+def test_cache_blocks_prefetch_skips_repeats_and_stops_when_the_slots_are_taken():
+    """Prefetch (a whole call's selections, ahead of its lookups): repeated ids are read once, ids beyond the
+    free slots are left out (slot -1), hits are refreshed; Triton and the reference agree."""
+    gen = torch.Generator().manual_seed(3)
+    src = _rand(20, 2, 8, 16, dtype=torch.bfloat16, gen=gen)
+    results = []
+    for ops in (triton_attn, reference):
+        cache = torch.zeros(2, 4, 2, 8, 16, dtype=torch.bfloat16, device=DEVICE)
+        tags = torch.full((4,), -1, dtype=torch.int64, device=DEVICE)
+        state = (cache[0], cache[1], tags, tags.clone(), torch.zeros(4, dtype=torch.int64, device=DEVICE))
+        ops.cache_blocks(src, src, torch.tensor([[9]], device=DEVICE), *state)  # 9 cached by a lookup
+        slots = ops.cache_blocks(src, src, torch.tensor([[3, 9, 3, 5, 7, 11, 12]], device=DEVICE), *state,
+                                 prefetch=True)
+        results.append((slots, *state))
+        # 9 hits slot 0; 3, 5, 7 take the three free slots; the repeat of 3 and 11, 12 are left out
+        assert slots[0].tolist() == [1, 0, -1, 2, 3, -1, -1]
+        assert state[2].tolist() == [9, 3, 5, 7] and state[4].tolist() == [2, 1, 1, 3]
+        assert torch.equal(state[0][1].cpu(), src[3].cpu())
+    for got, want in zip(*results):
+        assert torch.equal(got, want)
+
+
 def test_cache_blocks_lru_order_and_errors():
     """Empty slots first, then the least recently used; a slot a hit holds is never taken. Bad shapes and
     a cache smaller than the selection are refused."""
     src = torch.arange(8, dtype=torch.float32, device=DEVICE).view(8, 1, 1, 1).expand(8, 1, 1, 16).contiguous()
     cache = torch.zeros(3, 1, 1, 16, device=DEVICE)
     tags = torch.full((3,), -1, dtype=torch.int64, device=DEVICE)
-    stamps, counters = tags.clone(), torch.zeros(3, dtype=torch.int64, device=DEVICE)
+    stamps, counters = tags.clone(), torch.zeros(4, dtype=torch.int64, device=DEVICE)
     state = (cache, cache.clone(), tags, stamps, counters)
 
     def fetch(*ids):
@@ -574,7 +596,7 @@ def test_cache_blocks_lru_order_and_errors():
     assert fetch(7) == [2]
     assert fetch(6, 0) == [1, 0]  # 6 stays; 0 takes the oldest (5's slot 0)
     assert fetch(1, 7) == [0, 2]  # 7 hits slot 2; 1 takes slot 0 (0 and 6 were used together: the lower slot)
-    assert tags.tolist() == [1, 6, 7] and counters.tolist() == [4, 7, 5]  # clock, requested, misses
+    assert tags.tolist() == [1, 6, 7] and counters.tolist() == [4, 7, 5, 0]  # clock, requested, misses, prefetched
     assert state[0][:, 0, 0, 0].tolist() == [1.0, 6.0, 7.0]
     with pytest.raises(ValueError, match="slots"):
         triton_attn.cache_blocks(src, src, torch.arange(4, device=DEVICE)[None], *state)

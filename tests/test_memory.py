@@ -193,6 +193,7 @@ def test_direct_offload_access_matches_the_block_cache(perhead):
         assert direct.device_cache is None and stats.cache_hits == stats.cache_misses == 0
     else:  # a shared selection: the device cache of max_cached_block slots (on a CPU: host bytes)
         assert direct.device_cache.k.shape[0] == 6 and stats.cache_hits > 0 and stats.cache_misses > 0
+        assert stats.cache_prefetched > 0  # multi-block calls read their batch's blocks ahead
         assert stats.host_bytes >= direct.device_cache.nbytes() + direct.store.nbytes()[0]
 
 

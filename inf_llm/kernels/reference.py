@@ -152,35 +152,47 @@ def gather_blocks(
 
 def cache_blocks(
     src_k: torch.Tensor, src_v: torch.Tensor, block_ids: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
-    tags: torch.Tensor, stamps: torch.Tensor, counters: torch.Tensor,
+    tags: torch.Tensor, stamps: torch.Tensor, counters: torch.Tensor, prefetch: bool = False,
 ) -> torch.Tensor:
     """Make the selected blocks resident in a device cache with LRU eviction, bookkept on the device, and
     return the slot of each (1, K) int64, for `global_stage_into` / `gather_blocks` over the cache.
 
     src_k/v (N, Hkv, block_size, D): the store (pinned host memory for the Triton op); block_ids (1, K) int,
     distinct, >= 0; cache_k/v (C, Hkv, block_size, D) with C >= K; tags (C,) int64: the block each slot
-    holds (-1: empty); stamps (C,) int64: the clock value of its last use; counters (3,) int64: the clock
-    (one tick per call), the blocks requested and the misses so far. A selected block already in a slot keeps it (a
-    hit); each miss takes the least recently used slot that no hit of this call holds (empty ones first,
-    then lower stamps, then lower slot numbers), and is copied there from the store.
+    holds (-1: empty); stamps (C,) int64: the clock value of its last use; counters (4,) int64: the clock
+    (one tick per call), the blocks requested, the misses among them, and the blocks prefetched. A selected
+    block already in a slot keeps it (a hit); each miss takes the least recently used slot that no hit of
+    this call holds (empty ones first, then lower stamps, then lower slot numbers), and is copied there from
+    the store. `prefetch`: blocks read ahead of the lookups that will want them: ids may repeat (a repeat
+    gets slot -1) and outnumber the slots (misses beyond the free ones get -1); counted as prefetched.
     """
     ids = block_ids[0].to(tags.device, torch.int64)  # (K,)
     n_slots, k = tags.shape[0], ids.shape[0]
     slot_range = torch.arange(n_slots, device=tags.device)
     match = ids[:, None] == tags[None, :]  # (K, C)
-    hit = match.any(1)
-    hit_slot = torch.where(match, slot_range, -1).amax(1)
-    lru_key = torch.where(match.any(0), torch.iinfo(torch.int64).max, stamps * n_slots + slot_range)
-    victims = lru_key.topk(k, largest=False).indices  # ascending: the j-th miss takes victims[j]
-    miss = ~hit
+    hit_slot = torch.where(match, slot_range, -1).amax(1) if n_slots else torch.full_like(ids, -1)
+    wanted = torch.ones_like(ids, dtype=torch.bool)
+    if prefetch:  # first occurrences only
+        wanted = ~torch.tril(ids[:, None] == ids[None, :], diagonal=-1).any(1)
+    miss = wanted & (hit_slot < 0)
+    held = match.any(0)
+    lru_key = torch.where(held, torch.iinfo(torch.int64).max, stamps * n_slots + slot_range)
     before = torch.cumsum(miss, 0) - miss.long()  # misses ahead of each miss
-    slots = torch.where(hit, hit_slot, victims[before.clamp(max=k - 1)])
+    if prefetch:
+        miss &= before < n_slots - int(held.sum())
+    victims = lru_key.topk(min(k, n_slots), largest=False).indices  # ascending: the j-th miss takes victims[j]
+    slots = torch.where(wanted, hit_slot, -1)
+    slots[miss] = victims[before[miss]]
+    placed = slots >= 0
     clock = counters[0].clone()
-    tags[slots] = ids
-    stamps[slots] = clock
+    tags[slots[placed]] = ids[placed]
+    stamps[slots[placed]] = clock
     counters[0] += 1
-    counters[1] += k
-    counters[2] += miss.sum()
+    if prefetch:
+        counters[3] += miss.sum()
+    else:
+        counters[1] += k
+        counters[2] += miss.sum()
     fill, fetch = slots[miss], ids[miss].to(src_k.device)
     cache_k[fill] = src_k.index_select(0, fetch).to(cache_k.device)
     cache_v[fill] = src_v.index_select(0, fetch).to(cache_v.device)

@@ -882,11 +882,13 @@ def _gather_blocks_kernel(
 @triton.jit
 def _cache_assign_kernel(
     Ids, Tags, Stamps, Counters, Slots, Fill, stride_ik, n_slots,
-    K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, INTERPRETER: tl.constexpr,
+    K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, PREFETCH: tl.constexpr,
+    INTERPRETER: tl.constexpr,
 ):
     """The LRU bookkeeping of `cache_blocks` for one selection, in one program (it reads and rewrites every
     slot's tag). Slots[k]: where block Ids[k] will be; Fill[k]: that slot for a miss (to be copied), -1 for
-    a hit. Grid (1,)."""
+    a hit. PREFETCH: Ids may repeat and outnumber the slots; repeats and the misses beyond the slots no hit
+    holds get -1 in both. Grid (1,)."""
     kk = tl.arange(0, BLOCK_K)
     cc = tl.arange(0, BLOCK_C)
     k_ok = kk < K
@@ -897,25 +899,36 @@ def _cache_assign_kernel(
     clock = tl.load(Counters)
     match = ids[:, None] == tags[None, :]  # (BLOCK_K, BLOCK_C)
     hit_slot = _max(tl.where(match, cc[None, :], -1), 1, INTERPRETER)
-    miss = k_ok & (hit_slot < 0)
+    wanted = k_ok
+    if PREFETCH:  # a repeat of an earlier id is left out
+        ahead = (kk[None, :] < kk[:, None]) & (ids[None, :] == ids[:, None])
+        wanted = k_ok & (_max(ahead.to(tl.int32), 1, INTERPRETER) == 0)
+    miss = wanted & (hit_slot < 0)
     held = _max(match.to(tl.int32), 0, INTERPRETER) > 0  # slots a hit of this call keeps
     # least recently used first: empty slots (stamp -1), then older stamps, then lower slot numbers
     lru_key = tl.where(held | ~c_ok, _NEVER_USED, stamps * n_slots + cc)
     before = _sum(tl.where((kk[None, :] < kk[:, None]) & miss[None, :], 1, 0), 1, INTERPRETER)  # misses ahead
-    slot = hit_slot
+    if PREFETCH:  # as many as there are slots to take
+        miss = miss & (before < n_slots - _sum(held.to(tl.int32), 0, INTERPRETER))
+    slot = tl.where(wanted, hit_slot, -1)
     for j in range(K):  # the j-th miss takes the j-th least recently used slot
         least = _min(lru_key, 0, INTERPRETER)
         victim = _min(tl.where(lru_key == least, cc, BLOCK_C), 0, INTERPRETER)
         slot = tl.where(miss & (before == j), victim, slot)
         lru_key = tl.where(cc == victim, _NEVER_USED, lru_key)
     slot = slot.to(tl.int64)
+    placed = k_ok & (slot >= 0)
     tl.store(Slots + kk, slot, mask=k_ok)
     tl.store(Fill + kk, tl.where(miss, slot, -1), mask=k_ok)
-    tl.store(Tags + slot, ids, mask=k_ok)
-    tl.store(Stamps + slot, slot * 0 + clock, mask=k_ok)
+    tl.store(Tags + slot, ids, mask=placed)
+    tl.store(Stamps + slot, slot * 0 + clock, mask=placed)
     tl.store(Counters, clock + 1)
-    tl.store(Counters + 1, tl.load(Counters + 1) + K)
-    tl.store(Counters + 2, tl.load(Counters + 2) + _sum(miss.to(tl.int64), 0, INTERPRETER))
+    n_miss = _sum(miss.to(tl.int64), 0, INTERPRETER)
+    if PREFETCH:
+        tl.store(Counters + 3, tl.load(Counters + 3) + n_miss)
+    else:
+        tl.store(Counters + 1, tl.load(Counters + 1) + K)
+        tl.store(Counters + 2, tl.load(Counters + 2) + n_miss)
 
 
 @triton.jit
@@ -1585,7 +1598,7 @@ _MAX_CACHE_SLOTS = 2048  # cache_blocks' bookkeeping holds every slot's tag in o
 
 def cache_blocks(
     src_k: torch.Tensor, src_v: torch.Tensor, block_ids: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
-    tags: torch.Tensor, stamps: torch.Tensor, counters: torch.Tensor,
+    tags: torch.Tensor, stamps: torch.Tensor, counters: torch.Tensor, prefetch: bool = False,
 ) -> torch.Tensor:
     """The selected blocks made resident in a device LRU cache, as `reference.cache_blocks`, in two launches
     and no host sync: one program does the bookkeeping (hits keep their slot, misses take the least recently
@@ -1602,11 +1615,11 @@ def cache_blocks(
                          f"{tuple(cache_v.shape)} must be (N, Hkv, bs, D) and (C, Hkv, bs, D)")
     if block_ids.shape[0] != 1 or block_ids.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"block_ids must be (1, K) int32/int64, got {tuple(block_ids.shape)} {block_ids.dtype}")
-    if not k <= n_slots <= _MAX_CACHE_SLOTS:
+    if not (prefetch or k <= n_slots) or n_slots > _MAX_CACHE_SLOTS or k > _MAX_CACHE_SLOTS:
         raise ValueError(f"the cache has {n_slots} slots: need between the {k} blocks selected and {_MAX_CACHE_SLOTS}")
-    if tags.shape != (n_slots,) or stamps.shape != (n_slots,) or counters.shape != (3,):
+    if tags.shape != (n_slots,) or stamps.shape != (n_slots,) or counters.shape != (4,):
         raise ValueError(f"tags {tuple(tags.shape)} / stamps {tuple(stamps.shape)} / counters "
-                         f"{tuple(counters.shape)} must be ({n_slots},) / ({n_slots},) / (3,)")
+                         f"{tuple(counters.shape)} must be ({n_slots},) / ({n_slots},) / (4,)")
     if any(t.dtype != torch.int64 for t in (tags, stamps, counters)):
         raise ValueError("tags, stamps and counters must be int64")
     if src_k.dtype != cache_k.dtype or src_v.dtype != cache_v.dtype:
@@ -1622,7 +1635,10 @@ def cache_blocks(
     with _device_guard(cache_k.device):
         _cache_assign_kernel[(1,)](
             block_ids, tags, stamps, counters, placed, placed[1], block_ids.stride(1), n_slots,
-            K=k, BLOCK_K=_next_pow2(k), BLOCK_C=_next_pow2(n_slots), INTERPRETER=_INTERPRETED,
+            K=k, BLOCK_K=_next_pow2(k), BLOCK_C=_next_pow2(n_slots), PREFETCH=bool(prefetch),
+            INTERPRETER=_INTERPRETED,
+            # a prefetch's (ids x slots) matrices: more threads hold them (4 warps would spill them)
+            **({} if _INTERPRETED else {"num_warps": 4 if _next_pow2(k) * _next_pow2(n_slots) <= 8192 else 16}),
         )
         _gather_blocks_kernel[(k, hkv)](
             src_k, src_v, block_ids, cache_k, cache_v, placed[1],

@@ -130,21 +130,48 @@ class DeviceBlockCache:
         self.v = torch.empty_like(self.k)
         self.tags = torch.full((capacity,), -1, dtype=torch.int64, device=device)  # block id per slot, -1: empty
         self.stamps = torch.full_like(self.tags, -1)  # clock value of each slot's last use
-        self.counters = torch.zeros(3, dtype=torch.int64, device=device)  # clock, blocks requested, misses
+        # clock, blocks requested by lookups, misses among them, blocks prefetched
+        self.counters = torch.zeros(4, dtype=torch.int64, device=device)
+        self._prefetched: torch.cuda.Event | None = None  # the side stream's last prefetch
 
     def fetch(self, ops, store: "BlockStore", block_ids: torch.Tensor) -> torch.Tensor:
         """Make `block_ids` (1, K) resident; returns their slots (1, K) int64, on the device."""
+        self.settle()
         return ops.cache_blocks(store.k, store.v, block_ids, self.k, self.v, self.tags, self.stamps, self.counters)
 
-    def hits_and_misses(self) -> tuple[int, int]:
-        """Blocks found resident and blocks read from the store so far (a host read of the counters)."""
-        requested, misses = self.counters[1:].tolist()
-        return requested - misses, misses
+    def prefetch(self, ops, store: "BlockStore", block_ids: torch.Tensor, stream: "torch.cuda.Stream | None") -> None:
+        """Start making `block_ids` (1, n), repeats allowed, resident (as many as there are slots) on the side
+        `stream`, after the work queued so far on the current stream (which computed the ids); whatever
+        touches the cache next waits for it (`settle`). Without a stream (a CPU), right here."""
+        if stream is None:
+            ops.cache_blocks(store.k, store.v, block_ids, self.k, self.v, self.tags, self.stamps, self.counters,
+                             prefetch=True)
+            return
+        stream.wait_stream(torch.cuda.current_stream(self.k.device))
+        with torch.cuda.stream(stream):
+            ops.cache_blocks(store.k, store.v, block_ids, self.k, self.v, self.tags, self.stamps, self.counters,
+                             prefetch=True)
+        block_ids.record_stream(stream)  # allocated on the current stream, read on the side one
+        self._prefetched = stream.record_event()
+
+    def settle(self) -> None:
+        """The current stream waits for a pending prefetch (before the cache is read, changed or captured)."""
+        if self._prefetched is not None:
+            torch.cuda.current_stream(self.k.device).wait_event(self._prefetched)
+            self._prefetched = None
+
+    def counts(self) -> tuple[int, int, int]:
+        """Blocks found resident by lookups, blocks they read from the store, and blocks prefetched, so far
+        (a host read of the counters)."""
+        self.settle()
+        requested, misses, prefetched = self.counters[1:].tolist()
+        return requested - misses, misses, prefetched
 
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes
 
     def clear(self) -> None:
         """Forget every slot (the store's contents changed)."""
+        self.settle()
         self.tags.fill_(-1)
         self.stamps.fill_(-1)

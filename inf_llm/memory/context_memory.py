@@ -85,6 +85,7 @@ class LayerStats:
     cache_misses: int
     device_bytes: int
     host_bytes: int
+    cache_prefetched: int = 0  # offload_access: direct: blocks read ahead of the lookups (async_global_stream)
 
 
 @dataclass
@@ -120,6 +121,7 @@ class ContextMemory:
     ):
         """`host_storage`: lent host tensors for an offloaded store (`HostBlockPool`)."""
         self.cfg = cfg
+        self.copy_stream = copy_stream
         self.policy = MemoryPolicy.of(cfg)
         self.rope = rope
         self.ops = ops
@@ -223,6 +225,8 @@ class ContextMemory:
             self.device_lookup or self.cfg.chunk_topk_calc
         ):
             self._call_qvecs = self._query_vectors(q_glb, bounds, start)
+            if self._direct and not self.cfg.perhead and (self.copy_stream is not None or self.device.type == "cpu"):
+                self._prefetch_blocks()  # on a CPU (tests) inline: no stream to overlap with
         # Local stage of every query of the call in one launch: it depends on nothing the execution blocks
         # change (formation only moves the tail's front past keys no later query's window reaches).
         kv_start = self.tail.first_pos if self.n_local is None else max(start - self.n_local + 1, self.tail.first_pos)
@@ -343,11 +347,11 @@ class ContextMemory:
                 device_bytes += storage
         if self.device.type == "cpu":
             host_bytes, device_bytes = host_bytes + device_bytes, 0
-        hits, misses = 0, 0
+        hits, misses, prefetched = 0, 0, 0
         if self.cache is not None:
             hits, misses = self.cache.hits, self.cache.misses
         elif self.device_cache is not None:
-            hits, misses = self.device_cache.hits_and_misses()  # host copy of the device counters, here only
+            hits, misses, prefetched = self.device_cache.counts()  # host copy of the device counters, here only
         return LayerStats(
             seen_tokens=self.seen,
             init_tokens=self.init_len,
@@ -358,6 +362,7 @@ class ContextMemory:
             cache_misses=misses,
             device_bytes=device_bytes,
             host_bytes=host_bytes,
+            cache_prefetched=prefetched,
         )
 
     def block_range(self, block_id: int) -> tuple[int, int]:
@@ -675,14 +680,31 @@ class ContextMemory:
         execution block was a GEMV and a top-k of several launches each, in every layer."""
         topk, batch = self.cfg.topk, self._lookup
         if batch is None:
-            scores = self._block_scores(self._call_qvecs, 0, n_blocks)  # (n_exec, Hsel, N)
-            values, indices = scores.topk(topk, dim=-1)
-            rows = (values.unbind(0), indices.unbind(0), self._call_qvecs.unbind(0))  # views in three calls
-            batch = self._lookup = _Lookup(0, n_blocks, values, indices, self._call_qvecs, rows)
+            batch = self._batch_lookup(n_blocks)
         values, indices, query = (part[index] for part in batch.rows)
         if n_blocks == batch.known_blocks:
             return indices
         return self.ops.refine_topk(values, indices, query, self.store.representatives(), batch.known_blocks, topk)
+
+    def _batch_lookup(self, n_blocks: int) -> _Lookup:
+        """The call's lookups over the blocks existing now: one matmul and one top-k (device path)."""
+        scores = self._block_scores(self._call_qvecs, 0, n_blocks)  # (n_exec, Hsel, N)
+        values, indices = scores.topk(self.cfg.topk, dim=-1)
+        rows = (values.unbind(0), indices.unbind(0), self._call_qvecs.unbind(0))  # views in three calls
+        self._lookup = _Lookup(0, n_blocks, values, indices, self._call_qvecs, rows)
+        return self._lookup
+
+    def _prefetch_blocks(self) -> None:
+        """offload_access: direct with async_global_stream: the blocks the call's lookups select among those
+        existing now (the batch top-k; execution blocks refine it only with blocks formed since) start
+        crossing the bus on the side stream while the local stage runs, so that their global stages find
+        them cached. Random-weight models retrieve almost at random; this hides the bus time of most of a
+        prefill's misses behind the local stage."""
+        n_blocks = self.store.count
+        if n_blocks <= self.cfg.topk:
+            return
+        batch = self._batch_lookup(n_blocks)
+        self.block_cache_on_device().prefetch(self.ops, self.store, batch.indices.view(1, -1), self.copy_stream)
 
     def _count_device_selections(self, force: bool = False) -> None:
         """Device path: add the pending selections to the per-block counts, on the device (a block counts

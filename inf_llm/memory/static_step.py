@@ -68,8 +68,8 @@ class StaticDecodeStep:
                 or tail.offset + tail.length >= tail.k.shape[1]):
             return None
         m.rope.cos_sin(0, self.rotation_rows, m.dtype)
-        if m._direct:
-            m.block_cache_on_device()  # allocated (and emptied) here, not inside a capture
+        if m._direct:  # allocated (and emptied) here, and a prefill's prefetch waited for: not inside a capture
+            m.block_cache_on_device().settle()
         m._count_device_selections(force=True)  # the ordinary steps' pending selections
         capacity = m.store.repr.shape[0]
         if m._device_counts is None or m._device_counts.shape[0] < capacity:
