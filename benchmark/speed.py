@@ -319,6 +319,7 @@ def _summed_stats(cache) -> dict | None:
         "blocks_per_layer": stats[0].blocks,
         "cache_hits": sum(s.cache_hits for s in stats),
         "cache_misses": sum(s.cache_misses for s in stats),
+        "cache_prefetched": sum(s.cache_prefetched for s in stats),
         "device_bytes": sum(s.device_bytes for s in stats),
         "host_bytes": sum(s.host_bytes for s in stats),
     }
@@ -508,7 +509,8 @@ def _cache_note(r: Result) -> str:
         return ""
     decoded = m.get("decode_cache_hits", 0) + m.get("decode_cache_misses", 0)
     decode = f", decode {m['decode_cache_hits'] / decoded:.1%} of {decoded:,}" if decoded else ""
-    return f"; block cache hits {m['cache_hits'] / looked_up:.1%} of {looked_up:,}{decode}"
+    prefetched = f", {m['cache_prefetched']:,} prefetched" if m.get("cache_prefetched") else ""
+    return f"; block cache hits {m['cache_hits'] / looked_up:.1%} of {looked_up:,}{decode}{prefetched}"
 
 
 def _graph_note(r: Result) -> str:
