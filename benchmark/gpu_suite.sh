@@ -9,6 +9,7 @@
 #   bash benchmark/gpu_suite.sh OUT profile # wall vs kernel time per 8K chunk at 16K-80K, with GPU clocks sampled
 #   bash benchmark/gpu_suite.sh OUT cache   # direct's device block cache: its kernel tests, the flat configuration at
 #                                           # 32K/128K/512K, at 128K with 128 slots, and the device path at 128K
+#   bash benchmark/gpu_suite.sh OUT table   # report's speed runs and profile, without its tests
 #   bash benchmark/gpu_suite.sh OUT report  # one ~8-minute command: quick kernel tests, speed (32K/128K with
 #                                           # origin, then 512K), flat, profile, then the agreement tests
 #
@@ -17,8 +18,8 @@
 # H200). Wheels the machine lacks: scripts/fetch_device_wheels.sh (installed here when .wheels exists).
 set -uo pipefail
 cd "$(dirname "$(realpath "$0")")/.."
-OUT=${1:?usage: gpu_suite.sh OUT tests|speed|fused|flat|profile|cache|report}
-PART=${2:?usage: gpu_suite.sh OUT tests|speed|fused|flat|profile|cache|report}
+OUT=${1:?usage: gpu_suite.sh OUT tests|speed|fused|flat|profile|cache|table|report}
+PART=${2:?usage: gpu_suite.sh OUT tests|speed|fused|flat|profile|cache|table|report}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 if [ -f .wheels/requirements.txt ]; then
@@ -93,6 +94,14 @@ cache)
         --out "$OUT/speed-device-128k.json" >> "$log" 2>&1
     grep -E "passed|failed|\] prefill|^inf-llm" "$log"
     ;;
+table)  # the report's measurements without its tests (~7 minutes)
+    log="$OUT/report.log"
+    speed_main 240 "$log"
+    speed_512k 120 "$log"
+    speed_flat 200 "$log"
+    profile 120
+    grep -E "^inf-llm|^origin|wall per chunk" "$log" "$OUT/profile-prefill.txt"
+    ;;
 report)  # logs appended to one file: 7 files in all
     log="$OUT/report.log"
     timeout 120 python -m pytest -q -m gpu tests/test_kernels_triton.py -k "refine or rotate or global_stage" \
@@ -106,7 +115,7 @@ report)  # logs appended to one file: 7 files in all
     grep -E "passed|failed|^inf-llm|^origin|wall per chunk" "$log" "$OUT/profile-prefill.txt"
     ;;
 *)
-    echo "unknown part $PART: tests, speed, fused, flat, profile, cache or report" >&2
+    echo "unknown part $PART: tests, speed, fused, flat, profile, cache, table or report" >&2
     exit 2
     ;;
 esac
