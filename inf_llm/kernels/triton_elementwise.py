@@ -20,7 +20,14 @@ import triton
 import triton.language as tl
 
 from inf_llm.kernels.triton_attn import (
-    _INTERPRETED, _cdiv, _check_device, _device_guard, _next_pow2, _round_to, _rounded, _sum,
+    _INTERPRETED,
+    _cdiv,
+    _check_device,
+    _device_guard,
+    _next_pow2,
+    _round_to,
+    _rounded,
+    _sum,
 )
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)

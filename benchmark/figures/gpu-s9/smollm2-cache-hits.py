@@ -1,9 +1,18 @@
-"""SmolLM2 on CPU, offload_access: direct: block-cache hit shares of prefill and of decode on real text."""
-import sys, glob, torch
-sys.path.insert(0, "/work/main")
-from benchmark.common import load_for_eval, prefill_chunks
-from inf_llm.adapter import InfLLMCache, cache_kwargs
+"""SmolLM2 on CPU, offload_access: direct: the device block cache's hit shares in prefill and in decode on real
+text (this repository's docs, 16K tokens) with a trained model. Output: smollm2-cache-hits-32.log.
+
+    python benchmark/figures/gpu-s9/smollm2-cache-hits.py 32   # max_cached_block
+"""
+import glob
+import sys
+
+import torch
 from transformers import GenerationConfig
+
+sys.path.insert(0, "/work/main")
+from benchmark.common import load_for_eval, prefill_chunks  # noqa: E402
+from inf_llm.adapter import InfLLMCache, cache_kwargs  # noqa: E402
+
 slots = sys.argv[1] if len(sys.argv) > 1 else "32"
 model, tok, cfg = load_for_eval(None, ["model.offload=true", "model.offload_access=direct", "model.pin_memory=true",
                                        f"model.max_cached_block={slots}"])
@@ -16,13 +25,18 @@ print("prompt tokens", ids.shape[1])
 cache = InfLLMCache(model)
 with torch.inference_mode():
     prefill_chunks(model, cfg, cache, ids, 0, ids.shape[1] - 1)
+
+
 def hits():
     st = cache.stats()
     return sum(s.cache_hits for s in st), sum(s.cache_misses for s in st)
+
+
 h0, m0 = hits()
 with torch.inference_mode():
     out = model.generate(ids, generation_config=GenerationConfig(max_new_tokens=128, do_sample=False,
                          pad_token_id=tok.eos_token_id), **cache_kwargs(model, cache))
 h1, m1 = hits()
-print(f"slots {slots}: prefill hits {h0/(h0+m0):.1%} of {h0+m0}; decode hits {(h1-h0)/(h1-h0+m1-m0):.1%} of {h1-h0+m1-m0}")
+print(f"slots {slots}: prefill hits {h0 / (h0 + m0):.1%} of {h0 + m0}; "
+      f"decode hits {(h1 - h0) / (h1 - h0 + m1 - m0):.1%} of {h1 - h0 + m1 - m0}")
 print(repr(tok.decode(out[0, ids.shape[1]:])[:300]))
