@@ -47,6 +47,7 @@ if __package__ in (None, ""):  # run as `python benchmark/speed.py`: make the re
 
 from inf_llm.adapter import InfLLMCache, cache_kwargs, patch_model, unpatch_model  # noqa: E402
 from inf_llm.config import InfLLMConfig, load_config  # noqa: E402
+from inf_llm.engine.worker import freeze_long_lived_objects  # noqa: E402
 from inf_llm.errors import ConfigError  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -180,6 +181,9 @@ def _parse(argv=None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results (rewritten after every measurement)")
     p.add_argument("--fail-fast", action="store_true",
                    help="re-raise an error in a row instead of recording it and going on with the next")
+    p.add_argument("--no-gc-freeze", action="store_true",
+                   help="leave the objects alive after the model is built to Python's cyclic garbage collector\n"
+                        "(default: frozen, as the engine does: inf_llm.engine.worker.freeze_long_lived_objects)")
     args = p.parse_args(argv)
     args.rows = [r.strip() for r in args.rows.split(",") if r.strip()]
     unknown = [r for r in args.rows if r not in ROWS]
@@ -645,6 +649,8 @@ def main(argv=None) -> int:
         weights_bytes = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
     _say(f"model {args.shape}: {n_params / 1e9:.2f}B parameters, {weights_bytes / GIB:.2f} GiB on {device} "
          f"({args.dtype}), built in {time.perf_counter() - t0:.1f}s")
+    if not args.no_gc_freeze:
+        freeze_long_lived_objects()
 
     gen = torch.Generator().manual_seed(args.seed)
     ids = torch.randint(0, model.config.vocab_size, (1, max(args.lengths)), generator=gen).to(device)  # all rows
