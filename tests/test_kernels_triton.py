@@ -429,9 +429,11 @@ def test_gather_blocks_into_strided_slots(per_head, block_size, pinned):
 
 @pytest.mark.parametrize("block_size", [8, 24, 128])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_form_blocks_writes_store_slots_and_representatives(block_size, dtype):
+@pytest.mark.parametrize("pinned", [False, pytest.param(True, marks=pytest.mark.skipif(INTERPRET, reason="GPU"))])
+def test_form_blocks_writes_store_slots_and_representatives(block_size, dtype, pinned):
     """New blocks from tail-like strided views: K/V copied into the store slots exactly, representatives the
-    reference's (the mean of the repr_topk best-scored keys, float32); ties resolve to a valid choice."""
+    reference's (the mean of the repr_topk best-scored keys, float32); ties resolve to a valid choice. On a
+    GPU also into a pinned host store (offload_access: direct: the kernel writes it over the bus)."""
     gen = torch.Generator().manual_seed(8)
     hkv, n, d, repr_topk = 3, 2, 32, 4
     tail_k = _rand(hkv, 7 + n * block_size, d, dtype=dtype, gen=gen)  # 7 tokens before the new blocks
@@ -444,10 +446,15 @@ def test_form_blocks_writes_store_slots_and_representatives(block_size, dtype):
     for op in (triton_attn.form_blocks, reference.form_blocks):
         store_k = torch.zeros(5, hkv, block_size, d, dtype=dtype, device=DEVICE)
         store_v, store_repr = torch.zeros_like(store_k), torch.zeros(5, hkv * d, device=DEVICE)
+        if pinned and op is triton_attn.form_blocks:
+            store_k, store_v = store_k.cpu().pin_memory(), store_v.cpu().pin_memory()
         op(keys, values, scores, repr_topk, store_k[1 : 1 + n], store_v[1 : 1 + n],
            store_repr[1 : 1 + n].view(n, hkv, d))
         results.append((store_k, store_v, store_repr))
     (got_k, got_v, got_r), (ref_k, ref_v, ref_r) = results
+    if pinned:
+        torch.cuda.synchronize()  # the kernel's writes to host memory, before the host reads them
+        got_k, got_v = got_k.to(DEVICE), got_v.to(DEVICE)
     assert torch.equal(got_k, ref_k) and torch.equal(got_v, ref_v)
     assert torch.equal(got_k[1:3].transpose(0, 1).cpu(), keys.cpu()) and (got_k[0] == 0).all()
     torch.testing.assert_close(got_r, ref_r, rtol=1e-6, atol=1e-6)
@@ -715,6 +722,13 @@ def test_decode_attention_gpu(dtype):
     remainder slots (the last hidden), 32 query heads on 8 KV heads of 128; and a D 64 group-3 case."""
     _check_decode_attention(8, 4, 128, 4096, 128 + 16 * 128 + 128, True, dtype, seed=1)
     _check_decode_attention(4, 3, 64, 1000, 300, False, dtype, seed=2)
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_form_blocks_into_pinned_host_memory_gpu():
+    """offload_access: direct forms blocks straight into the pinned host store."""
+    test_form_blocks_writes_store_slots_and_representatives(128, BF16, True)
 
 
 @pytest.mark.gpu

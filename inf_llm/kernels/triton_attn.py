@@ -911,11 +911,14 @@ def _cache_assign_kernel(
     if PREFETCH:  # as many as there are slots to take
         miss = miss & (before < n_slots - _sum(held.to(tl.int32), 0, INTERPRETER))
     slot = tl.where(wanted, hit_slot, -1)
-    for j in range(K):  # the j-th miss takes the j-th least recently used slot
+    n_miss = _sum(miss.to(tl.int64), 0, INTERPRETER)
+    j = n_miss * 0
+    while j < n_miss:  # the j-th miss takes the j-th least recently used slot (a lookup has few misses)
         least = _min(lru_key, 0, INTERPRETER)
         victim = _min(tl.where(lru_key == least, cc, BLOCK_C), 0, INTERPRETER)
         slot = tl.where(miss & (before == j), victim, slot)
         lru_key = tl.where(cc == victim, _NEVER_USED, lru_key)
+        j += 1
     slot = slot.to(tl.int64)
     placed = k_ok & (slot >= 0)
     tl.store(Slots + kk, slot, mask=k_ok)
@@ -923,7 +926,6 @@ def _cache_assign_kernel(
     tl.store(Tags + slot, ids, mask=placed)
     tl.store(Stamps + slot, slot * 0 + clock, mask=placed)
     tl.store(Counters, clock + 1)
-    n_miss = _sum(miss.to(tl.int64), 0, INTERPRETER)
     if PREFETCH:
         tl.store(Counters + 3, tl.load(Counters + 3) + n_miss)
     else:
@@ -1658,11 +1660,15 @@ def form_blocks(
     top-k, a gather, a mean and three copies: host launches bound the prefill's per-execution-block work).
 
     keys/values (Hkv, n, bs, D) and scores (Hkv, n, bs) float32, e.g. views of the tail; dst_k/dst_v
-    (n, Hkv, bs, D) and dst_repr (n, Hkv, D) float32: the store's new slots, on the same device. Last
-    dimensions contiguous. Among equal scores the lowest position is taken first.
+    (n, Hkv, bs, D) and dst_repr (n, Hkv, D) float32: the store's new slots, on the same device (K/V may
+    also be pinned host memory, written by the GPU over the bus: offload_access: direct). Last dimensions
+    contiguous. Among equal scores the lowest position is taken first.
     """
-    _check_tensors((("keys", keys, 4), ("values", values, 4), ("scores", scores, 3), ("dst_k", dst_k, 4),
-                    ("dst_v", dst_v, 4), ("dst_repr", dst_repr, 3)), "keys", keys)
+    _check_tensors((("keys", keys, 4), ("values", values, 4), ("scores", scores, 3), ("dst_repr", dst_repr, 3)),
+                   "keys", keys)
+    _check_tensors((("dst_k", dst_k, 4), ("dst_v", dst_v, 4)), "dst_k", dst_k)
+    if dst_k.device != keys.device and not (dst_k.is_pinned() and dst_v.is_pinned()):
+        raise ValueError(f"dst_k/dst_v on {dst_k.device} must be on {keys.device} like keys, or pinned host memory")
     hkv, n, bs, d = keys.shape
     if values.shape != keys.shape or scores.shape != (hkv, n, bs):
         raise ValueError(f"values {tuple(values.shape)} / scores {tuple(scores.shape)} must match keys "

@@ -816,7 +816,8 @@ class ContextMemory:
         scores = self.tail.scores(first, first + n * bs).unflatten(1, (n, bs))  # (Hkv, n, bs)
         starts = [first + i * bs for i in range(n)]
         store = self.store
-        if store.codec is None and store.k.device == self.device:  # one op writes the store's new slots
+        # one op writes the store's new slots: on the device, or (direct) in pinned host memory over the bus
+        if store.codec is None and (store.k.device == self.device or self._direct):
             new = store.claim(n, starts)
             self.ops.form_blocks(keys, values, scores, self.cfg.repr_topk, store.k[new], store.v[new],
                                  store.repr[new].view(n, self.hkv, self.d))
