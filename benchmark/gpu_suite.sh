@@ -53,6 +53,12 @@ profile() {  # with the GPU's clocks, power and throttle reasons sampled every 2
         > "$OUT/profile-prefill.txt" 2>&1
     kill $smi
 }
+table_runs() {  # the README table's runs into log $1, then the profile with time limit $2
+    speed_main 240 "$1"
+    speed_512k 120 "$1"
+    speed_flat 200 "$1"
+    profile "$2"
+}
 
 case "$PART" in
 tests)
@@ -96,20 +102,14 @@ cache)
     ;;
 table)  # the report's measurements without its tests (~7 minutes)
     log="$OUT/report.log"
-    speed_main 240 "$log"
-    speed_512k 120 "$log"
-    speed_flat 200 "$log"
-    profile 120
+    table_runs "$log" 120
     grep -E "^inf-llm|^origin|wall per chunk" "$log" "$OUT/profile-prefill.txt"
     ;;
 report)  # logs appended to one file: 7 files in all
     log="$OUT/report.log"
     timeout 120 python -m pytest -q -m gpu tests/test_kernels_triton.py -k "refine or rotate or global_stage" \
         -p no:cacheprovider >> "$log" 2>&1
-    speed_main 240 "$log"
-    speed_512k 120 "$log"
-    speed_flat 200 "$log"
-    profile 150
+    table_runs "$log" 150
     timeout "${TESTS_TIMEOUT:-150}" python -m pytest -q -rA -m gpu tests/test_gpu_agreement.py -p no:cacheprovider \
         >> "$log" 2>&1
     grep -E "passed|failed|^inf-llm|^origin|wall per chunk" "$log" "$OUT/profile-prefill.txt"

@@ -30,7 +30,7 @@ DEFAULT_CONFIG_NAME = "smollm2-135m-inf-llm.yaml"
 # The original project's "no limit" value for max_len (int32 max).
 UNLIMITED_LEN = 2147483647
 # offload_access: direct bookkeeps its block cache in one GPU program, which holds every slot's tag in
-# registers (inf_llm.kernels.triton_attn._MAX_CACHE_SLOTS is the same bound)
+# registers (the bound inf_llm.kernels.triton_attn.cache_blocks enforces too)
 MAX_DEVICE_CACHED_BLOCKS = 2048
 
 

@@ -39,6 +39,7 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
+from inf_llm.config import MAX_DEVICE_CACHED_BLOCKS
 from inf_llm.kernels.reference import NEG_INF, masked_attention, prefix_mask, window_mask
 
 __all__ = [
@@ -111,12 +112,10 @@ def _prune_configs(configs, named_args, **kwargs):
 
 @triton.jit
 def _round_to(x, dtype: tl.constexpr, INTERPRETER: tl.constexpr):
-    """float32 x -> dtype, rounding to nearest even (done on the bits where the interpreter would truncate)."""
+    """float32 x -> dtype, rounding to nearest even (first on the bits where the interpreter would truncate:
+    the conversion of an already rounded value is exact)."""
     if INTERPRETER:
-        if dtype == tl.bfloat16:
-            bits = x.to(tl.uint32, bitcast=True)
-            bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
-            x = bits.to(tl.float32, bitcast=True)
+        x = _rounded(x, dtype, INTERPRETER)
     return x.to(dtype)
 
 
@@ -1578,24 +1577,35 @@ def gather_blocks(
     _check_device(dst_k.device)
     if block_ids.device != dst_k.device or dst_v.device != dst_k.device:
         raise ValueError("block_ids, dst_k and dst_v must be on one device")
-    if src_k.device != dst_k.device and not (src_k.is_pinned() and src_v.is_pinned()):
-        raise ValueError(f"src on {src_k.device} must be pinned host memory (or on {dst_k.device})")
+    _check_on_or_pinned("src", src_k, src_v, dst_k.device)
     if d & (d - 1) or d > _MAX_HEAD_DIM:
         raise ValueError(f"head dim {d} is not supported: need a power of two <= {_MAX_HEAD_DIM}")
     if n_sel == 0 or hkv == 0 or block_size == 0:
         return
     with _device_guard(dst_k.device):
-        _gather_blocks_kernel[(n_sel, hkv)](
-            src_k, src_v, block_ids, dst_k, dst_v, block_ids,
-            *src_k.stride()[:3], *src_v.stride()[:3], *block_ids.stride(),
-            *dst_k.stride()[:3], *dst_v.stride()[:3],
-            PER_HEAD=block_ids.shape[0] > 1, INDIRECT=False, HEAD_DIM=d, BLOCK_SIZE=block_size,
-            BLOCK_T=_INTERPRETER_BLOCK if _INTERPRETED else 32,
-        )
+        _launch_gather(src_k, src_v, block_ids, dst_k, dst_v)
 
 
-_MAX_CACHE_SLOTS = 2048  # cache_blocks' bookkeeping holds every slot's tag in one program's registers (the
-# config refuses more: inf_llm.config.MAX_DEVICE_CACHED_BLOCKS)
+def _check_on_or_pinned(name: str, k: torch.Tensor, v: torch.Tensor, device: torch.device) -> None:
+    """K/V blocks a kernel reads or writes over the bus: on `device`, or in pinned host memory."""
+    if k.device != device and not (k.is_pinned() and v.is_pinned()):
+        raise ValueError(f"{name} on {k.device} must be pinned host memory (or on {device})")
+
+
+def _launch_gather(src_k, src_v, block_ids, dst_k, dst_v, dst_rows: torch.Tensor | None = None) -> None:
+    """`_gather_blocks_kernel` over (K, Hkv) for validated tensors: into rows 0..K-1 of dst, or into
+    `dst_rows[j]` for each j with dst_rows[j] >= 0 (the shared top-k's misses of `cache_blocks`)."""
+    _gather_blocks_kernel[(block_ids.shape[1], dst_k.shape[1])](
+        src_k, src_v, block_ids, dst_k, dst_v, dst_rows if dst_rows is not None else block_ids,
+        *src_k.stride()[:3], *src_v.stride()[:3], *block_ids.stride(),
+        *dst_k.stride()[:3], *dst_v.stride()[:3],
+        PER_HEAD=block_ids.shape[0] > 1, INDIRECT=dst_rows is not None, HEAD_DIM=dst_k.shape[3],
+        BLOCK_SIZE=dst_k.shape[2], BLOCK_T=_INTERPRETER_BLOCK if _INTERPRETED else 32,
+    )
+
+
+# cache_blocks' bookkeeping holds every slot's tag in one program's registers; the config refuses more
+_MAX_CACHE_SLOTS = MAX_DEVICE_CACHED_BLOCKS
 
 
 def cache_blocks(
@@ -1626,8 +1636,7 @@ def cache_blocks(
         raise ValueError("tags, stamps and counters must be int64")
     if src_k.dtype != cache_k.dtype or src_v.dtype != cache_v.dtype:
         raise ValueError(f"src ({src_k.dtype}) and cache ({cache_k.dtype}) dtypes differ")
-    if src_k.device != cache_k.device and not (src_k.is_pinned() and src_v.is_pinned()):
-        raise ValueError(f"src on {src_k.device} must be pinned host memory (or on {cache_k.device})")
+    _check_on_or_pinned("src", src_k, src_v, cache_k.device)
     if d & (d - 1) or d > _MAX_HEAD_DIM:
         raise ValueError(f"head dim {d} is not supported: need a power of two <= {_MAX_HEAD_DIM}")
     _check_device(cache_k.device)
@@ -1642,13 +1651,7 @@ def cache_blocks(
             # a prefetch's (ids x slots) matrices: more threads hold them (4 warps would spill them)
             **({} if _INTERPRETED else {"num_warps": 4 if _next_pow2(k) * _next_pow2(n_slots) <= 8192 else 16}),
         )
-        _gather_blocks_kernel[(k, hkv)](
-            src_k, src_v, block_ids, cache_k, cache_v, placed[1],
-            *src_k.stride()[:3], *src_v.stride()[:3], *block_ids.stride(),
-            *cache_k.stride()[:3], *cache_v.stride()[:3],
-            PER_HEAD=False, INDIRECT=True, HEAD_DIM=d, BLOCK_SIZE=block_size,
-            BLOCK_T=_INTERPRETER_BLOCK if _INTERPRETED else 32,
-        )
+        _launch_gather(src_k, src_v, block_ids, cache_k, cache_v, dst_rows=placed[1])
     return placed[:1]
 
 
@@ -1667,8 +1670,7 @@ def form_blocks(
     _check_tensors((("keys", keys, 4), ("values", values, 4), ("scores", scores, 3), ("dst_repr", dst_repr, 3)),
                    "keys", keys)
     _check_tensors((("dst_k", dst_k, 4), ("dst_v", dst_v, 4)), "dst_k", dst_k)
-    if dst_k.device != keys.device and not (dst_k.is_pinned() and dst_v.is_pinned()):
-        raise ValueError(f"dst_k/dst_v on {dst_k.device} must be on {keys.device} like keys, or pinned host memory")
+    _check_on_or_pinned("dst_k/dst_v", dst_k, dst_v, keys.device)
     hkv, n, bs, d = keys.shape
     if values.shape != keys.shape or scores.shape != (hkv, n, bs):
         raise ValueError(f"values {tuple(values.shape)} / scores {tuple(scores.shape)} must match keys "

@@ -143,16 +143,14 @@ class DeviceBlockCache:
         """Start making `block_ids` (1, n), repeats allowed, resident (as many as there are slots) on the side
         `stream`, after the work queued so far on the current stream (which computed the ids); whatever
         touches the cache next waits for it (`settle`). Without a stream (a CPU), right here."""
-        if stream is None:
+        if stream is not None:
+            stream.wait_stream(torch.cuda.current_stream(self.k.device))
+        with torch.cuda.stream(stream):  # a no-op without a stream
             ops.cache_blocks(store.k, store.v, block_ids, self.k, self.v, self.tags, self.stamps, self.counters,
                              prefetch=True)
-            return
-        stream.wait_stream(torch.cuda.current_stream(self.k.device))
-        with torch.cuda.stream(stream):
-            ops.cache_blocks(store.k, store.v, block_ids, self.k, self.v, self.tags, self.stamps, self.counters,
-                             prefetch=True)
-        block_ids.record_stream(stream)  # allocated on the current stream, read on the side one
-        self._prefetched = stream.record_event()
+        if stream is not None:
+            block_ids.record_stream(stream)  # allocated on the current stream, read on the side one
+            self._prefetched = stream.record_event()
 
     def settle(self) -> None:
         """The current stream waits for a pending prefetch (before the cache is read, changed or captured)."""
