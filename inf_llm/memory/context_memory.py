@@ -233,7 +233,7 @@ class ContextMemory:
         if self.rot_base is None or (
             self.n_local is not None and end - 1 - self.rot_base > self.n_local + max(ROTATION_SLACK * self.exc, length)
         ):
-            self._rebase_rotation(kv_start, by_ops=True)
+            self._rebase_rotation(kv_start)
         q_loc = self._rotate(q, start - self.rot_base)
         piece = getattr(self.ops, "LOCAL_STAGE_ROWS", None) or self.exc or LOCAL_STAGE_ROWS
         out = lse = None
@@ -284,8 +284,8 @@ class ContextMemory:
         window_start = max(p - self.n_local + 1, self.tail.first_pos)
         if self._rebase_due(p):
             self._rebase_rotation(window_start)  # the live keys; the new one is rotated at the new base below
-        # query and key at the same local position: one rotation of both (each rotation is ~5 kernel launches)
-        qk_loc = self.rope.rotate(torch.cat((q, k)), p - self.rot_base)
+        # query and key at the same local position: one rotation of both (the ops' rotation, as the static step)
+        qk_loc = self._rotate(torch.cat((q, k)), p - self.rot_base)
         q_loc = qk_loc[: self.hq]
         self.tail.append(k, v, qk_loc[self.hq :])
         selected: list[int] = []
@@ -338,8 +338,9 @@ class ContextMemory:
         if self.store is not None:
             storage, reprs = self.store.nbytes()
             device_bytes += reprs
-            if self.cache is not None or self.device_cache is not None:
-                device_bytes += (self.cache if self.cache is not None else self.device_cache).nbytes()
+            cache = self.cache if self.cache is not None else self.device_cache
+            if cache is not None:
+                device_bytes += cache.nbytes()
                 host_bytes += storage
             elif self.device.type == "cpu" or self.store.k.device.type == "cpu":  # CPU model, or direct
                 host_bytes += storage
@@ -427,18 +428,12 @@ class ContextMemory:
         cos, sin = self.rope.cos_sin(start, start + (1 if one_angle else x.shape[-2]), x.dtype)
         return self.ops.rotate(x, cos, sin, out=out)
 
-    def _rebase_rotation(self, base: int, by_ops: bool = False) -> None:
-        """Re-rotate the live keys from `base` on to positions relative to `base`. `by_ops`: through the ops'
-        rotation, straight into the slots (prefill); decode steps keep the torch rotation, which the decode
-        graphs were built and checked with (the two are bit-identical in 16-bit dtypes)."""
+    def _rebase_rotation(self, base: int) -> None:
+        """Re-rotate the live keys from `base` on to positions relative to `base`, straight into their slots."""
         self.rot_base = base
         start, end = max(base, self.tail.first_pos), self.tail.end_pos
-        if end <= start:
-            return
-        if by_ops:
+        if end > start:
             self._rotate(self.tail.keys(start, end), start - base, out=self.tail.rotated_keys(start, end))
-        else:
-            self.tail.rotated_keys(start, end).copy_(self.rope.rotate(self.tail.keys(start, end), start - base))
 
     def _global_keys(self, qb: torch.Tensor, s: int, e: int, index: int, q_rotated: torch.Tensor | None = None):
         """Assemble [sinks | selected blocks | visible remainder] for queries s..e-1 in a staging buffer.
