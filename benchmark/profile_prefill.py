@@ -48,6 +48,7 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
     p.add_argument("--top", type=int, default=30)
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--walls-only", action="store_true", help="only the timed chunks: no cProfile, no torch.profiler")
     args = p.parse_args(argv)
 
     device = torch.device(args.device)
@@ -69,12 +70,20 @@ def main(argv=None) -> int:
         sync()
         # wall time per chunk without any profiler: compared below with the kernels' busy time of a chunk,
         # it says whether the GPU waits for the host (wall well above busy) or the host for the GPU
-        walls = []
+        # host: until the chunk's forward returns (its kernels queued, not run); wall: until they finished
+        walls, hosts = [], []
         for a in range(args.warmup, total, cfg.chunk_size):
             t0 = time.perf_counter()
             _feed(model, cache, ids, a, min(a + cfg.chunk_size, total), cfg.chunk_size)
+            hosts.append(time.perf_counter() - t0)
             sync()
             walls.append(time.perf_counter() - t0)
+        print(f"{args.type} fattn={args.fattn} offload={args.offload} {args.overrides}: per chunk of "
+              f"{cfg.chunk_size}: wall {', '.join(f'{w * 1e3:.1f}' for w in walls)} ms; host (queued) "
+              f"{', '.join(f'{h * 1e3:.1f}' for h in hosts)} ms", file=report)
+        if args.walls_only:
+            print(report.getvalue())
+            return 0
         cache = InfLLMCache(model, offload=offload)  # the cProfile pass repeats the same positions
         _feed(model, cache, ids, 0, args.warmup, cfg.chunk_size)
         sync()

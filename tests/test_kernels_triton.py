@@ -558,6 +558,53 @@ def _check_cache_blocks(n_blocks, hkv, block_size, d, n_slots, k, steps, pinned=
     assert clock == steps and requested == steps * k and 0 < misses < requested
 
 
+def _check_refine_and_cache(n_blocks, hkv, block_size, d, n_slots, k, x, steps, pinned=False, seed=0):
+    """A run of lookups that refine an earlier top-k with new blocks and make the result resident in one
+    step: the Triton op and the reference find the same ids in the same order, make the same slot choices
+    and bookkeeping, and every id found is then in its slot."""
+    gen = torch.Generator().manual_seed(seed)
+    src_k = _rand(n_blocks, hkv, block_size, d, dtype=torch.bfloat16, gen=gen)
+    src_v = _rand(n_blocks, hkv, block_size, d, dtype=torch.bfloat16, gen=gen)
+    if pinned:
+        src_k, src_v = src_k.cpu().pin_memory(), src_v.cpu().pin_memory()
+    reprs = _rand(n_blocks, x, dtype=torch.float32, gen=gen)
+    caches = {}
+    for ops in (triton_attn, reference):
+        cache = torch.zeros(2, n_slots, hkv, block_size, d, dtype=torch.bfloat16, device=DEVICE)
+        tags = torch.full((n_slots,), -1, dtype=torch.int64, device=DEVICE)
+        caches[ops] = [cache[0], cache[1], tags, tags.clone(), torch.zeros(4, dtype=torch.int64, device=DEVICE)]
+    for step in range(steps):
+        query = _rand(1, x, dtype=torch.float32, gen=gen)
+        first = int(torch.randint(k, n_blocks + 1, (1,), generator=gen))  # blocks scored earlier
+        values, indices = (query @ reprs[:first].T).topk(k, dim=-1)
+        found = {ops: ops.refine_and_cache(values, indices, query, reprs, first, k, src_k, src_v, *state)
+                 for ops, state in caches.items()}
+        (ids, slots), (want_ids, want_slots) = found[triton_attn], found[reference]
+        assert ids.shape == slots.shape == (1, k) and ids.dtype == slots.dtype == torch.int64
+        assert torch.equal(ids, want_ids) and torch.equal(slots, want_slots), step
+        assert torch.equal(ids.sort().values, (query @ reprs.T).topk(k).indices.sort().values), step
+        for got, want in zip(caches[triton_attn], caches[reference]):
+            assert torch.equal(got, want), step
+        cache_k, cache_v, tags = caches[triton_attn][:3]
+        assert torch.equal(tags[slots[0]], ids[0])
+        assert torch.equal(cache_k[slots[0]].cpu(), src_k[ids[0].cpu()].cpu())
+        assert torch.equal(cache_v[slots[0]].cpu(), src_v[ids[0].cpu()].cpu())
+    clock, requested, misses, _ = caches[triton_attn][4].tolist()
+    assert clock == steps and requested == steps * k and 0 < misses < requested
+    with pytest.raises(ValueError, match="shared top-k"):
+        triton_attn.refine_and_cache(values.expand(2, -1), indices.expand(2, -1), query.expand(2, -1),
+                                     reprs.repeat(1, 2), first, k, src_k, src_v, *caches[triton_attn])
+    small = [t[: k - 1] for t in caches[triton_attn][:4]] + caches[triton_attn][4:]  # fewer slots than k
+    with pytest.raises(ValueError, match="slots"):
+        triton_attn.refine_and_cache(values, indices, query, reprs, first, k, src_k, src_v, *small)
+
+
+def test_refine_and_cache_matches_refine_topk_then_cache_blocks():
+    """offload_access: direct's lookup of an execution block with blocks formed since its batch: refined and
+    made resident in one program (plus the misses' copy)."""
+    _check_refine_and_cache(40, 2, 8, 16, 12, 5, 24, steps=10)
+
+
 @pytest.mark.parametrize("n_blocks, n_slots, k", [(30, 6, 4), (50, 16, 16), (9, 32, 5)])
 def test_cache_blocks_keeps_hits_and_evicts_the_least_recently_used(n_blocks, n_slots, k):
     """offload_access: direct's device cache (bookkeeping on the device): as the reference, step by step;
@@ -741,11 +788,51 @@ def test_cache_blocks_gpu():
 
 @pytest.mark.gpu
 @needs_gpu
+def test_refine_and_cache_gpu():
+    """Mistral-7B: lookup vectors of 8 KV heads x 128, ~1K blocks, 16 selected into 192 slots, pinned store."""
+    _check_refine_and_cache(1000, 8, 128, 128, 192, 16, 1024, steps=30, pinned=True)
+
+
+@pytest.mark.gpu
+@needs_gpu
 @pytest.mark.parametrize("one_angle", [False, True])
 def test_rotate_gpu(one_angle):
     """Bit-identity with the torch rotation where it matters, on the GPU (the compiler must not fuse a
     product into the sum): Mistral-7B's 32 heads of 128, a prefill chunk of 8191 rows, bf16."""
     test_rotate_matches_reference_on_a_transposed_view(one_angle, BF16, h=32, length=8191, d=128)
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_launch_reuses_the_kernel_triton_would_choose_gpu():
+    """Repeated launches (inf_llm.kernels.launch) reuse the compiled kernel of their specialization: the
+    second launch gives the first's bits, and arguments Triton specializes differently (a pointer off the
+    16-byte alignment, a stride of 1) get a kernel of their own, with the reference's results."""
+    from inf_llm.kernels import launch
+    from inf_llm.memory import RotaryTable
+
+    if launch._ALWAYS_RUN:
+        pytest.skip("INF_LLM_TRITON_LAUNCH=run: every launch goes through JITFunction.run")
+    h, length, d = 8, 515, 128
+    rope = RotaryTable((1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))).to(DEVICE), d)
+    cos, sin = rope.cos_sin(70, 70 + length, BF16)
+    flat = torch.randn(1 + h * length * d, device=DEVICE).to(BF16)
+    aligned, unaligned = flat[: h * length * d].view(h, length, d), flat[1:].view(h, length, d)
+    assert unaligned.data_ptr() % 16 != 0
+    before = launch.compiled_count()
+    first = triton_attn.rotate(aligned, cos, sin)
+    after_first = launch.compiled_count()
+    second = triton_attn.rotate(aligned, cos, sin)
+    assert launch.compiled_count() == after_first == before + 1, "one specialization, compiled once"
+    assert torch.equal(first, second) and torch.equal(first, reference.rotate(aligned, cos, sin))
+    odd = triton_attn.rotate(unaligned, cos, sin)
+    odd_again = triton_attn.rotate(unaligned, cos, sin)
+    assert launch.compiled_count() == after_first + 1, "an unaligned pointer is another specialization"
+    assert torch.equal(odd, odd_again) and torch.equal(odd, reference.rotate(unaligned, cos, sin))
+    one_row = triton_attn.rotate(aligned[:, :1], cos[:1], sin[:1])  # length 1: Triton specializes ints of 1
+    assert torch.equal(one_row, reference.rotate(aligned[:, :1], cos[:1], sin[:1]))
+    for _ in range(2):  # a kernel with many scalar arguments, launched twice through the reused kernel
+        test_global_stage_into(8, 4, 512, 128, 128, 40, 128, 16, 300, -200, False, BF16)
 
 
 @pytest.mark.gpu

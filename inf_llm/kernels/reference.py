@@ -218,6 +218,17 @@ def refine_topk(
     return torch.cat([indices, new_ids], dim=-1).gather(-1, candidates.topk(k, dim=-1).indices)
 
 
+def refine_and_cache(
+    values: torch.Tensor, indices: torch.Tensor, query: torch.Tensor, reprs: torch.Tensor, first: int, k: int,
+    src_k: torch.Tensor, src_v: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
+    tags: torch.Tensor, stamps: torch.Tensor, counters: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`refine_topk` of a shared top-k (query (1, X)), then `cache_blocks` of the ids it finds: returns
+    (ids, slots), each (1, k) int64 (offload_access: direct looks up and makes resident in one step)."""
+    ids = refine_topk(values, indices, query, reprs, first, k)
+    return ids, cache_blocks(src_k, src_v, ids, cache_k, cache_v, tags, stamps, counters)
+
+
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """RoPE: `x * cos + rotate_half(x) * sin` for x (H, L, D) and cos/sin (L, D), or (1, D) for one angle for
     every row, in x's dtype exactly as transformers computes it, without materialising rotate_half (same

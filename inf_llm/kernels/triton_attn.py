@@ -40,6 +40,7 @@ import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
 from inf_llm.config import MAX_DEVICE_CACHED_BLOCKS
+from inf_llm.kernels.launch import launch
 from inf_llm.kernels.reference import NEG_INF, masked_attention, prefix_mask, window_mask
 
 __all__ = [
@@ -53,6 +54,7 @@ __all__ = [
     "merge_partials",
     "prefix_attention",
     "prefix_mask",
+    "refine_and_cache",
     "refine_topk",
     "rotate",
     "window_key_scores",
@@ -884,10 +886,21 @@ def _cache_assign_kernel(
     K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, PREFETCH: tl.constexpr,
     INTERPRETER: tl.constexpr,
 ):
-    """The LRU bookkeeping of `cache_blocks` for one selection, in one program (it reads and rewrites every
-    slot's tag). Slots[k]: where block Ids[k] will be; Fill[k]: that slot for a miss (to be copied), -1 for
-    a hit. PREFETCH: Ids may repeat and outnumber the slots; repeats and the misses beyond the slots no hit
-    holds get -1 in both. Grid (1,)."""
+    """The LRU bookkeeping of `cache_blocks` for one selection. Grid (1,)."""
+    _lru_assign(Ids, Tags, Stamps, Counters, Slots, Fill, stride_ik, n_slots, K, BLOCK_K, BLOCK_C, PREFETCH,
+                INTERPRETER)
+
+
+@triton.jit
+def _lru_assign(
+    Ids, Tags, Stamps, Counters, Slots, Fill, stride_ik, n_slots,
+    K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, PREFETCH: tl.constexpr,
+    INTERPRETER: tl.constexpr,
+):
+    """The LRU bookkeeping of one selection, in one program (it reads and rewrites every slot's tag).
+    Slots[k]: where block Ids[k] will be; Fill[k]: that slot for a miss (to be copied), -1 for a hit.
+    PREFETCH: Ids may repeat and outnumber the slots; repeats and the misses beyond the slots no hit holds
+    get -1 in both."""
     kk = tl.arange(0, BLOCK_K)
     cc = tl.arange(0, BLOCK_C)
     k_ok = kk < K
@@ -969,18 +982,20 @@ def _form_blocks_kernel(
 
 @triton.jit(do_not_specialize=["k0", "first", "n_new", "n_tiles"])  # they change every call: no variants
 def _refine_topk_kernel(
-    Values, Indices, Query, Reprs, Out,
+    Values, Indices, Query, Reprs, Out, Tags, Stamps, Counters, Slots, Fill,
     stride_vh, stride_ih, stride_qh, stride_rn, stride_oh,
-    k0, first, n_new, n_tiles,
+    k0, first, n_new, n_tiles, n_slots,
     X: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_X: tl.constexpr,
-    INTERPRETER: tl.constexpr,
+    CACHE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr, INTERPRETER: tl.constexpr,
 ):
     """Top-K block ids of one lookup head. Each candidate is one int64, its score's order-preserving bits
     above its block id (unique keys: one max finds both, and equal scores rank the higher id first). The
     candidates sit in one register vector: the running top (at first the earlier top-k0) in positions
     [0, KP), new blocks BLOCK_C - KP at a time in [KP, BLOCK_C), scored against the query here; after every
     tile the best K move to positions [0, K) by K max-reductions (a bitonic sort of the vector, tl.sort,
-    took 24-28 us against 10-12 on an H200 with 32-64 new blocks: benchmark/figures/gpu-s8). Grid (Hsel,)."""
+    took 24-28 us against 10-12 on an H200 with 32-64 new blocks: benchmark/figures/gpu-s8). CACHE (a shared
+    top-k, Hsel 1): then the LRU bookkeeping of `cache_blocks` for the ids found (`_lru_assign`, reading them
+    back from Out), in the same program instead of a second launch per lookup. Grid (Hsel,)."""
     h = tl.program_id(0).to(tl.int64)
     c = tl.arange(0, BLOCK_C)
     none = -0x7FFFFFFFFFFFFFFF - 1  # below every candidate
@@ -1010,6 +1025,9 @@ def _refine_topk_kernel(
             cand = tl.where(cand == best, none, cand)
         tile += 1
     tl.store(Out + h * stride_oh + c, run & 0xFFFFFFFF, mask=c < K)
+    if CACHE:
+        tl.debug_barrier()  # the ids stored by all of the program's threads, read back in another layout
+        _lru_assign(Out, Tags, Stamps, Counters, Slots, Fill, 1, n_slots, K, BLOCK_K, BLOCK_S, False, INTERPRETER)
 
 
 @triton.jit
@@ -1248,12 +1266,12 @@ def _attention(q, k, v, *, scale, mode, q_offset=0, window=0, visible=None, num_
         grid = (_cdiv(n_rows, block_m), b * hkv, splits)
         tiles = dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4, num_stages=3)
         if splits == 1:
-            _attn_fwd_kernel[grid](out, lse, vis, *args, 1, rows, 0, **const, **tiles)
+            launch(_attn_fwd_kernel, grid, out, lse, vis, *args, 1, rows, 0, **const, **tiles)
             return out, lse
         ws = torch.empty((splits, rows, d), dtype=torch.float32, device=q.device)  # (S, B*Hq*Lq, D)
         ws_lse = torch.empty((splits, rows), dtype=torch.float32, device=q.device)  # (S, B*Hq*Lq)
-        _attn_fwd_kernel[grid](ws, ws_lse, vis, *args, splits, rows, 0, **const, **tiles)
-        _combine_splits_kernel[(_cdiv(rows, _COMBINE_BLOCK_R),)](
+        launch(_attn_fwd_kernel, grid, ws, ws_lse, vis, *args, splits, rows, 0, **const, **tiles)
+        launch(_combine_splits_kernel, (_cdiv(rows, _COMBINE_BLOCK_R),),
             ws, ws_lse, out, lse, rows, ws.stride(0), ws_lse.stride(0),
             NUM_SPLITS=splits, HEAD_DIM=d, BLOCK_R=_COMBINE_BLOCK_R, INTERPRETER=_INTERPRETED,
         )
@@ -1333,7 +1351,7 @@ def merge_partials(
     if d == 0:
         return out, torch.logaddexp(lse_a.float(), lse_b.float())
     with _device_guard(out_a.device):
-        _merge_kernel[(_cdiv(rows, _COMBINE_BLOCK_R),)](
+        launch(_merge_kernel, (_cdiv(rows, _COMBINE_BLOCK_R),),
             out_a, lse_a, out_b, lse_b, out, lse, rows, h, seq, d,
             *out_a.stride()[:3], *out_b.stride()[:3], *lse_a.stride(), *lse_b.stride(),
             BLOCK_D=_next_pow2(d), BLOCK_R=_COMBINE_BLOCK_R, INTERPRETER=_INTERPRETED,
@@ -1388,7 +1406,7 @@ def window_key_scores(
     with _device_guard(q.device):
         if _INTERPRETED:
             grid = (_cdiv(lk, _INTERPRETER_BLOCK), b * hkv)
-            _window_key_scores_kernel[grid](
+            launch(_window_key_scores_kernel, grid,
                 *args, 0, BLOCK_M=_INTERPRETER_BLOCK, BLOCK_N=_INTERPRETER_BLOCK, **const
             )
         else:
@@ -1401,7 +1419,7 @@ def window_key_scores(
                 _WINDOW_SCORES_CONFIGS[key] = _window_key_scores_tuned.best_config.all_kwargs()
             else:  # the tuned launch without the autotuner's per-call dispatch (~30 us of host time)
                 grid = (_cdiv(lk, best["BLOCK_N"]), b * hkv)
-                _window_key_scores_kernel[grid](*args, tune_rows, **const, **best)
+                launch(_window_key_scores_kernel, grid, *args, tune_rows, **const, **best)
     return out
 
 
@@ -1470,7 +1488,7 @@ def global_stage_into(
         tiles = dict(num_warps=4, num_stages=2)
     grid = (_cdiv(group * lq, block_m), hkv)
     with _device_guard(q.device):
-        _global_stage_kernel[grid](
+        launch(_global_stage_kernel, grid,
             q, out, lse, sink_k, sink_v, store_k, store_v, block_ids, rem_k, rem_v,
             *q.stride()[:2], *out.stride()[:2], *lse.stride(),
             sink_k.stride(0), sink_k.stride(1), sink_v.stride(0), sink_v.stride(1),
@@ -1533,7 +1551,7 @@ def decode_attention(
     received = torch.empty((hkv, n_loc), dtype=torch.float32, device=dev)
     block_g = max(16, _next_pow2(group))  # tl.dot needs 16 rows
     with _device_guard(dev):
-        _decode_attn_kernel[(splits, hkv)](
+        launch(_decode_attn_kernel, (splits, hkv),
             q_loc, q_glb, k_loc, v_loc, k_glb, v_glb, global_bias if global_bias is not None else lse,
             part_o, part_m, part_l, win_s,
             q_loc.stride(0), q_glb.stride(0), k_loc.stride(0), k_loc.stride(1), v_loc.stride(0), v_loc.stride(1),
@@ -1542,7 +1560,7 @@ def decode_attention(
             GROUP=group, BLOCK_G=block_g, HEAD_DIM=d, BLOCK_N=block_n, HAS_BIAS=global_bias is not None,
             INTERPRETER=_INTERPRETED,
         )
-        _decode_combine_kernel[(hkv,)](
+        launch(_decode_combine_kernel, (hkv,),
             part_o, part_m, part_l, win_s, out, lse, received, n_loc, splits, hkv,
             GROUP=group, BLOCK_G=block_g, HEAD_DIM=d, BLOCK_N=block_n, INTERPRETER=_INTERPRETED,
         )
@@ -1595,7 +1613,7 @@ def _check_on_or_pinned(name: str, k: torch.Tensor, v: torch.Tensor, device: tor
 def _launch_gather(src_k, src_v, block_ids, dst_k, dst_v, dst_rows: torch.Tensor | None = None) -> None:
     """`_gather_blocks_kernel` over (K, Hkv) for validated tensors: into rows 0..K-1 of dst, or into
     `dst_rows[j]` for each j with dst_rows[j] >= 0 (the shared top-k's misses of `cache_blocks`)."""
-    _gather_blocks_kernel[(block_ids.shape[1], dst_k.shape[1])](
+    launch(_gather_blocks_kernel, (block_ids.shape[1], dst_k.shape[1]),
         src_k, src_v, block_ids, dst_k, dst_v, dst_rows if dst_rows is not None else block_ids,
         *src_k.stride()[:3], *src_v.stride()[:3], *block_ids.stride(),
         *dst_k.stride()[:3], *dst_v.stride()[:3],
@@ -1617,16 +1635,38 @@ def cache_blocks(
     used others), then the misses alone are read from the store (pinned host memory, over the bus) into
     their slots. Returns the slots (1, K) int64; tags/stamps/counters are updated in place.
     """
-    _check_tensors((("src_k", src_k, 4), ("src_v", src_v, 4)), "src_k", src_k)
-    _check_tensors((("cache_k", cache_k, 4), ("cache_v", cache_v, 4), ("block_ids", block_ids, 2),
-                    ("tags", tags, 1), ("stamps", stamps, 1), ("counters", counters, 1)), "cache_k", cache_k)
-    n_slots, hkv, block_size, d = cache_k.shape
+    _check_tensor("block_ids", block_ids, 2)
     k = block_ids.shape[1]
+    if block_ids.shape[0] != 1 or block_ids.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"block_ids must be (1, K) int32/int64, got {tuple(block_ids.shape)} {block_ids.dtype}")
+    _check_cache(src_k, src_v, cache_k, cache_v, tags, stamps, counters, k, prefetch)
+    if block_ids.device != cache_k.device or block_ids.numel() and block_ids.stride(-1) != 1:
+        raise ValueError(f"block_ids must be on {cache_k.device} like cache_k, contiguous in its last dimension")
+    placed = torch.empty((2, k), dtype=torch.int64, device=cache_k.device)  # slots, then the misses' slots
+    if k == 0:
+        return placed[:1]
+    n_slots = cache_k.shape[0]
+    with _device_guard(cache_k.device):
+        launch(_cache_assign_kernel, (1,),
+            block_ids, tags, stamps, counters, placed, placed[1], block_ids.stride(1), n_slots,
+            K=k, BLOCK_K=_next_pow2(k), BLOCK_C=_next_pow2(n_slots), PREFETCH=bool(prefetch),
+            INTERPRETER=_INTERPRETED,
+            # a prefetch's (ids x slots) matrices: more threads hold them (4 warps would spill them)
+            **({} if _INTERPRETED else {"num_warps": 4 if _next_pow2(k) * _next_pow2(n_slots) <= 8192 else 16}),
+        )
+        _launch_gather(src_k, src_v, block_ids, cache_k, cache_v, dst_rows=placed[1])
+    return placed[:1]
+
+
+def _check_cache(src_k, src_v, cache_k, cache_v, tags, stamps, counters, k: int, prefetch: bool) -> None:
+    """The store and the device cache of `cache_blocks` / `refine_and_cache`, for a selection of k blocks."""
+    _check_tensors((("src_k", src_k, 4), ("src_v", src_v, 4)), "src_k", src_k)
+    _check_tensors((("cache_k", cache_k, 4), ("cache_v", cache_v, 4), ("tags", tags, 1), ("stamps", stamps, 1),
+                    ("counters", counters, 1)), "cache_k", cache_k)
+    n_slots, hkv, block_size, d = cache_k.shape
     if cache_v.shape != cache_k.shape or src_k.shape[1:] != cache_k.shape[1:] or src_v.shape != src_k.shape:
         raise ValueError(f"src {tuple(src_k.shape)}/{tuple(src_v.shape)} and cache {tuple(cache_k.shape)}/"
                          f"{tuple(cache_v.shape)} must be (N, Hkv, bs, D) and (C, Hkv, bs, D)")
-    if block_ids.shape[0] != 1 or block_ids.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"block_ids must be (1, K) int32/int64, got {tuple(block_ids.shape)} {block_ids.dtype}")
     if not (prefetch or k <= n_slots) or n_slots > _MAX_CACHE_SLOTS or k > _MAX_CACHE_SLOTS:
         raise ValueError(f"the cache has {n_slots} slots: need between the {k} blocks selected and {_MAX_CACHE_SLOTS}")
     if tags.shape != (n_slots,) or stamps.shape != (n_slots,) or counters.shape != (4,):
@@ -1640,19 +1680,6 @@ def cache_blocks(
     if d & (d - 1) or d > _MAX_HEAD_DIM:
         raise ValueError(f"head dim {d} is not supported: need a power of two <= {_MAX_HEAD_DIM}")
     _check_device(cache_k.device)
-    placed = torch.empty((2, k), dtype=torch.int64, device=cache_k.device)  # slots, then the misses' slots
-    if k == 0:
-        return placed[:1]
-    with _device_guard(cache_k.device):
-        _cache_assign_kernel[(1,)](
-            block_ids, tags, stamps, counters, placed, placed[1], block_ids.stride(1), n_slots,
-            K=k, BLOCK_K=_next_pow2(k), BLOCK_C=_next_pow2(n_slots), PREFETCH=bool(prefetch),
-            INTERPRETER=_INTERPRETED,
-            # a prefetch's (ids x slots) matrices: more threads hold them (4 warps would spill them)
-            **({} if _INTERPRETED else {"num_warps": 4 if _next_pow2(k) * _next_pow2(n_slots) <= 8192 else 16}),
-        )
-        _launch_gather(src_k, src_v, block_ids, cache_k, cache_v, dst_rows=placed[1])
-    return placed[:1]
 
 
 def form_blocks(
@@ -1690,7 +1717,7 @@ def form_blocks(
     if n == 0 or hkv == 0:
         return
     with _device_guard(keys.device):
-        _form_blocks_kernel[(n, hkv)](
+        launch(_form_blocks_kernel, (n, hkv),
             keys, values, scores, dst_k, dst_v, dst_repr,
             keys.stride(0), keys.stride(1), keys.stride(2), values.stride(0), values.stride(1), values.stride(2),
             scores.stride(0), scores.stride(1),
@@ -1710,6 +1737,35 @@ def refine_topk(
     values (Hsel, k0) float32 and indices (Hsel, k0) int: the earlier top-k0 of blocks [0, first); query
     (Hsel, X) float32; reprs (N, Hsel * X) float32, rows [first, N) scored here. Returns (Hsel, k) int64.
     """
+    _check_refine(values, indices, query, reprs, first, k)
+    out = torch.empty((query.shape[0], k), dtype=torch.int64, device=query.device)
+    _launch_refine(values, indices, query, reprs, first, k, out)
+    return out
+
+
+def refine_and_cache(
+    values: torch.Tensor, indices: torch.Tensor, query: torch.Tensor, reprs: torch.Tensor, first: int, k: int,
+    src_k: torch.Tensor, src_v: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
+    tags: torch.Tensor, stamps: torch.Tensor, counters: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`refine_topk` of a shared top-k (Hsel 1), then `cache_blocks` of the ids found, as
+    `reference.refine_and_cache`, in two launches instead of three: the cache's bookkeeping runs in the
+    refining program, then the misses are read into their slots. Returns (ids, slots), each (1, k) int64.
+    """
+    _check_refine(values, indices, query, reprs, first, k)
+    if query.shape[0] != 1:
+        raise ValueError(f"refine_and_cache takes a shared top-k: query (1, X), got {tuple(query.shape)}")
+    _check_cache(src_k, src_v, cache_k, cache_v, tags, stamps, counters, k, False)
+    if cache_k.device != query.device:
+        raise ValueError(f"cache_k is on {cache_k.device} but query is on {query.device}")
+    found = torch.empty((3, k), dtype=torch.int64, device=query.device)  # ids, their slots, the misses' slots
+    _launch_refine(values, indices, query, reprs, first, k, found[:1], (tags, stamps, counters, found[1], found[2]))
+    with _device_guard(query.device):
+        _launch_gather(src_k, src_v, found[:1], cache_k, cache_v, dst_rows=found[2])
+    return found[:1], found[1:2]
+
+
+def _check_refine(values, indices, query, reprs, first, k) -> None:
     _check_tensors((("values", values, 2), ("indices", indices, 2), ("query", query, 2), ("reprs", reprs, 2)),
                    "query", query)
     hsel, x = query.shape
@@ -1726,19 +1782,27 @@ def refine_topk(
     if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= k0 + n - first:
         raise ValueError(f"k must be an int in [1, {k0 + n - first}] (the candidates), got {k!r}")
     _check_device(query.device)
-    out = torch.empty((hsel, k), dtype=torch.int64, device=query.device)
+
+
+def _launch_refine(values, indices, query, reprs, first: int, k: int, out: torch.Tensor, cache=None) -> None:
+    """`_refine_topk_kernel` for validated tensors into out (Hsel, k); `cache` (tags, stamps, counters, slots,
+    fill): with the LRU bookkeeping of the ids found."""
+    hsel, x = query.shape
+    k0, n = values.shape[1], reprs.shape[0]
     kp = _next_pow2(max(k0, k))
     block_c = max(128, 2 * kp)
     n_new = n - first
+    tags, stamps, counters, slots, fill = cache if cache is not None else (out,) * 5  # unused without a cache
+    n_slots = tags.shape[0] if cache is not None else 0
     with _device_guard(query.device):
-        _refine_topk_kernel[(hsel,)](
-            values, indices, query, reprs, out,
+        launch(_refine_topk_kernel, (hsel,),
+            values, indices, query, reprs, out, tags, stamps, counters, slots, fill,
             values.stride(0), indices.stride(0), query.stride(0), reprs.stride(0), out.stride(0),
-            k0, first, n_new, max(_cdiv(n_new, block_c - kp), 1),
+            k0, first, n_new, max(_cdiv(n_new, block_c - kp), 1), n_slots,
             X=x, K=int(k), KP=kp, BLOCK_C=block_c, BLOCK_X=min(64, _next_pow2(x)),
+            CACHE=cache is not None, BLOCK_K=_next_pow2(k), BLOCK_S=_next_pow2(max(n_slots, 1)),
             INTERPRETER=_INTERPRETED, num_warps=4,
         )
-    return out
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -1768,7 +1832,7 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Ten
         return out
     block_l = _INTERPRETER_BLOCK if _INTERPRETED else 64
     with _device_guard(x.device):
-        _rotate_kernel[(_cdiv(length, block_l), h)](
+        launch(_rotate_kernel, (_cdiv(length, block_l), h),
             x, cos, sin, out, length, x.stride(0), x.stride(1), cos.stride(0), sin.stride(0),
             out.stride(0), out.stride(1),
             HALF=d // 2, ONE_ROW=cos.shape[0] == 1, BLOCK_L=block_l, INTERPRETER=_INTERPRETED,

@@ -139,6 +139,14 @@ class DeviceBlockCache:
         self.settle()
         return ops.cache_blocks(store.k, store.v, block_ids, self.k, self.v, self.tags, self.stamps, self.counters)
 
+    def fetch_refined(self, ops, store: "BlockStore", values: torch.Tensor, indices: torch.Tensor, query: torch.Tensor,
+                      reprs: torch.Tensor, first: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """`ops.refine_topk` (a shared top-k), then `fetch` of the ids it finds, in one step
+        (`ops.refine_and_cache`); returns (ids, slots), each (1, k) int64 on the device."""
+        self.settle()
+        return ops.refine_and_cache(values, indices, query, reprs, first, k, store.k, store.v, self.k, self.v,
+                                    self.tags, self.stamps, self.counters)
+
     def prefetch(self, ops, store: "BlockStore", block_ids: torch.Tensor, stream: "torch.cuda.Stream | None") -> None:
         """Start making `block_ids` (1, n), repeats allowed, resident (as many as there are slots) on the side
         `stream`, after the work queued so far on the current stream (which computed the ids); whatever

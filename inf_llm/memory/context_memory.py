@@ -192,6 +192,7 @@ class ContextMemory:
         # direct (a shared top-k): the blocks read from the host so far, kept in max_cached_block device slots
         # (allocated at the first lookup)
         self.device_cache: DeviceBlockCache | None = None
+        self._resident_slots: tuple[torch.Tensor, torch.Tensor] | None = None  # (ids, their slots) of the last lookup
         # Set by a caller that replays decode steps as a CUDA graph (adapter.decode_graph): single-token calls
         # then run its fixed-shape step, and the caller plans and advances the host state around them.
         self.static_step: StaticDecodeStep | None = None
@@ -499,7 +500,9 @@ class ContextMemory:
             return self.store.k, self.store.v, ids
         if not self.cfg.perhead:
             cache = self.block_cache_on_device()
-            return cache.k, cache.v, cache.fetch(self.ops, self.store, ids)
+            fetched, self._resident_slots = self._resident_slots, None
+            slots = fetched[1] if fetched is not None and fetched[0] is ids else cache.fetch(self.ops, self.store, ids)
+            return cache.k, cache.v, slots
         n_sel = ids.shape[1]
         if self._fetched is None or self._fetched[0].shape[0] < n_sel:
             shape = (max(n_sel, self.cfg.topk), self.hkv, self.cfg.block_size, self.d)
@@ -679,7 +682,14 @@ class ContextMemory:
         values, indices, query = (part[index] for part in batch.rows)
         if n_blocks == batch.known_blocks:
             return indices
-        return self.ops.refine_topk(values, indices, query, self.store.representatives(), batch.known_blocks, topk)
+        reprs = self.store.representatives()
+        if self._direct and not self.cfg.perhead:  # the lookup makes its blocks resident in the same program
+            ids, slots = self.block_cache_on_device().fetch_refined(
+                self.ops, self.store, values, indices, query, reprs, batch.known_blocks, topk
+            )
+            self._resident_slots = (ids, slots)
+            return ids
+        return self.ops.refine_topk(values, indices, query, reprs, batch.known_blocks, topk)
 
     def _batch_lookup(self, n_blocks: int) -> _Lookup:
         """The call's lookups over the blocks existing now: one matmul and one top-k (device path)."""
