@@ -10,8 +10,8 @@
 #   bash benchmark/gpu_suite.sh OUT cache   # direct's device block cache: its kernel tests, the flat configuration at
 #                                           # 32K/128K/512K, at 128K with 128 slots, and the device path at 128K
 #   bash benchmark/gpu_suite.sh OUT table   # report's speed runs and profile, without its tests
-#   bash benchmark/gpu_suite.sh OUT launch  # host (queued) vs wall time per chunk, device path and flat
-#                                           # configuration, with inf_llm.kernels.launch and without
+#   bash benchmark/gpu_suite.sh OUT walls   # host (queued) vs wall time per 8K chunk, device path and flat
+#                                           # configuration (which of the two waits for the other)
 #   bash benchmark/gpu_suite.sh OUT report  # one ~8-minute command: quick kernel tests, speed (32K/128K with
 #                                           # origin, then 512K), flat, profile, then the agreement tests
 #
@@ -20,8 +20,8 @@
 # H200). Wheels the machine lacks: scripts/fetch_device_wheels.sh (installed here when .wheels exists).
 set -uo pipefail
 cd "$(dirname "$(realpath "$0")")/.."
-OUT=${1:?usage: gpu_suite.sh OUT tests|speed|fused|flat|profile|cache|launch|table|report}
-PART=${2:?usage: gpu_suite.sh OUT tests|speed|fused|flat|profile|cache|launch|table|report}
+OUT=${1:?usage: gpu_suite.sh OUT tests|speed|fused|flat|profile|cache|walls|table|report}
+PART=${2:?usage: gpu_suite.sh OUT tests|speed|fused|flat|profile|cache|walls|table|report}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 if [ -f .wheels/requirements.txt ]; then
@@ -102,16 +102,12 @@ cache)
         --out "$OUT/speed-device-128k.json" >> "$log" 2>&1
     grep -E "passed|failed|\] prefill|^inf-llm" "$log"
     ;;
-launch)  # ~3 minutes after the kernels are compiled
-    log="$OUT/launch.log"
-    for plain in "" run; do
-        for config in "--offload off" "--offload on ${FLAT[*]} --set model.host_pool_tokens=131072 --set model.async_global_stream=true"; do
-            INF_LLM_TRITON_LAUNCH=$plain timeout 120 python -m benchmark.profile_prefill --tokens 49152 \
-                --warmup 16384 --walls-only $config >> "$log" 2>&1
-            echo "(INF_LLM_TRITON_LAUNCH=$plain)" >> "$log"
-        done
+walls)  # ~2 minutes after the kernels are compiled
+    log="$OUT/walls.log"
+    for config in "--offload off" "--offload on ${FLAT[*]} --set model.host_pool_tokens=131072 --set model.async_global_stream=true"; do
+        timeout 120 python -m benchmark.profile_prefill --tokens 49152 --warmup 16384 --walls-only $config >> "$log" 2>&1
     done
-    grep -E "per chunk|LAUNCH|Error" "$log"
+    grep -E "per chunk|Error" "$log"
     ;;
 table)  # the report's measurements without its tests (~7 minutes)
     log="$OUT/report.log"
@@ -128,7 +124,7 @@ report)  # logs appended to one file: 7 files in all
     grep -E "passed|failed|^inf-llm|^origin|wall per chunk" "$log" "$OUT/profile-prefill.txt"
     ;;
 *)
-    echo "unknown part $PART: tests, speed, fused, flat, profile, cache, launch, table or report" >&2
+    echo "unknown part $PART: tests, speed, fused, flat, profile, cache, walls, table or report" >&2
     exit 2
     ;;
 esac

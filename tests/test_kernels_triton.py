@@ -804,39 +804,6 @@ def test_rotate_gpu(one_angle):
 
 @pytest.mark.gpu
 @needs_gpu
-def test_launch_reuses_the_kernel_triton_would_choose_gpu():
-    """Repeated launches (inf_llm.kernels.launch) reuse the compiled kernel of their specialization: the
-    second launch gives the first's bits, and arguments Triton specializes differently (a pointer off the
-    16-byte alignment, a stride of 1) get a kernel of their own, with the reference's results."""
-    from inf_llm.kernels import launch
-    from inf_llm.memory import RotaryTable
-
-    if launch._ALWAYS_RUN:
-        pytest.skip("INF_LLM_TRITON_LAUNCH=run: every launch goes through JITFunction.run")
-    h, length, d = 8, 515, 128
-    rope = RotaryTable((1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))).to(DEVICE), d)
-    cos, sin = rope.cos_sin(70, 70 + length, BF16)
-    flat = torch.randn(1 + h * length * d, device=DEVICE).to(BF16)
-    aligned, unaligned = flat[: h * length * d].view(h, length, d), flat[1:].view(h, length, d)
-    assert unaligned.data_ptr() % 16 != 0
-    before = launch.compiled_count()
-    first = triton_attn.rotate(aligned, cos, sin)
-    after_first = launch.compiled_count()
-    second = triton_attn.rotate(aligned, cos, sin)
-    assert launch.compiled_count() == after_first == before + 1, "one specialization, compiled once"
-    assert torch.equal(first, second) and torch.equal(first, reference.rotate(aligned, cos, sin))
-    odd = triton_attn.rotate(unaligned, cos, sin)
-    odd_again = triton_attn.rotate(unaligned, cos, sin)
-    assert launch.compiled_count() == after_first + 1, "an unaligned pointer is another specialization"
-    assert torch.equal(odd, odd_again) and torch.equal(odd, reference.rotate(unaligned, cos, sin))
-    one_row = triton_attn.rotate(aligned[:, :1], cos[:1], sin[:1])  # length 1: Triton specializes ints of 1
-    assert torch.equal(one_row, reference.rotate(aligned[:, :1], cos[:1], sin[:1]))
-    for _ in range(2):  # a kernel with many scalar arguments, launched twice through the reused kernel
-        test_global_stage_into(8, 4, 512, 128, 128, 40, 128, 16, 300, -200, False, BF16)
-
-
-@pytest.mark.gpu
-@needs_gpu
 def test_window_key_scores_gpu():
     test_window_key_scores(1, 8, 4, 512, 4608, 128, 4096, 4096, BF16)
     test_window_key_scores(1, 4, 3, 77, 900, 64, 850, 300, FP32)

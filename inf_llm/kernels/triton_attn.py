@@ -40,7 +40,6 @@ import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
 from inf_llm.config import MAX_DEVICE_CACHED_BLOCKS
-from inf_llm.kernels.launch import launch
 from inf_llm.kernels.reference import NEG_INF, masked_attention, prefix_mask, window_mask
 
 __all__ = [
@@ -1266,12 +1265,12 @@ def _attention(q, k, v, *, scale, mode, q_offset=0, window=0, visible=None, num_
         grid = (_cdiv(n_rows, block_m), b * hkv, splits)
         tiles = dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4, num_stages=3)
         if splits == 1:
-            launch(_attn_fwd_kernel, grid, out, lse, vis, *args, 1, rows, 0, **const, **tiles)
+            _attn_fwd_kernel[grid](out, lse, vis, *args, 1, rows, 0, **const, **tiles)
             return out, lse
         ws = torch.empty((splits, rows, d), dtype=torch.float32, device=q.device)  # (S, B*Hq*Lq, D)
         ws_lse = torch.empty((splits, rows), dtype=torch.float32, device=q.device)  # (S, B*Hq*Lq)
-        launch(_attn_fwd_kernel, grid, ws, ws_lse, vis, *args, splits, rows, 0, **const, **tiles)
-        launch(_combine_splits_kernel, (_cdiv(rows, _COMBINE_BLOCK_R),),
+        _attn_fwd_kernel[grid](ws, ws_lse, vis, *args, splits, rows, 0, **const, **tiles)
+        _combine_splits_kernel[(_cdiv(rows, _COMBINE_BLOCK_R),)](
             ws, ws_lse, out, lse, rows, ws.stride(0), ws_lse.stride(0),
             NUM_SPLITS=splits, HEAD_DIM=d, BLOCK_R=_COMBINE_BLOCK_R, INTERPRETER=_INTERPRETED,
         )
@@ -1351,7 +1350,7 @@ def merge_partials(
     if d == 0:
         return out, torch.logaddexp(lse_a.float(), lse_b.float())
     with _device_guard(out_a.device):
-        launch(_merge_kernel, (_cdiv(rows, _COMBINE_BLOCK_R),),
+        _merge_kernel[(_cdiv(rows, _COMBINE_BLOCK_R),)](
             out_a, lse_a, out_b, lse_b, out, lse, rows, h, seq, d,
             *out_a.stride()[:3], *out_b.stride()[:3], *lse_a.stride(), *lse_b.stride(),
             BLOCK_D=_next_pow2(d), BLOCK_R=_COMBINE_BLOCK_R, INTERPRETER=_INTERPRETED,
@@ -1406,7 +1405,7 @@ def window_key_scores(
     with _device_guard(q.device):
         if _INTERPRETED:
             grid = (_cdiv(lk, _INTERPRETER_BLOCK), b * hkv)
-            launch(_window_key_scores_kernel, grid,
+            _window_key_scores_kernel[grid](
                 *args, 0, BLOCK_M=_INTERPRETER_BLOCK, BLOCK_N=_INTERPRETER_BLOCK, **const
             )
         else:
@@ -1419,7 +1418,7 @@ def window_key_scores(
                 _WINDOW_SCORES_CONFIGS[key] = _window_key_scores_tuned.best_config.all_kwargs()
             else:  # the tuned launch without the autotuner's per-call dispatch (~30 us of host time)
                 grid = (_cdiv(lk, best["BLOCK_N"]), b * hkv)
-                launch(_window_key_scores_kernel, grid, *args, tune_rows, **const, **best)
+                _window_key_scores_kernel[grid](*args, tune_rows, **const, **best)
     return out
 
 
@@ -1488,7 +1487,7 @@ def global_stage_into(
         tiles = dict(num_warps=4, num_stages=2)
     grid = (_cdiv(group * lq, block_m), hkv)
     with _device_guard(q.device):
-        launch(_global_stage_kernel, grid,
+        _global_stage_kernel[grid](
             q, out, lse, sink_k, sink_v, store_k, store_v, block_ids, rem_k, rem_v,
             *q.stride()[:2], *out.stride()[:2], *lse.stride(),
             sink_k.stride(0), sink_k.stride(1), sink_v.stride(0), sink_v.stride(1),
@@ -1551,7 +1550,7 @@ def decode_attention(
     received = torch.empty((hkv, n_loc), dtype=torch.float32, device=dev)
     block_g = max(16, _next_pow2(group))  # tl.dot needs 16 rows
     with _device_guard(dev):
-        launch(_decode_attn_kernel, (splits, hkv),
+        _decode_attn_kernel[(splits, hkv)](
             q_loc, q_glb, k_loc, v_loc, k_glb, v_glb, global_bias if global_bias is not None else lse,
             part_o, part_m, part_l, win_s,
             q_loc.stride(0), q_glb.stride(0), k_loc.stride(0), k_loc.stride(1), v_loc.stride(0), v_loc.stride(1),
@@ -1560,7 +1559,7 @@ def decode_attention(
             GROUP=group, BLOCK_G=block_g, HEAD_DIM=d, BLOCK_N=block_n, HAS_BIAS=global_bias is not None,
             INTERPRETER=_INTERPRETED,
         )
-        launch(_decode_combine_kernel, (hkv,),
+        _decode_combine_kernel[(hkv,)](
             part_o, part_m, part_l, win_s, out, lse, received, n_loc, splits, hkv,
             GROUP=group, BLOCK_G=block_g, HEAD_DIM=d, BLOCK_N=block_n, INTERPRETER=_INTERPRETED,
         )
@@ -1613,7 +1612,7 @@ def _check_on_or_pinned(name: str, k: torch.Tensor, v: torch.Tensor, device: tor
 def _launch_gather(src_k, src_v, block_ids, dst_k, dst_v, dst_rows: torch.Tensor | None = None) -> None:
     """`_gather_blocks_kernel` over (K, Hkv) for validated tensors: into rows 0..K-1 of dst, or into
     `dst_rows[j]` for each j with dst_rows[j] >= 0 (the shared top-k's misses of `cache_blocks`)."""
-    launch(_gather_blocks_kernel, (block_ids.shape[1], dst_k.shape[1]),
+    _gather_blocks_kernel[(block_ids.shape[1], dst_k.shape[1])](
         src_k, src_v, block_ids, dst_k, dst_v, dst_rows if dst_rows is not None else block_ids,
         *src_k.stride()[:3], *src_v.stride()[:3], *block_ids.stride(),
         *dst_k.stride()[:3], *dst_v.stride()[:3],
@@ -1647,7 +1646,7 @@ def cache_blocks(
         return placed[:1]
     n_slots = cache_k.shape[0]
     with _device_guard(cache_k.device):
-        launch(_cache_assign_kernel, (1,),
+        _cache_assign_kernel[(1,)](
             block_ids, tags, stamps, counters, placed, placed[1], block_ids.stride(1), n_slots,
             K=k, BLOCK_K=_next_pow2(k), BLOCK_C=_next_pow2(n_slots), PREFETCH=bool(prefetch),
             INTERPRETER=_INTERPRETED,
@@ -1717,7 +1716,7 @@ def form_blocks(
     if n == 0 or hkv == 0:
         return
     with _device_guard(keys.device):
-        launch(_form_blocks_kernel, (n, hkv),
+        _form_blocks_kernel[(n, hkv)](
             keys, values, scores, dst_k, dst_v, dst_repr,
             keys.stride(0), keys.stride(1), keys.stride(2), values.stride(0), values.stride(1), values.stride(2),
             scores.stride(0), scores.stride(1),
@@ -1795,7 +1794,7 @@ def _launch_refine(values, indices, query, reprs, first: int, k: int, out: torch
     tags, stamps, counters, slots, fill = cache if cache is not None else (out,) * 5  # unused without a cache
     n_slots = tags.shape[0] if cache is not None else 0
     with _device_guard(query.device):
-        launch(_refine_topk_kernel, (hsel,),
+        _refine_topk_kernel[(hsel,)](
             values, indices, query, reprs, out, tags, stamps, counters, slots, fill,
             values.stride(0), indices.stride(0), query.stride(0), reprs.stride(0), out.stride(0),
             k0, first, n_new, max(_cdiv(n_new, block_c - kp), 1), n_slots,
@@ -1832,7 +1831,7 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Ten
         return out
     block_l = _INTERPRETER_BLOCK if _INTERPRETED else 64
     with _device_guard(x.device):
-        launch(_rotate_kernel, (_cdiv(length, block_l), h),
+        _rotate_kernel[(_cdiv(length, block_l), h)](
             x, cos, sin, out, length, x.stride(0), x.stride(1), cos.stride(0), sin.stride(0),
             out.stride(0), out.stride(1),
             HALF=d // 2, ONE_ROW=cos.shape[0] == 1, BLOCK_L=block_l, INTERPRETER=_INTERPRETED,

@@ -19,7 +19,6 @@ import torch
 import triton
 import triton.language as tl
 
-from inf_llm.kernels.launch import launch
 from inf_llm.kernels.triton_attn import (
     _INTERPRETED,
     _cdiv,
@@ -84,7 +83,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     block = _next_pow2(n)
     warps = {} if _INTERPRETED else {"num_warps": 8 if block >= 2048 else 4}
     with _device_guard(x.device):
-        launch(_rms_norm_kernel, (rows.shape[0],),
+        _rms_norm_kernel[(rows.shape[0],)](
             rows, w, out, rows.stride(0), n, n, float(eps), BLOCK=block, INTERPRETER=_INTERPRETED, **warps,
         )
     return out
@@ -119,7 +118,7 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         return out
     block = _INTERPRETER_BLOCK_ELEMENTS if _INTERPRETED else 2048
     with _device_guard(gate.device):
-        launch(_silu_mul_kernel, (_cdiv(out.numel(), block),),
+        _silu_mul_kernel[(_cdiv(out.numel(), block),)](
             gate, up, out, out.numel(), BLOCK=block, INTERPRETER=_INTERPRETED,
         )
     return out
