@@ -399,6 +399,13 @@ def test_memory_device_path_with_triton_ops_matches_host_path(perhead, access):
     torch.testing.assert_close(torch.cat(outs[0], dim=1), torch.cat(outs[1], dim=1), rtol=1e-4, atol=1e-5)
     assert lookups[0] == lookups[1] and len(lookups[0]) > 5
     assert memories[0].retrieval_counts == memories[1].retrieval_counts
+    # direct: prefill blocks were formed through the formation ring, and its copies reached the store
+    assert (memories[0].ring is not None) == (access == "direct" and not perhead)
+    memories[0].settle_copies()
+    count = memories[1].store.count
+    assert memories[0].store.count == count
+    assert torch.equal(memories[0].store.k[:count].to(DEVICE), memories[1].store.k[:count])
+    assert torch.equal(memories[0].store.v[:count].to(DEVICE), memories[1].store.v[:count])
 
 
 @pytest.mark.parametrize("per_head", [False, True])
@@ -597,6 +604,46 @@ def _check_refine_and_cache(n_blocks, hkv, block_size, d, n_slots, k, x, steps, 
     small = [t[: k - 1] for t in caches[triton_attn][:4]] + caches[triton_attn][4:]  # fewer slots than k
     with pytest.raises(ValueError, match="slots"):
         triton_attn.refine_and_cache(values, indices, query, reprs, first, k, src_k, src_v, *small)
+
+
+@pytest.mark.parametrize("pinned", [False, pytest.param(True, marks=pytest.mark.skipif(INTERPRET, reason="GPU"))])
+def test_cache_blocks_reads_the_newest_blocks_from_the_formation_ring(pinned):
+    """`ring` (ring_k, ring_v, lo, hi): blocks lo <= id < hi are read from ring slot id % R, older ones from
+    the store (here the store's copies of the ring's blocks are still zeros: their copy "is under way"),
+    through cache_blocks, its prefetch and refine_and_cache, in both backends."""
+    gen = torch.Generator().manual_seed(8)
+    n_blocks, hkv, bs, d, ring_size, lo, hi = 20, 2, 8, 16, 4, 15, 19
+    blocks_k = _rand(n_blocks, hkv, bs, d, dtype=torch.bfloat16, gen=gen)
+    blocks_v = _rand(n_blocks, hkv, bs, d, dtype=torch.bfloat16, gen=gen)
+    ring_k = torch.zeros(ring_size, hkv, bs, d, dtype=torch.bfloat16, device=DEVICE)
+    ring_v = torch.zeros_like(ring_k)
+    for b in range(lo, hi):
+        ring_k[b % ring_size], ring_v[b % ring_size] = blocks_k[b], blocks_v[b]
+    store_k, store_v = blocks_k.clone(), blocks_v.clone()
+    store_k[lo:hi], store_v[lo:hi] = 0, 0
+    if pinned:
+        store_k, store_v = store_k.cpu().pin_memory(), store_v.cpu().pin_memory()
+    ring = (ring_k, ring_v, lo, hi)
+    reprs = _rand(n_blocks, 8, dtype=torch.float32, gen=gen)
+    query = _rand(1, 8, dtype=torch.float32, gen=gen)
+    values, indices = (query @ reprs[:10].T).topk(3, dim=-1)
+    for ops in (triton_attn, reference):
+        cache_k = torch.zeros(6, hkv, bs, d, dtype=torch.bfloat16, device=DEVICE)
+        cache_v = torch.zeros_like(cache_k)
+        state = [cache_k, cache_v, torch.full((6,), -1, dtype=torch.int64, device=DEVICE),
+                 torch.full((6,), -1, dtype=torch.int64, device=DEVICE), torch.zeros(4, dtype=torch.int64, device=DEVICE)]
+        ids = torch.tensor([[3, 16, 18, 14]], device=DEVICE)  # two from the ring, two (14 just below) from the store
+        slots = ops.cache_blocks(store_k, store_v, ids, *state, ring=ring)
+        assert torch.equal(cache_k[slots[0]].cpu(), blocks_k[ids[0]].cpu()), ops.__name__
+        assert torch.equal(cache_v[slots[0]].cpu(), blocks_v[ids[0]].cpu()), ops.__name__
+        ops.cache_blocks(store_k, store_v, torch.tensor([[15, 15, 2]], device=DEVICE), *state, prefetch=True, ring=ring)
+        found, slots = ops.refine_and_cache(values, indices, query, reprs, 10, 3, store_k, store_v, *state, ring=ring)
+        assert torch.equal(cache_k[slots[0]].cpu(), blocks_k[found[0]].cpu()), ops.__name__
+        assert torch.equal(state[2][slots[0]], found[0])
+    with pytest.raises(ValueError, match="ring blocks"):
+        triton_attn.cache_blocks(store_k, store_v, ids, *state, ring=(ring_k, ring_v, 10, 19))
+    with pytest.raises(ValueError, match="ring_k"):
+        triton_attn.cache_blocks(store_k, store_v, ids, *state, ring=(ring_k[:, :1], ring_v, lo, hi))
 
 
 def test_refine_and_cache_matches_refine_topk_then_cache_blocks():

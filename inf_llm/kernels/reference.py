@@ -152,7 +152,7 @@ def gather_blocks(
 
 def cache_blocks(
     src_k: torch.Tensor, src_v: torch.Tensor, block_ids: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
-    tags: torch.Tensor, stamps: torch.Tensor, counters: torch.Tensor, prefetch: bool = False,
+    tags: torch.Tensor, stamps: torch.Tensor, counters: torch.Tensor, prefetch: bool = False, ring=None,
 ) -> torch.Tensor:
     """Make the selected blocks resident in a device cache with LRU eviction, bookkept on the device, and
     return the slot of each (1, K) int64, for `global_stage_into` / `gather_blocks` over the cache.
@@ -165,6 +165,8 @@ def cache_blocks(
     this call holds (empty ones first, then lower stamps, then lower slot numbers), and is copied there from
     the store. `prefetch`: blocks read ahead of the lookups that will want them: ids may repeat (a repeat
     gets slot -1) and outnumber the slots (misses beyond the free ones get -1); counted as prefetched.
+    `ring` (ring_k, ring_v, lo, hi): device slots (R, Hkv, block_size, D) holding blocks lo <= id < hi at
+    slot id % R (the newest blocks, whose copy to the store may still be under way): read from there.
     """
     ids = block_ids[0].to(tags.device, torch.int64)  # (K,)
     n_slots, k = tags.shape[0], ids.shape[0]
@@ -193,9 +195,13 @@ def cache_blocks(
     else:
         counters[1] += k
         counters[2] += miss.sum()
-    fill, fetch = slots[miss], ids[miss].to(src_k.device)
-    cache_k[fill] = src_k.index_select(0, fetch).to(cache_k.device)
-    cache_v[fill] = src_v.index_select(0, fetch).to(cache_v.device)
+    fill, fetch = slots[miss], ids[miss]
+    for cache, src, ring_src in ((cache_k, src_k, ring and ring[0]), (cache_v, src_v, ring and ring[1])):
+        blocks = src.index_select(0, fetch.to(src.device)).to(cache.device)
+        if ring is not None:
+            in_ring = (fetch >= ring[2]) & (fetch < ring[3])
+            blocks[in_ring] = ring_src[fetch[in_ring] % ring_src.shape[0]]
+        cache[fill] = blocks
     return slots[None]
 
 
@@ -221,12 +227,13 @@ def refine_topk(
 def refine_and_cache(
     values: torch.Tensor, indices: torch.Tensor, query: torch.Tensor, reprs: torch.Tensor, first: int, k: int,
     src_k: torch.Tensor, src_v: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
-    tags: torch.Tensor, stamps: torch.Tensor, counters: torch.Tensor,
+    tags: torch.Tensor, stamps: torch.Tensor, counters: torch.Tensor, ring=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`refine_topk` of a shared top-k (query (1, X)), then `cache_blocks` of the ids it finds: returns
-    (ids, slots), each (1, k) int64 (offload_access: direct looks up and makes resident in one step)."""
+    """`refine_topk` of a shared top-k (query (1, X)), then `cache_blocks` of the ids it finds (`ring` as
+    there): returns (ids, slots), each (1, k) int64 (offload_access: direct looks up and makes resident in
+    one step)."""
     ids = refine_topk(values, indices, query, reprs, first, k)
-    return ids, cache_blocks(src_k, src_v, ids, cache_k, cache_v, tags, stamps, counters)
+    return ids, cache_blocks(src_k, src_v, ids, cache_k, cache_v, tags, stamps, counters, ring=ring)
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:

@@ -849,16 +849,18 @@ def _decode_combine_kernel(
 
 @triton.jit
 def _gather_blocks_kernel(
-    SrcK, SrcV, Ids, DstK, DstV, DstRows,
+    SrcK, SrcV, Ids, DstK, DstV, DstRows, RingK, RingV,
     stride_sn, stride_sh, stride_st, stride_svn, stride_svh, stride_svt,
     stride_ih, stride_ik,
     stride_dn, stride_dh, stride_dt, stride_dvn, stride_dvh, stride_dvt,
+    ring_lo, ring_hi, ring_size,
     PER_HEAD: tl.constexpr, INDIRECT: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    BLOCK_T: tl.constexpr,
+    BLOCK_T: tl.constexpr, RING: tl.constexpr,
 ):
     """Dst[j, h] = Src[ids[h or 0, j], h] for K and V. Grid (K, Hkv). Src may be pinned host memory, read
     by the GPU over the bus (the ids never leave the device); Dst is on the device. INDIRECT: into Dst row
-    DstRows[j] instead of j, and nothing for a negative row (a cache hit: the block is there already)."""
+    DstRows[j] instead of j, and nothing for a negative row (a cache hit: the block is there already).
+    RING: blocks ring_lo <= id < ring_hi are read from Ring[id % ring_size] (on the device, Src's strides)."""
     j = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
     ids_ptr = Ids + (h * stride_ih if PER_HEAD else 0) + j * stride_ik
@@ -866,6 +868,11 @@ def _gather_blocks_kernel(
     row = j.to(tl.int64)
     if INDIRECT:
         row = tl.load(DstRows + j).to(tl.int64)
+    if RING:
+        if (block >= ring_lo) & (block < ring_hi):
+            SrcK = RingK
+            SrcV = RingV
+            block = block % ring_size
     if row >= 0:
         offs_d = tl.arange(0, HEAD_DIM)
         for t0 in range(0, BLOCK_SIZE, BLOCK_T):  # a constexpr bound: fixed per model, unrolled
@@ -1609,16 +1616,35 @@ def _check_on_or_pinned(name: str, k: torch.Tensor, v: torch.Tensor, device: tor
         raise ValueError(f"{name} on {k.device} must be pinned host memory (or on {device})")
 
 
-def _launch_gather(src_k, src_v, block_ids, dst_k, dst_v, dst_rows: torch.Tensor | None = None) -> None:
+def _launch_gather(src_k, src_v, block_ids, dst_k, dst_v, dst_rows: torch.Tensor | None = None, ring=None) -> None:
     """`_gather_blocks_kernel` over (K, Hkv) for validated tensors: into rows 0..K-1 of dst, or into
-    `dst_rows[j]` for each j with dst_rows[j] >= 0 (the shared top-k's misses of `cache_blocks`)."""
+    `dst_rows[j]` for each j with dst_rows[j] >= 0 (the shared top-k's misses of `cache_blocks`); `ring`
+    (validated by `_check_ring`): the newest blocks from there."""
+    ring_k, ring_v, lo, hi = ring if ring is not None else (src_k, src_v, 0, 0)
     _gather_blocks_kernel[(block_ids.shape[1], dst_k.shape[1])](
-        src_k, src_v, block_ids, dst_k, dst_v, dst_rows if dst_rows is not None else block_ids,
+        src_k, src_v, block_ids, dst_k, dst_v, dst_rows if dst_rows is not None else block_ids, ring_k, ring_v,
         *src_k.stride()[:3], *src_v.stride()[:3], *block_ids.stride(),
-        *dst_k.stride()[:3], *dst_v.stride()[:3],
+        *dst_k.stride()[:3], *dst_v.stride()[:3], lo, hi, ring_k.shape[0],
         PER_HEAD=block_ids.shape[0] > 1, INDIRECT=dst_rows is not None, HEAD_DIM=dst_k.shape[3],
-        BLOCK_SIZE=dst_k.shape[2], BLOCK_T=_INTERPRETER_BLOCK if _INTERPRETED else 32,
+        BLOCK_SIZE=dst_k.shape[2], BLOCK_T=_INTERPRETER_BLOCK if _INTERPRETED else 32, RING=ring is not None,
     )
+
+
+def _check_ring(ring, src_k: torch.Tensor, src_v: torch.Tensor, device: torch.device) -> None:
+    """`ring` (ring_k, ring_v, lo, hi) of `cache_blocks` / `refine_and_cache`: device slots laid out as the
+    store (the kernel reads them with the store's strides), holding blocks lo <= id < hi at id % slots."""
+    if ring is None:
+        return
+    ring_k, ring_v, lo, hi = ring
+    for name, t, like in (("ring_k", ring_k, src_k), ("ring_v", ring_v, src_v)):
+        _check_tensor(name, t, 4)
+        if t.device != device or t.dtype != like.dtype or t.shape[1:] != like.shape[1:] or t.stride() != like.stride():
+            raise ValueError(f"{name} must be (R, Hkv, bs, D) {like.dtype} on {device} with the store's strides")
+    for name, x in (("lo", lo), ("hi", hi)):
+        if isinstance(x, bool) or not isinstance(x, numbers.Integral) or x < 0:
+            raise ValueError(f"ring {name} must be an int >= 0, got {x!r}")
+    if not lo <= hi <= lo + ring_k.shape[0]:
+        raise ValueError(f"ring blocks [{lo}, {hi}) do not fit its {ring_k.shape[0]} slots")
 
 
 # cache_blocks' bookkeeping holds every slot's tag in one program's registers; the config refuses more
@@ -1627,18 +1653,20 @@ _MAX_CACHE_SLOTS = MAX_DEVICE_CACHED_BLOCKS
 
 def cache_blocks(
     src_k: torch.Tensor, src_v: torch.Tensor, block_ids: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
-    tags: torch.Tensor, stamps: torch.Tensor, counters: torch.Tensor, prefetch: bool = False,
+    tags: torch.Tensor, stamps: torch.Tensor, counters: torch.Tensor, prefetch: bool = False, ring=None,
 ) -> torch.Tensor:
     """The selected blocks made resident in a device LRU cache, as `reference.cache_blocks`, in two launches
     and no host sync: one program does the bookkeeping (hits keep their slot, misses take the least recently
     used others), then the misses alone are read from the store (pinned host memory, over the bus) into
-    their slots. Returns the slots (1, K) int64; tags/stamps/counters are updated in place.
+    their slots, or from `ring` (ring_k, ring_v, lo, hi) for blocks lo <= id < hi. Returns the slots (1, K)
+    int64; tags/stamps/counters are updated in place.
     """
     _check_tensor("block_ids", block_ids, 2)
     k = block_ids.shape[1]
     if block_ids.shape[0] != 1 or block_ids.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"block_ids must be (1, K) int32/int64, got {tuple(block_ids.shape)} {block_ids.dtype}")
     _check_cache(src_k, src_v, cache_k, cache_v, tags, stamps, counters, k, prefetch)
+    _check_ring(ring, src_k, src_v, cache_k.device)
     if block_ids.device != cache_k.device or block_ids.numel() and block_ids.stride(-1) != 1:
         raise ValueError(f"block_ids must be on {cache_k.device} like cache_k, contiguous in its last dimension")
     placed = torch.empty((2, k), dtype=torch.int64, device=cache_k.device)  # slots, then the misses' slots
@@ -1653,7 +1681,7 @@ def cache_blocks(
             # a prefetch's (ids x slots) matrices: more threads hold them (4 warps would spill them)
             **({} if _INTERPRETED else {"num_warps": 4 if _next_pow2(k) * _next_pow2(n_slots) <= 8192 else 16}),
         )
-        _launch_gather(src_k, src_v, block_ids, cache_k, cache_v, dst_rows=placed[1])
+        _launch_gather(src_k, src_v, block_ids, cache_k, cache_v, dst_rows=placed[1], ring=ring)
     return placed[:1]
 
 
@@ -1745,9 +1773,9 @@ def refine_topk(
 def refine_and_cache(
     values: torch.Tensor, indices: torch.Tensor, query: torch.Tensor, reprs: torch.Tensor, first: int, k: int,
     src_k: torch.Tensor, src_v: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
-    tags: torch.Tensor, stamps: torch.Tensor, counters: torch.Tensor,
+    tags: torch.Tensor, stamps: torch.Tensor, counters: torch.Tensor, ring=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`refine_topk` of a shared top-k (Hsel 1), then `cache_blocks` of the ids found, as
+    """`refine_topk` of a shared top-k (Hsel 1), then `cache_blocks` of the ids found (`ring` as there), as
     `reference.refine_and_cache`, in two launches instead of three: the cache's bookkeeping runs in the
     refining program, then the misses are read into their slots. Returns (ids, slots), each (1, k) int64.
     """
@@ -1755,12 +1783,13 @@ def refine_and_cache(
     if query.shape[0] != 1:
         raise ValueError(f"refine_and_cache takes a shared top-k: query (1, X), got {tuple(query.shape)}")
     _check_cache(src_k, src_v, cache_k, cache_v, tags, stamps, counters, k, False)
+    _check_ring(ring, src_k, src_v, cache_k.device)
     if cache_k.device != query.device:
         raise ValueError(f"cache_k is on {cache_k.device} but query is on {query.device}")
     found = torch.empty((3, k), dtype=torch.int64, device=query.device)  # ids, their slots, the misses' slots
     _launch_refine(values, indices, query, reprs, first, k, found[:1], (tags, stamps, counters, found[1], found[2]))
     with _device_guard(query.device):
-        _launch_gather(src_k, src_v, found[:1], cache_k, cache_v, dst_rows=found[2])
+        _launch_gather(src_k, src_v, found[:1], cache_k, cache_v, dst_rows=found[2], ring=ring)
     return found[:1], found[1:2]
 
 

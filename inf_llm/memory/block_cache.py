@@ -6,6 +6,8 @@ and the global stage reads them from the slots.
   lookup), with LRU, FIFO or LRU-S eviction.
 - `DeviceBlockCache` (offload_access: direct): bookkept on the device by the ops' `cache_blocks` (LRU), so
   the ids never leave the GPU and decode steps can be replayed as CUDA graphs.
+- `FormationRing` (offload_access: direct with a side stream): the newest blocks, formed on the device and
+  copied to the host store on the side stream; lookups read them there until they leave the ring.
 
 Bookkeeping plus copies; knows nothing of attention.
 """
@@ -134,20 +136,24 @@ class DeviceBlockCache:
         self.counters = torch.zeros(4, dtype=torch.int64, device=device)
         self._prefetched: torch.cuda.Event | None = None  # the side stream's last prefetch
 
-    def fetch(self, ops, store: "BlockStore", block_ids: torch.Tensor) -> torch.Tensor:
-        """Make `block_ids` (1, K) resident; returns their slots (1, K) int64, on the device."""
+    def fetch(self, ops, store: "BlockStore", block_ids: torch.Tensor, ring: tuple | None = None) -> torch.Tensor:
+        """Make `block_ids` (1, K) resident (the newest from `ring`, see `FormationRing.blocks`); returns their
+        slots (1, K) int64, on the device."""
         self.settle()
-        return ops.cache_blocks(store.k, store.v, block_ids, self.k, self.v, self.tags, self.stamps, self.counters)
+        return ops.cache_blocks(store.k, store.v, block_ids, self.k, self.v, self.tags, self.stamps, self.counters,
+                                ring=ring)
 
     def fetch_refined(self, ops, store: "BlockStore", values: torch.Tensor, indices: torch.Tensor, query: torch.Tensor,
-                      reprs: torch.Tensor, first: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+                      reprs: torch.Tensor, first: int, k: int, ring: tuple | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
         """`ops.refine_topk` (a shared top-k), then `fetch` of the ids it finds, in one step
         (`ops.refine_and_cache`); returns (ids, slots), each (1, k) int64 on the device."""
         self.settle()
         return ops.refine_and_cache(values, indices, query, reprs, first, k, store.k, store.v, self.k, self.v,
-                                    self.tags, self.stamps, self.counters)
+                                    self.tags, self.stamps, self.counters, ring=ring)
 
-    def prefetch(self, ops, store: "BlockStore", block_ids: torch.Tensor, stream: "torch.cuda.Stream | None") -> None:
+    def prefetch(self, ops, store: "BlockStore", block_ids: torch.Tensor, stream: "torch.cuda.Stream | None",
+                 ring: tuple | None = None) -> None:
         """Start making `block_ids` (1, n), repeats allowed, resident (as many as there are slots) on the side
         `stream`, after the work queued so far on the current stream (which computed the ids); whatever
         touches the cache next waits for it (`settle`). Without a stream (a CPU), right here."""
@@ -155,7 +161,7 @@ class DeviceBlockCache:
             stream.wait_stream(torch.cuda.current_stream(self.k.device))
         with torch.cuda.stream(stream):  # a no-op without a stream
             ops.cache_blocks(store.k, store.v, block_ids, self.k, self.v, self.tags, self.stamps, self.counters,
-                             prefetch=True)
+                             prefetch=True, ring=ring)
         if stream is not None:
             block_ids.record_stream(stream)  # allocated on the current stream, read on the side one
             self._prefetched = stream.record_event()
@@ -181,3 +187,82 @@ class DeviceBlockCache:
         self.settle()
         self.tags.fill_(-1)
         self.stamps.fill_(-1)
+
+
+# Slots of a FormationRing: a prefill's execution block forms exc_block_size / block_size blocks (4 in the
+# original preset), so 16 slots hold the last four execution blocks' (8 MB per layer of a Mistral-7B)
+FORMATION_RING_BLOCKS = 16
+
+
+class FormationRing:
+    """offload_access: direct with a side stream: new blocks are formed into `size` device slots, then copied
+    to the pinned store by the side stream (a DMA, next to the compute stream's work), instead of the
+    formation kernel writing them into the store over the bus (43 us per execution block and layer of a
+    Mistral-7B prefill: the bus's bandwidth, 22 of a chunk's 335 ms of kernels). The slot of block id is
+    id % size; lookups read blocks lo <= id < hi from here (their copy may be under way) and older ones
+    from the store. A slot is written again only after the copy that read it (the compute stream waits for
+    that copy's event first), and `settle` makes the current stream wait for every copy (before a decode
+    step, which reads the store only)."""
+
+    def __init__(self, size: int, block_shape: tuple[int, int, int], dtype: torch.dtype, device: torch.device,
+                 stream: "torch.cuda.Stream | None"):
+        self.size = size
+        self.k = torch.empty(size, *block_shape, dtype=dtype, device=device)
+        self.v = torch.empty_like(self.k)
+        self.stream = stream  # None (a CPU): the copies run right away
+        self.lo = self.hi = 0  # blocks [lo, hi) are in their slots
+        self._copied: list = [None] * size  # per slot: the event of the copy that read it last
+        self._last: "torch.cuda.Event | None" = None
+
+    def blocks(self) -> tuple | None:
+        """(ring_k, ring_v, lo, hi) for the ops' `ring` argument, or None while it holds no block."""
+        return (self.k, self.v, self.lo, self.hi) if self.hi > self.lo else None
+
+    def form(self, ops, keys: torch.Tensor, values: torch.Tensor, scores: torch.Tensor, repr_topk: int,
+             store: "BlockStore", new: slice) -> None:
+        """`ops.form_blocks` of the store's claimed slots `new` (keys/values (Hkv, n, bs, D), scores (Hkv, n,
+        bs)) into ring slots, representatives into the store, then K/V copied to the store."""
+        first, n = new.start, new.stop - new.start
+        segments, done = [], 0  # (first block index, slot, count): two where the slots wrap around
+        while done < n:
+            slot = (first + done) % self.size
+            count = min(n - done, self.size - slot)
+            segments.append((done, slot, count))
+            done += count
+        current = torch.cuda.current_stream(self.k.device) if self.stream is not None else None
+        if current is not None:  # slots still being copied from (by a copy four execution blocks ago, if any)
+            pending = {id(e): e for _, slot, count in segments for e in self._copied[slot : slot + count] if e}
+            for event in pending.values():
+                current.wait_event(event)
+        hkv, d = self.k.shape[1], self.k.shape[3]
+        for j, slot, count in segments:
+            ops.form_blocks(keys[:, j : j + count], values[:, j : j + count], scores[:, j : j + count], repr_topk,
+                            self.k[slot : slot + count], self.v[slot : slot + count],
+                            store.repr[first + j : first + j + count].view(count, hkv, d))
+        self.lo = max(self.lo if first == self.hi else first, first + n - self.size)
+        self.hi = first + n
+        if current is not None:
+            self.stream.wait_stream(current)
+        with torch.cuda.stream(self.stream):  # a no-op without a stream
+            for j, slot, count in segments:
+                blocks = slice(first + j, first + j + count)
+                store.k[blocks].copy_(self.k[slot : slot + count], non_blocking=True)
+                store.v[blocks].copy_(self.v[slot : slot + count], non_blocking=True)
+        if current is not None:
+            self._last = self.stream.record_event()
+            for _, slot, count in segments:
+                self._copied[slot : slot + count] = [self._last] * count
+
+    def settle(self) -> None:
+        """The current stream waits for every copy to the store so far."""
+        if self._last is not None:
+            torch.cuda.current_stream(self.k.device).wait_event(self._last)
+            self._last = None
+
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+    def clear(self) -> None:
+        """Forget the blocks held (the store's contents changed)."""
+        self.settle()
+        self.lo = self.hi = 0

@@ -29,7 +29,7 @@ import torch
 from inf_llm.config import CacheStrategy, MemoryType, ModelConfig
 from inf_llm.errors import ConfigError, MissingDependencyError
 from inf_llm.kernels.reference import block_representatives
-from inf_llm.memory.block_cache import BlockCache, DeviceBlockCache
+from inf_llm.memory.block_cache import FORMATION_RING_BLOCKS, BlockCache, DeviceBlockCache, FormationRing
 from inf_llm.memory.buffers import BlockStore, StorageSpec, TokenBuffer, representative_dtype
 from inf_llm.memory.compression import BlockCodec
 from inf_llm.memory.rope import RotaryTable
@@ -193,6 +193,11 @@ class ContextMemory:
         # (allocated at the first lookup)
         self.device_cache: DeviceBlockCache | None = None
         self._resident_slots: tuple[torch.Tensor, torch.Tensor] | None = None  # (ids, their slots) of the last lookup
+        # direct with a side stream (or a CPU, inline): a prefill forms blocks into device slots and copies them
+        # to the host store on that stream (allocated at the first formation)
+        self._use_ring = self._direct and not cfg.perhead and cfg.offload_dtype is None and (
+            copy_stream is not None or device.type == "cpu")
+        self.ring: FormationRing | None = None
         # Set by a caller that replays decode steps as a CUDA graph (adapter.decode_graph): single-token calls
         # then run its fixed-shape step, and the caller plans and advances the host state around them.
         self.static_step: StaticDecodeStep | None = None
@@ -272,7 +277,7 @@ class ContextMemory:
                     into=self.tail.scores(w_start, e)[None],
                 )
             self.seen = e
-            self._form_memory(e)
+            self._form_memory(e, into_ring=True)
         self._count_device_selections()
         return out
 
@@ -282,6 +287,7 @@ class ContextMemory:
         scores, so no merge and no second pass (decoding a small model on a CPU is bound by op count)."""
         p = self.seen
         self._retrieved, self._lookup, self._call_qvecs = [], None, None
+        self.settle_copies()  # the step reads blocks from the store only
         window_start = max(p - self.n_local + 1, self.tail.first_pos)
         if self._rebase_due(p):
             self._rebase_rotation(window_start)  # the live keys; the new one is rotated at the new base below
@@ -340,6 +346,8 @@ class ContextMemory:
             storage, reprs = self.store.nbytes()
             device_bytes += reprs
             cache = self.cache if self.cache is not None else self.device_cache
+            if self.ring is not None:
+                device_bytes += self.ring.nbytes()
             if cache is not None:
                 device_bytes += cache.nbytes()
                 host_bytes += storage
@@ -410,7 +418,7 @@ class ContextMemory:
         ids = self._select_blocks(qb, index)
         if ids is None:
             ids = torch.empty(1, 0, dtype=torch.int64, device=self.device)
-        store_k, store_v, ids = self._resident(ids)
+        store_k, store_v, ids = self._resident(ids, from_ring=True)
         tail_first = self.tail.first_pos
         tail_end = max(e - self.n_local, tail_first)  # positions <= e - 1 - n_local: seen by some query here
         self.ops.global_stage_into(
@@ -491,18 +499,21 @@ class ContextMemory:
         self.ops.gather_blocks(*self._resident(ids), dst_k, dst_v)
         self._staged_blocks = []  # the host path's slot bookkeeping no longer matches the staging buffer
 
-    def _resident(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _resident(self, ids: torch.Tensor, from_ring: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Device path: where the selected blocks (ids (Hsel, k) on the device) can be read on the device:
         (K, V, ids) in the store's layout, for `global_stage_into` or `gather_blocks`. The store itself
         when it is on the device; with offload_access: direct, the device cache's slots (only blocks not
-        cached yet cross the bus), or with perhead fresh device slots (each head's own blocks)."""
+        cached yet cross the bus; `from_ring`: a prefill's newest blocks come from the formation ring), or
+        with perhead fresh device slots (each head's own blocks)."""
         if not self._direct:
             return self.store.k, self.store.v, ids
         if not self.cfg.perhead:
             cache = self.block_cache_on_device()
             fetched, self._resident_slots = self._resident_slots, None
-            slots = fetched[1] if fetched is not None and fetched[0] is ids else cache.fetch(self.ops, self.store, ids)
-            return cache.k, cache.v, slots
+            if fetched is not None and fetched[0] is ids:
+                return cache.k, cache.v, fetched[1]
+            ring = self.ring.blocks() if from_ring and self.ring is not None else None
+            return cache.k, cache.v, cache.fetch(self.ops, self.store, ids, ring)
         n_sel = ids.shape[1]
         if self._fetched is None or self._fetched[0].shape[0] < n_sel:
             shape = (max(n_sel, self.cfg.topk), self.hkv, self.cfg.block_size, self.d)
@@ -512,6 +523,12 @@ class ContextMemory:
         fetched_k, fetched_v = self._fetched[0][:n_sel], self._fetched[1][:n_sel]
         self.ops.gather_blocks(self.store.k, self.store.v, ids, fetched_k, fetched_v)
         return fetched_k, fetched_v, self._slot_ids[:, :n_sel]
+
+    def settle_copies(self) -> None:
+        """The current stream waits for the formation ring's copies to the store (before steps that read
+        blocks from the store only: decode steps, captured or not)."""
+        if self.ring is not None:
+            self.ring.settle()
 
     def block_cache_on_device(self) -> DeviceBlockCache:
         """offload_access: direct: the device block cache, allocated on first use (call it outside a CUDA
@@ -685,7 +702,8 @@ class ContextMemory:
         reprs = self.store.representatives()
         if self._direct and not self.cfg.perhead:  # the lookup makes its blocks resident in the same program
             ids, slots = self.block_cache_on_device().fetch_refined(
-                self.ops, self.store, values, indices, query, reprs, batch.known_blocks, topk
+                self.ops, self.store, values, indices, query, reprs, batch.known_blocks, topk,
+                self.ring.blocks() if self.ring is not None else None,
             )
             self._resident_slots = (ids, slots)
             return ids
@@ -709,7 +727,8 @@ class ContextMemory:
         if n_blocks <= self.cfg.topk:
             return
         batch = self._batch_lookup(n_blocks)
-        self.block_cache_on_device().prefetch(self.ops, self.store, batch.indices.view(1, -1), self.copy_stream)
+        self.block_cache_on_device().prefetch(self.ops, self.store, batch.indices.view(1, -1), self.copy_stream,
+                                              self.ring.blocks() if self.ring is not None else None)
 
     def _count_device_selections(self, force: bool = False) -> None:
         """Device path: add the pending selections to the per-block counts, on the device (a block counts
@@ -792,8 +811,9 @@ class ContextMemory:
         self.cache.add_scores(selected, per_block.tolist())  # host sync: cache bookkeeping lives on host
 
     # --------------------------------------------------------------------------------------- formation
-    def _form_memory(self, end: int) -> None:
-        """After queries up to `end`: move tokens behind the window to the sinks, then to blocks (or drop)."""
+    def _form_memory(self, end: int, into_ring: bool = False) -> None:
+        """After queries up to `end`: move tokens behind the window to the sinks, then to blocks (or drop).
+        `into_ring` (a prefill): with direct and a side stream, through the formation ring."""
         if self.n_local is None:
             return
         behind = end - self.n_local - self.tail.first_pos
@@ -822,7 +842,12 @@ class ContextMemory:
         starts = [first + i * bs for i in range(n)]
         store = self.store
         # one op writes the store's new slots: on the device, or (direct) in pinned host memory over the bus
-        if store.codec is None and (store.k.device == self.device or self._direct):
+        if into_ring and self._use_ring and n <= FORMATION_RING_BLOCKS:
+            if self.ring is None:
+                self.ring = FormationRing(FORMATION_RING_BLOCKS, (self.hkv, bs, self.d), self.dtype, self.device,
+                                          self.copy_stream)
+            self.ring.form(self.ops, keys, values, scores, self.cfg.repr_topk, store, store.claim(n, starts))
+        elif store.codec is None and (store.k.device == self.device or self._direct):
             new = store.claim(n, starts)
             self.ops.form_blocks(keys, values, scores, self.cfg.repr_topk, store.k[new], store.v[new],
                                  store.repr[new].view(n, self.hkv, self.d))
@@ -867,6 +892,8 @@ class ContextMemory:
                 self.cache.clear()
             if self.device_cache is not None:
                 self.device_cache.clear()
+            if self.ring is not None:
+                self.ring.clear()
             if self._faiss_index is not None:
                 for index in self._faiss_index:
                     index.reset()

@@ -68,8 +68,9 @@ class StaticDecodeStep:
                 or tail.offset + tail.length >= tail.k.shape[1]):
             return None
         m.rope.cos_sin(0, self.rotation_rows, m.dtype)
-        if m._direct:  # allocated (and emptied) here, and a prefill's prefetch waited for: not inside a capture
+        if m._direct:  # allocated (and emptied) here, a prefill's prefetch and copies waited for: not in a capture
             m.block_cache_on_device().settle()
+            m.settle_copies()
         m._count_device_selections(force=True)  # the ordinary steps' pending selections
         capacity = m.store.repr.shape[0]
         if m._device_counts is None or m._device_counts.shape[0] < capacity:
