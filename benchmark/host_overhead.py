@@ -26,8 +26,8 @@ if __package__ in (None, ""):
 
 
 def _stub_kernels(triton_attn) -> None:
-    """Every Triton kernel of the module launches nothing; refine_topk (whose output drives the counts)
-    validates and 'launches' as usual, then returns the batch's ids."""
+    """Every Triton kernel of the module launches nothing; refine_topk and refine_and_cache (whose ids drive
+    the counts) validate and 'launch' as usual, then return the batch's ids."""
     from triton.runtime.autotuner import Autotuner
     from triton.runtime.interpreter import InterpretedFunction
 
@@ -45,6 +45,13 @@ def _stub_kernels(triton_attn) -> None:
         return indices[:, :k]
 
     triton_attn.refine_topk = refine_returning_the_batch
+    refine_and_cache = triton_attn.refine_and_cache
+
+    def refine_and_cache_returning_the_batch(values, indices, query, reprs, first, k, *cache, **kwargs):
+        _, slots = refine_and_cache(values, indices, query, reprs, first, k, *cache, **kwargs)
+        return indices[:, :k], slots
+
+    triton_attn.refine_and_cache = refine_and_cache_returning_the_batch
 
 
 def main(argv=None) -> int:
@@ -52,6 +59,8 @@ def main(argv=None) -> int:
     p.add_argument("--chunks", type=int, default=8, help="timed prefill chunks (after 3 untimed)")
     p.add_argument("--chunk", type=int, default=8192)
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    p.add_argument("--direct", action="store_true",
+                   help="offload_access: direct (blocks in host memory, the device cache, the formation ring)")
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="also print the N functions with the most own time over the timed chunks (cProfile)")
     args = p.parse_args(argv)
@@ -66,10 +75,11 @@ def main(argv=None) -> int:
     _stub_kernels(triton_attn)
     d, hq, hkv = 16, 4, 1
     cfg = ModelConfig(type="inf-llm", n_init=128, n_local=4096, block_size=128, topk=16, repr_topk=4,
-                      exc_block_size=512)
+                      exc_block_size=512, max_cached_block=192,
+                      **({"offload_access": "direct", "async_global_stream": True} if args.direct else {}))
     rope = RotaryTable(1.0 / (10000 ** (torch.arange(0, d, 2).float() / d)), d)
     memory = ContextMemory(cfg, rope, hq, hkv, d, torch.bfloat16, torch.device("cpu"), triton_attn,
-                           offload=False, device_lookup=True)
+                           offload=args.direct, device_lookup=True)
     gen = torch.Generator().manual_seed(0)
 
     def qkv():  # transformers' layout: (H, L, D) views of (L, H, D)
