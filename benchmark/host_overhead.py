@@ -61,6 +61,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     p.add_argument("--direct", action="store_true",
                    help="offload_access: direct (blocks in host memory, the device cache, the formation ring)")
+    p.add_argument("--check", action="store_true",
+                   help="with the ops' argument checks (as on a CPU; a GPU's context memory skips them)")
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="also print the N functions with the most own time over the timed chunks (cProfile)")
     args = p.parse_args(argv)
@@ -80,6 +82,7 @@ def main(argv=None) -> int:
     rope = RotaryTable(1.0 / (10000 ** (torch.arange(0, d, 2).float() / d)), d)
     memory = ContextMemory(cfg, rope, hq, hkv, d, torch.bfloat16, torch.device("cpu"), triton_attn,
                            offload=args.direct, device_lookup=True)
+    memory._check_ops = args.check  # the GPU path's setting unless asked
     gen = torch.Generator().manual_seed(0)
 
     def qkv():  # transformers' layout: (H, L, D) views of (L, H, D)

@@ -390,6 +390,8 @@ def test_memory_device_path_with_triton_ops_matches_host_path(perhead, access):
                       offload=False, device_lookup=False),
     ]
     assert (memories[0].cache is None) and memories[0]._direct == (access == "direct")
+    # as on a GPU, the per-execution-block ops without their argument checks (with perhead: with them)
+    memories[0]._check_ops = perhead
     outs, lookups = [[], []], [[], []]
     for a, b in ((0, 70), (70, 71), (71, 72), (72, n)):
         for i, memory in enumerate(memories):

@@ -5,6 +5,8 @@ Shapes: q (B, Hq, Lq, D); k, v (B, Hkv, Lk, D) with Hq = G * Hkv (GQA: query hea
 Every op returns the attention output in q's dtype and the log-sum-exp of the scaled scores in float32,
 so that partial results over disjoint key sets merge exactly into one softmax (`merge_partials`).
 A query with no visible key gets output 0 and lse -inf (it contributes nothing to a merge).
+The `check` argument of the ops the context memory calls per execution block exists for signature parity
+with the Triton ops (which then skip their argument checks); torch checks what it needs here.
 """
 
 from __future__ import annotations
@@ -153,6 +155,7 @@ def gather_blocks(
 def cache_blocks(
     src_k: torch.Tensor, src_v: torch.Tensor, block_ids: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
     tags: torch.Tensor, stamps: torch.Tensor, counters: torch.Tensor, prefetch: bool = False, ring=None,
+    check: bool = True,
 ) -> torch.Tensor:
     """Make the selected blocks resident in a device cache with LRU eviction, bookkept on the device, and
     return the slot of each (1, K) int64, for `global_stage_into` / `gather_blocks` over the cache.
@@ -206,7 +209,8 @@ def cache_blocks(
 
 
 def refine_topk(
-    values: torch.Tensor, indices: torch.Tensor, query: torch.Tensor, reprs: torch.Tensor, first: int, k: int
+    values: torch.Tensor, indices: torch.Tensor, query: torch.Tensor, reprs: torch.Tensor, first: int, k: int,
+    check: bool = True,
 ) -> torch.Tensor:
     """Top-k block ids (Hsel, k), int64, among an earlier top-k and the blocks formed since.
 
@@ -227,7 +231,7 @@ def refine_topk(
 def refine_and_cache(
     values: torch.Tensor, indices: torch.Tensor, query: torch.Tensor, reprs: torch.Tensor, first: int, k: int,
     src_k: torch.Tensor, src_v: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
-    tags: torch.Tensor, stamps: torch.Tensor, counters: torch.Tensor, ring=None,
+    tags: torch.Tensor, stamps: torch.Tensor, counters: torch.Tensor, ring=None, check: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`refine_topk` of a shared top-k (query (1, X)), then `cache_blocks` of the ids it finds (`ring` as
     there): returns (ids, slots), each (1, k) int64 (offload_access: direct looks up and makes resident in
@@ -257,7 +261,7 @@ def block_representatives(keys: torch.Tensor, scores: torch.Tensor, repr_topk: i
 
 def form_blocks(
     keys: torch.Tensor, values: torch.Tensor, scores: torch.Tensor, repr_topk: int,
-    dst_k: torch.Tensor, dst_v: torch.Tensor, dst_repr: torch.Tensor,
+    dst_k: torch.Tensor, dst_v: torch.Tensor, dst_repr: torch.Tensor, check: bool = True,
 ) -> None:
     """New memory blocks into the store: dst_k/dst_v (n, Hkv, bs, D) = keys/values (Hkv, n, bs, D), and
     dst_repr (n, Hkv, D) = per block and head the mean (in dst_repr's dtype) of the `repr_topk` keys with the
@@ -271,7 +275,7 @@ def global_stage_into(
     q: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
     sink_k: torch.Tensor, sink_v: torch.Tensor,
     store_k: torch.Tensor, store_v: torch.Tensor, block_ids: torch.Tensor,
-    rem_k: torch.Tensor, rem_v: torch.Tensor, *, rem_offset: int, scale: float,
+    rem_k: torch.Tensor, rem_v: torch.Tensor, *, rem_offset: int, scale: float, check: bool = True,
 ) -> None:
     """The global stage of one execution block, merged in place into its local-stage result (one sequence,
     no batch dimension: the memory's own layout, so no staging copy is needed).
@@ -334,7 +338,7 @@ def decode_attention(
 
 def window_key_scores(
     q: torch.Tensor, k: torch.Tensor, *, scale: float, q_offset: int, window: int | None, lse: torch.Tensor,
-    into: torch.Tensor | None = None,
+    into: torch.Tensor | None = None, check: bool = True,
 ) -> torch.Tensor:
     """Per-key attention probability mass received in the local stage, normalised by the FINAL lse.
 

@@ -1367,36 +1367,40 @@ def merge_partials(
 
 def window_key_scores(
     q: torch.Tensor, k: torch.Tensor, *, scale: float, q_offset: int, window: int | None, lse: torch.Tensor,
-    into: torch.Tensor | None = None,
+    into: torch.Tensor | None = None, check: bool = True,
 ) -> torch.Tensor:
     """Per-key probability mass of the local stage under the FINAL lse, as `reference.window_key_scores`.
 
     q (B, Hq, Lq, D), k (B, Hkv, Lk, D), lse (B, Hq, Lq) float (float32 expected) on one device. Returns
     (B, Hkv, Lk) float32: for each key, sum over the visible queries and the group's query heads of
     exp(q.k * scale - lse). Queries with a non-finite lse contribute 0. `into` (B, Hkv, Lk) float32, last
-    dimension contiguous: the scores are added to it in the same launch, and it is returned.
+    dimension contiguous: the scores are added to it in the same launch, and it is returned. `check=False`:
+    no argument checks (q_offset and window are still normalized).
     """
-    _check_qk(q, k, None)
-    scale = _check_scale(scale)
+    if check:
+        _check_qk(q, k, None)
+    scale = _check_scale(scale) if check else float(scale)
     b, hq, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
     q_offset, win = _check_window(q_offset, window, lq)
-    _check_tensor("lse", lse, 3)
-    if lse.shape != (b, hq, lq):
-        raise ValueError(f"lse has shape {tuple(lse.shape)}, expected {(b, hq, lq)}")
-    if not lse.dtype.is_floating_point:
-        raise ValueError(f"lse must be a floating tensor, got {lse.dtype}")
-    if lse.device != q.device:
-        raise ValueError(f"lse is on {lse.device} but q is on {q.device}")
-    if lk > _MAX_POSITION:
-        raise ValueError(f"k has {lk} keys, more than {_MAX_POSITION}")
+    if check:
+        _check_tensor("lse", lse, 3)
+        if lse.shape != (b, hq, lq):
+            raise ValueError(f"lse has shape {tuple(lse.shape)}, expected {(b, hq, lq)}")
+        if not lse.dtype.is_floating_point:
+            raise ValueError(f"lse must be a floating tensor, got {lse.dtype}")
+        if lse.device != q.device:
+            raise ValueError(f"lse is on {lse.device} but q is on {q.device}")
+        if lk > _MAX_POSITION:
+            raise ValueError(f"k has {lk} keys, more than {_MAX_POSITION}")
     if into is not None:
-        _check_tensor("into", into, 3)
-        if into.shape != (b, hkv, lk) or into.dtype != torch.float32 or into.device != q.device:
-            raise ValueError(f"into is {tuple(into.shape)} {into.dtype} on {into.device}; expected "
-                             f"{(b, hkv, lk)} float32 on {q.device}")
-        if into.numel() and into.stride(-1) != 1:
-            raise ValueError("into must be contiguous in its last dimension")
+        if check:
+            _check_tensor("into", into, 3)
+            if into.shape != (b, hkv, lk) or into.dtype != torch.float32 or into.device != q.device:
+                raise ValueError(f"into is {tuple(into.shape)} {into.dtype} on {into.device}; expected "
+                                 f"{(b, hkv, lk)} float32 on {q.device}")
+            if into.numel() and into.stride(-1) != 1:
+                raise ValueError("into must be contiguous in its last dimension")
         out = into
     else:
         out = torch.zeros((b, hkv, lk), dtype=torch.float32, device=q.device)  # (B, Hkv, Lk)
@@ -1433,7 +1437,7 @@ def global_stage_into(
     q: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
     sink_k: torch.Tensor, sink_v: torch.Tensor,
     store_k: torch.Tensor, store_v: torch.Tensor, block_ids: torch.Tensor,
-    rem_k: torch.Tensor, rem_v: torch.Tensor, *, rem_offset: int, scale: float,
+    rem_k: torch.Tensor, rem_v: torch.Tensor, *, rem_offset: int, scale: float, check: bool = True,
 ) -> None:
     """The global stage of one execution block merged in place into its local result, as
     `reference.global_stage_into`, in ONE launch: store blocks are read where they lie (through their ids,
@@ -1442,42 +1446,49 @@ def global_stage_into(
 
     q (Hq, Lq, D), out (Hq, Lq, D) (q's dtype), lse (Hq, Lq) float32, sink_k/v (Hkv, S, D), store_k/v
     (N, Hkv, block_size, D), block_ids (1 or Hkv, K) int32/int64 on the device (not bounds-checked: ids
-    come from a top-k over the store), rem_k/v (Hkv, R, D). Last dimensions contiguous.
+    come from a top-k over the store), rem_k/v (Hkv, R, D). Last dimensions contiguous. `check=False` skips
+    the argument checks (a caller that built them itself: ContextMemory on a GPU, where they cost the host
+    about as much as the launch).
     """
-    scale = _check_scale(scale)
+    scale = _check_scale(scale) if check else float(scale)
     hq, lq, d = q.shape
     hkv = sink_k.shape[0]
-    named = (("q", q, 3), ("out", out, 3), ("sink_k", sink_k, 3), ("sink_v", sink_v, 3), ("store_k", store_k, 4),
-             ("store_v", store_v, 4), ("rem_k", rem_k, 3), ("rem_v", rem_v, 3))
-    for name, t, nd in named:
-        _check_tensor(name, t, nd)
-        if t.device != q.device or t.dtype != q.dtype:
-            raise ValueError(f"{name} is {t.dtype} on {t.device}; expected {q.dtype} on {q.device} like q")
-        if t.numel() and t.stride(-1) != 1:
-            raise ValueError(f"{name} must be contiguous in its last dimension; call .contiguous() first")
-    _check_tensor("lse", lse, 2)
-    _check_tensor("block_ids", block_ids, 2)
-    if q.dtype not in _DTYPES:
-        raise ValueError(f"q must be float16, bfloat16 or float32, got {q.dtype}")
-    _check_device(q.device)
-    if d & (d - 1) or not _MIN_HEAD_DIM <= d <= _MAX_HEAD_DIM:
-        raise ValueError(f"head dim {d} is not supported: need a power of two in [{_MIN_HEAD_DIM}, {_MAX_HEAD_DIM}]")
-    if hkv == 0 or hq % hkv:
-        raise ValueError(f"q has {hq} heads, not a multiple of the {hkv} KV heads")
-    if out.shape != q.shape or lse.shape != (hq, lq) or lse.dtype != torch.float32:
-        raise ValueError(f"out {tuple(out.shape)} / lse {tuple(lse.shape)} {lse.dtype} must be {tuple(q.shape)} / "
-                         f"{(hq, lq)} float32")
-    if store_k.shape[1] != hkv or store_k.shape[3] != d or store_v.shape != store_k.shape:
-        raise ValueError(f"store_k {tuple(store_k.shape)} / store_v {tuple(store_v.shape)} must be (N, {hkv}, bs, {d})")
-    if block_ids.shape[0] not in (1, hkv) or block_ids.dtype not in (torch.int32, torch.int64):
-        raise ValueError(
-            f"block_ids must be (1 or {hkv}, K) int32/int64, got {tuple(block_ids.shape)} {block_ids.dtype}"
-        )
-    for name, t in (("sink", sink_k), ("rem", rem_k)):
-        if t.shape[0] != hkv or t.shape[2] != d:
-            raise ValueError(f"{name}_k {tuple(t.shape)} must be ({hkv}, n, {d})")
-    if sink_v.shape != sink_k.shape or rem_v.shape != rem_k.shape:
-        raise ValueError("sink_v / rem_v must have the shapes of sink_k / rem_k")
+    if check:
+        named = (("q", q, 3), ("out", out, 3), ("sink_k", sink_k, 3), ("sink_v", sink_v, 3), ("store_k", store_k, 4),
+                 ("store_v", store_v, 4), ("rem_k", rem_k, 3), ("rem_v", rem_v, 3))
+        for name, t, nd in named:
+            _check_tensor(name, t, nd)
+            if t.device != q.device or t.dtype != q.dtype:
+                raise ValueError(f"{name} is {t.dtype} on {t.device}; expected {q.dtype} on {q.device} like q")
+            if t.numel() and t.stride(-1) != 1:
+                raise ValueError(f"{name} must be contiguous in its last dimension; call .contiguous() first")
+        _check_tensor("lse", lse, 2)
+        _check_tensor("block_ids", block_ids, 2)
+        if q.dtype not in _DTYPES:
+            raise ValueError(f"q must be float16, bfloat16 or float32, got {q.dtype}")
+        _check_device(q.device)
+        if d & (d - 1) or not _MIN_HEAD_DIM <= d <= _MAX_HEAD_DIM:
+            raise ValueError(
+                f"head dim {d} is not supported: need a power of two in [{_MIN_HEAD_DIM}, {_MAX_HEAD_DIM}]"
+            )
+        if hkv == 0 or hq % hkv:
+            raise ValueError(f"q has {hq} heads, not a multiple of the {hkv} KV heads")
+        if out.shape != q.shape or lse.shape != (hq, lq) or lse.dtype != torch.float32:
+            raise ValueError(f"out {tuple(out.shape)} / lse {tuple(lse.shape)} {lse.dtype} must be {tuple(q.shape)} / "
+                             f"{(hq, lq)} float32")
+        if store_k.shape[1] != hkv or store_k.shape[3] != d or store_v.shape != store_k.shape:
+            raise ValueError(
+                f"store_k {tuple(store_k.shape)} / store_v {tuple(store_v.shape)} must be (N, {hkv}, bs, {d})"
+            )
+        if block_ids.shape[0] not in (1, hkv) or block_ids.dtype not in (torch.int32, torch.int64):
+            raise ValueError(
+                f"block_ids must be (1 or {hkv}, K) int32/int64, got {tuple(block_ids.shape)} {block_ids.dtype}"
+            )
+        for name, t in (("sink", sink_k), ("rem", rem_k)):
+            if t.shape[0] != hkv or t.shape[2] != d:
+                raise ValueError(f"{name}_k {tuple(t.shape)} must be ({hkv}, n, {d})")
+        if sink_v.shape != sink_k.shape or rem_v.shape != rem_k.shape:
+            raise ValueError("sink_v / rem_v must have the shapes of sink_k / rem_k")
     if lq == 0:
         return
     group = hq // hkv
@@ -1654,21 +1665,23 @@ _MAX_CACHE_SLOTS = MAX_DEVICE_CACHED_BLOCKS
 def cache_blocks(
     src_k: torch.Tensor, src_v: torch.Tensor, block_ids: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
     tags: torch.Tensor, stamps: torch.Tensor, counters: torch.Tensor, prefetch: bool = False, ring=None,
+    check: bool = True,
 ) -> torch.Tensor:
     """The selected blocks made resident in a device LRU cache, as `reference.cache_blocks`, in two launches
     and no host sync: one program does the bookkeeping (hits keep their slot, misses take the least recently
     used others), then the misses alone are read from the store (pinned host memory, over the bus) into
     their slots, or from `ring` (ring_k, ring_v, lo, hi) for blocks lo <= id < hi. Returns the slots (1, K)
-    int64; tags/stamps/counters are updated in place.
+    int64; tags/stamps/counters are updated in place. `check=False`: no argument checks.
     """
-    _check_tensor("block_ids", block_ids, 2)
+    if check:
+        _check_tensor("block_ids", block_ids, 2)
+        if block_ids.shape[0] != 1 or block_ids.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"block_ids must be (1, K) int32/int64, got {tuple(block_ids.shape)} {block_ids.dtype}")
+        _check_cache(src_k, src_v, cache_k, cache_v, tags, stamps, counters, block_ids.shape[1], prefetch)
+        _check_ring(ring, src_k, src_v, cache_k.device)
+        if block_ids.device != cache_k.device or block_ids.numel() and block_ids.stride(-1) != 1:
+            raise ValueError(f"block_ids must be on {cache_k.device} like cache_k, contiguous in its last dimension")
     k = block_ids.shape[1]
-    if block_ids.shape[0] != 1 or block_ids.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"block_ids must be (1, K) int32/int64, got {tuple(block_ids.shape)} {block_ids.dtype}")
-    _check_cache(src_k, src_v, cache_k, cache_v, tags, stamps, counters, k, prefetch)
-    _check_ring(ring, src_k, src_v, cache_k.device)
-    if block_ids.device != cache_k.device or block_ids.numel() and block_ids.stride(-1) != 1:
-        raise ValueError(f"block_ids must be on {cache_k.device} like cache_k, contiguous in its last dimension")
     placed = torch.empty((2, k), dtype=torch.int64, device=cache_k.device)  # slots, then the misses' slots
     if k == 0:
         return placed[:1]
@@ -1711,7 +1724,7 @@ def _check_cache(src_k, src_v, cache_k, cache_v, tags, stamps, counters, k: int,
 
 def form_blocks(
     keys: torch.Tensor, values: torch.Tensor, scores: torch.Tensor, repr_topk: int,
-    dst_k: torch.Tensor, dst_v: torch.Tensor, dst_repr: torch.Tensor,
+    dst_k: torch.Tensor, dst_v: torch.Tensor, dst_repr: torch.Tensor, check: bool = True,
 ) -> None:
     """New memory blocks into the store, as `reference.form_blocks`, in one launch (the torch version is a
     top-k, a gather, a mean and three copies: host launches bound the prefill's per-execution-block work).
@@ -1719,28 +1732,29 @@ def form_blocks(
     keys/values (Hkv, n, bs, D) and scores (Hkv, n, bs) float32, e.g. views of the tail; dst_k/dst_v
     (n, Hkv, bs, D) and dst_repr (n, Hkv, D) float32: the store's new slots, on the same device (K/V may
     also be pinned host memory, written by the GPU over the bus: offload_access: direct). Last dimensions
-    contiguous. Among equal scores the lowest position is taken first.
+    contiguous. Among equal scores the lowest position is taken first. `check=False`: no argument checks.
     """
-    _check_tensors((("keys", keys, 4), ("values", values, 4), ("scores", scores, 3), ("dst_repr", dst_repr, 3)),
-                   "keys", keys)
-    _check_tensors((("dst_k", dst_k, 4), ("dst_v", dst_v, 4)), "dst_k", dst_k)
-    _check_on_or_pinned("dst_k/dst_v", dst_k, dst_v, keys.device)
     hkv, n, bs, d = keys.shape
-    if values.shape != keys.shape or scores.shape != (hkv, n, bs):
-        raise ValueError(f"values {tuple(values.shape)} / scores {tuple(scores.shape)} must match keys "
-                         f"{tuple(keys.shape)} / {(hkv, n, bs)}")
-    if dst_k.shape != (n, hkv, bs, d) or dst_v.shape != dst_k.shape or dst_repr.shape != (n, hkv, d):
-        raise ValueError(f"dst_k {tuple(dst_k.shape)} / dst_v {tuple(dst_v.shape)} / dst_repr "
-                         f"{tuple(dst_repr.shape)} must be {(n, hkv, bs, d)} / {(n, hkv, d)}")
-    if dst_k.dtype != keys.dtype or dst_v.dtype != values.dtype:
-        raise ValueError(f"the store's dtype ({dst_k.dtype}) differs from the keys' ({keys.dtype})")
-    if scores.dtype != torch.float32 or dst_repr.dtype != torch.float32:
-        raise ValueError(f"scores ({scores.dtype}) and dst_repr ({dst_repr.dtype}) must be float32")
-    if not 1 <= repr_topk <= bs:
-        raise ValueError(f"repr_topk {repr_topk} must be in [1, block size {bs}]")
-    if d & (d - 1) or d > _MAX_HEAD_DIM:
-        raise ValueError(f"head dim {d} is not supported: need a power of two <= {_MAX_HEAD_DIM}")
-    _check_device(keys.device)
+    if check:
+        _check_tensors((("keys", keys, 4), ("values", values, 4), ("scores", scores, 3), ("dst_repr", dst_repr, 3)),
+                       "keys", keys)
+        _check_tensors((("dst_k", dst_k, 4), ("dst_v", dst_v, 4)), "dst_k", dst_k)
+        _check_on_or_pinned("dst_k/dst_v", dst_k, dst_v, keys.device)
+        if values.shape != keys.shape or scores.shape != (hkv, n, bs):
+            raise ValueError(f"values {tuple(values.shape)} / scores {tuple(scores.shape)} must match keys "
+                             f"{tuple(keys.shape)} / {(hkv, n, bs)}")
+        if dst_k.shape != (n, hkv, bs, d) or dst_v.shape != dst_k.shape or dst_repr.shape != (n, hkv, d):
+            raise ValueError(f"dst_k {tuple(dst_k.shape)} / dst_v {tuple(dst_v.shape)} / dst_repr "
+                             f"{tuple(dst_repr.shape)} must be {(n, hkv, bs, d)} / {(n, hkv, d)}")
+        if dst_k.dtype != keys.dtype or dst_v.dtype != values.dtype:
+            raise ValueError(f"the store's dtype ({dst_k.dtype}) differs from the keys' ({keys.dtype})")
+        if scores.dtype != torch.float32 or dst_repr.dtype != torch.float32:
+            raise ValueError(f"scores ({scores.dtype}) and dst_repr ({dst_repr.dtype}) must be float32")
+        if not 1 <= repr_topk <= bs:
+            raise ValueError(f"repr_topk {repr_topk} must be in [1, block size {bs}]")
+        if d & (d - 1) or d > _MAX_HEAD_DIM:
+            raise ValueError(f"head dim {d} is not supported: need a power of two <= {_MAX_HEAD_DIM}")
+        _check_device(keys.device)
     if n == 0 or hkv == 0:
         return
     with _device_guard(keys.device):
@@ -1755,7 +1769,8 @@ def form_blocks(
 
 
 def refine_topk(
-    values: torch.Tensor, indices: torch.Tensor, query: torch.Tensor, reprs: torch.Tensor, first: int, k: int
+    values: torch.Tensor, indices: torch.Tensor, query: torch.Tensor, reprs: torch.Tensor, first: int, k: int,
+    check: bool = True,
 ) -> torch.Tensor:
     """Top-k block ids among an earlier top-k and the blocks formed since, as `reference.refine_topk`, in one
     launch (the torch version is a GEMV, a concatenation, a top-k and a gather; a prefill's lookups are one
@@ -1763,8 +1778,10 @@ def refine_topk(
 
     values (Hsel, k0) float32 and indices (Hsel, k0) int: the earlier top-k0 of blocks [0, first); query
     (Hsel, X) float32; reprs (N, Hsel * X) float32, rows [first, N) scored here. Returns (Hsel, k) int64.
+    `check=False`: no argument checks.
     """
-    _check_refine(values, indices, query, reprs, first, k)
+    if check:
+        _check_refine(values, indices, query, reprs, first, k)
     out = torch.empty((query.shape[0], k), dtype=torch.int64, device=query.device)
     _launch_refine(values, indices, query, reprs, first, k, out)
     return out
@@ -1773,19 +1790,21 @@ def refine_topk(
 def refine_and_cache(
     values: torch.Tensor, indices: torch.Tensor, query: torch.Tensor, reprs: torch.Tensor, first: int, k: int,
     src_k: torch.Tensor, src_v: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
-    tags: torch.Tensor, stamps: torch.Tensor, counters: torch.Tensor, ring=None,
+    tags: torch.Tensor, stamps: torch.Tensor, counters: torch.Tensor, ring=None, check: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`refine_topk` of a shared top-k (Hsel 1), then `cache_blocks` of the ids found (`ring` as there), as
     `reference.refine_and_cache`, in two launches instead of three: the cache's bookkeeping runs in the
     refining program, then the misses are read into their slots. Returns (ids, slots), each (1, k) int64.
+    `check=False`: no argument checks.
     """
-    _check_refine(values, indices, query, reprs, first, k)
-    if query.shape[0] != 1:
-        raise ValueError(f"refine_and_cache takes a shared top-k: query (1, X), got {tuple(query.shape)}")
-    _check_cache(src_k, src_v, cache_k, cache_v, tags, stamps, counters, k, False)
-    _check_ring(ring, src_k, src_v, cache_k.device)
-    if cache_k.device != query.device:
-        raise ValueError(f"cache_k is on {cache_k.device} but query is on {query.device}")
+    if check:
+        _check_refine(values, indices, query, reprs, first, k)
+        if query.shape[0] != 1:
+            raise ValueError(f"refine_and_cache takes a shared top-k: query (1, X), got {tuple(query.shape)}")
+        _check_cache(src_k, src_v, cache_k, cache_v, tags, stamps, counters, k, False)
+        _check_ring(ring, src_k, src_v, cache_k.device)
+        if cache_k.device != query.device:
+            raise ValueError(f"cache_k is on {cache_k.device} but query is on {query.device}")
     found = torch.empty((3, k), dtype=torch.int64, device=query.device)  # ids, their slots, the misses' slots
     _launch_refine(values, indices, query, reprs, first, k, found[:1], (tags, stamps, counters, found[1], found[2]))
     with _device_guard(query.device):

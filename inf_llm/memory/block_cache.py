@@ -126,8 +126,10 @@ class DeviceBlockCache:
     over the bus. Decoding retrieves mostly the blocks of the step before; reading all of them from host
     memory at every step cost a Mistral-7B 256 MB of bus traffic per token."""
 
-    def __init__(self, capacity: int, block_shape: tuple[int, int, int], dtype: torch.dtype, device: torch.device):
+    def __init__(self, capacity: int, block_shape: tuple[int, int, int], dtype: torch.dtype, device: torch.device,
+                 check: bool = True):
         self.capacity = capacity
+        self.check = check  # the ops' argument checks (False: the caller vouches for the arguments)
         self.k = torch.empty(capacity, *block_shape, dtype=dtype, device=device)
         self.v = torch.empty_like(self.k)
         self.tags = torch.full((capacity,), -1, dtype=torch.int64, device=device)  # block id per slot, -1: empty
@@ -141,7 +143,7 @@ class DeviceBlockCache:
         slots (1, K) int64, on the device."""
         self.settle()
         return ops.cache_blocks(store.k, store.v, block_ids, self.k, self.v, self.tags, self.stamps, self.counters,
-                                ring=ring)
+                                ring=ring, check=self.check)
 
     def fetch_refined(self, ops, store: "BlockStore", values: torch.Tensor, indices: torch.Tensor, query: torch.Tensor,
                       reprs: torch.Tensor, first: int, k: int, ring: tuple | None = None
@@ -150,7 +152,7 @@ class DeviceBlockCache:
         (`ops.refine_and_cache`); returns (ids, slots), each (1, k) int64 on the device."""
         self.settle()
         return ops.refine_and_cache(values, indices, query, reprs, first, k, store.k, store.v, self.k, self.v,
-                                    self.tags, self.stamps, self.counters, ring=ring)
+                                    self.tags, self.stamps, self.counters, ring=ring, check=self.check)
 
     def prefetch(self, ops, store: "BlockStore", block_ids: torch.Tensor, stream: "torch.cuda.Stream | None",
                  ring: tuple | None = None) -> None:
@@ -161,7 +163,7 @@ class DeviceBlockCache:
             stream.wait_stream(torch.cuda.current_stream(self.k.device))
         with torch.cuda.stream(stream):  # a no-op without a stream
             ops.cache_blocks(store.k, store.v, block_ids, self.k, self.v, self.tags, self.stamps, self.counters,
-                             prefetch=True, ring=ring)
+                             prefetch=True, ring=ring, check=self.check)
         if stream is not None:
             block_ids.record_stream(stream)  # allocated on the current stream, read on the side one
             self._prefetched = stream.record_event()
@@ -205,8 +207,9 @@ class FormationRing:
     step, which reads the store only)."""
 
     def __init__(self, size: int, block_shape: tuple[int, int, int], dtype: torch.dtype, device: torch.device,
-                 stream: "torch.cuda.Stream | None"):
+                 stream: "torch.cuda.Stream | None", check: bool = True):
         self.size = size
+        self.check = check  # the ops' argument checks
         self.k = torch.empty(size, *block_shape, dtype=dtype, device=device)
         self.v = torch.empty_like(self.k)
         self.stream = stream  # None (a CPU): the copies run right away
@@ -238,7 +241,7 @@ class FormationRing:
         for j, slot, count in segments:
             ops.form_blocks(keys[:, j : j + count], values[:, j : j + count], scores[:, j : j + count], repr_topk,
                             self.k[slot : slot + count], self.v[slot : slot + count],
-                            store.repr[first + j : first + j + count].view(count, hkv, d))
+                            store.repr[first + j : first + j + count].view(count, hkv, d), check=self.check)
         self.lo = max(self.lo if first == self.hi else first, first + n - self.size)
         self.hi = first + n
         if current is not None:

@@ -198,6 +198,10 @@ class ContextMemory:
         self._use_ring = self._direct and not cfg.perhead and cfg.offload_dtype is None and (
             copy_stream is not None or device.type == "cpu")
         self.ring: FormationRing | None = None
+        # The ops' argument checks on the per-execution-block calls: kept on CPUs (the tests, under the Triton
+        # interpreter or the torch ops), skipped on a GPU, where they cost the host about as much as a launch
+        # and the host's time per prefill chunk is close to the GPU's (docs/speed.md, session 10)
+        self._check_ops = device.type != "cuda"
         # Set by a caller that replays decode steps as a CUDA graph (adapter.decode_graph): single-token calls
         # then run its fixed-shape step, and the caller plans and advances the host state around them.
         self.static_step: StaticDecodeStep | None = None
@@ -274,7 +278,7 @@ class ContextMemory:
                 self.ops.window_key_scores(
                     q_loc_rows[i], self.tail.rotated_keys(w_start, e)[None], scale=scale,
                     q_offset=s - w_start, window=self.n_local, lse=lse_rows4[i],
-                    into=self.tail.scores(w_start, e)[None],
+                    into=self.tail.scores(w_start, e)[None], check=self._check_ops,
                 )
             self.seen = e
             self._form_memory(e, into_ring=True)
@@ -426,7 +430,7 @@ class ContextMemory:
             store_k, store_v, ids, self.tail.keys(tail_first, tail_end),
             self.tail.values(tail_first, tail_end),
             rem_offset=s - self.n_local - tail_first + 1,  # query s+i sees remainder j iff j <= s+i - n_local
-            scale=scale,
+            scale=scale, check=self._check_ops,
         )
 
     def _rotate(self, x: torch.Tensor, start: int, one_angle: bool = False, out: torch.Tensor | None = None
@@ -535,7 +539,7 @@ class ContextMemory:
         graph capture: its initial fill must not be captured)."""
         if self.device_cache is None:
             self.device_cache = DeviceBlockCache(self.cfg.max_cached_block, (self.hkv, self.cfg.block_size, self.d),
-                                                 self.dtype, self.device)
+                                                 self.dtype, self.device, self._check_ops)
         return self.device_cache
 
     def _stage_blocks(self, ids_per_head: list[list[int]], k_glb, v_glb, at: int) -> list[int]:
@@ -707,7 +711,7 @@ class ContextMemory:
             )
             self._resident_slots = (ids, slots)
             return ids
-        return self.ops.refine_topk(values, indices, query, reprs, batch.known_blocks, topk)
+        return self.ops.refine_topk(values, indices, query, reprs, batch.known_blocks, topk, check=self._check_ops)
 
     def _batch_lookup(self, n_blocks: int) -> _Lookup:
         """The call's lookups over the blocks existing now: one matmul and one top-k (device path)."""
@@ -845,12 +849,12 @@ class ContextMemory:
         if into_ring and self._use_ring and n <= FORMATION_RING_BLOCKS:
             if self.ring is None:
                 self.ring = FormationRing(FORMATION_RING_BLOCKS, (self.hkv, bs, self.d), self.dtype, self.device,
-                                          self.copy_stream)
+                                          self.copy_stream, self._check_ops)
             self.ring.form(self.ops, keys, values, scores, self.cfg.repr_topk, store, store.claim(n, starts))
         elif store.codec is None and (store.k.device == self.device or self._direct):
             new = store.claim(n, starts)
             self.ops.form_blocks(keys, values, scores, self.cfg.repr_topk, store.k[new], store.v[new],
-                                 store.repr[new].view(n, self.hkv, self.d))
+                                 store.repr[new].view(n, self.hkv, self.d), check=self._check_ops)
         else:  # to the host (compressed): representatives here, K/V copied over asynchronously
             representatives = block_representatives(keys, scores, self.cfg.repr_topk, self.repr_dtype)
             store.add_many(keys.transpose(0, 1), values.transpose(0, 1), representatives, starts)
