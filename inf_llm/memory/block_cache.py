@@ -204,7 +204,8 @@ class FormationRing:
     id % size; lookups read blocks lo <= id < hi from here (their copy may be under way) and older ones
     from the store. A slot is written again only after the copy that read it (the compute stream waits for
     that copy's event first), and `settle` makes the current stream wait for every copy (before a decode
-    step, which reads the store only)."""
+    step, which reads the store only). Copies start in batches (`flush`); whatever reads the store on the
+    host or from a decode step calls `settle` first."""
 
     def __init__(self, size: int, block_shape: tuple[int, int, int], dtype: torch.dtype, device: torch.device,
                  stream: "torch.cuda.Stream | None", check: bool = True):
@@ -216,6 +217,8 @@ class FormationRing:
         self.lo = self.hi = 0  # blocks [lo, hi) are in their slots
         self._copied: list = [None] * size  # per slot: the event of the copy that read it last
         self._last: "torch.cuda.Event | None" = None
+        self._unsent: list[tuple[int, int, int]] = []  # (first block, slot, count) formed, not yet copied
+        self._store: "BlockStore | None" = None
 
     def blocks(self) -> tuple | None:
         """(ring_k, ring_v, lo, hi) for the ops' `ring` argument, or None while it holds no block."""
@@ -244,20 +247,36 @@ class FormationRing:
                             store.repr[first + j : first + j + count].view(count, hkv, d), check=self.check)
         self.lo = max(self.lo if first == self.hi else first, first + n - self.size)
         self.hi = first + n
+        self._unsent += [(first + j, slot, count) for j, slot, count in segments]
+        self._store = store
+        if sum(count for _, _, count in self._unsent) >= self.size // 2:
+            self.flush()
+
+    def flush(self) -> None:
+        """Start the copies of the blocks formed since the last flush to the store, on the side stream (in
+        batches of half the ring: the stream switch, copies and events cost the host ~0.1 ms per batch, and
+        a block's slot is written again only a whole ring later)."""
+        if not self._unsent:
+            return
+        unsent, self._unsent = self._unsent, []
+        current = torch.cuda.current_stream(self.k.device) if self.stream is not None else None
         if current is not None:
             self.stream.wait_stream(current)
+        store = self._store
         with torch.cuda.stream(self.stream):  # a no-op without a stream
-            for j, slot, count in segments:
-                blocks = slice(first + j, first + j + count)
+            for first, slot, count in unsent:
+                blocks = slice(first, first + count)
                 store.k[blocks].copy_(self.k[slot : slot + count], non_blocking=True)
                 store.v[blocks].copy_(self.v[slot : slot + count], non_blocking=True)
         if current is not None:
             self._last = self.stream.record_event()
-            for _, slot, count in segments:
+            for _, slot, count in unsent:
                 self._copied[slot : slot + count] = [self._last] * count
 
     def settle(self) -> None:
-        """The current stream waits for every copy to the store so far."""
+        """Every block formed so far copied to the store, as far as the current stream is concerned (it waits
+        for the copies)."""
+        self.flush()
         if self._last is not None:
             torch.cuda.current_stream(self.k.device).wait_event(self._last)
             self._last = None
@@ -266,6 +285,7 @@ class FormationRing:
         return self.k.nbytes + self.v.nbytes
 
     def clear(self) -> None:
-        """Forget the blocks held (the store's contents changed)."""
+        """Forget the blocks held (the store's contents were replaced: what was not copied yet is dropped)."""
+        self._unsent = []
         self.settle()
         self.lo = self.hi = 0

@@ -310,6 +310,7 @@ class BlockStore:
         return {"k": k.clone(), "v": v.clone(), "repr": self.repr[:n].clone(), "start_pos": list(self.start_pos)}
 
     def load_state(self, state: dict) -> None:
+        _wait_for_device_access(self.k)  # queued device reads and writes of the old blocks end first
         self.count = 0
         self.start_pos = []
         self.add_many(state["k"], state["v"], state["repr"].to(self.repr.device), list(state["start_pos"]))

@@ -873,6 +873,7 @@ class ContextMemory:
 
     # ---------------------------------------------------------------------------------------- sessions
     def state(self) -> dict:
+        self.settle_copies()  # the store's newest blocks may not have been copied yet
         state = {"seen": self.seen, "rot_base": self.rot_base, "init_k": self.init_k[:, : self.init_len].clone(),
                  "init_v": self.init_v[:, : self.init_len].clone(), "tail": self.tail.state()}
         if self.store is not None:
@@ -880,6 +881,7 @@ class ContextMemory:
         return state
 
     def load_state(self, state: dict) -> None:
+        self.settle_copies()  # no copy of an old block may land in the store after it is replaced
         self._staged_init, self._staged_blocks = -1, []
         self.seen = int(state["seen"])
         self.init_len = state["init_k"].shape[1]
