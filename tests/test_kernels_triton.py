@@ -632,8 +632,8 @@ def test_cache_blocks_reads_the_newest_blocks_from_the_formation_ring(pinned):
     for ops in (triton_attn, reference):
         cache_k = torch.zeros(6, hkv, bs, d, dtype=torch.bfloat16, device=DEVICE)
         cache_v = torch.zeros_like(cache_k)
-        state = [cache_k, cache_v, torch.full((6,), -1, dtype=torch.int64, device=DEVICE),
-                 torch.full((6,), -1, dtype=torch.int64, device=DEVICE), torch.zeros(4, dtype=torch.int64, device=DEVICE)]
+        tags = torch.full((6,), -1, dtype=torch.int64, device=DEVICE)
+        state = [cache_k, cache_v, tags, tags.clone(), torch.zeros(4, dtype=torch.int64, device=DEVICE)]
         ids = torch.tensor([[3, 16, 18, 14]], device=DEVICE)  # two from the ring, two (14 just below) from the store
         slots = ops.cache_blocks(store_k, store_v, ids, *state, ring=ring)
         assert torch.equal(cache_k[slots[0]].cpu(), blocks_k[ids[0]].cpu()), ops.__name__
