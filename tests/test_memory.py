@@ -410,3 +410,31 @@ def test_local_stage_in_pieces_matches_one_launch(monkeypatch):
         monkeypatch.setattr(reference, "LOCAL_STAGE_ROWS", rows)
         pieces = feed(make_memory("inf-llm"), q, k, v, [300])
         torch.testing.assert_close(pieces, whole, rtol=1e-6, atol=1e-6)  # lse is float32: rounding only
+
+
+@pytest.mark.parametrize("sizes", [(3, 3, 2), (1, 4, 4, 1, 3), (4, 4, 4, 4)])
+def test_formation_ring_holds_the_newest_blocks_and_copies_every_block_to_the_store(sizes):
+    """FormationRing (direct with a side stream; here a CPU, copies inline): after each formation the newest
+    blocks are in their slots (id % size) and [lo, hi) names them; copies start in batches, never after a
+    slot was written again (formations larger than the free slots flush first), and settle() lands them all."""
+    from inf_llm.memory.block_cache import FormationRing
+
+    hkv, bs, d, size = 2, 4, 8, 4
+    gen = torch.Generator().manual_seed(5)
+    store = BlockStore(hkv, bs, d, torch.float32, torch.device("cpu"), torch.device("cpu"), pin_memory=False)
+    ring = FormationRing(size, (hkv, bs, d), torch.float32, torch.device("cpu"), None)
+    formed_k = []
+    for n in sizes:
+        keys, values = torch.randn(2, hkv, n, bs, d, generator=gen)
+        scores = torch.rand(hkv, n, bs, generator=gen)
+        first = store.count
+        ring.form(reference, keys, values, scores, 2, store, store.claim(n, [0] * n))
+        formed_k += list(keys.transpose(0, 1))
+        assert ring.hi == store.count and ring.lo == max(0, store.count - size)
+        for b in range(max(first, ring.lo), ring.hi):
+            assert torch.equal(ring.k[b % size], formed_k[b])
+    ring.settle()
+    assert torch.equal(store.k[: store.count], torch.stack(formed_k))
+    assert ring.blocks()[2:] == (ring.lo, ring.hi)
+    ring.clear()
+    assert ring.blocks() is None

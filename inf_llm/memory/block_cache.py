@@ -229,6 +229,8 @@ class FormationRing:
         """`ops.form_blocks` of the store's claimed slots `new` (keys/values (Hkv, n, bs, D), scores (Hkv, n,
         bs)) into ring slots, representatives into the store, then K/V copied to the store."""
         first, n = new.start, new.stop - new.start
+        if sum(count for _, _, count in self._unsent) + n > self.size:  # the new slots hold blocks not copied yet
+            self.flush()
         segments, done = [], 0  # (first block index, slot, count): two where the slots wrap around
         while done < n:
             slot = (first + done) % self.size

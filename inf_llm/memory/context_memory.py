@@ -845,7 +845,8 @@ class ContextMemory:
         scores = self.tail.scores(first, first + n * bs).unflatten(1, (n, bs))  # (Hkv, n, bs)
         starts = [first + i * bs for i in range(n)]
         store = self.store
-        # one op writes the store's new slots: on the device, or (direct) in pinned host memory over the bus
+        # a prefill with direct and a side stream: into the formation ring, copied to the store from there;
+        # else one op writes the store's new slots: on the device, or (direct) in pinned host memory over the bus
         if into_ring and self._use_ring and n <= FORMATION_RING_BLOCKS:
             if self.ring is None:
                 self.ring = FormationRing(FORMATION_RING_BLOCKS, (self.hkv, bs, self.d), self.dtype, self.device,
