@@ -238,7 +238,7 @@ class FormationRing:
             segments.append((done, slot, count))
             done += count
         current = torch.cuda.current_stream(self.k.device) if self.stream is not None else None
-        if current is not None:  # slots still being copied from (by a copy four execution blocks ago, if any)
+        if current is not None:  # slots still being copied from (by a copy started a ring ago, if any)
             pending = {id(e): e for _, slot, count in segments for e in self._copied[slot : slot + count] if e}
             for event in pending.values():
                 current.wait_event(event)
