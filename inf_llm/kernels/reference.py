@@ -199,10 +199,11 @@ def cache_blocks(
         counters[1] += k
         counters[2] += miss.sum()
     fill, fetch = slots[miss], ids[miss]
-    for cache, src, ring_src in ((cache_k, src_k, ring and ring[0]), (cache_v, src_v, ring and ring[1])):
+    ring_k, ring_v, lo, hi = ring if ring is not None else (None, None, 0, 0)
+    in_ring = (fetch >= lo) & (fetch < hi)
+    for cache, src, ring_src in ((cache_k, src_k, ring_k), (cache_v, src_v, ring_v)):
         blocks = src.index_select(0, fetch.to(src.device)).to(cache.device)
-        if ring is not None:
-            in_ring = (fetch >= ring[2]) & (fetch < ring[3])
+        if ring_src is not None:
             blocks[in_ring] = ring_src[fetch[in_ring] % ring_src.shape[0]]
         cache[fill] = blocks
     return slots[None]
