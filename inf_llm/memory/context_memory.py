@@ -193,10 +193,11 @@ class ContextMemory:
         # (allocated at the first lookup)
         self.device_cache: DeviceBlockCache | None = None
         self._resident_slots: tuple[torch.Tensor, torch.Tensor] | None = None  # (ids, their slots) of the last lookup
-        # direct with a side stream (or a CPU, inline): a prefill forms blocks into device slots and copies them
-        # to the host store on that stream (allocated at the first formation)
-        self._use_ring = self._direct and not cfg.perhead and cfg.offload_dtype is None and (
-            copy_stream is not None or device.type == "cpu")
+        # direct (a shared top-k) with a side stream, or on a CPU (inline, for the tests): a prefill prefetches
+        # its blocks into the device cache, and forms new ones into device slots copied to the host store from
+        # there (the ring, allocated at the first formation; not with a codec: it copies raw K/V)
+        self._overlapped = self._direct and not cfg.perhead and (copy_stream is not None or device.type == "cpu")
+        self._use_ring = self._overlapped and cfg.offload_dtype is None
         self.ring: FormationRing | None = None
         # The ops' argument checks on the per-execution-block calls: kept on CPUs (the tests, under the Triton
         # interpreter or the torch ops), skipped on a GPU, where they cost the host about as much as a launch
@@ -235,7 +236,7 @@ class ContextMemory:
             self.device_lookup or self.cfg.chunk_topk_calc
         ):
             self._call_qvecs = self._query_vectors(q_glb, bounds, start)
-            if self._direct and not self.cfg.perhead and (self.copy_stream is not None or self.device.type == "cpu"):
+            if self._overlapped:
                 self._prefetch_blocks()  # on a CPU (tests) inline: no stream to overlap with
         # Local stage of every query of the call in one launch: it depends on nothing the execution blocks
         # change (formation only moves the tail's front past keys no later query's window reaches).
@@ -516,8 +517,7 @@ class ContextMemory:
             fetched, self._resident_slots = self._resident_slots, None
             if fetched is not None and fetched[0] is ids:
                 return cache.k, cache.v, fetched[1]
-            ring = self.ring.blocks() if from_ring and self.ring is not None else None
-            return cache.k, cache.v, cache.fetch(self.ops, self.store, ids, ring)
+            return cache.k, cache.v, cache.fetch(self.ops, self.store, ids, self._ring_blocks() if from_ring else None)
         n_sel = ids.shape[1]
         if self._fetched is None or self._fetched[0].shape[0] < n_sel:
             shape = (max(n_sel, self.cfg.topk), self.hkv, self.cfg.block_size, self.d)
@@ -527,6 +527,10 @@ class ContextMemory:
         fetched_k, fetched_v = self._fetched[0][:n_sel], self._fetched[1][:n_sel]
         self.ops.gather_blocks(self.store.k, self.store.v, ids, fetched_k, fetched_v)
         return fetched_k, fetched_v, self._slot_ids[:, :n_sel]
+
+    def _ring_blocks(self) -> tuple | None:
+        """The formation ring's blocks for the ops' `ring` argument (None without a ring or blocks in it)."""
+        return self.ring.blocks() if self.ring is not None else None
 
     def settle_copies(self) -> None:
         """The current stream waits for the formation ring's copies to the store (before steps that read
@@ -707,7 +711,7 @@ class ContextMemory:
         if self._direct and not self.cfg.perhead:  # the lookup makes its blocks resident in the same program
             ids, slots = self.block_cache_on_device().fetch_refined(
                 self.ops, self.store, values, indices, query, reprs, batch.known_blocks, topk,
-                self.ring.blocks() if self.ring is not None else None,
+                self._ring_blocks(),
             )
             self._resident_slots = (ids, slots)
             return ids
@@ -732,7 +736,7 @@ class ContextMemory:
             return
         batch = self._batch_lookup(n_blocks)
         self.block_cache_on_device().prefetch(self.ops, self.store, batch.indices.view(1, -1), self.copy_stream,
-                                              self.ring.blocks() if self.ring is not None else None)
+                                              self._ring_blocks())
 
     def _count_device_selections(self, force: bool = False) -> None:
         """Device path: add the pending selections to the per-block counts, on the device (a block counts
