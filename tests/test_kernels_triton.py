@@ -410,6 +410,44 @@ def test_memory_device_path_with_triton_ops_matches_host_path(perhead, access):
     assert torch.equal(memories[0].store.v[:count].to(DEVICE), memories[1].store.v[:count])
 
 
+def test_direct_layers_sharing_ring_slots_match_host_path():
+    """Two layers' direct memories whose formation rings share four slots (a call forms more blocks than
+    that: it copies mid-call; each call hands the slots to the other layer): each layer's outputs, lookups
+    and store equal its host path's."""
+    from inf_llm.config import ModelConfig
+    from inf_llm.memory import ContextMemory, RotaryTable
+    from inf_llm.memory.block_cache import RingSlots
+
+    d, hq, hkv, n = 16, 4, 2, 160
+    cfg = ModelConfig(type="inf-llm", n_init=4, n_local=32, block_size=8, topk=3, repr_topk=2, exc_block_size=16,
+                      max_cached_block=4, offload_access="direct", pin_memory=True)
+    host_cfg = cfg.model_copy(update={"offload_access": "cache"})
+    inv_freq = (1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))).to(DEVICE)
+    slots = RingSlots(4, (hkv, cfg.block_size, d), torch.float32, DEVICE)
+    stream = torch.cuda.Stream() if DEVICE.type == "cuda" else None
+    layers = []
+    for seed in (12, 13):
+        gen = torch.Generator().manual_seed(seed)
+        qkv = [torch.randn(h, n, d, generator=gen).to(DEVICE) for h in (hq, hkv, hkv)]
+        direct = ContextMemory(cfg, RotaryTable(inv_freq, d), hq, hkv, d, torch.float32, DEVICE, triton_attn,
+                               offload=True, device_lookup=True, copy_stream=stream, ring_slots=lambda: slots)
+        host = ContextMemory(host_cfg, RotaryTable(inv_freq, d), hq, hkv, d, torch.float32, DEVICE, reference,
+                             offload=False, device_lookup=False)
+        layers.append((qkv, direct, host))
+    for a, b in ((0, 110), (110, 111), (111, 112), (112, n)):
+        for (q, k, v), direct, host in layers:
+            outs = [m.process(q[:, a:b], k[:, a:b], v[:, a:b], 1 / math.sqrt(d)) for m in (direct, host)]
+            torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-5)
+            assert direct.retrieved_last == host.retrieved_last
+    for _, direct, host in layers:
+        assert direct.ring is not None and direct.ring.slots is slots
+        direct.settle_copies()
+        count = host.store.count
+        assert direct.store.count == count > 4
+        assert torch.equal(direct.store.k[:count].to(DEVICE), host.store.k[:count])
+        assert torch.equal(direct.store.v[:count].to(DEVICE), host.store.v[:count])
+
+
 @pytest.mark.parametrize("per_head", [False, True])
 @pytest.mark.parametrize("block_size", [8, 24])
 @pytest.mark.parametrize("pinned", [False, pytest.param(True, marks=pytest.mark.skipif(INTERPRET, reason="GPU"))])

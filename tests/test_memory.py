@@ -415,14 +415,15 @@ def test_local_stage_in_pieces_matches_one_launch(monkeypatch):
 @pytest.mark.parametrize("sizes", [(3, 3, 2), (1, 4, 4, 1, 3), (4, 4, 4, 4)])
 def test_formation_ring_holds_the_newest_blocks_and_copies_every_block_to_the_store(sizes):
     """FormationRing (direct with a side stream; here a CPU, copies inline): after each formation the newest
-    blocks are in their slots (id % size) and [lo, hi) names them; copies start in batches, never after a
-    slot was written again (formations larger than the free slots flush first), and settle() lands them all."""
-    from inf_llm.memory.block_cache import FormationRing
+    blocks are in their slots (id % size) and [lo, hi) names them; copies start when the slots are full
+    (never after a slot was written again: formations larger than the free slots flush first) or at
+    release(), which also empties the ring; settle() lands them all."""
+    from inf_llm.memory.block_cache import FormationRing, RingSlots
 
     hkv, bs, d, size = 2, 4, 8, 4
     gen = torch.Generator().manual_seed(5)
     store = BlockStore(hkv, bs, d, torch.float32, torch.device("cpu"), torch.device("cpu"), pin_memory=False)
-    ring = FormationRing(size, (hkv, bs, d), torch.float32, torch.device("cpu"), None)
+    ring = FormationRing(RingSlots(size, (hkv, bs, d), torch.float32, torch.device("cpu")), None)
     formed_k = []
     for n in sizes:
         keys, values = torch.randn(2, hkv, n, bs, d, generator=gen)
@@ -432,9 +433,39 @@ def test_formation_ring_holds_the_newest_blocks_and_copies_every_block_to_the_st
         formed_k += list(keys.transpose(0, 1))
         assert ring.hi == store.count and ring.lo == max(0, store.count - size)
         for b in range(max(first, ring.lo), ring.hi):
-            assert torch.equal(ring.k[b % size], formed_k[b])
+            assert torch.equal(ring.slots.k[b % size], formed_k[b])
     ring.settle()
     assert torch.equal(store.k[: store.count], torch.stack(formed_k))
     assert ring.blocks()[2:] == (ring.lo, ring.hi)
+    ring.release()
+    assert ring.blocks() is None
     ring.clear()
     assert ring.blocks() is None
+
+
+def test_formation_rings_of_two_layers_share_slots_and_each_store_gets_its_own_blocks():
+    """Two layers' rings on one RingSlots, taking turns as layers do (each call ends with release()): every
+    block reaches its own layer's store, though the other layer wrote the same slots in between."""
+    from inf_llm.memory.block_cache import FormationRing, RingSlots
+
+    hkv, bs, d = 2, 4, 8
+    gen = torch.Generator().manual_seed(6)
+    slots = RingSlots(4, (hkv, bs, d), torch.float32, torch.device("cpu"))
+    layers = []
+    for _ in range(2):
+        store = BlockStore(hkv, bs, d, torch.float32, torch.device("cpu"), torch.device("cpu"), pin_memory=False)
+        layers.append((FormationRing(slots, None), store, []))
+    for call in range(3):
+        for ring, store, formed in layers:
+            for n in (2, 1, 3)[call:]:
+                keys, values = torch.randn(2, hkv, n, bs, d, generator=gen)
+                ring.form(reference, keys, values, torch.rand(hkv, n, bs, generator=gen), 2, store,
+                          store.claim(n, [0] * n))
+                formed += list(zip(keys.transpose(0, 1), values.transpose(0, 1)))
+            ring.release()
+            assert ring.blocks() is None
+    for ring, store, formed in layers:
+        ring.settle()
+        assert torch.equal(store.k[: store.count], torch.stack([k for k, _ in formed]))
+        assert torch.equal(store.v[: store.count], torch.stack([v for _, v in formed]))
+    assert layers[0][0].nbytes() == slots.nbytes() // 2

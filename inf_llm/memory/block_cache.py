@@ -6,8 +6,9 @@ and the global stage reads them from the slots.
   lookup), with LRU, FIFO or LRU-S eviction.
 - `DeviceBlockCache` (offload_access: direct): bookkept on the device by the ops' `cache_blocks` (LRU), so
   the ids never leave the GPU and decode steps can be replayed as CUDA graphs.
-- `FormationRing` (offload_access: direct with a side stream): the newest blocks, formed on the device and
-  copied to the host store on the side stream; lookups read them there until they leave the ring.
+- `FormationRing` (offload_access: direct with a side stream): a prefill call's new blocks, formed on the
+  device in slots that the layers share (`RingSlots`) and copied to the host store on the side stream at
+  the call's end; the call's lookups read them there.
 
 Bookkeeping plus copies; knows nothing of attention.
 """
@@ -191,43 +192,69 @@ class DeviceBlockCache:
         self.stamps.fill_(-1)
 
 
-# Slots of a FormationRing: a prefill's execution block forms exc_block_size / block_size blocks (4 in the
-# original preset), so 16 slots hold the last four execution blocks' (8 MB per layer of a Mistral-7B)
-FORMATION_RING_BLOCKS = 16
+# Slots of the formation rings of one device: a prefill chunk's blocks of one layer (8192 tokens of the
+# Mistral-7B preset / blocks of 128), so that a layer copies its chunk's blocks to the store once, at the
+# end of the chunk, and never waits for a copy in the middle of it (calls forming more flush first)
+FORMATION_RING_BLOCKS = 64
+
+
+class RingSlots:
+    """Device slots (size, Hkv, block_size, D) that the formation rings of one device's layers share: a layer's
+    ring holds blocks only during one prefill call (it copies them to its store at the call's end), and the
+    layers' calls run one after another, so one chunk's worth of slots serves them all (per-layer slots
+    cost a Mistral-7B 8 MB per layer at 16 slots, and a copy batch every other execution block). Per slot,
+    the event of the copy that read it last: whoever writes the slot again waits for it first."""
+
+    def __init__(self, size: int, block_shape: tuple[int, int, int], dtype: torch.dtype, device: torch.device):
+        self.k = torch.empty(size, *block_shape, dtype=dtype, device=device)
+        self.v = torch.empty_like(self.k)
+        self.copied: list = [None] * size
+        self.users = 0  # rings on these slots (each reports its share of the bytes)
+
+    def wait_for_copies(self, first: int, count: int) -> None:
+        """The current stream waits for the copies that last read slots [first, first + count); a wait covers
+        every slot its event covers, which then needs no wait again from this stream."""
+        for slot in range(first, first + count):
+            event = self.copied[slot]
+            if event is not None:
+                torch.cuda.current_stream(self.k.device).wait_event(event)
+                self.copied = [None if e is event else e for e in self.copied]
+
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
 
 
 class FormationRing:
-    """offload_access: direct with a side stream: new blocks are formed into `size` device slots, then copied
-    to the pinned store by the side stream (a DMA, next to the compute stream's work), instead of the
-    formation kernel writing them into the store over the bus (43 us per execution block and layer of a
-    Mistral-7B prefill: the bus's bandwidth, 22 of a chunk's 335 ms of kernels). The slot of block id is
-    id % size; lookups read blocks lo <= id < hi from here (their copy may be under way) and older ones
-    from the store. A slot is written again only after the copy that read it (the compute stream waits for
-    that copy's event first), and `settle` makes the current stream wait for every copy (before a decode
-    step, which reads the store only). Copies start in batches (`flush`); whatever reads the store on the
-    host or from a decode step calls `settle` first."""
+    """offload_access: direct with a side stream: one layer's new blocks are formed into device slots
+    (`RingSlots`, shared by the device's layers), then copied to the pinned store by the side stream (a DMA,
+    next to the compute stream's work), instead of the formation kernel writing them into the store over
+    the bus (43 us per execution block and layer of a Mistral-7B prefill: the bus's bandwidth, 22 of a
+    chunk's 335 ms of kernels). The slot of block id is id % size; lookups read blocks lo <= id < hi from
+    here (their copy may be under way) and older ones from the store. A prefill call ends with `release`:
+    its blocks' copies start, in one batch, and the ring holds nothing any more (the slots go to the next
+    layer); the next call's `settle` makes the compute stream wait for those copies before it reads the
+    store. A slot is written again only after the copy that read it (`RingSlots.wait_for_copies`); a call
+    forming more blocks than there are slots copies the unsent ones first."""
 
-    def __init__(self, size: int, block_shape: tuple[int, int, int], dtype: torch.dtype, device: torch.device,
-                 stream: "torch.cuda.Stream | None", check: bool = True):
-        self.size = size
+    def __init__(self, slots: RingSlots, stream: "torch.cuda.Stream | None", check: bool = True):
+        self.slots = slots
+        slots.users += 1
+        self.size = slots.k.shape[0]
         self.check = check  # the ops' argument checks
-        self.k = torch.empty(size, *block_shape, dtype=dtype, device=device)
-        self.v = torch.empty_like(self.k)
         self.stream = stream  # None (a CPU): the copies run right away
         self.lo = self.hi = 0  # blocks [lo, hi) are in their slots
-        self._copied: list = [None] * size  # per slot: the event of the copy that read it last
-        self._last: "torch.cuda.Event | None" = None
+        self._last: "torch.cuda.Event | None" = None  # the event of this ring's last copy batch
         self._unsent: list[tuple[int, int, int]] = []  # (first block, slot, count) formed, not yet copied
         self._store: "BlockStore | None" = None
 
     def blocks(self) -> tuple | None:
         """(ring_k, ring_v, lo, hi) for the ops' `ring` argument, or None while it holds no block."""
-        return (self.k, self.v, self.lo, self.hi) if self.hi > self.lo else None
+        return (self.slots.k, self.slots.v, self.lo, self.hi) if self.hi > self.lo else None
 
     def form(self, ops, keys: torch.Tensor, values: torch.Tensor, scores: torch.Tensor, repr_topk: int,
              store: "BlockStore", new: slice) -> None:
         """`ops.form_blocks` of the store's claimed slots `new` (keys/values (Hkv, n, bs, D), scores (Hkv, n,
-        bs)) into ring slots, representatives into the store, then K/V copied to the store."""
+        bs)) into ring slots, representatives into the store; their K/V are copied to the store later."""
         first, n = new.start, new.stop - new.start
         if sum(count for _, _, count in self._unsent) + n > self.size:  # the new slots hold blocks not copied yet
             self.flush()
@@ -237,54 +264,56 @@ class FormationRing:
             count = min(n - done, self.size - slot)
             segments.append((done, slot, count))
             done += count
-        current = torch.cuda.current_stream(self.k.device) if self.stream is not None else None
-        if current is not None:  # slots still being copied from (by a copy started a ring ago, if any)
-            pending = {id(e): e for _, slot, count in segments for e in self._copied[slot : slot + count] if e}
-            for event in pending.values():
-                current.wait_event(event)
-        hkv, d = self.k.shape[1], self.k.shape[3]
+        if self.stream is not None:  # slots still being copied from (by this or another layer's ring)
+            for _, slot, count in segments:
+                self.slots.wait_for_copies(slot, count)
+        hkv, d = self.slots.k.shape[1], self.slots.k.shape[3]
         for j, slot, count in segments:
             ops.form_blocks(keys[:, j : j + count], values[:, j : j + count], scores[:, j : j + count], repr_topk,
-                            self.k[slot : slot + count], self.v[slot : slot + count],
+                            self.slots.k[slot : slot + count], self.slots.v[slot : slot + count],
                             store.repr[first + j : first + j + count].view(count, hkv, d), check=self.check)
         self.lo = max(self.lo if first == self.hi else first, first + n - self.size)
         self.hi = first + n
         self._unsent += [(first + j, slot, count) for j, slot, count in segments]
         self._store = store
-        if sum(count for _, _, count in self._unsent) >= self.size // 2:
-            self.flush()
 
     def flush(self) -> None:
-        """Start the copies of the blocks formed since the last flush to the store, on the side stream (in
-        batches of half the ring: the stream switch, copies and events cost the host ~0.1 ms per batch, and
-        a block's slot is written again only a whole ring later)."""
+        """Start the copies of the blocks formed since the last flush to the store, on the side stream (after
+        the work queued so far on the current stream, which formed them)."""
         if not self._unsent:
             return
         unsent, self._unsent = self._unsent, []
-        current = torch.cuda.current_stream(self.k.device) if self.stream is not None else None
+        current = torch.cuda.current_stream(self.slots.k.device) if self.stream is not None else None
         if current is not None:
             self.stream.wait_stream(current)
-        store = self._store
+        store, slots = self._store, self.slots
         with torch.cuda.stream(self.stream):  # a no-op without a stream
             for first, slot, count in unsent:
                 blocks = slice(first, first + count)
-                store.k[blocks].copy_(self.k[slot : slot + count], non_blocking=True)
-                store.v[blocks].copy_(self.v[slot : slot + count], non_blocking=True)
+                store.k[blocks].copy_(slots.k[slot : slot + count], non_blocking=True)
+                store.v[blocks].copy_(slots.v[slot : slot + count], non_blocking=True)
         if current is not None:
             self._last = self.stream.record_event()
             for _, slot, count in unsent:
-                self._copied[slot : slot + count] = [self._last] * count
+                slots.copied[slot : slot + count] = [self._last] * count
+
+    def release(self) -> None:
+        """The end of a prefill call: the copies of its blocks start, and the ring holds no block any more
+        (its slots may be written by another layer's ring before this layer's next call)."""
+        self.flush()
+        self.lo = self.hi = 0
 
     def settle(self) -> None:
         """Every block formed so far copied to the store, as far as the current stream is concerned (it waits
         for the copies)."""
         self.flush()
         if self._last is not None:
-            torch.cuda.current_stream(self.k.device).wait_event(self._last)
+            torch.cuda.current_stream(self.slots.k.device).wait_event(self._last)
             self._last = None
 
     def nbytes(self) -> int:
-        return self.k.nbytes + self.v.nbytes
+        """This ring's share of its shared slots."""
+        return self.slots.nbytes() // max(self.slots.users, 1)
 
     def clear(self) -> None:
         """Forget the blocks held (the store's contents were replaced: what was not copied yet is dropped)."""

@@ -29,7 +29,13 @@ import torch
 from inf_llm.config import CacheStrategy, MemoryType, ModelConfig
 from inf_llm.errors import ConfigError, MissingDependencyError
 from inf_llm.kernels.reference import block_representatives
-from inf_llm.memory.block_cache import FORMATION_RING_BLOCKS, BlockCache, DeviceBlockCache, FormationRing
+from inf_llm.memory.block_cache import (
+    FORMATION_RING_BLOCKS,
+    BlockCache,
+    DeviceBlockCache,
+    FormationRing,
+    RingSlots,
+)
 from inf_llm.memory.buffers import BlockStore, StorageSpec, TokenBuffer, representative_dtype
 from inf_llm.memory.compression import BlockCodec
 from inf_llm.memory.rope import RotaryTable
@@ -118,8 +124,10 @@ class ContextMemory:
         copy_stream: "torch.cuda.Stream | None" = None,
         device_lookup: bool | None = None,
         host_storage: Callable[[StorageSpec], dict[str, torch.Tensor]] | None = None,
+        ring_slots: Callable[[], RingSlots] | None = None,
     ):
-        """`host_storage`: lent host tensors for an offloaded store (`HostBlockPool`)."""
+        """`host_storage`: lent host tensors for an offloaded store (`HostBlockPool`). `ring_slots`: the
+        formation ring's slots, shared with the device's other layers (else this layer's own)."""
         self.cfg = cfg
         self.copy_stream = copy_stream
         self.policy = MemoryPolicy.of(cfg)
@@ -199,6 +207,7 @@ class ContextMemory:
         self._overlapped = self._direct and not cfg.perhead and (copy_stream is not None or device.type == "cpu")
         self._use_ring = self._overlapped and cfg.offload_dtype is None
         self.ring: FormationRing | None = None
+        self._ring_slots = ring_slots
         # The ops' argument checks on the per-execution-block calls: kept on CPUs (the tests, under the Triton
         # interpreter or the torch ops), skipped on a GPU, where they cost the host about as much as a launch
         # and the host's time per prefill chunk is close to the GPU's (docs/speed.md, session 10)
@@ -219,6 +228,17 @@ class ContextMemory:
             return self.static_step.run(q, k, v, scale)
         if length == 1 and self.policy.windowed and hasattr(self.ops, "decode_attention"):
             return self._decode_step(q, k, v, scale)
+        if self.ring is not None:  # the store's blocks of the last call are read below: their copies first
+            self.ring.settle()
+        try:
+            return self._prefill(q, k, v, scale)
+        finally:
+            if self.ring is not None:  # this call's blocks go to the store; the slots to the next layer
+                self.ring.release()
+
+    def _prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        """`process` of several tokens (a prompt chunk), or of one without the ops' single-query op."""
+        length = q.shape[1]
         start, end = self.seen, self.seen + length
         self.tail.append(k, v)
         if self.rot_base is not None:  # the new keys' rotated copies, written in place
@@ -851,10 +871,7 @@ class ContextMemory:
         store = self.store
         # a prefill with direct and a side stream: into the formation ring, copied to the store from there;
         # else one op writes the store's new slots: on the device, or (direct) in pinned host memory over the bus
-        if into_ring and self._use_ring and n <= FORMATION_RING_BLOCKS:
-            if self.ring is None:
-                self.ring = FormationRing(FORMATION_RING_BLOCKS, (self.hkv, bs, self.d), self.dtype, self.device,
-                                          self.copy_stream, self._check_ops)
+        if into_ring and self._use_ring and self._formation_ring().size >= n:
             self.ring.form(self.ops, keys, values, scores, self.cfg.repr_topk, store, store.claim(n, starts))
         elif store.codec is None and (store.k.device == self.device or self._direct):
             new = store.claim(n, starts)
@@ -867,6 +884,15 @@ class ContextMemory:
             for representative in store.repr[store.count - n : store.count]:
                 self._faiss_add(representative)
         self.tail.drop_front(n * bs)
+
+    def _formation_ring(self) -> FormationRing:
+        """The formation ring, created at the first formation on the shared slots (or this layer's own)."""
+        if self.ring is None:
+            shape = (self.hkv, self.cfg.block_size, self.d)
+            slots = (self._ring_slots() if self._ring_slots is not None
+                     else RingSlots(FORMATION_RING_BLOCKS, shape, self.dtype, self.device))
+            self.ring = FormationRing(slots, self.copy_stream, self._check_ops)
+        return self.ring
 
     def _faiss_add(self, representative: torch.Tensor) -> None:
         vec = representative.float().detach().cpu().numpy()  # host sync: faiss lives on the host
