@@ -383,9 +383,12 @@ def test_memory_device_path_with_triton_ops_matches_host_path(perhead, access):
     q, k, v = (torch.randn(h, n, d, generator=gen).to(DEVICE) for h in (hq, hkv, hkv))
     inv_freq = (1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))).to(DEVICE)
     host_cfg = cfg.model_copy(update={"offload_access": "cache"})
-    memories = [  # on a GPU, `direct` reads the pinned host store from the kernel
+    # on a GPU, `direct` reads the pinned host store from the kernel, with a side stream as the adapter gives it
+    # (the formation ring and the prefetch need one there; on a CPU they run inline)
+    stream = torch.cuda.Stream() if DEVICE.type == "cuda" and access == "direct" else None
+    memories = [
         ContextMemory(cfg, RotaryTable(inv_freq, d), hq, hkv, d, torch.float32, DEVICE, triton_attn,
-                      offload=access == "direct", device_lookup=True),
+                      offload=access == "direct", device_lookup=True, copy_stream=stream),
         ContextMemory(host_cfg, RotaryTable(inv_freq, d), hq, hkv, d, torch.float32, DEVICE, reference,
                       offload=False, device_lookup=False),
     ]
