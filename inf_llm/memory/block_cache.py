@@ -245,6 +245,7 @@ class FormationRing:
         self.lo = self.hi = 0  # blocks [lo, hi) are in their slots
         self._last: "torch.cuda.Event | None" = None  # the event of this ring's last copy batch
         self._unsent: list[tuple[int, int, int]] = []  # (first block, slot, count) formed, not yet copied
+        self._unsent_blocks = 0  # their counts' sum
         self._store: "BlockStore | None" = None
 
     def blocks(self) -> tuple | None:
@@ -256,7 +257,7 @@ class FormationRing:
         """`ops.form_blocks` of the store's claimed slots `new` (keys/values (Hkv, n, bs, D), scores (Hkv, n,
         bs)) into ring slots, representatives into the store; their K/V are copied to the store later."""
         first, n = new.start, new.stop - new.start
-        if sum(count for _, _, count in self._unsent) + n > self.size:  # the new slots hold blocks not copied yet
+        if self._unsent_blocks + n > self.size:  # the new slots hold blocks not copied yet
             self.flush()
         segments, done = [], 0  # (first block index, slot, count): two where the slots wrap around
         while done < n:
@@ -275,6 +276,7 @@ class FormationRing:
         self.lo = max(self.lo if first == self.hi else first, first + n - self.size)
         self.hi = first + n
         self._unsent += [(first + j, slot, count) for j, slot, count in segments]
+        self._unsent_blocks += n
         self._store = store
 
     def flush(self) -> None:
@@ -282,7 +284,7 @@ class FormationRing:
         the work queued so far on the current stream, which formed them)."""
         if not self._unsent:
             return
-        unsent, self._unsent = self._unsent, []
+        unsent, self._unsent, self._unsent_blocks = self._unsent, [], 0
         current = torch.cuda.current_stream(self.slots.k.device) if self.stream is not None else None
         if current is not None:
             self.stream.wait_stream(current)
@@ -317,6 +319,6 @@ class FormationRing:
 
     def clear(self) -> None:
         """Forget the blocks held (the store's contents were replaced: what was not copied yet is dropped)."""
-        self._unsent = []
+        self._unsent, self._unsent_blocks = [], 0
         self.settle()
         self.lo = self.hi = 0
