@@ -11,11 +11,14 @@ them (and a Chrome trace of one chunk) there.
 from __future__ import annotations
 
 import argparse
+import collections
 import cProfile
+import gc
 import io
 import pstats
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -35,6 +38,12 @@ def _feed(model, cache, ids: torch.Tensor, start: int, end: int, chunk: int) -> 
         model(ids[:, a : min(a + chunk, end)], use_cache=True, logits_to_keep=1, **kw)
 
 
+def _watch_syncs(on: bool) -> None:
+    """Warn at every operation that makes the host wait for the GPU (torch's sync debug mode), or stop."""
+    if torch.cuda.is_available():
+        torch.cuda.set_sync_debug_mode("warn" if on else "default")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", default="mistral-7b")
@@ -49,6 +58,9 @@ def main(argv=None) -> int:
     p.add_argument("--top", type=int, default=30)
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--walls-only", action="store_true", help="only the timed chunks: no cProfile, no torch.profiler")
+    p.add_argument("--sync-debug", action="store_true",
+                   help="with --walls-only: also list the operations that made the host wait for the GPU during the "
+                        "timed chunks (torch.cuda.set_sync_debug_mode), by where they were called")
     args = p.parse_args(argv)
 
     device = torch.device(args.device)
@@ -72,18 +84,30 @@ def main(argv=None) -> int:
         # it says whether the GPU waits for the host (wall well above busy) or the host for the GPU
         # host: until the chunk's forward returns (its kernels queued, not run); wall: until they finished
         walls, hosts = [], []
-        for a in range(args.warmup, total, cfg.chunk_size):
-            t0 = time.perf_counter()
-            _feed(model, cache, ids, a, min(a + cfg.chunk_size, total), cfg.chunk_size)
-            hosts.append(time.perf_counter() - t0)
-            sync()
-            walls.append(time.perf_counter() - t0)
+        watch = args.sync_debug and device.type == "cuda"
+        with warnings.catch_warnings(record=True) as waits:
+            warnings.simplefilter("always")
+            for a in range(args.warmup, total, cfg.chunk_size):
+                _watch_syncs(watch)
+                t0 = time.perf_counter()
+                _feed(model, cache, ids, a, min(a + cfg.chunk_size, total), cfg.chunk_size)
+                hosts.append(time.perf_counter() - t0)
+                _watch_syncs(False)  # the timing's own sync is not one of them
+                sync()
+                walls.append(time.perf_counter() - t0)
         print(f"{args.type} fattn={args.fattn} offload={args.offload} {args.overrides}: per chunk of "
               f"{cfg.chunk_size}: wall {', '.join(f'{w * 1e3:.1f}' for w in walls)} ms; host (queued) "
               f"{', '.join(f'{h * 1e3:.1f}' for h in hosts)} ms", file=report)
+        if args.sync_debug:  # where the host waited for the GPU inside the timed forwards
+            places = collections.Counter(f"{w.filename}:{w.lineno}: {w.message}" for w in waits)
+            print(f"host waits for the GPU in the timed chunks: {sum(places.values())}", file=report)
+            for place, n in places.most_common(20):
+                print(f"  {n:6d}  {place}", file=report)
         if args.walls_only:
             print(report.getvalue())
             return 0
+        del cache  # before the next one is made: a host pool is lent to one cache at a time
+        gc.collect()
         cache = InfLLMCache(model, offload=offload)  # the cProfile pass repeats the same positions
         _feed(model, cache, ids, 0, args.warmup, cfg.chunk_size)
         sync()
