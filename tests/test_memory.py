@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import zlib
 
 import pytest
@@ -468,4 +469,7 @@ def test_formation_rings_of_two_layers_share_slots_and_each_store_gets_its_own_b
         ring.settle()
         assert torch.equal(store.k[: store.count], torch.stack([k for k, _ in formed]))
         assert torch.equal(store.v[: store.count], torch.stack([v for _, v in formed]))
-    assert layers[0][0].nbytes() == slots.nbytes() // 2
+    assert layers[0][0].nbytes() == slots.nbytes() // 2  # each of the two rings reports its share
+    del layers[1:], ring, store, formed  # (the loop's names held the second layer's too)
+    gc.collect()
+    assert layers[0][0].nbytes() == slots.nbytes()  # a discarded layer's ring no longer counts

@@ -15,6 +15,7 @@ Bookkeeping plus copies; knows nothing of attention.
 
 from __future__ import annotations
 
+import weakref
 from typing import TYPE_CHECKING
 
 import torch
@@ -209,7 +210,7 @@ class RingSlots:
         self.k = torch.empty(size, *block_shape, dtype=dtype, device=device)
         self.v = torch.empty_like(self.k)
         self.copied: list = [None] * size
-        self.users = 0  # rings on these slots (each reports its share of the bytes)
+        self.users: weakref.WeakSet = weakref.WeakSet()  # the live rings on these slots (each reports its share)
 
     def wait_for_copies(self, first: int, count: int) -> None:
         """The current stream waits for the copies that last read slots [first, first + count); a wait covers
@@ -238,7 +239,7 @@ class FormationRing:
 
     def __init__(self, slots: RingSlots, stream: "torch.cuda.Stream | None", check: bool = True):
         self.slots = slots
-        slots.users += 1
+        slots.users.add(self)
         self.size = slots.k.shape[0]
         self.check = check  # the ops' argument checks
         self.stream = stream  # None (a CPU): the copies run right away
@@ -315,7 +316,7 @@ class FormationRing:
 
     def nbytes(self) -> int:
         """This ring's share of its shared slots."""
-        return self.slots.nbytes() // max(self.slots.users, 1)
+        return self.slots.nbytes() // max(len(self.slots.users), 1)
 
     def clear(self) -> None:
         """Forget the blocks held (the store's contents were replaced: what was not copied yet is dropped)."""
