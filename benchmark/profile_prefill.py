@@ -30,6 +30,7 @@ if __package__ in (None, ""):
 from benchmark.speed import DEFAULT_CONFIG, DTYPES, SHAPE_MEMORY, build_model  # noqa: E402
 from inf_llm.adapter import InfLLMCache, cache_kwargs, patch_model  # noqa: E402
 from inf_llm.config import load_config  # noqa: E402
+from inf_llm.engine.worker import freeze_long_lived_objects  # noqa: E402
 
 
 def _feed(model, cache, ids: torch.Tensor, start: int, end: int, chunk: int) -> None:
@@ -69,6 +70,7 @@ def main(argv=None) -> int:
         [*SHAPE_MEMORY[args.shape], f"model.type={args.type}", f"model.fattn={args.fattn}", *args.overrides],
     )
     model = patch_model(build_model(args.shape, device, DTYPES[args.dtype], 0), cfg.model)
+    freeze_long_lived_objects()  # as the engine and speed.py do: no full collection rescans them mid-chunk
     offload = {"auto": None, "on": True, "off": False}[args.offload]
     total = args.warmup + args.tokens
     # one more chunk for the torch.profiler pass (a whole prefill chunk, not a single token)
