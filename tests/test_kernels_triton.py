@@ -787,6 +787,77 @@ def _check_decode_attention(hkv, group, d, n_loc, n_glb, bias, dtype, seed):
                                      global_bias=torch.zeros(n_glb + 1, device=DEVICE))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_attention_reads_the_window_at_a_device_offset(dtype):
+    """`window=(start, length)` over whole key buffers (the offset a tensor, as a replayed graph has it) equals
+    the call on the window's slice, in both backends; `received_into` gets the probabilities added at the
+    window's rows and nowhere else."""
+    gen = torch.Generator().manual_seed(21)
+    hkv, group, d, rows, start, length, n_glb = 2, 3, 32, 90, 17, 40, 24
+    q_loc, q_glb = _rand(hkv * group, d, dtype=dtype, gen=gen), _rand(hkv * group, d, dtype=torch.float32, gen=gen)
+    k_buf, v_buf = (_rand(hkv, rows, d, dtype=dtype, gen=gen) for _ in range(2))
+    k_glb, v_glb = (_rand(hkv, n_glb, d, dtype=dtype, gen=gen) for _ in range(2))
+    offset = torch.tensor([start], device=DEVICE)
+    for ops in (reference, triton_attn):
+        sliced = ops.decode_attention(q_loc, k_buf[:, start : start + length], v_buf[:, start : start + length],
+                                      q_glb, k_glb, v_glb, scale=0.3)
+        scores = torch.rand(hkv, rows, generator=gen).to(DEVICE)
+        before = scores.clone()
+        out, lse, received = ops.decode_attention(q_loc, k_buf, v_buf, q_glb, k_glb, v_glb, scale=0.3,
+                                                  window=(offset, length), received_into=scores)
+        torch.testing.assert_close(out, sliced[0], rtol=0, atol=0)
+        torch.testing.assert_close(lse, sliced[1], rtol=0, atol=0)
+        assert received is scores
+        torch.testing.assert_close(scores[:, start : start + length], before[:, start : start + length] + sliced[2],
+                                   rtol=1e-6, atol=1e-7)
+        assert torch.equal(scores[:, :start], before[:, :start]) and torch.equal(scores[:, start + length :],
+                                                                                  before[:, start + length :])
+        fresh = ops.decode_attention(q_loc, k_buf, v_buf, q_glb, k_glb, v_glb, scale=0.3, window=(offset, length))
+        assert fresh[2].shape == (hkv, length)
+        torch.testing.assert_close(fresh[2], sliced[2], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="window start"):
+        triton_attn.decode_attention(q_loc, k_buf, v_buf, q_glb, k_glb, v_glb, scale=0.3, window=(start, length))
+    with pytest.raises(ValueError, match="window length"):
+        triton_attn.decode_attention(q_loc, k_buf, v_buf, q_glb, k_glb, v_glb, scale=0.3, window=(offset, rows + 1))
+    with pytest.raises(ValueError, match="received_into"):
+        triton_attn.decode_attention(q_loc, k_buf, v_buf, q_glb, k_glb, v_glb, scale=0.3, window=(offset, length),
+                                     received_into=torch.zeros(hkv, length, device=DEVICE))
+
+
+def test_static_decode_step_on_the_triton_ops_equals_the_ordinary_step():
+    """The fixed-shape decode step (window read at a device offset, its scores added in place) on the Triton
+    ops against the ordinary decode step on the same ops: the same outputs, lookups and window scores."""
+    from inf_llm.config import ModelConfig
+    from inf_llm.memory import ContextMemory, RotaryTable
+    from inf_llm.memory.static_step import StaticDecodeStep
+
+    d, hq, hkv, n, prefill = 16, 4, 2, 150, 100
+    cfg = ModelConfig(type="inf-llm", n_init=4, n_local=32, block_size=8, topk=3, repr_topk=2, exc_block_size=8)
+    inv_freq = (1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))).to(DEVICE)
+    ordinary, static = (ContextMemory(cfg, RotaryTable(inv_freq, d), hq, hkv, d, torch.float32, DEVICE, triton_attn,
+                                      offload=False, device_lookup=True) for _ in range(2))
+    gen = torch.Generator().manual_seed(23)
+    q, k, v = (torch.randn(h, n, d, generator=gen).to(DEVICE) for h in (hq, hkv, hkv))
+    for memory in (ordinary, static):
+        memory.process(q[:, :prefill], k[:, :prefill], v[:, :prefill], 0.25)
+    step, planned = StaticDecodeStep(static), 0
+    for p in range(prefill, n):
+        want = ordinary.process(q[:, p : p + 1], k[:, p : p + 1], v[:, p : p + 1], 0.25)
+        plan = step.plan()
+        if plan is None:
+            got = static.process(q[:, p : p + 1], k[:, p : p + 1], v[:, p : p + 1], 0.25)
+        else:
+            planned += 1
+            step.args.copy_(torch.tensor(plan))
+            got = step.run(q[:, p : p + 1], k[:, p : p + 1], v[:, p : p + 1], 0.25)
+            step.advance()
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        assert static.retrieved_last == ordinary.retrieved_last
+    assert planned > 20
+    first, end = ordinary.tail.first_pos, ordinary.tail.end_pos
+    torch.testing.assert_close(static.tail.scores(first, end), ordinary.tail.scores(first, end), rtol=1e-5, atol=1e-6)
+
+
 def test_reexports_match_reference():
     """Callers may take the mask helpers and the torch-only op from either backend module."""
     for name in ("window_mask", "prefix_mask", "masked_attention", "NEG_INF"):

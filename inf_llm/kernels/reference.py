@@ -306,7 +306,8 @@ def global_stage_into(
 def decode_attention(
     q_loc: torch.Tensor, k_loc: torch.Tensor, v_loc: torch.Tensor,
     q_glb: torch.Tensor, k_glb: torch.Tensor, v_glb: torch.Tensor, *, scale: float,
-    global_bias: torch.Tensor | None = None,
+    global_bias: torch.Tensor | None = None, window: tuple[torch.Tensor, int] | None = None,
+    received_into: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One query that sees every key it is given: the decoding step of both stages in one softmax.
 
@@ -316,8 +317,17 @@ def decode_attention(
     (decoding on a CPU is bound by op count, not arithmetic). Returns out (Hq, D) in q's dtype, lse (Hq,)
     float32 and the probability each window key receives, summed over its group's query heads (Hkv, Ll).
     `global_bias` (Lg,) float32, added to the scaled global scores: -inf hides a global key (the static decode
-    step's fixed-size remainder slots past the live ones).
+    step's fixed-size remainder slots past the live ones). `window` (start, length): k_loc/v_loc are whole
+    buffers (Hkv, R, D) and the window is their rows [start, start + length), `start` an int64 (1,) tensor on
+    their device (read there, so a CUDA graph replays each step's window; the caller keeps start + length
+    <= R). `received_into` (Hkv, R) float32: the probabilities are added to it at the window's rows (rows
+    [0, Ll) without `window`), and it is returned in place of `received`.
     """
+    rows = None
+    if window is not None:
+        start, length = window
+        rows = torch.arange(length, device=k_loc.device) + start  # on the device: no host read of start
+        k_loc, v_loc = k_loc.index_select(1, rows), v_loc.index_select(1, rows)
     hkv, lg = k_loc.shape[0], k_glb.shape[1]
     group = q_loc.shape[0] // hkv
     q_g = q_glb.float().view(hkv, group, -1)  # (Hkv, G, D): GQA without copying K/V
@@ -334,7 +344,14 @@ def decode_attention(
     lse = scores.amax(dim=-1, keepdim=True) - probs.amax(dim=-1, keepdim=True).log()  # (Hkv, G, 1)
     out = torch.baddbmm(probs[..., lg:] @ v_loc.float(), probs[..., :lg], v_glb.float())  # window + global
     out = out.view(hkv * group, -1).to(q_loc.dtype)
-    return out, lse.view(-1), probs[..., lg:].sum(dim=1)
+    received = probs[..., lg:].sum(dim=1)  # (Hkv, Ll)
+    if received_into is None:
+        return out, lse.view(-1), received
+    if rows is None:
+        received_into[:, : received.shape[1]] += received
+    else:
+        received_into.index_add_(1, rows, received)
+    return out, lse.view(-1), received_into
 
 
 def window_key_scores(

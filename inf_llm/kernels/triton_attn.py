@@ -736,17 +736,19 @@ def _global_stage_kernel(
 
 @triton.jit
 def _decode_attn_kernel(
-    QLoc, QGlb, KLoc, VLoc, KGlb, VGlb, Bias, PartO, PartM, PartL, WinS,
+    QLoc, QGlb, KLoc, VLoc, KGlb, VGlb, Bias, PartO, PartM, PartL, WinS, LocStart,
     stride_qlh, stride_qgh, stride_klh, stride_kln, stride_vlh, stride_vln,
     stride_kgh, stride_kgn, stride_vgh, stride_vgn,
     n_loc, n_glb, tiles_glb, n_tiles, tiles_per_split, n_splits, scale,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_BIAS: tl.constexpr, INTERPRETER: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_START: tl.constexpr, INTERPRETER: tl.constexpr,
 ):
     """One split of one KV head's keys for a decoding query: [global keys, seen by the query at the global
     angle | window keys, seen at the local angle], float32 scores in natural units (scaled, plus the bias),
     online softmax over the split's tiles. Writes the split's unnormalised output, max and sum, and the
-    window keys' scores (the combine turns them into the probability each key receives). Grid (splits, Hkv)."""
+    window keys' scores (the combine turns them into the probability each key receives). HAS_START: the
+    window is rows LocStart[0] .. + n_loc of KLoc/VLoc (an offset on the device: a replayed CUDA graph
+    reads the window where it lies, without a copy). Grid (splits, Hkv)."""
     split = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
     rows = tl.arange(0, BLOCK_G)
@@ -761,6 +763,7 @@ def _decode_attn_kernel(
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.full([BLOCK_G], 0, tl.float32)
     acc = tl.full([BLOCK_G, HEAD_DIM], 0, tl.float32)
+    loc0 = tl.load(LocStart).to(tl.int64) if HAS_START else 0
     t = split * tiles_per_split
     t_end = tl.minimum(t + tiles_per_split, n_tiles)
     while t < t_end:  # a while loop: the interpreter cannot take a runtime bound in `range`
@@ -773,8 +776,9 @@ def _decode_attn_kernel(
         else:
             cols = (t - tiles_glb) * BLOCK_N + offs_n
             ok = cols < n_loc
-            k_ptrs = KLoc + h * stride_klh + cols[:, None].to(tl.int64) * stride_kln + offs_d[None, :]
-            v_ptrs = VLoc + h * stride_vlh + cols[:, None].to(tl.int64) * stride_vln + offs_d[None, :]
+            rows_kv = loc0 + cols[:, None].to(tl.int64)
+            k_ptrs = KLoc + h * stride_klh + rows_kv * stride_kln + offs_d[None, :]
+            v_ptrs = VLoc + h * stride_vlh + rows_kv * stride_vln + offs_d[None, :]
             q = q_loc
         k = tl.load(k_ptrs, mask=ok[:, None], other=0.0).to(tl.float32)
         s = _dot(q, tl.trans(k), tl.full([BLOCK_G, BLOCK_N], 0, tl.float32), "ieee", INTERPRETER) * scale
@@ -802,12 +806,13 @@ def _decode_attn_kernel(
 
 @triton.jit
 def _decode_combine_kernel(
-    PartO, PartM, PartL, WinS, Out, Lse, Received, n_loc, n_splits, n_kv,
+    PartO, PartM, PartL, WinS, Out, Lse, Received, LocStart, stride_rh, n_loc, n_splits, n_kv,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-    INTERPRETER: tl.constexpr,
+    HAS_START: tl.constexpr, ACCUMULATE: tl.constexpr, INTERPRETER: tl.constexpr,
 ):
     """The splits of one KV head merged by log-sum-exp into its G query heads' output and lse, then the
-    probability each window key receives, summed over the group. Grid (Hkv,)."""
+    probability each window key receives, summed over the group, stored (ACCUMULATE: added) at the window's
+    rows of Received (from LocStart[0] with HAS_START). Grid (Hkv,)."""
     h = tl.program_id(0).to(tl.int64)
     rows = tl.arange(0, BLOCK_G)
     row_ok = rows < GROUP
@@ -836,6 +841,7 @@ def _decode_combine_kernel(
              _round_to(acc / den_safe[:, None], Out.dtype.element_ty, INTERPRETER), mask=row_ok[:, None])
     tl.store(Lse + q_rows, lse, mask=row_ok)
     offs_n = tl.arange(0, BLOCK_N)
+    r_base = Received + h * stride_rh + (tl.load(LocStart).to(tl.int64) if HAS_START else 0)
     c0 = n_loc * 0
     while c0 < n_loc:
         cols = c0 + offs_n
@@ -843,7 +849,9 @@ def _decode_combine_kernel(
         s = tl.load(WinS + q_rows[:, None] * n_loc + cols[None, :], mask=row_ok[:, None] & ok[None, :],
                     other=float("-inf"))
         received = _sum(tl.exp(s - tl.where(row_ok, lse, 0.0)[:, None]), 0, INTERPRETER)
-        tl.store(Received + h * n_loc + cols, received, mask=ok)
+        if ACCUMULATE:  # each program owns its head's row: no other program adds to these
+            received += tl.load(r_base + cols, mask=ok, other=0.0)
+        tl.store(r_base + cols, received, mask=ok)
         c0 += BLOCK_N
 
 
@@ -1522,7 +1530,8 @@ def global_stage_into(
 def decode_attention(
     q_loc: torch.Tensor, k_loc: torch.Tensor, v_loc: torch.Tensor,
     q_glb: torch.Tensor, k_glb: torch.Tensor, v_glb: torch.Tensor, *, scale: float,
-    global_bias: torch.Tensor | None = None,
+    global_bias: torch.Tensor | None = None, window: tuple[torch.Tensor, int] | None = None,
+    received_into: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One decoding query over [global keys | window keys] in one softmax, as `reference.decode_attention`
     (float32 scores, the same outputs), in two launches: key splits (flash-decoding) and their combine,
@@ -1531,12 +1540,14 @@ def decode_attention(
 
     q_loc/q_glb (Hq, D) (q_glb may be float32); k_loc/v_loc (Hkv, Ll, D) and k_glb/v_glb (Hkv, Lg, D), any
     strides with a contiguous last dimension; global_bias (Lg,) float32 or None. Returns out (Hq, D) in
-    q_loc's dtype, lse (Hq,) float32, received (Hkv, Ll) float32.
+    q_loc's dtype, lse (Hq,) float32, received (Hkv, Ll) float32. `window` and `received_into` as in the
+    reference: the window read at a device offset of whole buffers, the probabilities added in place.
     """
     _check_tensors((("q_loc", q_loc, 2), ("q_glb", q_glb, 2), ("k_loc", k_loc, 3), ("v_loc", v_loc, 3),
                     ("k_glb", k_glb, 3), ("v_glb", v_glb, 3)), "q_loc", q_loc)
     hq, d = q_loc.shape
-    hkv, n_loc = k_loc.shape[:2]
+    hkv, rows = k_loc.shape[:2]
+    start, n_loc = _check_decode_window(window, rows, q_loc.device)
     n_glb = k_glb.shape[1]
     if (q_glb.shape != (hq, d) or v_loc.shape != k_loc.shape or v_glb.shape != k_glb.shape
             or k_loc.shape[2] != d or k_glb.shape[::2] != (hkv, d)):
@@ -1549,6 +1560,10 @@ def decode_attention(
     if global_bias is not None and (global_bias.shape != (n_glb,) or global_bias.dtype != torch.float32
                                     or global_bias.device != q_loc.device):
         raise ValueError(f"global_bias must be ({n_glb},) float32 on {q_loc.device}")
+    if received_into is not None and (received_into.shape != (hkv, rows) or received_into.dtype != torch.float32
+                                      or received_into.device != q_loc.device or received_into.stride(-1) != 1):
+        raise ValueError(f"received_into must be ({hkv}, {rows}) float32 on {q_loc.device}, contiguous in its "
+                         f"last dimension")
     _check_device(q_loc.device)
     group = hq // hkv
     block_n = _INTERPRETER_BLOCK if _INTERPRETED else 64
@@ -1565,23 +1580,41 @@ def decode_attention(
     win_s = torch.empty((hq * n_loc,), dtype=torch.float32, device=dev)
     out = torch.empty((hq, d), dtype=q_loc.dtype, device=dev)
     lse = torch.empty((hq,), dtype=torch.float32, device=dev)
-    received = torch.empty((hkv, n_loc), dtype=torch.float32, device=dev)
+    received = received_into if received_into is not None else torch.empty((hkv, n_loc), dtype=torch.float32,
+                                                                            device=dev)
     block_g = max(16, _next_pow2(group))  # tl.dot needs 16 rows
+    loc_start = start if start is not None else lse  # a placeholder pointer without a window offset
     with _device_guard(dev):
         _decode_attn_kernel[(splits, hkv)](
             q_loc, q_glb, k_loc, v_loc, k_glb, v_glb, global_bias if global_bias is not None else lse,
-            part_o, part_m, part_l, win_s,
+            part_o, part_m, part_l, win_s, loc_start,
             q_loc.stride(0), q_glb.stride(0), k_loc.stride(0), k_loc.stride(1), v_loc.stride(0), v_loc.stride(1),
             k_glb.stride(0), k_glb.stride(1), v_glb.stride(0), v_glb.stride(1),
             n_loc, n_glb, tiles_glb, n_tiles, per_split, splits, _check_scale(scale),
             GROUP=group, BLOCK_G=block_g, HEAD_DIM=d, BLOCK_N=block_n, HAS_BIAS=global_bias is not None,
-            INTERPRETER=_INTERPRETED,
+            HAS_START=start is not None, INTERPRETER=_INTERPRETED,
         )
         _decode_combine_kernel[(hkv,)](
-            part_o, part_m, part_l, win_s, out, lse, received, n_loc, splits, hkv,
-            GROUP=group, BLOCK_G=block_g, HEAD_DIM=d, BLOCK_N=block_n, INTERPRETER=_INTERPRETED,
+            part_o, part_m, part_l, win_s, out, lse, received, loc_start, received.stride(0), n_loc, splits, hkv,
+            GROUP=group, BLOCK_G=block_g, HEAD_DIM=d, BLOCK_N=block_n,
+            # a fresh `received` holds the window's rows only; `received_into` all of the buffers' rows
+            HAS_START=start is not None and received_into is not None,
+            ACCUMULATE=received_into is not None, INTERPRETER=_INTERPRETED,
         )
     return out, lse, received
+
+
+def _check_decode_window(window, rows: int, device: torch.device) -> tuple[torch.Tensor | None, int]:
+    """`decode_attention`'s window: (start tensor or None, its length), for key buffers of `rows` rows."""
+    if window is None:
+        return None, rows
+    start, length = window
+    if not (isinstance(start, torch.Tensor) and start.shape == (1,) and start.dtype == torch.int64
+            and start.device == device):
+        raise ValueError(f"window start must be a (1,) int64 tensor on {device}")
+    if isinstance(length, bool) or not isinstance(length, numbers.Integral) or not 1 <= length <= rows:
+        raise ValueError(f"window length must be an int in [1, {rows}] (the key buffers' rows), got {length!r}")
+    return start, int(length)
 
 
 def gather_blocks(
