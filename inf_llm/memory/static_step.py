@@ -40,10 +40,11 @@ class StaticDecodeStep:
         self.zero = torch.zeros((), device=device)
         self.ones = torch.ones(cfg.topk, dtype=torch.int32, device=device)
         self.fixed = m.n_init + cfg.topk * cfg.block_size  # sinks and blocks: always visible
-        # [sinks | top-k blocks | remainder slots]; the sinks are copied in every step (they are few): no
-        # host state says whether they are staged
+        # [sinks | top-k blocks | remainder slots]; the sinks are staged by plan() when they changed (the
+        # memory's sinks_version), outside the replayed step: two copies fewer per layer and step
         self.stage_k = torch.empty(m.hkv, self.fixed + cfg.block_size, m.d, dtype=m.dtype, device=device)
         self.stage_v = torch.empty_like(self.stage_k)
+        self._staged_sinks = -1  # the sinks_version staged
         self.bias = torch.zeros(self.stage_k.shape[1], dtype=torch.float32, device=device)
         self.rotation_rows = m.n_local + ROTATION_SLACK * m.exc + 1  # every angle the window uses
         self.block_ids: torch.Tensor | None = None  # the last step's selection (1, topk), on the device
@@ -67,6 +68,10 @@ class StaticDecodeStep:
                 or tail.offset + tail.length >= tail.k.shape[1]):
             return None
         m.rope.cos_sin(0, self.rotation_rows, m.dtype)
+        if self._staged_sinks != m.sinks_version:
+            self.stage_k[:, : m.n_init].copy_(m.init_k)
+            self.stage_v[:, : m.n_init].copy_(m.init_v)
+            self._staged_sinks = m.sinks_version
         if m._direct:  # allocated (and emptied) here, a prefill's prefetch and copies waited for: not in a capture
             m.block_cache_on_device().settle()
             m.settle_copies()
@@ -110,8 +115,6 @@ class StaticDecodeStep:
         scores = torch.mv(store.repr, qvec[0]).unsqueeze(0)  # (1, capacity)
         ids = torch.where(self.store_slots < a[5], scores, self.neg_inf).topk(cfg.topk, dim=-1).indices  # (1, topk)
         bs, n_init = cfg.block_size, m.n_init
-        self.stage_k[:, :n_init].copy_(m.init_k)
-        self.stage_v[:, :n_init].copy_(m.init_v)
         blocks_k = self.stage_k[:, n_init : self.fixed].view(m.hkv, cfg.topk, bs, m.d).transpose(0, 1)
         blocks_v = self.stage_v[:, n_init : self.fixed].view(m.hkv, cfg.topk, bs, m.d).transpose(0, 1)
         m.ops.gather_blocks(*m._resident(ids), blocks_k, blocks_v)  # direct: through the device cache
