@@ -763,7 +763,9 @@ def _decode_attn_kernel(
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.full([BLOCK_G], 0, tl.float32)
     acc = tl.full([BLOCK_G, HEAD_DIM], 0, tl.float32)
-    loc0 = tl.load(LocStart).to(tl.int64) if HAS_START else 0
+    loc0 = 0
+    if HAS_START:  # a constexpr branch: only one of the two is compiled
+        loc0 = tl.load(LocStart).to(tl.int64)
     t = split * tiles_per_split
     t_end = tl.minimum(t + tiles_per_split, n_tiles)
     while t < t_end:  # a while loop: the interpreter cannot take a runtime bound in `range`
@@ -841,7 +843,9 @@ def _decode_combine_kernel(
              _round_to(acc / den_safe[:, None], Out.dtype.element_ty, INTERPRETER), mask=row_ok[:, None])
     tl.store(Lse + q_rows, lse, mask=row_ok)
     offs_n = tl.arange(0, BLOCK_N)
-    r_base = Received + h * stride_rh + (tl.load(LocStart).to(tl.int64) if HAS_START else 0)
+    r_base = Received + h * stride_rh
+    if HAS_START:
+        r_base += tl.load(LocStart).to(tl.int64)
     c0 = n_loc * 0
     while c0 < n_loc:
         cols = c0 + offs_n
