@@ -43,10 +43,14 @@ CASES = [
      dict(PER_HEAD=False, MASK_BLOCKS=False, GROUP=G, HEAD_DIM=D, DOT_PRECISION=None, INTERPRETER=False,
           BLOCK_M=64, BLOCK_N=64),
      dict(num_warps=4, num_stages=2)),
-    ("_decode_attn_kernel", {"QGlb": F32, "Bias": F32, "PartO": F32, "PartM": F32, "PartL": F32, "WinS": F32},
-     dict(GROUP=G, BLOCK_G=16, HEAD_DIM=D, BLOCK_N=64, HAS_BIAS=True, INTERPRETER=False), {}),
-    ("_decode_combine_kernel", {"PartO": F32, "PartM": F32, "PartL": F32, "WinS": F32, "Lse": F32, "Received": F32},
-     dict(GROUP=G, BLOCK_G=16, HEAD_DIM=D, BLOCK_N=64, INTERPRETER=False), {}),
+    *[("_decode_attn_kernel", {"QGlb": F32, "Bias": F32, "PartO": F32, "PartM": F32, "PartL": F32, "WinS": F32,
+                               "LocStart": I64},
+       dict(GROUP=G, BLOCK_G=16, HEAD_DIM=D, BLOCK_N=64, HAS_BIAS=True, HAS_START=start, INTERPRETER=False), {})
+      for start in (False, True)],
+    *[("_decode_combine_kernel", {"PartO": F32, "PartM": F32, "PartL": F32, "WinS": F32, "Lse": F32,
+                                  "Received": F32, "LocStart": I64},
+       dict(GROUP=G, BLOCK_G=16, HEAD_DIM=D, BLOCK_N=64, HAS_START=start, ACCUMULATE=start, INTERPRETER=False), {})
+      for start in (False, True)],
     ("_gather_blocks_kernel", {"Ids": I64, "DstRows": I64},
      dict(PER_HEAD=False, INDIRECT=True, HEAD_DIM=D, BLOCK_SIZE=128, BLOCK_T=32, RING=True), {}),
     *[("_cache_assign_kernel", dict.fromkeys(("Ids", "Tags", "Stamps", "Counters", "Slots", "Fill"), I64),
