@@ -43,10 +43,14 @@ CASES = [
      dict(PER_HEAD=False, MASK_BLOCKS=False, GROUP=G, HEAD_DIM=D, DOT_PRECISION=None, INTERPRETER=False,
           BLOCK_M=64, BLOCK_N=64),
      dict(num_warps=4, num_stages=2)),
-    *[("_decode_attn_kernel", {"QGlb": F32, "Bias": F32, "PartO": F32, "PartM": F32, "PartL": F32, "WinS": F32,
-                               "LocStart": I64},
-       dict(GROUP=G, BLOCK_G=16, HEAD_DIM=D, BLOCK_N=64, HAS_BIAS=True, HAS_START=start, INTERPRETER=False), {})
-      for start in (False, True)],
+    # the ordinary decode step's call (no window offset; the blocks' and remainder's pointers are placeholders:
+    # k_glb) and the static step's (window, blocks and remainder where they lie)
+    ("_decode_attn_kernel", {"QGlb": F32, "Bias": F32, "PartO": F32, "PartM": F32, "PartL": F32, "WinS": F32,
+                             "LocStart": F32},
+     dict(GROUP=G, BLOCK_G=16, HEAD_DIM=D, BLOCK_N=64, HAS_BIAS=True, HAS_START=False, INTERPRETER=False), {}),
+    ("_decode_attn_kernel", {"QGlb": F32, "Bias": F32, "PartO": F32, "PartM": F32, "PartL": F32, "WinS": F32,
+                             "LocStart": I64, "BlockIds": I64, "RemStart": I64, "RemLive": I64},
+     dict(GROUP=G, BLOCK_G=16, HEAD_DIM=D, BLOCK_N=64, HAS_BIAS=False, HAS_START=True, INTERPRETER=False), {}),
     *[("_decode_combine_kernel", {"PartO": F32, "PartM": F32, "PartL": F32, "WinS": F32, "Lse": F32,
                                   "Received": F32, "LocStart": I64},
        dict(GROUP=G, BLOCK_G=16, HEAD_DIM=D, BLOCK_N=64, HAS_START=start, ACCUMULATE=start, INTERPRETER=False), {})

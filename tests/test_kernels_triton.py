@@ -824,6 +824,42 @@ def test_decode_attention_reads_the_window_at_a_device_offset(dtype):
                                      received_into=torch.zeros(hkv, length, device=DEVICE))
 
 
+@pytest.mark.parametrize("block_size, live", [(16, 5), (24, 0), (8, 8)])
+def test_decode_attention_reads_blocks_by_id_and_the_remainder_where_they_lie(block_size, live):
+    """`blocks` (a store and the selected ids) and `remainder` (rows at a device offset, the first `live`
+    seen) as global keys after k_glb: as the call on those keys gathered into one buffer with the unseen
+    remainder rows biased out, in both backends (block sizes below, at and across a tile)."""
+    gen = torch.Generator().manual_seed(block_size + live)
+    hkv, group, d, n_sink, n_store, rows, start = 2, 4, 32, 4, 9, 60, 13
+    dtype = torch.bfloat16
+    q_loc, q_glb = _rand(hkv * group, d, dtype=dtype, gen=gen), _rand(hkv * group, d, dtype=torch.float32, gen=gen)
+    k_loc, v_loc = (_rand(hkv, 40, d, dtype=dtype, gen=gen) for _ in range(2))
+    sink_k, sink_v = (_rand(hkv, n_sink, d, dtype=dtype, gen=gen) for _ in range(2))
+    store_k, store_v = (_rand(n_store, hkv, block_size, d, dtype=dtype, gen=gen) for _ in range(2))
+    rem_k, rem_v = (_rand(hkv, rows, d, dtype=dtype, gen=gen) for _ in range(2))
+    ids = torch.tensor([[7, 2, 5]], device=DEVICE)
+    slots = block_size
+    joined_k = torch.cat((sink_k, store_k[ids[0]].transpose(0, 1).reshape(hkv, -1, d), rem_k[:, start : start + slots]),
+                         dim=1)
+    joined_v = torch.cat((sink_v, store_v[ids[0]].transpose(0, 1).reshape(hkv, -1, d), rem_v[:, start : start + slots]),
+                         dim=1)
+    bias = torch.zeros(joined_k.shape[1], device=DEVICE)
+    bias[n_sink + 3 * block_size + live :] = float("-inf")
+    at, seen = torch.tensor([start], device=DEVICE), torch.tensor([live], device=DEVICE)
+    for ops in (reference, triton_attn):
+        want = ops.decode_attention(q_loc, k_loc, v_loc, q_glb, joined_k, joined_v, scale=0.3, global_bias=bias)
+        got = ops.decode_attention(q_loc, k_loc, v_loc, q_glb, sink_k, sink_v, scale=0.3,
+                                   blocks=(store_k, store_v, ids), remainder=(rem_k, rem_v, at, slots, seen))
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="block ids"):
+        triton_attn.decode_attention(q_loc, k_loc, v_loc, q_glb, sink_k, sink_v, scale=0.3,
+                                     blocks=(store_k, store_v, ids.expand(2, -1)))
+    with pytest.raises(ValueError, match="remainder live count"):
+        triton_attn.decode_attention(q_loc, k_loc, v_loc, q_glb, sink_k, sink_v, scale=0.3,
+                                     remainder=(rem_k, rem_v, at, slots, live))
+
+
 def test_static_decode_step_on_the_triton_ops_equals_the_ordinary_step():
     """The fixed-shape decode step (window read at a device offset, its scores added in place) on the Triton
     ops against the ordinary decode step on the same ops: the same outputs, lookups and window scores."""

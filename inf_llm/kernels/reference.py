@@ -307,7 +307,7 @@ def decode_attention(
     q_loc: torch.Tensor, k_loc: torch.Tensor, v_loc: torch.Tensor,
     q_glb: torch.Tensor, k_glb: torch.Tensor, v_glb: torch.Tensor, *, scale: float,
     global_bias: torch.Tensor | None = None, window: tuple[torch.Tensor, int] | None = None,
-    received_into: torch.Tensor | None = None,
+    received_into: torch.Tensor | None = None, blocks: tuple | None = None, remainder: tuple | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One query that sees every key it is given: the decoding step of both stages in one softmax.
 
@@ -321,8 +321,14 @@ def decode_attention(
     buffers (Hkv, R, D) and the window is their rows [start, start + length), `start` an int64 (1,) tensor on
     their device (read there, so a CUDA graph replays each step's window; the caller keeps start + length
     <= R). `received_into` (Hkv, R) float32: the probabilities are added to it at the window's rows (rows
-    [0, Ll) without `window`), and it is returned in place of `received`.
+    [0, Ll) without `window`), and it is returned in place of `received`. The global keys are k_glb's,
+    then with `blocks` (store_k, store_v, ids) the blocks `ids` (1, K) names in a store (N, Hkv, bs, D), then
+    with `remainder` (rem_k, rem_v, start, slots, live) rows [start, start + slots) of (Hkv, R, D) buffers,
+    of which the first `live` are seen (start and live: int64 (1,) tensors on the device, as `window`'s):
+    the static decode step's [sinks | selected blocks | remainder], read where they lie.
     """
+    if blocks is not None or remainder is not None:
+        k_glb, v_glb, global_bias = _joined_global_keys(k_glb, v_glb, global_bias, blocks, remainder)
     rows = None
     if window is not None:
         start, length = window
@@ -352,6 +358,27 @@ def decode_attention(
     else:
         received_into.index_add_(1, rows, received)
     return out, lse.view(-1), received_into
+
+
+def _joined_global_keys(k_glb, v_glb, bias, blocks, remainder):
+    """`decode_attention`'s global keys [k_glb | blocks | remainder] in one (Hkv, Lg, D) pair, and their
+    bias (the remainder's rows past its live count hidden)."""
+    hkv, d = k_glb.shape[0], k_glb.shape[2]
+    keys, values = [k_glb], [v_glb]
+    biases = [bias if bias is not None else torch.zeros(k_glb.shape[1], device=k_glb.device)]
+    if blocks is not None:
+        store_k, store_v, ids = blocks
+        for parts, store in ((keys, store_k), (values, store_v)):
+            parts.append(store.index_select(0, ids[0]).to(k_glb.device).transpose(0, 1).reshape(hkv, -1, d))
+        biases.append(torch.zeros(keys[-1].shape[1], device=k_glb.device))
+    if remainder is not None:
+        rem_k, rem_v, start, slots, live = remainder
+        offsets = torch.arange(slots, device=rem_k.device)
+        rows = (offsets + start).clamp_(max=rem_k.shape[1] - 1)  # slots past the buffer are hidden below
+        keys.append(rem_k.index_select(1, rows))
+        values.append(rem_v.index_select(1, rows))
+        biases.append(torch.where(offsets < live, 0.0, float("-inf")).to(k_glb.device))
+    return torch.cat(keys, dim=1), torch.cat(values, dim=1), torch.cat(biases)
 
 
 def window_key_scores(

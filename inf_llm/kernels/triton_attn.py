@@ -737,9 +737,13 @@ def _global_stage_kernel(
 @triton.jit
 def _decode_attn_kernel(
     QLoc, QGlb, KLoc, VLoc, KGlb, VGlb, Bias, PartO, PartM, PartL, WinS, LocStart,
+    StoreK, StoreV, BlockIds, RemK, RemV, RemStart, RemLive,
     stride_qlh, stride_qgh, stride_klh, stride_kln, stride_vlh, stride_vln,
     stride_kgh, stride_kgn, stride_vgh, stride_vgn,
-    n_loc, n_glb, tiles_glb, n_tiles, tiles_per_split, n_splits, scale,
+    stride_bn, stride_bh, stride_bt, stride_bvn, stride_bvh, stride_bvt,
+    stride_rkh, stride_rkn, stride_rvh, stride_rvn,
+    n_loc, n_glb, tiles_sink, tiles_blocks, tiles_per_block, block_size, tiles_glb, n_tiles, tiles_per_split,
+    n_splits, scale,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_START: tl.constexpr, INTERPRETER: tl.constexpr,
 ):
@@ -748,7 +752,10 @@ def _decode_attn_kernel(
     online softmax over the split's tiles. Writes the split's unnormalised output, max and sum, and the
     window keys' scores (the combine turns them into the probability each key receives). HAS_START: the
     window is rows LocStart[0] .. + n_loc of KLoc/VLoc (an offset on the device: a replayed CUDA graph
-    reads the window where it lies, without a copy). Grid (splits, Hkv)."""
+    reads the window where it lies, without a copy). The global keys are [KGlb's n_glb rows | the blocks
+    BlockIds names, read from StoreK/StoreV where they lie (tiles_per_block tiles each) | the remainder:
+    rows RemStart[0].. of RemK/RemV, the first RemLive[0] visible]; tiles_sink/tiles_blocks count the first
+    two parts' tiles (0: a part not given). Grid (splits, Hkv)."""
     split = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
     rows = tl.arange(0, BLOCK_G)
@@ -770,10 +777,27 @@ def _decode_attn_kernel(
     t_end = tl.minimum(t + tiles_per_split, n_tiles)
     while t < t_end:  # a while loop: the interpreter cannot take a runtime bound in `range`
         if t < tiles_glb:
-            cols = t * BLOCK_N + offs_n
-            ok = cols < n_glb
-            k_ptrs = KGlb + h * stride_kgh + cols[:, None].to(tl.int64) * stride_kgn + offs_d[None, :]
-            v_ptrs = VGlb + h * stride_vgh + cols[:, None].to(tl.int64) * stride_vgn + offs_d[None, :]
+            u = t - tiles_sink
+            if u < 0:  # the given global keys
+                cols = t * BLOCK_N + offs_n
+                ok = cols < n_glb
+                k_ptrs = KGlb + h * stride_kgh + cols[:, None].to(tl.int64) * stride_kgn + offs_d[None, :]
+                v_ptrs = VGlb + h * stride_vgh + cols[:, None].to(tl.int64) * stride_vgn + offs_d[None, :]
+            elif u < tiles_blocks:  # a selected block, read by its id where it lies
+                j = u // tiles_per_block
+                cols = (u - j * tiles_per_block) * BLOCK_N + offs_n
+                ok = cols < block_size
+                blk = tl.load(BlockIds + j).to(tl.int64)
+                k_ptrs = (StoreK + blk * stride_bn + h * stride_bh + cols[:, None].to(tl.int64) * stride_bt
+                          + offs_d[None, :])
+                v_ptrs = (StoreV + blk * stride_bvn + h * stride_bvh + cols[:, None].to(tl.int64) * stride_bvt
+                          + offs_d[None, :])
+            else:  # the remainder, at its device offset, the live rows only
+                cols = (u - tiles_blocks) * BLOCK_N + offs_n
+                ok = cols < tl.load(RemLive)
+                rem_rows = tl.load(RemStart).to(tl.int64) + cols[:, None].to(tl.int64)
+                k_ptrs = RemK + h * stride_rkh + rem_rows * stride_rkn + offs_d[None, :]
+                v_ptrs = RemV + h * stride_rvh + rem_rows * stride_rvn + offs_d[None, :]
             q = q_glb
         else:
             cols = (t - tiles_glb) * BLOCK_N + offs_n
@@ -785,8 +809,8 @@ def _decode_attn_kernel(
         k = tl.load(k_ptrs, mask=ok[:, None], other=0.0).to(tl.float32)
         s = _dot(q, tl.trans(k), tl.full([BLOCK_G, BLOCK_N], 0, tl.float32), "ieee", INTERPRETER) * scale
         if t < tiles_glb:
-            if HAS_BIAS:
-                s += tl.load(Bias + cols, mask=ok, other=0.0)[None, :]
+            if HAS_BIAS:  # over the given global keys only
+                s += tl.load(Bias + cols, mask=ok & (t < tiles_sink), other=0.0)[None, :]
         else:  # the window keys' scores, for the probabilities they receive
             w_ptrs = WinS + (h * GROUP + rows[:, None].to(tl.int64)) * n_loc + cols[None, :]
             tl.store(w_ptrs, s, mask=row_ok[:, None] & ok[None, :])
@@ -1535,7 +1559,7 @@ def decode_attention(
     q_loc: torch.Tensor, k_loc: torch.Tensor, v_loc: torch.Tensor,
     q_glb: torch.Tensor, k_glb: torch.Tensor, v_glb: torch.Tensor, *, scale: float,
     global_bias: torch.Tensor | None = None, window: tuple[torch.Tensor, int] | None = None,
-    received_into: torch.Tensor | None = None,
+    received_into: torch.Tensor | None = None, blocks: tuple | None = None, remainder: tuple | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One decoding query over [global keys | window keys] in one softmax, as `reference.decode_attention`
     (float32 scores, the same outputs), in two launches: key splits (flash-decoding) and their combine,
@@ -1544,8 +1568,9 @@ def decode_attention(
 
     q_loc/q_glb (Hq, D) (q_glb may be float32); k_loc/v_loc (Hkv, Ll, D) and k_glb/v_glb (Hkv, Lg, D), any
     strides with a contiguous last dimension; global_bias (Lg,) float32 or None. Returns out (Hq, D) in
-    q_loc's dtype, lse (Hq,) float32, received (Hkv, Ll) float32. `window` and `received_into` as in the
-    reference: the window read at a device offset of whole buffers, the probabilities added in place.
+    q_loc's dtype, lse (Hq,) float32, received (Hkv, Ll) float32. `window`, `received_into`, `blocks` and
+    `remainder` as in the reference: the window read at a device offset of whole buffers, the probabilities
+    added in place, the selected blocks read by id where they lie, the remainder at a device offset.
     """
     _check_tensors((("q_loc", q_loc, 2), ("q_glb", q_glb, 2), ("k_loc", k_loc, 3), ("v_loc", v_loc, 3),
                     ("k_glb", k_glb, 3), ("v_glb", v_glb, 3)), "q_loc", q_loc)
@@ -1569,9 +1594,14 @@ def decode_attention(
         raise ValueError(f"received_into must be ({hkv}, {rows}) float32 on {q_loc.device}, contiguous in its "
                          f"last dimension")
     _check_device(q_loc.device)
+    store_k, store_v, block_ids, block_size = _check_decode_blocks(blocks, k_glb)
+    rem_k, rem_v, rem_start, rem_slots, rem_live = _check_decode_remainder(remainder, k_glb)
     group = hq // hkv
     block_n = _INTERPRETER_BLOCK if _INTERPRETED else 64
-    tiles_glb = _cdiv(n_glb, block_n)
+    tiles_sink = _cdiv(n_glb, block_n)
+    tiles_per_block = _cdiv(block_size, block_n)
+    tiles_blocks = block_ids.shape[1] * tiles_per_block if blocks is not None else 0
+    tiles_glb = tiles_sink + tiles_blocks + _cdiv(rem_slots, block_n)
     n_tiles = tiles_glb + _cdiv(n_loc, block_n)
     want = min(_MAX_SPLITS, _cdiv(2 * _sm_count(q_loc.device), hkv))
     per_split = _cdiv(n_tiles, min(want, n_tiles))
@@ -1592,9 +1622,12 @@ def decode_attention(
         _decode_attn_kernel[(splits, hkv)](
             q_loc, q_glb, k_loc, v_loc, k_glb, v_glb, global_bias if global_bias is not None else lse,
             part_o, part_m, part_l, win_s, loc_start,
+            store_k, store_v, block_ids, rem_k, rem_v, rem_start, rem_live,
             q_loc.stride(0), q_glb.stride(0), k_loc.stride(0), k_loc.stride(1), v_loc.stride(0), v_loc.stride(1),
             k_glb.stride(0), k_glb.stride(1), v_glb.stride(0), v_glb.stride(1),
-            n_loc, n_glb, tiles_glb, n_tiles, per_split, splits, _check_scale(scale),
+            *store_k.stride()[:3], *store_v.stride()[:3], *rem_k.stride()[:2], *rem_v.stride()[:2],
+            n_loc, n_glb, tiles_sink, tiles_blocks, tiles_per_block, block_size, tiles_glb, n_tiles, per_split,
+            splits, _check_scale(scale),
             GROUP=group, BLOCK_G=block_g, HEAD_DIM=d, BLOCK_N=block_n, HAS_BIAS=global_bias is not None,
             HAS_START=start is not None, INTERPRETER=_INTERPRETED,
         )
@@ -1606,6 +1639,39 @@ def decode_attention(
             ACCUMULATE=received_into is not None, INTERPRETER=_INTERPRETED,
         )
     return out, lse, received
+
+
+def _check_decode_blocks(blocks, k_glb: torch.Tensor) -> tuple:
+    """`decode_attention`'s blocks: (store_k, store_v, ids, block size); placeholders (k_glb) without."""
+    if blocks is None:
+        return k_glb, k_glb, k_glb, 1
+    store_k, store_v, ids = blocks
+    hkv, d = k_glb.shape[0], k_glb.shape[2]
+    _check_tensors((("store_k", store_k, 4), ("store_v", store_v, 4)), "k_glb", k_glb)
+    _check_tensor("block ids", ids, 2)
+    if store_k.shape[1] != hkv or store_k.shape[3] != d or store_v.shape != store_k.shape:
+        raise ValueError(f"store_k {tuple(store_k.shape)} / store_v {tuple(store_v.shape)} must be (N, {hkv}, bs, {d})")
+    if ids.shape[0] != 1 or ids.dtype not in (torch.int32, torch.int64) or ids.device != k_glb.device or (
+            ids.numel() and ids.stride(1) != 1):
+        raise ValueError(f"block ids must be (1, K) int32/int64 on {k_glb.device}, contiguous: a shared top-k")
+    return store_k, store_v, ids, store_k.shape[2]
+
+
+def _check_decode_remainder(remainder, k_glb: torch.Tensor) -> tuple:
+    """`decode_attention`'s remainder: (rem_k, rem_v, start, slots, live); placeholders (no slots) without."""
+    if remainder is None:
+        return k_glb, k_glb, k_glb, 0, k_glb
+    rem_k, rem_v, start, slots, live = remainder
+    _check_tensors((("rem_k", rem_k, 3), ("rem_v", rem_v, 3)), "k_glb", k_glb)
+    if rem_k.shape[0] != k_glb.shape[0] or rem_k.shape[2] != k_glb.shape[2] or rem_v.shape != rem_k.shape:
+        raise ValueError(f"rem_k {tuple(rem_k.shape)} / rem_v {tuple(rem_v.shape)} must be (Hkv, R, D) like k_glb")
+    for name, t in (("remainder start", start), ("remainder live count", live)):
+        if not (isinstance(t, torch.Tensor) and t.shape == (1,) and t.dtype == torch.int64
+                and t.device == k_glb.device):
+            raise ValueError(f"{name} must be a (1,) int64 tensor on {k_glb.device}")
+    if isinstance(slots, bool) or not isinstance(slots, numbers.Integral) or not 0 <= slots <= rem_k.shape[1]:
+        raise ValueError(f"remainder slots must be an int in [0, {rem_k.shape[1]}], got {slots!r}")
+    return rem_k, rem_v, start, int(slots), live
 
 
 def _check_decode_window(window, rows: int, device: torch.device) -> tuple[torch.Tensor | None, int]:

@@ -149,7 +149,6 @@ class ContextMemory:
         self.init_k = torch.zeros(num_kv_heads, self.n_init, head_dim, dtype=dtype, device=device)
         self.init_v = torch.zeros_like(self.init_k)
         self.init_len = 0
-        self.sinks_version = 0  # changes whenever init_k/init_v do (a static decode step restages them then)
         # Lookups of the last forward, as selected: host lists (host paths) or device id tensors (device path);
         # read through `retrieved_last` / `retrieval_counts`, which convert once, when asked.
         self._retrieved: list = []
@@ -854,7 +853,6 @@ class ContextMemory:
             self.init_k[:, self.init_len : self.init_len + m].copy_(self.tail.keys(first, first + m))
             self.init_v[:, self.init_len : self.init_len + m].copy_(self.tail.values(first, first + m))
             self.init_len += m
-            self.sinks_version += 1
             self.tail.drop_front(m)
             behind -= m
         if not self.policy.keeps_blocks:
@@ -920,7 +918,6 @@ class ContextMemory:
         self.init_len = state["init_k"].shape[1]
         self.init_k[:, : self.init_len].copy_(state["init_k"])
         self.init_v[:, : self.init_len].copy_(state["init_v"])
-        self.sinks_version += 1
         self.tail.load_state(state["tail"])
         # rotated keys are not saved: re-rotate them to the same base (so the continuation is bit-identical)
         self.rot_base = None

@@ -5,7 +5,7 @@ count, rotation angle) and slices its buffers at host offsets: a captured graph 
 step's choices. `StaticDecodeStep` computes the same step with fixed shapes instead:
 
   window     always `n_local` keys, read at a device offset
-  remainder  `block_size` slots, those past the live count hidden by a -inf bias
+  remainder  `block_size` slots read at a device offset, those past the live count (a device value) masked
   lookup     top-k over the store's whole capacity, blocks past the count scored -inf
   positions  the local rotation angle and the tail's write slot, read from `args`
 
@@ -35,17 +35,8 @@ class StaticDecodeStep:
         m = self.memory = memory
         cfg, device = m.cfg, m.device
         self.args = torch.zeros(len(ARGS), dtype=torch.int64, device=device)  # the caller may rebind a view
-        self.remainder_range = torch.arange(cfg.block_size, device=device)
         self.neg_inf = torch.tensor(float("-inf"), device=device)
-        self.zero = torch.zeros((), device=device)
         self.ones = torch.ones(cfg.topk, dtype=torch.int32, device=device)
-        self.fixed = m.n_init + cfg.topk * cfg.block_size  # sinks and blocks: always visible
-        # [sinks | top-k blocks | remainder slots]; the sinks are staged by plan() when they changed (the
-        # memory's sinks_version), outside the replayed step: two copies fewer per layer and step
-        self.stage_k = torch.empty(m.hkv, self.fixed + cfg.block_size, m.d, dtype=m.dtype, device=device)
-        self.stage_v = torch.empty_like(self.stage_k)
-        self._staged_sinks = -1  # the sinks_version staged
-        self.bias = torch.zeros(self.stage_k.shape[1], dtype=torch.float32, device=device)
         self.rotation_rows = m.n_local + ROTATION_SLACK * m.exc + 1  # every angle the window uses
         self.block_ids: torch.Tensor | None = None  # the last step's selection (1, topk), on the device
         self.store_slots = torch.arange(0, device=device)  # 0..capacity-1, made by plan() as the store grows
@@ -68,10 +59,6 @@ class StaticDecodeStep:
                 or tail.offset + tail.length >= tail.k.shape[1]):
             return None
         m.rope.cos_sin(0, self.rotation_rows, m.dtype)
-        if self._staged_sinks != m.sinks_version:
-            self.stage_k[:, : m.n_init].copy_(m.init_k)
-            self.stage_v[:, : m.n_init].copy_(m.init_v)
-            self._staged_sinks = m.sinks_version
         if m._direct:  # allocated (and emptied) here, a prefill's prefetch and copies waited for: not in a capture
             m.block_cache_on_device().settle()
             m.settle_copies()
@@ -114,19 +101,14 @@ class StaticDecodeStep:
         qvec = m._query_vector(q, q_glb)  # (1, Hkv * D)
         scores = torch.mv(store.repr, qvec[0]).unsqueeze(0)  # (1, capacity)
         ids = torch.where(self.store_slots < a[5], scores, self.neg_inf).topk(cfg.topk, dim=-1).indices  # (1, topk)
-        bs, n_init = cfg.block_size, m.n_init
-        blocks_k = self.stage_k[:, n_init : self.fixed].view(m.hkv, cfg.topk, bs, m.d).transpose(0, 1)
-        blocks_v = self.stage_v[:, n_init : self.fixed].view(m.hkv, cfg.topk, bs, m.d).transpose(0, 1)
-        m.ops.gather_blocks(*m._resident(ids), blocks_k, blocks_v)  # direct: through the device cache
-        remainder = (self.remainder_range + a[2]).clamp_(max=tail.k.shape[1] - 1)
-        self.stage_k[:, self.fixed :].copy_(tail.k.index_select(1, remainder))
-        self.stage_v[:, self.fixed :].copy_(tail.v.index_select(1, remainder))
-        self.bias[self.fixed :] = torch.where(self.remainder_range < a[3], self.zero, self.neg_inf)
-        # the window read where it lies, at the device offset a[1], and its keys' received probabilities
-        # added to their scores in place (copying it out cost two 8 MB gathers per Mistral-7B layer and step)
+        # every key read where it lies, no staging copies (they were ~10 kernels and 24 MB of copies per
+        # Mistral-7B layer and step): the sinks; the selected blocks by id (direct: in the device cache, its
+        # misses made resident first); the remainder at device offset a[2], its first a[3] rows live; the
+        # window at a[1], whose keys' received probabilities are added to their scores in place
         out, _, _ = m.ops.decode_attention(
-            qk_loc[: m.hq, 0], tail.k_rot, tail.v, q_glb[:, 0], self.stage_k, self.stage_v, scale=scale,
-            global_bias=self.bias, window=(a[1:2], m.n_local), received_into=tail.score,
+            qk_loc[: m.hq, 0], tail.k_rot, tail.v, q_glb[:, 0], m.init_k, m.init_v, scale=scale,
+            window=(a[1:2], m.n_local), received_into=tail.score, blocks=m._resident(ids),
+            remainder=(tail.k, tail.v, a[2:3], cfg.block_size, a[3:4]),
         )
         m._device_counts.index_add_(0, ids[0], self.ones)
         self.block_ids = ids
