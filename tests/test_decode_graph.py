@@ -49,9 +49,9 @@ def test_static_step_equals_the_ordinary_decode_step():
                                ordinary.tail.scores(window.start, window.stop), rtol=0, atol=1e-6)
 
 
-def test_static_step_restages_the_sinks_after_a_session_is_loaded():
-    """The static step stages the sinks only when they change: after both memories load another sequence's
-    state (other sinks, same buffers), the static step's outputs still equal the ordinary step's."""
+def test_static_step_after_a_session_is_loaded_into_the_same_buffers():
+    """After both memories load another sequence's state (other sinks, blocks and window in the same buffers),
+    the static step's outputs still equal the ordinary step's: nothing it reads was staged before."""
     n, prefill = 220, 100
     q, k, v = random_qkv(n, seed=6)
     q2, k2, v2 = random_qkv(n, seed=7)
