@@ -276,7 +276,13 @@ class FormationRing:
                             store.repr[first + j : first + j + count].view(count, hkv, d), check=self.check)
         self.lo = max(self.lo if first == self.hi else first, first + n - self.size)
         self.hi = first + n
-        self._unsent += [(first + j, slot, count) for j, slot, count in segments]
+        for j, slot, count in segments:  # a run continuing the last unsent one joins it: one copy per run
+            if self._unsent and self._unsent[-1][0] + self._unsent[-1][2] == first + j and (
+                    self._unsent[-1][1] + self._unsent[-1][2] == slot):
+                block, start, before = self._unsent[-1]
+                self._unsent[-1] = (block, start, before + count)
+            else:
+                self._unsent.append((first + j, slot, count))
         self._unsent_blocks += n
         self._store = store
 
