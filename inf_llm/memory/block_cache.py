@@ -214,7 +214,8 @@ class RingSlots:
 
     def wait_for_copies(self, first: int, count: int) -> None:
         """The current stream waits for the copies that last read slots [first, first + count); a wait covers
-        every slot its event covers, which then needs no wait again from this stream."""
+        every slot its event covers, which then needs no wait again: a device's layers form their blocks on one
+        current stream (the engine's single worker thread), so what it waited for once stays waited for."""
         for slot in range(first, first + count):
             event = self.copied[slot]
             if event is not None:
