@@ -67,6 +67,8 @@ CASES = [
      dict(X=8 * D, K=16, KP=16, BLOCK_C=128, BLOCK_X=64, CACHE=True, BLOCK_K=16, BLOCK_S=256, INTERPRETER=False),
      {"num_warps": 4}),
     ("_rotate_kernel", {}, dict(HALF=D // 2, ONE_ROW=False, BLOCK_L=64, INTERPRETER=False), {}),
+    ("_decode_prologue_kernel", {"Angle": I64, "Write": I64, "TailScore": F32}, dict(HALF=D // 2, INTERPRETER=False),
+     {}),
     ("_rms_norm_kernel", {}, dict(BLOCK=4096, INTERPRETER=False), {}),
     ("_silu_mul_kernel", {}, dict(BLOCK=1024, INTERPRETER=False), {}),
 ]

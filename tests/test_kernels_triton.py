@@ -860,6 +860,38 @@ def test_decode_attention_reads_blocks_by_id_and_the_remainder_where_they_lie(bl
                                      remainder=(rem_k, rem_v, at, slots, live))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_decode_prologue_matches_reference(dtype, hq=6, hkv=2, d=32, cap=20):
+    """The static decode step's rotation and tail writes in one launch: the rotated query, and the tail's
+    column `write` (k, v, rotated k, score zeroed) as the torch ops leave them, bit-identical in 16-bit dtypes;
+    nothing else in the tail touched."""
+    from inf_llm.memory import RotaryTable
+
+    gen = torch.Generator().manual_seed(31)
+    q = (_rand(hq, 1, d, dtype=torch.float32, gen=gen) * 8).to(dtype)
+    k, v = ((_rand(hkv, 1, d, dtype=torch.float32, gen=gen) * 8).to(dtype) for _ in range(2))
+    cos, sin = RotaryTable((1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))).to(DEVICE), d).cos_sin(0, 300, dtype)
+    angle, write = torch.tensor([217], device=DEVICE), torch.tensor([11], device=DEVICE)
+    tails = _rand(3, hkv, cap, d, dtype=dtype, gen=gen)
+    score = torch.rand(hkv, cap, generator=gen).to(DEVICE)
+    results = []
+    for ops in (reference, triton_attn):
+        bufs = [t.clone() for t in tails] + [score.clone()]
+        results.append((ops.decode_prologue(q, k, v, cos, sin, angle, write, *bufs), *bufs))
+    for got, want in zip(*results):
+        if dtype == torch.float32:  # the compiler may fuse a product into the sum (one rounding less)
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-5)
+        else:
+            assert torch.equal(got, want), (got.float() - want.float()).abs().max()
+    _, tail_k, tail_v, _, tail_score = results[1]
+    assert torch.equal(tail_k[:, 11], k[:, 0]) and torch.equal(tail_v[:, 11], v[:, 0])
+    assert torch.equal(tail_score[:, 11], torch.zeros(hkv, device=DEVICE))
+    others = [c for c in range(cap) if c != 11]
+    assert torch.equal(tail_k[:, others], tails[0][:, others]) and torch.equal(tail_score[:, others], score[:, others])
+    with pytest.raises(ValueError, match="write"):
+        triton_attn.decode_prologue(q, k, v, cos, sin, angle, 11, *[t.clone() for t in tails], score.clone())
+
+
 def test_static_decode_step_on_the_triton_ops_equals_the_ordinary_step():
     """The fixed-shape decode step (window read at a device offset, its scores added in place) on the Triton
     ops against the ordinary decode step on the same ops: the same outputs, lookups and window scores."""

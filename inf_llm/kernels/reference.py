@@ -252,6 +252,24 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Ten
     return out
 
 
+def decode_prologue(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, angle: torch.Tensor,
+    write: torch.Tensor, tail_k: torch.Tensor, tail_v: torch.Tensor, tail_k_rot: torch.Tensor,
+    tail_score: torch.Tensor,
+) -> torch.Tensor:
+    """The static decode step's first part: q (Hq, 1, D) and k (Hkv, 1, D) rotated to row `angle` of cos/sin
+    (`rotate`'s roundings); k, v and the rotated k written into column `write` of the tail's (Hkv, R, D)
+    buffers and that column's score (Hkv, R) zeroed. `angle` and `write` are int64 (1,) tensors on the device
+    (a replayed CUDA graph reads each step's). Returns the rotated q (Hq, 1, D)."""
+    qk = rotate(torch.cat((q, k)), cos.index_select(0, angle), sin.index_select(0, angle))
+    hq = q.shape[0]
+    tail_k.index_copy_(1, write, k)
+    tail_v.index_copy_(1, write, v)
+    tail_k_rot.index_copy_(1, write, qk[hq:])
+    tail_score.index_fill_(1, write, 0.0)
+    return qk[:hq]
+
+
 def block_representatives(keys: torch.Tensor, scores: torch.Tensor, repr_topk: int, dtype: torch.dtype) -> torch.Tensor:
     """(n, Hkv, D) in `dtype`: per block and head, the mean of the `repr_topk` keys (Hkv, n, bs, D) with the
     highest scores (Hkv, n, bs)."""

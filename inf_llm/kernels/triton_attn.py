@@ -46,6 +46,7 @@ __all__ = [
     "NEG_INF",
     "cache_blocks",
     "decode_attention",
+    "decode_prologue",
     "form_blocks",
     "gather_blocks",
     "global_stage_into",
@@ -1110,12 +1111,65 @@ def _rotate_kernel(
     s2 = tl.load(s_base + HALF + d, mask=ok, other=0.0).to(tl.float32)
     o_base = Out + h * stride_oh + r64 * stride_ol
     dtype = Out.dtype.element_ty
+    o1, o2 = _rotated_halves(x1, x2, c1, c2, s1, s2, dtype, INTERPRETER)
+    tl.store(o_base + d, o1, mask=ok)
+    tl.store(o_base + HALF + d, o2, mask=ok)
+
+
+@triton.jit
+def _rotated_halves(x1, x2, c1, c2, s1, s2, dtype: tl.constexpr, INTERPRETER: tl.constexpr):
+    """(x1 * c1 - x2 * s1, x2 * c2 + x1 * s2) in `dtype`, rounded where the torch ops round (see
+    `_rotate_kernel`): the halves of a rotated row from float32 halves of x, cos and sin."""
     a1 = _rounded(x1 * c1, dtype, INTERPRETER)
     b1 = _rounded(x2 * s1, dtype, INTERPRETER)
     a2 = _rounded(x2 * c2, dtype, INTERPRETER)
     b2 = _rounded(x1 * s2, dtype, INTERPRETER)
-    tl.store(o_base + d, _rounded(a1 - b1, dtype, INTERPRETER).to(dtype), mask=ok)  # exact: already rounded
-    tl.store(o_base + HALF + d, _rounded(a2 + b2, dtype, INTERPRETER).to(dtype), mask=ok)
+    # exact: the operands are already rounded
+    return _rounded(a1 - b1, dtype, INTERPRETER).to(dtype), _rounded(a2 + b2, dtype, INTERPRETER).to(dtype)
+
+
+@triton.jit
+def _decode_prologue_kernel(
+    Q, K, V, Cos, Sin, Angle, Write, QOut, TailK, TailV, TailKRot, TailScore,
+    stride_qh, stride_kh, stride_vh, stride_cl, stride_sl, stride_oh,
+    stride_tkh, stride_tkn, stride_tvh, stride_tvn, stride_trh, stride_trn, stride_tsh, n_q_heads,
+    HALF: tl.constexpr, INTERPRETER: tl.constexpr,
+):
+    """One head of `decode_prologue`: program h < Hq rotates query head h into QOut; program Hq + g rotates
+    KV head g's key, writes it, its value and the rotated key into column Write[0] of the tail and zeroes
+    that column's score. Grid (Hq + Hkv,)."""
+    h = tl.program_id(0)
+    d = tl.arange(0, HALF)
+    angle = tl.load(Angle).to(tl.int64)
+    c1 = tl.load(Cos + angle * stride_cl + d).to(tl.float32)
+    c2 = tl.load(Cos + angle * stride_cl + HALF + d).to(tl.float32)
+    s1 = tl.load(Sin + angle * stride_sl + d).to(tl.float32)
+    s2 = tl.load(Sin + angle * stride_sl + HALF + d).to(tl.float32)
+    if h < n_q_heads:
+        x_base = Q + h.to(tl.int64) * stride_qh
+        x1 = tl.load(x_base + d).to(tl.float32)
+        x2 = tl.load(x_base + HALF + d).to(tl.float32)
+        o1, o2 = _rotated_halves(x1, x2, c1, c2, s1, s2, QOut.dtype.element_ty, INTERPRETER)
+        o_base = QOut + h.to(tl.int64) * stride_oh
+        tl.store(o_base + d, o1)
+        tl.store(o_base + HALF + d, o2)
+    else:
+        g = (h - n_q_heads).to(tl.int64)
+        col = tl.load(Write).to(tl.int64)
+        k1 = tl.load(K + g * stride_kh + d)
+        k2 = tl.load(K + g * stride_kh + HALF + d)
+        o1, o2 = _rotated_halves(k1.to(tl.float32), k2.to(tl.float32), c1, c2, s1, s2,
+                                 TailKRot.dtype.element_ty, INTERPRETER)
+        r_base = TailKRot + g * stride_trh + col * stride_trn
+        tl.store(r_base + d, o1)
+        tl.store(r_base + HALF + d, o2)
+        k_base = TailK + g * stride_tkh + col * stride_tkn
+        tl.store(k_base + d, k1)
+        tl.store(k_base + HALF + d, k2)
+        v_base = TailV + g * stride_tvh + col * stride_tvn
+        tl.store(v_base + d, tl.load(V + g * stride_vh + d))
+        tl.store(v_base + HALF + d, tl.load(V + g * stride_vh + HALF + d))
+        tl.store(TailScore + g * stride_tsh + col, 0.0)
 
 
 # True when triton was imported with TRITON_INTERPRET=1: kernels then run on CPU tensors (tests), with small
@@ -1685,6 +1739,43 @@ def _check_decode_window(window, rows: int, device: torch.device) -> tuple[torch
     if isinstance(length, bool) or not isinstance(length, numbers.Integral) or not 1 <= length <= rows:
         raise ValueError(f"window length must be an int in [1, {rows}] (the key buffers' rows), got {length!r}")
     return start, int(length)
+
+
+def decode_prologue(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, angle: torch.Tensor,
+    write: torch.Tensor, tail_k: torch.Tensor, tail_v: torch.Tensor, tail_k_rot: torch.Tensor,
+    tail_score: torch.Tensor,
+) -> torch.Tensor:
+    """`reference.decode_prologue` in one launch (the torch version is a concatenation, two row gathers, a
+    rotation, three column copies and a fill: eight kernels per layer of a graph-replayed decode step),
+    bit-identical to it (the same roundings as `rotate`). q (Hq, 1, D), k/v (Hkv, 1, D), cos/sin (R, D), the
+    tail's k/v/k_rot (Hkv, C, D) and score (Hkv, C) float32, all with a contiguous last dimension on one
+    device; angle/write int64 (1,) tensors there (not bounds-checked: the caller keeps them in range)."""
+    _check_tensors((("q", q, 3), ("k", k, 3), ("v", v, 3), ("cos", cos, 2), ("sin", sin, 2)), "q", q)
+    _check_tensors((("tail_k", tail_k, 3), ("tail_v", tail_v, 3), ("tail_k_rot", tail_k_rot, 3)), "q", q)
+    hq, one, d = q.shape
+    hkv = k.shape[0]
+    if (one != 1 or k.shape != (hkv, 1, d) or v.shape != k.shape or cos.shape[1] != d or sin.shape != cos.shape
+            or tail_k.shape[::2] != (hkv, d) or tail_v.shape != tail_k.shape or tail_k_rot.shape != tail_k.shape):
+        raise ValueError(f"q {tuple(q.shape)} / k {tuple(k.shape)} / v must be (H, 1, {d}), cos/sin (R, {d}), the "
+                         f"tail's k/v/k_rot ({hkv}, C, {d}); got tail_k {tuple(tail_k.shape)}")
+    if tail_score.shape != tail_k.shape[:2] or tail_score.dtype != torch.float32 or tail_score.stride(-1) != 1:
+        raise ValueError(f"tail_score must be {tuple(tail_k.shape[:2])} float32, contiguous in its last dimension")
+    for name, t in (("angle", angle), ("write", write)):
+        if not (isinstance(t, torch.Tensor) and t.shape == (1,) and t.dtype == torch.int64 and t.device == q.device):
+            raise ValueError(f"{name} must be a (1,) int64 tensor on {q.device}")
+    if d % 2 or (d // 2) & (d // 2 - 1):
+        raise ValueError(f"head dim {d} is not supported: need twice a power of two")
+    _check_device(q.device)
+    q_out = torch.empty((hq, 1, d), dtype=q.dtype, device=q.device)
+    with _device_guard(q.device):
+        _decode_prologue_kernel[(hq + hkv,)](
+            q, k, v, cos, sin, angle, write, q_out, tail_k, tail_v, tail_k_rot, tail_score,
+            q.stride(0), k.stride(0), v.stride(0), cos.stride(0), sin.stride(0), q_out.stride(0),
+            *tail_k.stride()[:2], *tail_v.stride()[:2], *tail_k_rot.stride()[:2], tail_score.stride(0), hq,
+            HALF=d // 2, INTERPRETER=_INTERPRETED,
+        )
+    return q_out
 
 
 def gather_blocks(

@@ -87,15 +87,10 @@ class StaticDecodeStep:
         device ops only (no host sync, no host-dependent shape). Returns (Hq, 1, D)."""
         m, cfg = self.memory, self.memory.cfg
         a, tail, store = self.args, m.tail, m.store
-        write = a[0:1]
         cos, sin = m.rope.cos_sin(0, self.rotation_rows, q.dtype)
-        angle = a[4:5]
-        # the ops' rotation: one kernel on a GPU (bit-identical to the torch one in 16-bit dtypes), not five
-        qk_loc = m.ops.rotate(torch.cat((q, k)), cos.index_select(0, angle), sin.index_select(0, angle))
-        tail.k.index_copy_(1, write, k)
-        tail.v.index_copy_(1, write, v)
-        tail.k_rot.index_copy_(1, write, qk_loc[m.hq :])
-        tail.score.index_fill_(1, write, 0.0)
+        # q and k rotated to the local angle a[4], k, v and the rotated k written at the tail's column a[0],
+        # its score zeroed: one kernel on a GPU (the torch ops are eight), bit-identical in 16-bit dtypes
+        q_loc = m.ops.decode_prologue(q, k, v, cos, sin, a[4:5], a[0:1], tail.k, tail.v, tail.k_rot, tail.score)
         # lookup: the shared top-k over every store slot, slots past the block count never chosen
         q_glb = m.rope.rotate_at(q.to(m.repr_dtype), m.policy.global_query_pos)
         qvec = m._query_vector(q, q_glb)  # (1, Hkv * D)
@@ -106,7 +101,7 @@ class StaticDecodeStep:
         # misses made resident first); the remainder at device offset a[2], its first a[3] rows live; the
         # window at a[1], whose keys' received probabilities are added to their scores in place
         out, _, _ = m.ops.decode_attention(
-            qk_loc[: m.hq, 0], tail.k_rot, tail.v, q_glb[:, 0], m.init_k, m.init_v, scale=scale,
+            q_loc[:, 0], tail.k_rot, tail.v, q_glb[:, 0], m.init_k, m.init_v, scale=scale,
             window=(a[1:2], m.n_local), received_into=tail.score, blocks=m._resident(ids),
             remainder=(tail.k, tail.v, a[2:3], cfg.block_size, a[3:4]),
         )
