@@ -1068,5 +1068,51 @@ def test_decode_ops_capture_in_cuda_graph():
     assert torch.equal(captured[0], expected[0]) and torch.equal(captured[1], expected[1])
 
 
+@pytest.mark.gpu
+@needs_gpu
+def test_static_decode_step_ops_replay_in_a_cuda_graph():
+    """The static decode step's ops with every per-step value on the device (the prologue's angle and write
+    column, the window's and the remainder's offsets, the remainder's live count, the block ids), captured
+    once and replayed with new values: each replay equals an eager call with those values."""
+    from inf_llm.memory import RotaryTable
+
+    gen = torch.Generator().manual_seed(41)
+    hkv, group, d, cap, n_local, bs, n_store, topk = 8, 4, 128, 6000, 4096, 128, 40, 16
+    q, k, v = (_rand(h, 1, d, dtype=BF16, gen=gen) for h in (hkv * group, hkv, hkv))
+    q_glb = _rand(hkv * group, d, dtype=torch.float32, gen=gen)
+    cos, sin = RotaryTable((1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))).to(DEVICE), d).cos_sin(0, 5000, BF16)
+    sink_k, sink_v = (_rand(hkv, 128, d, dtype=BF16, gen=gen) for _ in range(2))
+    store_k, store_v = (_rand(n_store, hkv, bs, d, dtype=BF16, gen=gen) for _ in range(2))
+    tail = [_rand(hkv, cap, d, dtype=BF16, gen=gen) for _ in range(3)] + [torch.zeros(hkv, cap, device=DEVICE)]
+    args = torch.zeros(6, dtype=torch.int64, device=DEVICE)  # write, window, remainder, live, angle, and spare
+
+    def step(values, buffers):
+        write, window, rem, live, angle, ids = values
+        tail_k, tail_v, tail_k_rot, score = buffers
+        q_loc = triton_attn.decode_prologue(q, k, v, cos, sin, angle, write, tail_k, tail_v, tail_k_rot, score)
+        return triton_attn.decode_attention(
+            q_loc[:, 0], tail_k_rot, tail_v, q_glb, sink_k, sink_v, scale=0.088, window=(window, n_local),
+            received_into=score, blocks=(store_k, store_v, ids), remainder=(tail_k, tail_v, rem, bs, live))[:2]
+
+    ids = torch.randperm(n_store, generator=gen)[:topk].to(DEVICE)[None]
+    device_values = (args[0:1], args[1:2], args[2:3], args[3:4], args[4:5], ids)
+    graph_buffers = [t.clone() for t in tail]
+    args.copy_(torch.tensor([4300, 205, 77, 0, 10, 0]))
+    step(device_values, graph_buffers)  # compiles outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step(device_values, graph_buffers)
+    for values in ([4301, 206, 78, 5, 11, 0], [4400, 305, 170, 100, 999, 0]):
+        args.copy_(torch.tensor(values))
+        ids.copy_(torch.randperm(n_store, generator=gen)[:topk].to(DEVICE)[None])
+        eager_buffers = [t.clone() for t in graph_buffers]
+        expected = step(tuple(torch.tensor([x], device=DEVICE) for x in values[:5]) + (ids.clone(),), eager_buffers)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(captured[0], expected[0]) and torch.equal(captured[1], expected[1])
+        for got, want in zip(graph_buffers, eager_buffers):
+            assert torch.equal(got, want)
+
+
 if __name__ == "__main__":  # pragma: no cover
     raise SystemExit(pytest.main([__file__, "-q", *([] if INTERPRET else ["-m", "gpu"])]))
