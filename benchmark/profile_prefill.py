@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import cProfile
 import gc
 import io
@@ -37,6 +38,10 @@ def _feed(model, cache, ids: torch.Tensor, start: int, end: int, chunk: int) -> 
     kw = cache_kwargs(model, cache)
     for a in range(start, end, chunk):
         model(ids[:, a : min(a + chunk, end)], use_cache=True, logits_to_keep=1, **kw)
+
+
+# the text of torch's sync-debug warning (c10/cuda: warn_or_error_on_sync)
+_SYNC_WARNING = "called a synchronizing CUDA operation"
 
 
 def _watch_syncs(on: bool) -> None:
@@ -87,8 +92,9 @@ def main(argv=None) -> int:
         # host: until the chunk's forward returns (its kernels queued, not run); wall: until they finished
         walls, hosts = [], []
         watch = args.sync_debug and device.type == "cuda"
-        with warnings.catch_warnings(record=True) as waits:
-            warnings.simplefilter("always")
+        with warnings.catch_warnings(record=True) if watch else contextlib.nullcontext([]) as recorded:
+            if watch:
+                warnings.simplefilter("always")
             for a in range(args.warmup, total, cfg.chunk_size):
                 _watch_syncs(watch)
                 t0 = time.perf_counter()
@@ -100,6 +106,12 @@ def main(argv=None) -> int:
         print(f"{args.type} fattn={args.fattn} offload={args.offload} {args.overrides}: per chunk of "
               f"{cfg.chunk_size}: wall {', '.join(f'{w * 1e3:.1f}' for w in walls)} ms; host (queued) "
               f"{', '.join(f'{h * 1e3:.1f}' for h in hosts)} ms", file=report)
+        # torch's warning at each synchronizing operation, by where it was called (not its notice that the mode
+        # is a prototype); any other warning recorded meanwhile is shown as usual
+        waits = [w for w in recorded if _SYNC_WARNING in str(w.message)]
+        for w in recorded:
+            if w not in waits:
+                warnings.showwarning(w.message, w.category, w.filename, w.lineno)
         if args.sync_debug:  # where the host waited for the GPU inside the timed forwards
             places = collections.Counter(f"{w.filename}:{w.lineno}: {w.message}" for w in waits)
             print(f"host waits for the GPU in the timed chunks: {sum(places.values())}", file=report)

@@ -139,6 +139,8 @@ def test_direct_offload_access_through_the_model_and_a_saved_session(tmp_path):
             lookups = [layer.memory.retrieved_last for layer in cache.layers]
             if access == "direct":
                 assert all(layer.memory.cache is None and layer.memory.device_lookup for layer in cache.layers)
+                # the layers' formation rings share one set of slots (RingSlots, from the patch state)
+                assert len({id(layer.memory.ring.slots) for layer in cache.layers}) == 1
                 cache.save(tmp_path / "direct.pt")
                 continued = forward(model, ids[:, 250:], cache)
                 restored = InfLLMCache.load(tmp_path / "direct.pt", model, offload=True)

@@ -426,14 +426,14 @@ def test_direct_layers_sharing_ring_slots_match_host_path():
                       max_cached_block=4, offload_access="direct", pin_memory=True)
     host_cfg = cfg.model_copy(update={"offload_access": "cache"})
     inv_freq = (1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))).to(DEVICE)
-    slots = RingSlots(4, (hkv, cfg.block_size, d), torch.float32, DEVICE)
+    slots = RingSlots((hkv, cfg.block_size, d), torch.float32, DEVICE, 4)
     stream = torch.cuda.Stream() if DEVICE.type == "cuda" else None
     layers = []
     for seed in (12, 13):
         gen = torch.Generator().manual_seed(seed)
         qkv = [torch.randn(h, n, d, generator=gen).to(DEVICE) for h in (hq, hkv, hkv)]
         direct = ContextMemory(cfg, RotaryTable(inv_freq, d), hq, hkv, d, torch.float32, DEVICE, triton_attn,
-                               offload=True, device_lookup=True, copy_stream=stream, ring_slots=lambda: slots)
+                               offload=True, device_lookup=True, copy_stream=stream, ring_slots=lambda *spec: slots)
         host = ContextMemory(host_cfg, RotaryTable(inv_freq, d), hq, hkv, d, torch.float32, DEVICE, reference,
                              offload=False, device_lookup=False)
         layers.append((qkv, direct, host))

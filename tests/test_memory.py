@@ -424,7 +424,7 @@ def test_formation_ring_holds_the_newest_blocks_and_copies_every_block_to_the_st
     hkv, bs, d, size = 2, 4, 8, 4
     gen = torch.Generator().manual_seed(5)
     store = BlockStore(hkv, bs, d, torch.float32, torch.device("cpu"), torch.device("cpu"), pin_memory=False)
-    ring = FormationRing(RingSlots(size, (hkv, bs, d), torch.float32, torch.device("cpu")), None)
+    ring = FormationRing(RingSlots((hkv, bs, d), torch.float32, torch.device("cpu"), size), None)
     formed_k = []
     for n in sizes:
         keys, values = torch.randn(2, hkv, n, bs, d, generator=gen)
@@ -451,7 +451,7 @@ def test_formation_rings_of_two_layers_share_slots_and_each_store_gets_its_own_b
 
     hkv, bs, d = 2, 4, 8
     gen = torch.Generator().manual_seed(6)
-    slots = RingSlots(4, (hkv, bs, d), torch.float32, torch.device("cpu"))
+    slots = RingSlots((hkv, bs, d), torch.float32, torch.device("cpu"), 4)
     layers = []
     for _ in range(2):
         store = BlockStore(hkv, bs, d, torch.float32, torch.device("cpu"), torch.device("cpu"), pin_memory=False)

@@ -37,7 +37,7 @@ from inf_llm.config import MemoryType, ModelConfig
 from inf_llm.errors import GenerationCancelled, SessionStateError, UnsupportedModelError
 from inf_llm.kernels import get_backend
 from inf_llm.memory import ContextMemory, LayerStats, RotaryTable
-from inf_llm.memory.block_cache import FORMATION_RING_BLOCKS, RingSlots
+from inf_llm.memory.block_cache import RingSlots
 from inf_llm.memory.host_pool import HostBlockPool
 
 log = logging.getLogger(__name__)
@@ -105,7 +105,7 @@ class PatchState:
     host_pool: HostBlockPool | None = None  # host memory of offloaded blocks, lent to one cache at a time
     ropes: dict = field(default_factory=dict)  # device -> RotaryTable
     copy_streams: dict = field(default_factory=dict)  # device -> side CUDA stream (async_global_stream)
-    ring_slots: dict = field(default_factory=dict)  # (device, dtype) -> the layers' shared formation-ring slots
+    ring_slots: dict = field(default_factory=dict)  # (shape, dtype, device) -> the layers' shared ring slots
 
     def rope_for(self, device: torch.device) -> RotaryTable:
         if device not in self.ropes:
@@ -124,12 +124,12 @@ class PatchState:
             self.copy_streams[device] = torch.cuda.Stream(device=device)
         return self.copy_streams[device]
 
-    def ring_slots_for(self, device: torch.device, dtype: torch.dtype) -> RingSlots:
+    def ring_slots_for(self, shape: tuple[int, int, int], dtype: torch.dtype, device: torch.device) -> RingSlots:
         """The formation-ring slots the layers on `device` share (allocated at the first formation)."""
-        if (device, dtype) not in self.ring_slots:
-            shape = (self.num_kv_heads, self.cfg.block_size, self.head_dim)
-            self.ring_slots[device, dtype] = RingSlots(FORMATION_RING_BLOCKS, shape, dtype, device)
-        return self.ring_slots[device, dtype]
+        key = (shape, dtype, device)
+        if key not in self.ring_slots:
+            self.ring_slots[key] = RingSlots(shape, dtype, device)
+        return self.ring_slots[key]
 
     def fingerprint(self) -> dict:
         memory_keys = ("type", "n_init", "n_local", "topk", "repr_topk", "block_size", "exc_block_size",
@@ -230,12 +230,12 @@ class InfLLMLayer(CacheLayerMixin):
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         state = self.patch_state
-        device, dtype = key_states.device, key_states.dtype  # the closure below must not hold key_states
+        device = key_states.device
         self.memory = ContextMemory(
             state.cfg, state.rope_for(device), state.num_q_heads, state.num_kv_heads, state.head_dim,
-            dtype, device, get_backend(state.cfg.fattn, device.type),
+            key_states.dtype, device, get_backend(state.cfg.fattn, device.type),
             offload=self.offload, copy_stream=state.copy_stream_for(device), host_storage=self.host_storage,
-            ring_slots=lambda: state.ring_slots_for(device, dtype),
+            ring_slots=state.ring_slots_for,
         )
         if self.pending_state is not None:
             self.memory.load_state(self.pending_state)

@@ -206,7 +206,8 @@ class RingSlots:
     cost a Mistral-7B 8 MB per layer at 16 slots, and a copy batch every other execution block). Per slot,
     the event of the copy that read it last: whoever writes the slot again waits for it first."""
 
-    def __init__(self, size: int, block_shape: tuple[int, int, int], dtype: torch.dtype, device: torch.device):
+    def __init__(self, block_shape: tuple[int, int, int], dtype: torch.dtype, device: torch.device,
+                 size: int = FORMATION_RING_BLOCKS):
         self.k = torch.empty(size, *block_shape, dtype=dtype, device=device)
         self.v = torch.empty_like(self.k)
         self.copied: list = [None] * size

@@ -29,13 +29,7 @@ import torch
 from inf_llm.config import CacheStrategy, MemoryType, ModelConfig
 from inf_llm.errors import ConfigError, MissingDependencyError
 from inf_llm.kernels.reference import block_representatives
-from inf_llm.memory.block_cache import (
-    FORMATION_RING_BLOCKS,
-    BlockCache,
-    DeviceBlockCache,
-    FormationRing,
-    RingSlots,
-)
+from inf_llm.memory.block_cache import BlockCache, DeviceBlockCache, FormationRing, RingSlots
 from inf_llm.memory.buffers import BlockStore, StorageSpec, TokenBuffer, representative_dtype
 from inf_llm.memory.compression import BlockCodec
 from inf_llm.memory.rope import RotaryTable
@@ -124,10 +118,11 @@ class ContextMemory:
         copy_stream: "torch.cuda.Stream | None" = None,
         device_lookup: bool | None = None,
         host_storage: Callable[[StorageSpec], dict[str, torch.Tensor]] | None = None,
-        ring_slots: Callable[[], RingSlots] | None = None,
+        ring_slots: Callable[[tuple[int, int, int], torch.dtype, torch.device], RingSlots] | None = None,
     ):
-        """`host_storage`: lent host tensors for an offloaded store (`HostBlockPool`). `ring_slots`: the
-        formation ring's slots, shared with the device's other layers (else this layer's own)."""
+        """`host_storage`: lent host tensors for an offloaded store (`HostBlockPool`). `ring_slots`: gives the
+        formation ring's slots for (block shape, dtype, device), shared with the device's other layers (default:
+        `RingSlots`, this layer's own)."""
         self.cfg = cfg
         self.copy_stream = copy_stream
         self.policy = MemoryPolicy.of(cfg)
@@ -207,7 +202,7 @@ class ContextMemory:
         self._overlapped = self._direct and not cfg.perhead and (copy_stream is not None or device.type == "cpu")
         self._use_ring = self._overlapped and cfg.offload_dtype is None
         self.ring: FormationRing | None = None
-        self._ring_slots = ring_slots
+        self._ring_slots = ring_slots or RingSlots
         # The ops' argument checks on the per-execution-block calls: kept on CPUs (the tests, under the Triton
         # interpreter or the torch ops), skipped on a GPU, where they cost the host about as much as a launch
         # and the host's time per prefill chunk is close to the GPU's (docs/speed.md, session 10)
@@ -888,9 +883,7 @@ class ContextMemory:
     def _formation_ring(self) -> FormationRing:
         """The formation ring, created at the first formation on the shared slots (or this layer's own)."""
         if self.ring is None:
-            shape = (self.hkv, self.cfg.block_size, self.d)
-            slots = (self._ring_slots() if self._ring_slots is not None
-                     else RingSlots(FORMATION_RING_BLOCKS, shape, self.dtype, self.device))
+            slots = self._ring_slots((self.hkv, self.cfg.block_size, self.d), self.dtype, self.device)
             self.ring = FormationRing(slots, self.copy_stream, self._check_ops)
         return self.ring
 
