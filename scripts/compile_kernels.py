@@ -43,10 +43,18 @@ CASES = [
      dict(PER_HEAD=False, MASK_BLOCKS=False, GROUP=G, HEAD_DIM=D, DOT_PRECISION=None, INTERPRETER=False,
           BLOCK_M=64, BLOCK_N=64),
      dict(num_warps=4, num_stages=2)),
-    ("_decode_attn_kernel", {"QGlb": F32, "Bias": F32, "PartO": F32, "PartM": F32, "PartL": F32, "WinS": F32},
-     dict(GROUP=G, BLOCK_G=16, HEAD_DIM=D, BLOCK_N=64, HAS_BIAS=True, INTERPRETER=False), {}),
-    ("_decode_combine_kernel", {"PartO": F32, "PartM": F32, "PartL": F32, "WinS": F32, "Lse": F32, "Received": F32},
-     dict(GROUP=G, BLOCK_G=16, HEAD_DIM=D, BLOCK_N=64, INTERPRETER=False), {}),
+    # the ordinary decode step's call (no window offset; the blocks' and remainder's pointers are placeholders:
+    # k_glb) and the static step's (window, blocks and remainder where they lie)
+    ("_decode_attn_kernel", {"QGlb": F32, "Bias": F32, "PartO": F32, "PartM": F32, "PartL": F32, "WinS": F32,
+                             "LocStart": F32},
+     dict(GROUP=G, BLOCK_G=16, HEAD_DIM=D, BLOCK_N=64, HAS_BIAS=True, HAS_START=False, INTERPRETER=False), {}),
+    ("_decode_attn_kernel", {"QGlb": F32, "Bias": F32, "PartO": F32, "PartM": F32, "PartL": F32, "WinS": F32,
+                             "LocStart": I64, "BlockIds": I64, "RemStart": I64, "RemLive": I64},
+     dict(GROUP=G, BLOCK_G=16, HEAD_DIM=D, BLOCK_N=64, HAS_BIAS=False, HAS_START=True, INTERPRETER=False), {}),
+    *[("_decode_combine_kernel", {"PartO": F32, "PartM": F32, "PartL": F32, "WinS": F32, "Lse": F32,
+                                  "Received": F32, "LocStart": I64},
+       dict(GROUP=G, BLOCK_G=16, HEAD_DIM=D, BLOCK_N=64, HAS_START=start, ACCUMULATE=start, INTERPRETER=False), {})
+      for start in (False, True)],
     ("_gather_blocks_kernel", {"Ids": I64, "DstRows": I64},
      dict(PER_HEAD=False, INDIRECT=True, HEAD_DIM=D, BLOCK_SIZE=128, BLOCK_T=32, RING=True), {}),
     *[("_cache_assign_kernel", dict.fromkeys(("Ids", "Tags", "Stamps", "Counters", "Slots", "Fill"), I64),
@@ -59,6 +67,8 @@ CASES = [
      dict(X=8 * D, K=16, KP=16, BLOCK_C=128, BLOCK_X=64, CACHE=True, BLOCK_K=16, BLOCK_S=256, INTERPRETER=False),
      {"num_warps": 4}),
     ("_rotate_kernel", {}, dict(HALF=D // 2, ONE_ROW=False, BLOCK_L=64, INTERPRETER=False), {}),
+    ("_decode_prologue_kernel", {"Angle": I64, "Write": I64, "TailScore": F32}, dict(HALF=D // 2, INTERPRETER=False),
+     {}),
     ("_rms_norm_kernel", {}, dict(BLOCK=4096, INTERPRETER=False), {}),
     ("_silu_mul_kernel", {}, dict(BLOCK=1024, INTERPRETER=False), {}),
 ]

@@ -49,6 +49,38 @@ def test_static_step_equals_the_ordinary_decode_step():
                                ordinary.tail.scores(window.start, window.stop), rtol=0, atol=1e-6)
 
 
+def test_static_step_after_a_session_is_loaded_into_the_same_buffers():
+    """After both memories load another sequence's state (other sinks, blocks and window in the same buffers),
+    the static step's outputs still equal the ordinary step's: nothing it reads was staged before."""
+    n, prefill = 220, 100
+    q, k, v = random_qkv(n, seed=6)
+    q2, k2, v2 = random_qkv(n, seed=7)
+    ordinary, static, other = (make_memory("inf-llm", device_lookup=True) for _ in range(3))
+    step = StaticDecodeStep(static)
+    scale = default_scale(D)
+    for memory in (ordinary, static):
+        memory.process(q[:, :prefill], k[:, :prefill], v[:, :prefill], scale)
+    other.process(q2[:, :prefill], k2[:, :prefill], v2[:, :prefill], scale)
+    planned = 0
+    for p in range(prefill, n):
+        if p == prefill + 60:  # another conversation's state, into the same buffers
+            saved = other.state()
+            for memory in (ordinary, static):
+                memory.load_state(saved)
+            q, k, v = q2, k2, v2
+        want = ordinary.process(q[:, p : p + 1], k[:, p : p + 1], v[:, p : p + 1], scale)
+        plan = step.plan()
+        if plan is None:
+            got = static.process(q[:, p : p + 1], k[:, p : p + 1], v[:, p : p + 1], scale)
+        else:
+            planned += p > prefill + 60
+            step.args.copy_(torch.tensor(plan))
+            got = step.run(q[:, p : p + 1], k[:, p : p + 1], v[:, p : p + 1], scale)
+            step.advance()
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    assert planned > 50
+
+
 @pytest.mark.parametrize("kind, overrides, device_lookup", [
     ("inf-llm", {"perhead": True}, True),  # per-head top-k
     ("inf-llm", {"dense_decoding": True}, True),

@@ -787,6 +787,145 @@ def _check_decode_attention(hkv, group, d, n_loc, n_glb, bias, dtype, seed):
                                      global_bias=torch.zeros(n_glb + 1, device=DEVICE))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_attention_reads_the_window_at_a_device_offset(dtype):
+    """`window=(start, length)` over whole key buffers (the offset a tensor, as a replayed graph has it) equals
+    the call on the window's slice, in both backends; `received_into` gets the probabilities added at the
+    window's rows and nowhere else."""
+    gen = torch.Generator().manual_seed(21)
+    hkv, group, d, rows, start, length, n_glb = 2, 3, 32, 90, 17, 40, 24
+    q_loc, q_glb = _rand(hkv * group, d, dtype=dtype, gen=gen), _rand(hkv * group, d, dtype=torch.float32, gen=gen)
+    k_buf, v_buf = (_rand(hkv, rows, d, dtype=dtype, gen=gen) for _ in range(2))
+    k_glb, v_glb = (_rand(hkv, n_glb, d, dtype=dtype, gen=gen) for _ in range(2))
+    offset = torch.tensor([start], device=DEVICE)
+    for ops in (reference, triton_attn):
+        sliced = ops.decode_attention(q_loc, k_buf[:, start : start + length], v_buf[:, start : start + length],
+                                      q_glb, k_glb, v_glb, scale=0.3)
+        scores = torch.rand(hkv, rows, generator=gen).to(DEVICE)
+        before = scores.clone()
+        out, lse, received = ops.decode_attention(q_loc, k_buf, v_buf, q_glb, k_glb, v_glb, scale=0.3,
+                                                  window=(offset, length), received_into=scores)
+        torch.testing.assert_close(out, sliced[0], rtol=0, atol=0)
+        torch.testing.assert_close(lse, sliced[1], rtol=0, atol=0)
+        assert received is scores
+        torch.testing.assert_close(scores[:, start : start + length], before[:, start : start + length] + sliced[2],
+                                   rtol=1e-6, atol=1e-7)
+        assert torch.equal(scores[:, :start], before[:, :start]) and torch.equal(scores[:, start + length :],
+                                                                                  before[:, start + length :])
+        fresh = ops.decode_attention(q_loc, k_buf, v_buf, q_glb, k_glb, v_glb, scale=0.3, window=(offset, length))
+        assert fresh[2].shape == (hkv, length)
+        torch.testing.assert_close(fresh[2], sliced[2], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="window start"):
+        triton_attn.decode_attention(q_loc, k_buf, v_buf, q_glb, k_glb, v_glb, scale=0.3, window=(start, length))
+    with pytest.raises(ValueError, match="window length"):
+        triton_attn.decode_attention(q_loc, k_buf, v_buf, q_glb, k_glb, v_glb, scale=0.3, window=(offset, rows + 1))
+    with pytest.raises(ValueError, match="received_into"):
+        triton_attn.decode_attention(q_loc, k_buf, v_buf, q_glb, k_glb, v_glb, scale=0.3, window=(offset, length),
+                                     received_into=torch.zeros(hkv, length, device=DEVICE))
+
+
+@pytest.mark.parametrize("block_size, live", [(16, 5), (24, 0), (8, 8)])
+def test_decode_attention_reads_blocks_by_id_and_the_remainder_where_they_lie(block_size, live):
+    """`blocks` (a store and the selected ids) and `remainder` (rows at a device offset, the first `live`
+    seen) as global keys after k_glb: as the call on those keys gathered into one buffer with the unseen
+    remainder rows biased out, in both backends (block sizes below, at and across a tile)."""
+    gen = torch.Generator().manual_seed(block_size + live)
+    hkv, group, d, n_sink, n_store, rows, start = 2, 4, 32, 4, 9, 60, 13
+    dtype = torch.bfloat16
+    q_loc, q_glb = _rand(hkv * group, d, dtype=dtype, gen=gen), _rand(hkv * group, d, dtype=torch.float32, gen=gen)
+    k_loc, v_loc = (_rand(hkv, 40, d, dtype=dtype, gen=gen) for _ in range(2))
+    sink_k, sink_v = (_rand(hkv, n_sink, d, dtype=dtype, gen=gen) for _ in range(2))
+    store_k, store_v = (_rand(n_store, hkv, block_size, d, dtype=dtype, gen=gen) for _ in range(2))
+    rem_k, rem_v = (_rand(hkv, rows, d, dtype=dtype, gen=gen) for _ in range(2))
+    ids = torch.tensor([[7, 2, 5]], device=DEVICE)
+    slots = block_size
+    joined_k = torch.cat((sink_k, store_k[ids[0]].transpose(0, 1).reshape(hkv, -1, d), rem_k[:, start : start + slots]),
+                         dim=1)
+    joined_v = torch.cat((sink_v, store_v[ids[0]].transpose(0, 1).reshape(hkv, -1, d), rem_v[:, start : start + slots]),
+                         dim=1)
+    bias = torch.zeros(joined_k.shape[1], device=DEVICE)
+    bias[n_sink + 3 * block_size + live :] = float("-inf")
+    at, seen = torch.tensor([start], device=DEVICE), torch.tensor([live], device=DEVICE)
+    for ops in (reference, triton_attn):
+        want = ops.decode_attention(q_loc, k_loc, v_loc, q_glb, joined_k, joined_v, scale=0.3, global_bias=bias)
+        got = ops.decode_attention(q_loc, k_loc, v_loc, q_glb, sink_k, sink_v, scale=0.3,
+                                   blocks=(store_k, store_v, ids), remainder=(rem_k, rem_v, at, slots, seen))
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="block ids"):
+        triton_attn.decode_attention(q_loc, k_loc, v_loc, q_glb, sink_k, sink_v, scale=0.3,
+                                     blocks=(store_k, store_v, ids.expand(2, -1)))
+    with pytest.raises(ValueError, match="remainder live count"):
+        triton_attn.decode_attention(q_loc, k_loc, v_loc, q_glb, sink_k, sink_v, scale=0.3,
+                                     remainder=(rem_k, rem_v, at, slots, live))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_decode_prologue_matches_reference(dtype, hq=6, hkv=2, d=32, cap=20):
+    """The static decode step's rotation and tail writes in one launch: the rotated query, and the tail's
+    column `write` (k, v, rotated k, score zeroed) as the torch ops leave them, bit-identical in 16-bit dtypes;
+    nothing else in the tail touched."""
+    from inf_llm.memory import RotaryTable
+
+    gen = torch.Generator().manual_seed(31)
+    q = (_rand(hq, 1, d, dtype=torch.float32, gen=gen) * 8).to(dtype)
+    k, v = ((_rand(hkv, 1, d, dtype=torch.float32, gen=gen) * 8).to(dtype) for _ in range(2))
+    cos, sin = RotaryTable((1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))).to(DEVICE), d).cos_sin(0, 300, dtype)
+    angle, write = torch.tensor([217], device=DEVICE), torch.tensor([11], device=DEVICE)
+    tails = _rand(3, hkv, cap, d, dtype=dtype, gen=gen)
+    score = torch.rand(hkv, cap, generator=gen).to(DEVICE)
+    results = []
+    for ops in (reference, triton_attn):
+        bufs = [t.clone() for t in tails] + [score.clone()]
+        results.append((ops.decode_prologue(q, k, v, cos, sin, angle, write, *bufs), *bufs))
+    for got, want in zip(*results):
+        if dtype == torch.float32:  # the compiler may fuse a product into the sum (one rounding less)
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-5)
+        else:
+            assert torch.equal(got, want), (got.float() - want.float()).abs().max()
+    _, tail_k, tail_v, _, tail_score = results[1]
+    assert torch.equal(tail_k[:, 11], k[:, 0]) and torch.equal(tail_v[:, 11], v[:, 0])
+    assert torch.equal(tail_score[:, 11], torch.zeros(hkv, device=DEVICE))
+    others = [c for c in range(cap) if c != 11]
+    assert torch.equal(tail_k[:, others], tails[0][:, others]) and torch.equal(tail_score[:, others], score[:, others])
+    with pytest.raises(ValueError, match="write"):
+        triton_attn.decode_prologue(q, k, v, cos, sin, angle, 11, *[t.clone() for t in tails], score.clone())
+
+
+def test_static_decode_step_on_the_triton_ops_equals_the_ordinary_step():
+    """The fixed-shape decode step (window read at a device offset, its scores added in place) on the Triton
+    ops against the ordinary decode step on the same ops: the same outputs, lookups and window scores."""
+    from inf_llm.config import ModelConfig
+    from inf_llm.memory import ContextMemory, RotaryTable
+    from inf_llm.memory.static_step import StaticDecodeStep
+
+    d, hq, hkv, n, prefill = 16, 4, 2, 150, 100
+    cfg = ModelConfig(type="inf-llm", n_init=4, n_local=32, block_size=8, topk=3, repr_topk=2, exc_block_size=8)
+    inv_freq = (1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))).to(DEVICE)
+    ordinary, static = (ContextMemory(cfg, RotaryTable(inv_freq, d), hq, hkv, d, torch.float32, DEVICE, triton_attn,
+                                      offload=False, device_lookup=True) for _ in range(2))
+    gen = torch.Generator().manual_seed(23)
+    q, k, v = (torch.randn(h, n, d, generator=gen).to(DEVICE) for h in (hq, hkv, hkv))
+    for memory in (ordinary, static):
+        memory.process(q[:, :prefill], k[:, :prefill], v[:, :prefill], 0.25)
+    step, planned = StaticDecodeStep(static), 0
+    for p in range(prefill, n):
+        want = ordinary.process(q[:, p : p + 1], k[:, p : p + 1], v[:, p : p + 1], 0.25)
+        plan = step.plan()
+        if plan is None:
+            got = static.process(q[:, p : p + 1], k[:, p : p + 1], v[:, p : p + 1], 0.25)
+        else:
+            planned += 1
+            step.args.copy_(torch.tensor(plan))
+            got = step.run(q[:, p : p + 1], k[:, p : p + 1], v[:, p : p + 1], 0.25)
+            step.advance()
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        assert static.retrieved_last == ordinary.retrieved_last
+    assert planned > 20
+    first, end = ordinary.tail.first_pos, ordinary.tail.end_pos
+    torch.testing.assert_close(static.tail.scores(first, end), ordinary.tail.scores(first, end), rtol=1e-5, atol=1e-6)
+
+
 def test_reexports_match_reference():
     """Callers may take the mask helpers and the torch-only op from either backend module."""
     for name in ("window_mask", "prefix_mask", "masked_attention", "NEG_INF"):
@@ -927,6 +1066,52 @@ def test_decode_ops_capture_in_cuda_graph():
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(captured[0], expected[0]) and torch.equal(captured[1], expected[1])
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_static_decode_step_ops_replay_in_a_cuda_graph():
+    """The static decode step's ops with every per-step value on the device (the prologue's angle and write
+    column, the window's and the remainder's offsets, the remainder's live count, the block ids), captured
+    once and replayed with new values: each replay equals an eager call with those values."""
+    from inf_llm.memory import RotaryTable
+
+    gen = torch.Generator().manual_seed(41)
+    hkv, group, d, cap, n_local, bs, n_store, topk = 8, 4, 128, 6000, 4096, 128, 40, 16
+    q, k, v = (_rand(h, 1, d, dtype=BF16, gen=gen) for h in (hkv * group, hkv, hkv))
+    q_glb = _rand(hkv * group, d, dtype=torch.float32, gen=gen)
+    cos, sin = RotaryTable((1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))).to(DEVICE), d).cos_sin(0, 5000, BF16)
+    sink_k, sink_v = (_rand(hkv, 128, d, dtype=BF16, gen=gen) for _ in range(2))
+    store_k, store_v = (_rand(n_store, hkv, bs, d, dtype=BF16, gen=gen) for _ in range(2))
+    tail = [_rand(hkv, cap, d, dtype=BF16, gen=gen) for _ in range(3)] + [torch.zeros(hkv, cap, device=DEVICE)]
+    args = torch.zeros(6, dtype=torch.int64, device=DEVICE)  # write, window, remainder, live, angle, and spare
+
+    def step(values, buffers):
+        write, window, rem, live, angle, ids = values
+        tail_k, tail_v, tail_k_rot, score = buffers
+        q_loc = triton_attn.decode_prologue(q, k, v, cos, sin, angle, write, tail_k, tail_v, tail_k_rot, score)
+        return triton_attn.decode_attention(
+            q_loc[:, 0], tail_k_rot, tail_v, q_glb, sink_k, sink_v, scale=0.088, window=(window, n_local),
+            received_into=score, blocks=(store_k, store_v, ids), remainder=(tail_k, tail_v, rem, bs, live))[:2]
+
+    ids = torch.randperm(n_store, generator=gen)[:topk].to(DEVICE)[None]
+    device_values = (args[0:1], args[1:2], args[2:3], args[3:4], args[4:5], ids)
+    graph_buffers = [t.clone() for t in tail]
+    args.copy_(torch.tensor([4300, 205, 77, 0, 10, 0]))
+    step(device_values, graph_buffers)  # compiles outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step(device_values, graph_buffers)
+    for values in ([4301, 206, 78, 5, 11, 0], [4400, 305, 170, 100, 999, 0]):
+        args.copy_(torch.tensor(values))
+        ids.copy_(torch.randperm(n_store, generator=gen)[:topk].to(DEVICE)[None])
+        eager_buffers = [t.clone() for t in graph_buffers]
+        expected = step(tuple(torch.tensor([x], device=DEVICE) for x in values[:5]) + (ids.clone(),), eager_buffers)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(captured[0], expected[0]) and torch.equal(captured[1], expected[1])
+        for got, want in zip(graph_buffers, eager_buffers):
+            assert torch.equal(got, want)
 
 
 if __name__ == "__main__":  # pragma: no cover

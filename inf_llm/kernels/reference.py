@@ -252,6 +252,24 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Ten
     return out
 
 
+def decode_prologue(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, angle: torch.Tensor,
+    write: torch.Tensor, tail_k: torch.Tensor, tail_v: torch.Tensor, tail_k_rot: torch.Tensor,
+    tail_score: torch.Tensor,
+) -> torch.Tensor:
+    """The static decode step's first part: q (Hq, 1, D) and k (Hkv, 1, D) rotated to row `angle` of cos/sin
+    (`rotate`'s roundings); k, v and the rotated k written into column `write` of the tail's (Hkv, R, D)
+    buffers and that column's score (Hkv, R) zeroed. `angle` and `write` are int64 (1,) tensors on the device
+    (a replayed CUDA graph reads each step's). Returns the rotated q (Hq, 1, D)."""
+    qk = rotate(torch.cat((q, k)), cos.index_select(0, angle), sin.index_select(0, angle))
+    hq = q.shape[0]
+    tail_k.index_copy_(1, write, k)
+    tail_v.index_copy_(1, write, v)
+    tail_k_rot.index_copy_(1, write, qk[hq:])
+    tail_score.index_fill_(1, write, 0.0)
+    return qk[:hq]
+
+
 def block_representatives(keys: torch.Tensor, scores: torch.Tensor, repr_topk: int, dtype: torch.dtype) -> torch.Tensor:
     """(n, Hkv, D) in `dtype`: per block and head, the mean of the `repr_topk` keys (Hkv, n, bs, D) with the
     highest scores (Hkv, n, bs)."""
@@ -306,7 +324,8 @@ def global_stage_into(
 def decode_attention(
     q_loc: torch.Tensor, k_loc: torch.Tensor, v_loc: torch.Tensor,
     q_glb: torch.Tensor, k_glb: torch.Tensor, v_glb: torch.Tensor, *, scale: float,
-    global_bias: torch.Tensor | None = None,
+    global_bias: torch.Tensor | None = None, window: tuple[torch.Tensor, int] | None = None,
+    received_into: torch.Tensor | None = None, blocks: tuple | None = None, remainder: tuple | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One query that sees every key it is given: the decoding step of both stages in one softmax.
 
@@ -316,8 +335,23 @@ def decode_attention(
     (decoding on a CPU is bound by op count, not arithmetic). Returns out (Hq, D) in q's dtype, lse (Hq,)
     float32 and the probability each window key receives, summed over its group's query heads (Hkv, Ll).
     `global_bias` (Lg,) float32, added to the scaled global scores: -inf hides a global key (the static decode
-    step's fixed-size remainder slots past the live ones).
+    step's fixed-size remainder slots past the live ones). `window` (start, length): k_loc/v_loc are whole
+    buffers (Hkv, R, D) and the window is their rows [start, start + length), `start` an int64 (1,) tensor on
+    their device (read there, so a CUDA graph replays each step's window; the caller keeps start + length
+    <= R). `received_into` (Hkv, R) float32: the probabilities are added to it at the window's rows (rows
+    [0, Ll) without `window`), and it is returned in place of `received`. The global keys are k_glb's,
+    then with `blocks` (store_k, store_v, ids) the blocks `ids` (1, K) names in a store (N, Hkv, bs, D), then
+    with `remainder` (rem_k, rem_v, start, slots, live) rows [start, start + slots) of (Hkv, R, D) buffers,
+    of which the first `live` are seen (start and live: int64 (1,) tensors on the device, as `window`'s):
+    the static decode step's [sinks | selected blocks | remainder], read where they lie.
     """
+    if blocks is not None or remainder is not None:
+        k_glb, v_glb, global_bias = _joined_global_keys(k_glb, v_glb, global_bias, blocks, remainder)
+    rows = None
+    if window is not None:
+        start, length = window
+        rows = torch.arange(length, device=k_loc.device) + start  # on the device: no host read of start
+        k_loc, v_loc = k_loc.index_select(1, rows), v_loc.index_select(1, rows)
     hkv, lg = k_loc.shape[0], k_glb.shape[1]
     group = q_loc.shape[0] // hkv
     q_g = q_glb.float().view(hkv, group, -1)  # (Hkv, G, D): GQA without copying K/V
@@ -334,7 +368,35 @@ def decode_attention(
     lse = scores.amax(dim=-1, keepdim=True) - probs.amax(dim=-1, keepdim=True).log()  # (Hkv, G, 1)
     out = torch.baddbmm(probs[..., lg:] @ v_loc.float(), probs[..., :lg], v_glb.float())  # window + global
     out = out.view(hkv * group, -1).to(q_loc.dtype)
-    return out, lse.view(-1), probs[..., lg:].sum(dim=1)
+    received = probs[..., lg:].sum(dim=1)  # (Hkv, Ll)
+    if received_into is None:
+        return out, lse.view(-1), received
+    if rows is None:
+        received_into[:, : received.shape[1]] += received
+    else:
+        received_into.index_add_(1, rows, received)
+    return out, lse.view(-1), received_into
+
+
+def _joined_global_keys(k_glb, v_glb, bias, blocks, remainder):
+    """`decode_attention`'s global keys [k_glb | blocks | remainder] in one (Hkv, Lg, D) pair, and their
+    bias (the remainder's rows past its live count hidden)."""
+    hkv, d = k_glb.shape[0], k_glb.shape[2]
+    keys, values = [k_glb], [v_glb]
+    biases = [bias if bias is not None else torch.zeros(k_glb.shape[1], device=k_glb.device)]
+    if blocks is not None:
+        store_k, store_v, ids = blocks
+        for parts, store in ((keys, store_k), (values, store_v)):
+            parts.append(store.index_select(0, ids[0]).to(k_glb.device).transpose(0, 1).reshape(hkv, -1, d))
+        biases.append(torch.zeros(keys[-1].shape[1], device=k_glb.device))
+    if remainder is not None:
+        rem_k, rem_v, start, slots, live = remainder
+        offsets = torch.arange(slots, device=rem_k.device)
+        rows = (offsets + start).clamp_(max=rem_k.shape[1] - 1)  # slots past the buffer are hidden below
+        keys.append(rem_k.index_select(1, rows))
+        values.append(rem_v.index_select(1, rows))
+        biases.append(torch.where(offsets < live, 0.0, float("-inf")).to(k_glb.device))
+    return torch.cat(keys, dim=1), torch.cat(values, dim=1), torch.cat(biases)
 
 
 def window_key_scores(

@@ -5,7 +5,7 @@ count, rotation angle) and slices its buffers at host offsets: a captured graph 
 step's choices. `StaticDecodeStep` computes the same step with fixed shapes instead:
 
   window     always `n_local` keys, read at a device offset
-  remainder  `block_size` slots, those past the live count hidden by a -inf bias
+  remainder  `block_size` slots read at a device offset, those past the live count (a device value) masked
   lookup     top-k over the store's whole capacity, blocks past the count scored -inf
   positions  the local rotation angle and the tail's write slot, read from `args`
 
@@ -35,17 +35,8 @@ class StaticDecodeStep:
         m = self.memory = memory
         cfg, device = m.cfg, m.device
         self.args = torch.zeros(len(ARGS), dtype=torch.int64, device=device)  # the caller may rebind a view
-        self.window_range = torch.arange(m.n_local, device=device)
-        self.remainder_range = torch.arange(cfg.block_size, device=device)
         self.neg_inf = torch.tensor(float("-inf"), device=device)
-        self.zero = torch.zeros((), device=device)
         self.ones = torch.ones(cfg.topk, dtype=torch.int32, device=device)
-        self.fixed = m.n_init + cfg.topk * cfg.block_size  # sinks and blocks: always visible
-        # [sinks | top-k blocks | remainder slots]; the sinks are copied in every step (they are few): no
-        # host state says whether they are staged
-        self.stage_k = torch.empty(m.hkv, self.fixed + cfg.block_size, m.d, dtype=m.dtype, device=device)
-        self.stage_v = torch.empty_like(self.stage_k)
-        self.bias = torch.zeros(self.stage_k.shape[1], dtype=torch.float32, device=device)
         self.rotation_rows = m.n_local + ROTATION_SLACK * m.exc + 1  # every angle the window uses
         self.block_ids: torch.Tensor | None = None  # the last step's selection (1, topk), on the device
         self.store_slots = torch.arange(0, device=device)  # 0..capacity-1, made by plan() as the store grows
@@ -96,36 +87,24 @@ class StaticDecodeStep:
         device ops only (no host sync, no host-dependent shape). Returns (Hq, 1, D)."""
         m, cfg = self.memory, self.memory.cfg
         a, tail, store = self.args, m.tail, m.store
-        write = a[0:1]
         cos, sin = m.rope.cos_sin(0, self.rotation_rows, q.dtype)
-        angle = a[4:5]
-        # the ops' rotation: one kernel on a GPU (bit-identical to the torch one in 16-bit dtypes), not five
-        qk_loc = m.ops.rotate(torch.cat((q, k)), cos.index_select(0, angle), sin.index_select(0, angle))
-        tail.k.index_copy_(1, write, k)
-        tail.v.index_copy_(1, write, v)
-        tail.k_rot.index_copy_(1, write, qk_loc[m.hq :])
-        tail.score.index_fill_(1, write, 0.0)
-        window = self.window_range + a[1]
+        # q and k rotated to the local angle a[4], k, v and the rotated k written at the tail's column a[0],
+        # its score zeroed: one kernel on a GPU (the torch ops are eight), bit-identical in 16-bit dtypes
+        q_loc = m.ops.decode_prologue(q, k, v, cos, sin, a[4:5], a[0:1], tail.k, tail.v, tail.k_rot, tail.score)
         # lookup: the shared top-k over every store slot, slots past the block count never chosen
         q_glb = m.rope.rotate_at(q.to(m.repr_dtype), m.policy.global_query_pos)
         qvec = m._query_vector(q, q_glb)  # (1, Hkv * D)
         scores = torch.mv(store.repr, qvec[0]).unsqueeze(0)  # (1, capacity)
         ids = torch.where(self.store_slots < a[5], scores, self.neg_inf).topk(cfg.topk, dim=-1).indices  # (1, topk)
-        bs, n_init = cfg.block_size, m.n_init
-        self.stage_k[:, :n_init].copy_(m.init_k)
-        self.stage_v[:, :n_init].copy_(m.init_v)
-        blocks_k = self.stage_k[:, n_init : self.fixed].view(m.hkv, cfg.topk, bs, m.d).transpose(0, 1)
-        blocks_v = self.stage_v[:, n_init : self.fixed].view(m.hkv, cfg.topk, bs, m.d).transpose(0, 1)
-        m.ops.gather_blocks(*m._resident(ids), blocks_k, blocks_v)  # direct: through the device cache
-        remainder = (self.remainder_range + a[2]).clamp_(max=tail.k.shape[1] - 1)
-        self.stage_k[:, self.fixed :].copy_(tail.k.index_select(1, remainder))
-        self.stage_v[:, self.fixed :].copy_(tail.v.index_select(1, remainder))
-        self.bias[self.fixed :] = torch.where(self.remainder_range < a[3], self.zero, self.neg_inf)
-        out, _, received = m.ops.decode_attention(
-            qk_loc[: m.hq, 0], tail.k_rot.index_select(1, window), tail.v.index_select(1, window),
-            q_glb[:, 0], self.stage_k, self.stage_v, scale=scale, global_bias=self.bias,
+        # every key read where it lies, no staging copies (they were ~10 kernels and 24 MB of copies per
+        # Mistral-7B layer and step): the sinks; the selected blocks by id (direct: in the device cache, its
+        # misses made resident first); the remainder at device offset a[2], its first a[3] rows live; the
+        # window at a[1], whose keys' received probabilities are added to their scores in place
+        out, _, _ = m.ops.decode_attention(
+            q_loc[:, 0], tail.k_rot, tail.v, q_glb[:, 0], m.init_k, m.init_v, scale=scale,
+            window=(a[1:2], m.n_local), received_into=tail.score, blocks=m._resident(ids),
+            remainder=(tail.k, tail.v, a[2:3], cfg.block_size, a[3:4]),
         )
-        tail.score.index_add_(1, window, received)
         m._device_counts.index_add_(0, ids[0], self.ones)
         self.block_ids = ids
         return out[:, None]
