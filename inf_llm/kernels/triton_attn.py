@@ -40,6 +40,7 @@ import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
 from inf_llm.config import MAX_DEVICE_CACHED_BLOCKS
+from inf_llm.kernels.launcher import DirectLauncher
 from inf_llm.kernels.reference import NEG_INF, masked_attention, prefix_mask, window_mask
 
 __all__ = [
@@ -1176,6 +1177,22 @@ def _decode_prologue_kernel(
 # fixed tiles and no autotuning. Fixed at import, like the kernel objects themselves.
 _INTERPRETED = isinstance(_attn_fwd_kernel, InterpretedFunction)
 
+# The ops launch their kernels through these (inf_llm.kernels.launcher): Triton's own path costs ~20 us more
+# host time per launch, and a prefill chunk makes thousands.
+_attn_fwd = DirectLauncher(_attn_fwd_kernel)
+_combine_splits = DirectLauncher(_combine_splits_kernel)
+_merge = DirectLauncher(_merge_kernel)
+_window_key_scores = DirectLauncher(_window_key_scores_kernel)
+_global_stage = DirectLauncher(_global_stage_kernel)
+_decode_attn = DirectLauncher(_decode_attn_kernel)
+_decode_combine = DirectLauncher(_decode_combine_kernel)
+_decode_prologue = DirectLauncher(_decode_prologue_kernel)
+_gather_blocks = DirectLauncher(_gather_blocks_kernel)
+_cache_assign = DirectLauncher(_cache_assign_kernel)
+_form_blocks = DirectLauncher(_form_blocks_kernel)
+_refine_topk = DirectLauncher(_refine_topk_kernel)
+_rotate = DirectLauncher(_rotate_kernel)
+
 
 # ---------------------------------------------------------------------------------------------------------
 # validation and launch helpers
@@ -1362,12 +1379,12 @@ def _attention(q, k, v, *, scale, mode, q_offset=0, window=0, visible=None, num_
         grid = (_cdiv(n_rows, block_m), b * hkv, splits)
         tiles = dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4, num_stages=3)
         if splits == 1:
-            _attn_fwd_kernel[grid](out, lse, vis, *args, 1, rows, 0, **const, **tiles)
+            _attn_fwd[grid](out, lse, vis, *args, 1, rows, 0, **const, **tiles)
             return out, lse
         ws = torch.empty((splits, rows, d), dtype=torch.float32, device=q.device)  # (S, B*Hq*Lq, D)
         ws_lse = torch.empty((splits, rows), dtype=torch.float32, device=q.device)  # (S, B*Hq*Lq)
-        _attn_fwd_kernel[grid](ws, ws_lse, vis, *args, splits, rows, 0, **const, **tiles)
-        _combine_splits_kernel[(_cdiv(rows, _COMBINE_BLOCK_R),)](
+        _attn_fwd[grid](ws, ws_lse, vis, *args, splits, rows, 0, **const, **tiles)
+        _combine_splits[(_cdiv(rows, _COMBINE_BLOCK_R),)](
             ws, ws_lse, out, lse, rows, ws.stride(0), ws_lse.stride(0),
             NUM_SPLITS=splits, HEAD_DIM=d, BLOCK_R=_COMBINE_BLOCK_R, INTERPRETER=_INTERPRETED,
         )
@@ -1447,7 +1464,7 @@ def merge_partials(
     if d == 0:
         return out, torch.logaddexp(lse_a.float(), lse_b.float())
     with _device_guard(out_a.device):
-        _merge_kernel[(_cdiv(rows, _COMBINE_BLOCK_R),)](
+        _merge[(_cdiv(rows, _COMBINE_BLOCK_R),)](
             out_a, lse_a, out_b, lse_b, out, lse, rows, h, seq, d,
             *out_a.stride()[:3], *out_b.stride()[:3], *lse_a.stride(), *lse_b.stride(),
             BLOCK_D=_next_pow2(d), BLOCK_R=_COMBINE_BLOCK_R, INTERPRETER=_INTERPRETED,
@@ -1506,7 +1523,7 @@ def window_key_scores(
     with _device_guard(q.device):
         if _INTERPRETED:
             grid = (_cdiv(lk, _INTERPRETER_BLOCK), b * hkv)
-            _window_key_scores_kernel[grid](
+            _window_key_scores[grid](
                 *args, 0, BLOCK_M=_INTERPRETER_BLOCK, BLOCK_N=_INTERPRETER_BLOCK, **const
             )
         else:
@@ -1519,7 +1536,7 @@ def window_key_scores(
                 _WINDOW_SCORES_CONFIGS[key] = _window_key_scores_tuned.best_config.all_kwargs()
             else:  # the tuned launch without the autotuner's per-call dispatch (~30 us of host time)
                 grid = (_cdiv(lk, best["BLOCK_N"]), b * hkv)
-                _window_key_scores_kernel[grid](*args, tune_rows, **const, **best)
+                _window_key_scores[grid](*args, tune_rows, **const, **best)
     return out
 
 
@@ -1595,7 +1612,7 @@ def global_stage_into(
         tiles = dict(num_warps=4, num_stages=2)
     grid = (_cdiv(group * lq, block_m), hkv)
     with _device_guard(q.device):
-        _global_stage_kernel[grid](
+        _global_stage[grid](
             q, out, lse, sink_k, sink_v, store_k, store_v, block_ids, rem_k, rem_v,
             *q.stride()[:2], *out.stride()[:2], *lse.stride(),
             sink_k.stride(0), sink_k.stride(1), sink_v.stride(0), sink_v.stride(1),
@@ -1673,7 +1690,7 @@ def decode_attention(
     block_g = max(16, _next_pow2(group))  # tl.dot needs 16 rows
     loc_start = start if start is not None else lse  # a placeholder pointer without a window offset
     with _device_guard(dev):
-        _decode_attn_kernel[(splits, hkv)](
+        _decode_attn[(splits, hkv)](
             q_loc, q_glb, k_loc, v_loc, k_glb, v_glb, global_bias if global_bias is not None else lse,
             part_o, part_m, part_l, win_s, loc_start,
             store_k, store_v, block_ids, rem_k, rem_v, rem_start, rem_live,
@@ -1685,7 +1702,7 @@ def decode_attention(
             GROUP=group, BLOCK_G=block_g, HEAD_DIM=d, BLOCK_N=block_n, HAS_BIAS=global_bias is not None,
             HAS_START=start is not None, INTERPRETER=_INTERPRETED,
         )
-        _decode_combine_kernel[(hkv,)](
+        _decode_combine[(hkv,)](
             part_o, part_m, part_l, win_s, out, lse, received, loc_start, received.stride(0), n_loc, splits, hkv,
             GROUP=group, BLOCK_G=block_g, HEAD_DIM=d, BLOCK_N=block_n,
             # a fresh `received` holds the window's rows only; `received_into` all of the buffers' rows
@@ -1769,7 +1786,7 @@ def decode_prologue(
     _check_device(q.device)
     q_out = torch.empty((hq, 1, d), dtype=q.dtype, device=q.device)
     with _device_guard(q.device):
-        _decode_prologue_kernel[(hq + hkv,)](
+        _decode_prologue[(hq + hkv,)](
             q, k, v, cos, sin, angle, write, q_out, tail_k, tail_v, tail_k_rot, tail_score,
             q.stride(0), k.stride(0), v.stride(0), cos.stride(0), sin.stride(0), q_out.stride(0),
             *tail_k.stride()[:2], *tail_v.stride()[:2], *tail_k_rot.stride()[:2], tail_score.stride(0), hq,
@@ -1826,7 +1843,7 @@ def _launch_gather(src_k, src_v, block_ids, dst_k, dst_v, dst_rows: torch.Tensor
     `dst_rows[j]` for each j with dst_rows[j] >= 0 (the shared top-k's misses of `cache_blocks`); `ring`
     (validated by `_check_ring`): the newest blocks from there."""
     ring_k, ring_v, lo, hi = ring if ring is not None else (src_k, src_v, 0, 0)
-    _gather_blocks_kernel[(block_ids.shape[1], dst_k.shape[1])](
+    _gather_blocks[(block_ids.shape[1], dst_k.shape[1])](
         src_k, src_v, block_ids, dst_k, dst_v, dst_rows if dst_rows is not None else block_ids, ring_k, ring_v,
         *src_k.stride()[:3], *src_v.stride()[:3], *block_ids.stride(),
         *dst_k.stride()[:3], *dst_v.stride()[:3], lo, hi, ring_k.shape[0],
@@ -1881,7 +1898,7 @@ def cache_blocks(
         return placed[:1]
     n_slots = cache_k.shape[0]
     with _device_guard(cache_k.device):
-        _cache_assign_kernel[(1,)](
+        _cache_assign[(1,)](
             block_ids, tags, stamps, counters, placed, placed[1], block_ids.stride(1), n_slots,
             K=k, BLOCK_K=_next_pow2(k), BLOCK_C=_next_pow2(n_slots), PREFETCH=bool(prefetch),
             INTERPRETER=_INTERPRETED,
@@ -1952,7 +1969,7 @@ def form_blocks(
     if n == 0 or hkv == 0:
         return
     with _device_guard(keys.device):
-        _form_blocks_kernel[(n, hkv)](
+        _form_blocks[(n, hkv)](
             keys, values, scores, dst_k, dst_v, dst_repr,
             keys.stride(0), keys.stride(1), keys.stride(2), values.stride(0), values.stride(1), values.stride(2),
             scores.stride(0), scores.stride(1),
@@ -2036,7 +2053,7 @@ def _launch_refine(values, indices, query, reprs, first: int, k: int, out: torch
     tags, stamps, counters, slots, fill = cache if cache is not None else (out,) * 5  # unused without a cache
     n_slots = tags.shape[0] if cache is not None else 0
     with _device_guard(query.device):
-        _refine_topk_kernel[(hsel,)](
+        _refine_topk[(hsel,)](
             values, indices, query, reprs, out, tags, stamps, counters, slots, fill,
             values.stride(0), indices.stride(0), query.stride(0), reprs.stride(0), out.stride(0),
             k0, first, n_new, max(_cdiv(n_new, block_c - kp), 1), n_slots,
@@ -2073,7 +2090,7 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Ten
         return out
     block_l = _INTERPRETER_BLOCK if _INTERPRETED else 64
     with _device_guard(x.device):
-        _rotate_kernel[(_cdiv(length, block_l), h)](
+        _rotate[(_cdiv(length, block_l), h)](
             x, cos, sin, out, length, x.stride(0), x.stride(1), cos.stride(0), sin.stride(0),
             out.stride(0), out.stride(1),
             HALF=d // 2, ONE_ROW=cos.shape[0] == 1, BLOCK_L=block_l, INTERPRETER=_INTERPRETED,

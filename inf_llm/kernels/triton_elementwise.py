@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from inf_llm.kernels.launcher import DirectLauncher
 from inf_llm.kernels.triton_attn import (
     _INTERPRETED,
     _cdiv,
@@ -55,6 +56,9 @@ def _rms_norm_kernel(
     tl.store(Out + row * stride_o + cols, _round_to(w * normed, Out.dtype.element_ty, INTERPRETER), mask=ok)
 
 
+_rms_norm = DirectLauncher(_rms_norm_kernel)  # see inf_llm.kernels.launcher
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """`weight * (x.float() * rsqrt(x.float().pow(2).mean(-1) + eps)).to(x.dtype)` for x (..., N), weight (N,).
 
@@ -83,7 +87,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     block = _next_pow2(n)
     warps = {} if _INTERPRETED else {"num_warps": 8 if block >= 2048 else 4}
     with _device_guard(x.device):
-        _rms_norm_kernel[(rows.shape[0],)](
+        _rms_norm[(rows.shape[0],)](
             rows, w, out, rows.stride(0), n, n, float(eps), BLOCK=block, INTERPRETER=_INTERPRETED, **warps,
         )
     return out
@@ -98,6 +102,9 @@ def _silu_mul_kernel(Gate, Up, Out, n, BLOCK: tl.constexpr, INTERPRETER: tl.cons
     u = tl.load(Up + offs, mask=ok, other=0.0).to(tl.float32)
     act = _rounded(g / (1.0 + tl.exp(-g)), Out.dtype.element_ty, INTERPRETER)
     tl.store(Out + offs, _round_to(act * u, Out.dtype.element_ty, INTERPRETER), mask=ok)
+
+
+_silu_mul = DirectLauncher(_silu_mul_kernel)
 
 
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -118,7 +125,7 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         return out
     block = _INTERPRETER_BLOCK_ELEMENTS if _INTERPRETED else 2048
     with _device_guard(gate.device):
-        _silu_mul_kernel[(_cdiv(out.numel(), block),)](
+        _silu_mul[(_cdiv(out.numel(), block),)](
             gate, up, out, out.numel(), BLOCK=block, INTERPRETER=_INTERPRETED,
         )
     return out
