@@ -26,17 +26,20 @@ if __package__ in (None, ""):
 
 
 def _stub_kernels(triton_attn) -> None:
-    """Every Triton kernel of the module launches nothing; refine_topk and refine_and_cache (whose ids drive
-    the counts) validate and 'launch' as usual, then return the batch's ids."""
+    """Every Triton kernel of the module launches nothing (the ops launch through their `DirectLauncher`s);
+    refine_topk and refine_and_cache (whose ids drive the counts) validate and 'launch' as usual, then
+    return the batch's ids."""
     from triton.runtime.autotuner import Autotuner
     from triton.runtime.interpreter import InterpretedFunction
+
+    from inf_llm.kernels.launcher import DirectLauncher
 
     class _NoLaunch:
         def __getitem__(self, grid):
             return lambda *args, **kwargs: None
 
     for name in dir(triton_attn):
-        if isinstance(getattr(triton_attn, name), (InterpretedFunction, Autotuner)):
+        if isinstance(getattr(triton_attn, name), (InterpretedFunction, Autotuner, DirectLauncher)):
             setattr(triton_attn, name, _NoLaunch())
     refine = triton_attn.refine_topk
 

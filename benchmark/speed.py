@@ -47,6 +47,7 @@ if __package__ in (None, ""):  # run as `python benchmark/speed.py`: make the re
 
 from inf_llm.adapter import InfLLMCache, cache_kwargs, patch_model, unpatch_model  # noqa: E402
 from inf_llm.config import InfLLMConfig, load_config  # noqa: E402
+from inf_llm.engine.pacing import ChunkPacer  # noqa: E402
 from inf_llm.engine.worker import freeze_long_lived_objects  # noqa: E402
 from inf_llm.errors import ConfigError  # noqa: E402
 
@@ -133,10 +134,11 @@ class Result:
     prefill_seconds: float | None = None
     prefill_tok_s: float | None = None  # (tokens - 1) / prefill seconds; extrapolated when status is est
     prefill_measured_tok_s: float | None = None  # prefill_tokens / prefill_seconds
+    # per chunk, the time between the ends of consecutive chunks on the GPU's timeline (CUDA events; on a CPU
+    # the host's clock): the chunk's GPU time, plus any time the GPU waited for the host
     chunk_seconds: list[float] = field(default_factory=list)
-    # per chunk, the host's time to issue it (until the forward returned, before the sync). Well under
-    # chunk_seconds only while the GPU's launch queue never fills; once it fills (the Mistral-7B shape) it
-    # follows chunk_seconds whichever side is slower: profile_prefill.py's wall vs kernel time tells them apart
+    # per chunk, the host's time to issue it (until the forward returned; the host then waits for the chunk
+    # before). Near chunk_seconds when the host is the bound; profile_prefill.py's walls tell the sides apart
     chunk_issue_seconds: list[float] = field(default_factory=list)
     decode_context: int | None = None  # tokens in the cache when the timed decode started
     decode_ms_per_token: float | None = None
@@ -342,49 +344,59 @@ class PrefillRun:
 
 def prefill(model, cache, ids: torch.Tensor, chunk: int, budget_s: float | None, settle: int, label: str,
             progress: Callable[[int], None] | None = None) -> PrefillRun:
-    """Feed ids (1, T) in chunks of `chunk` (the engine's chunked prefill).
+    """Feed ids (1, T) in chunks of `chunk`, paced as the engine paces them (`inf_llm.engine.pacing`): the
+    host issues a chunk while the GPU runs the one before, and waits for that one only. Until session 12 this
+    synchronized after every chunk, which drains the GPU's queue at each chunk boundary: a chunk whose host
+    work outlasted its GPU work left the GPU idle although the host had been ahead the chunk before.
 
-    Synchronizes after every chunk (to time it and to check the budget; a chunk is thousands of tokens, so
-    the sync costs nothing measurable). Budget guard: once `settle` tokens are in (past the first chunk and
-    past the local window, where the per-chunk cost is representative), the prefill stops when the whole
-    prefill, extrapolated at the last chunk's rate, would exceed `budget_s`; it also stops when `budget_s`
-    has passed. The extrapolation is optimistic where later chunks cost more (full attention).
-    `progress(tokens_done)` is called after every chunk; without it nothing is printed (warm-up).
+    Chunk times are those of the GPU's timeline (events between consecutive chunk ends). Budget guard: once
+    `settle` tokens are done (past the first chunk and past the local window, where the per-chunk cost is
+    representative), the prefill stops when the whole prefill, extrapolated at the last finished chunk's
+    rate, would exceed `budget_s`; it also stops when `budget_s` has passed. The extrapolation is optimistic
+    where later chunks cost more (full attention). `progress(tokens_done)` is called after every finished
+    chunk; without it nothing is printed (warm-up).
     """
     device = ids.device
     total = ids.shape[1]
     kw = cache_kwargs(model, cache)
-    chunk_s: list[float] = []
     issue_s: list[float] = []
     _sync(device)
+    pacer = ChunkPacer(device, timed=True)
     start = last_print = time.perf_counter()
-    done = 0
-    while done < total:
-        end = min(total, done + chunk)
+    issued = 0
+    while issued < total:
+        end = min(total, issued + chunk)
         t0 = time.perf_counter()
-        out = model(ids[:, done:end], **kw, use_cache=True, logits_to_keep=1)
+        out = model(ids[:, issued:end], **kw, use_cache=True, logits_to_keep=1)
         issue_s.append(time.perf_counter() - t0)
         del out
-        _sync(device)
-        now = time.perf_counter()
-        chunk_s.append(now - t0)
-        rate = (end - done) / chunk_s[-1]  # tokens/s of the chunk just finished
-        done = end
-        elapsed = now - start
-        if progress is None:
+        issued = end
+        done = pacer.issued(end)  # waits for the chunk before this one
+        if done is None or progress is None:
             continue
+        now = time.perf_counter()
+        elapsed = now - start
         progress(done)
-        if len(chunk_s) == 1 or done == total or now - last_print >= PROGRESS_EVERY_S:
+        if len(issue_s) == 2 or now - last_print >= PROGRESS_EVERY_S:
             _say(f"  [{label}] prefill {done}/{total} tokens, {elapsed:.1f}s, {done / elapsed:,.0f} tok/s")
             last_print = now
-        if budget_s is not None and done < total:
+        if budget_s is not None:
+            finished = pacer.seconds()
+            rate = chunk / finished[-1]  # tokens/s of the last finished chunk (a whole one: more were issued)
             projected = elapsed + (total - done) / rate
             if (done >= settle and projected > budget_s) or elapsed >= budget_s:
-                _say(f"  [{label}] stopping prefill at {done}/{total} tokens after {elapsed:.1f}s: whole prefill "
-                     f"projected at {projected:.0f}s > budget {budget_s:g}s")
-                return PrefillRun(done, elapsed, chunk_s, issue_s, False, projected)
+                pacer.drain()
+                elapsed = time.perf_counter() - start
+                _say(f"  [{label}] stopping prefill at {issued}/{total} tokens after {elapsed:.1f}s: whole "
+                     f"prefill projected at {projected:.0f}s > budget {budget_s:g}s")
+                return PrefillRun(issued, elapsed, pacer.seconds(), issue_s, False,
+                                  elapsed + (total - issued) / rate)
+    pacer.drain()
     elapsed = time.perf_counter() - start
-    return PrefillRun(done, elapsed, chunk_s, issue_s, True, elapsed)
+    if progress is not None:
+        progress(total)
+        _say(f"  [{label}] prefill {total}/{total} tokens, {elapsed:.1f}s, {total / elapsed:,.0f} tok/s")
+    return PrefillRun(issued, elapsed, pacer.seconds(), issue_s, True, elapsed)
 
 
 def decoder(model, cache) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -35,6 +35,7 @@ from inf_llm.engine.events import (
     Truncated,
     Usage,
 )
+from inf_llm.engine.pacing import ChunkPacer
 from inf_llm.engine.templates import Message, render_chat
 from inf_llm.errors import GenerationCancelled, PromptTooLongError, RequestError
 
@@ -308,19 +309,27 @@ class Generator:
         """Feed ids[start : -1] in chunks aligned to multiples of chunk_size (the last prompt token is left
         for generate(), which needs its logits)."""
         end = len(ids) - 1
+        if end <= start:
+            return
         chunk = self.cfg.chunk_size
         report = end - start > chunk  # progress only for prompts that take several forward calls
         if report:
             emit(Progress(processed=start, total=len(ids)))
-        a = start
+        # one copy of the ids to the device: a copy per chunk, from pageable memory, would sync the stream
+        # every chunk, and the host could no longer issue a chunk while the GPU runs the one before (pacing)
+        x = torch.tensor([ids[start:end]], dtype=torch.long, device=self.device)  # (1, T)
+        pacer = ChunkPacer(self.device)
         kwargs = cache_kwargs(self.model, cache)
+        a = start
         while a < end:
             b = min(end, (a // chunk + 1) * chunk)
-            x = torch.tensor([ids[a:b]], dtype=torch.long, device=self.device)  # (1, T)
-            self.model(x, **kwargs, use_cache=True, logits_to_keep=1)
+            self.model(x[:, a - start : b - start], **kwargs, use_cache=True, logits_to_keep=1)
             a = b
-            if report:
-                emit(Progress(processed=a, total=len(ids)))
+            done = pacer.issued(b)
+            if report and done is not None:
+                emit(Progress(processed=done, total=len(ids)))
+        if pacer.drain() != done and report:
+            emit(Progress(processed=end, total=len(ids)))
 
     def _generate(self, cache: InfLLMCache, ids: list[int], params: SamplingParams, streamer: _AnswerStreamer,
                   criteria: _StopOnEventOrString, extra_stop: Sequence[str]) -> None:
