@@ -183,6 +183,9 @@ def _parse(argv=None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results (rewritten after every measurement)")
     p.add_argument("--fail-fast", action="store_true",
                    help="re-raise an error in a row instead of recording it and going on with the next")
+    p.add_argument("--sync-per-chunk", action="store_true",
+                   help="wait for every prefill chunk before issuing the next (how this benchmark ran until session "
+                        "12; the engine does not): for A/B comparisons with older results")
     p.add_argument("--no-gc-freeze", action="store_true",
                    help="leave the objects alive after the model is built to Python's cyclic garbage collector\n"
                         "(default: frozen, as the engine does: inf_llm.engine.worker.freeze_long_lived_objects)")
@@ -343,7 +346,7 @@ class PrefillRun:
 
 
 def prefill(model, cache, ids: torch.Tensor, chunk: int, budget_s: float | None, settle: int, label: str,
-            progress: Callable[[int], None] | None = None) -> PrefillRun:
+            progress: Callable[[int], None] | None = None, sync_per_chunk: bool = False) -> PrefillRun:
     """Feed ids (1, T) in chunks of `chunk`, paced as the engine paces them (`inf_llm.engine.pacing`): the
     host issues a chunk while the GPU runs the one before, and waits for that one only. Until session 12 this
     synchronized after every chunk, which drains the GPU's queue at each chunk boundary: a chunk whose host
@@ -354,7 +357,8 @@ def prefill(model, cache, ids: torch.Tensor, chunk: int, budget_s: float | None,
     representative), the prefill stops when the whole prefill, extrapolated at the last finished chunk's
     rate, would exceed `budget_s`; it also stops when `budget_s` has passed. The extrapolation is optimistic
     where later chunks cost more (full attention). `progress(tokens_done)` is called after every finished
-    chunk; without it nothing is printed (warm-up).
+    chunk; without it nothing is printed (warm-up). `sync_per_chunk`: wait for each chunk right after issuing
+    it (the old way).
     """
     device = ids.device
     total = ids.shape[1]
@@ -372,12 +376,14 @@ def prefill(model, cache, ids: torch.Tensor, chunk: int, budget_s: float | None,
         del out
         issued = end
         done = pacer.issued(end)  # waits for the chunk before this one
+        if sync_per_chunk:
+            done = pacer.drain()
         if done is None or progress is None:
             continue
         now = time.perf_counter()
         elapsed = now - start
         progress(done)
-        if len(issue_s) == 2 or now - last_print >= PROGRESS_EVERY_S:
+        if last_print == start or now - last_print >= PROGRESS_EVERY_S:
             _say(f"  [{label}] prefill {done}/{total} tokens, {elapsed:.1f}s, {done / elapsed:,.0f} tok/s")
             last_print = now
         if budget_s is not None:
@@ -446,7 +452,8 @@ def measure(model, spec: RowSpec, cfg: InfLLMConfig, chunk: int, ids: torch.Tens
     settle = max(settle, 2 * chunk)
     with torch.inference_mode():
         run = prefill(model, cache, ids[:, : length - 1], chunk, args.max_seconds_per_row, settle, label,
-                      progress=lambda tokens: setattr(res, "prefill_tokens", tokens))
+                      progress=lambda tokens: setattr(res, "prefill_tokens", tokens),
+                      sync_per_chunk=args.sync_per_chunk)
         done = run.tokens
         res.prefill_tokens, res.prefill_seconds, res.chunk_seconds = done, run.seconds, run.chunk_seconds
         res.chunk_issue_seconds = run.chunk_issue_seconds
