@@ -12,6 +12,8 @@
 #   bash benchmark/gpu_suite.sh OUT table   # report's speed runs and profile, without its tests
 #   bash benchmark/gpu_suite.sh OUT walls   # host (queued) vs wall time per 8K chunk, device path and flat
 #                                           # configuration (which of the two waits for the other)
+#   bash benchmark/gpu_suite.sh OUT pacing  # 128K, flat configuration then device path, each paced as the engine
+#                                           # paces a prefill and then with a sync per chunk (the pre-session-12 way)
 #   bash benchmark/gpu_suite.sh OUT report  # one ~8-minute command: quick kernel tests, speed (32K/128K with
 #                                           # origin, then 512K), flat, profile, then the agreement tests
 #
@@ -20,8 +22,8 @@
 # H200). Wheels the machine lacks: scripts/fetch_device_wheels.sh (installed here when .wheels exists).
 set -uo pipefail
 cd "$(dirname "$(realpath "$0")")/.."
-OUT=${1:?usage: gpu_suite.sh OUT tests|speed|fused|flat|profile|cache|walls|table|report}
-PART=${2:?usage: gpu_suite.sh OUT tests|speed|fused|flat|profile|cache|walls|table|report}
+OUT=${1:?usage: gpu_suite.sh OUT tests|speed|fused|flat|profile|cache|walls|pacing|table|report}
+PART=${2:?usage: gpu_suite.sh OUT tests|speed|fused|flat|profile|cache|walls|pacing|table|report}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 if [ -f .wheels/requirements.txt ]; then
@@ -64,7 +66,8 @@ table_runs() {  # the README table's runs into log $1, then the profile with tim
 
 case "$PART" in
 tests)
-    timeout "${TESTS_TIMEOUT:-560}" python -m pytest -q -rA -m gpu tests/test_kernels_triton.py tests/test_gpu_agreement.py \
+    timeout "${TESTS_TIMEOUT:-560}" python -m pytest -q -rA -m gpu tests/test_launcher.py tests/test_pacing.py \
+        tests/test_kernels_triton.py tests/test_gpu_agreement.py \
         tests/test_decode_graph.py tests/test_fused_elementwise.py -p no:cacheprovider > "$OUT/gpu-tests.log" 2>&1
     echo "pytest exit $?" >> "$OUT/gpu-tests.log"
     tail -3 "$OUT/gpu-tests.log"
@@ -101,6 +104,16 @@ cache)
     timeout 90 python benchmark/speed.py --rows inf-llm-fattn --lengths 128k "${COMMON[@]}" "${DEVICE[@]}" \
         --out "$OUT/speed-device-128k.json" >> "$log" 2>&1
     grep -E "passed|failed|\] prefill|^inf-llm" "$log"
+    ;;
+pacing)  # ~3 minutes after the kernels are compiled
+    for config in flat device; do
+        if [ "$config" = flat ]; then set_=("${FLAT[@]}"); else set_=("${DEVICE[@]}"); fi
+        for sync in "" --sync-per-chunk; do
+            timeout 120 python benchmark/speed.py --rows inf-llm-fattn --lengths 128k "${COMMON[@]}" "${set_[@]}" \
+                $sync --out "$OUT/pacing-$config${sync:+-sync}.json" >> "$OUT/pacing.log" 2>&1
+        done
+    done
+    grep -E "^inf-llm" "$OUT/pacing.log"
     ;;
 walls)  # ~2 minutes after the kernels are compiled
     log="$OUT/walls.log"
