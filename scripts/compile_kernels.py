@@ -28,10 +28,12 @@ D, G = 128, 4  # Mistral-7B: head dim 128, 32 query heads over 8 KV heads
 # (kernel, pointer dtypes other than bf16, constexprs, compile options)
 CASES = [
     ("_attn_fwd_kernel", {"Lse": F32, "Visible": F32},
-     dict(GROUP=G, HEAD_DIM=D, MODE=0, DOT_PRECISION=None, INTERPRETER=False, BLOCK_M=64, BLOCK_N=64),
+     dict(GROUP=G, HEAD_DIM=D, MODE=0, DOT_PRECISION=None, INTERPRETER=False, OUT_TOKEN_MAJOR=True, BLOCK_M=64,
+          BLOCK_N=64),
      dict(num_warps=4, num_stages=3)),
     ("_attn_fwd_kernel", {"Out": F32, "Lse": F32, "Visible": I64},  # the split (decode-sized) path, prefix mode
-     dict(GROUP=G, HEAD_DIM=D, MODE=1, DOT_PRECISION=None, INTERPRETER=False, BLOCK_M=16, BLOCK_N=64),
+     dict(GROUP=G, HEAD_DIM=D, MODE=1, DOT_PRECISION=None, INTERPRETER=False, OUT_TOKEN_MAJOR=False, BLOCK_M=16,
+          BLOCK_N=64),
      dict(num_warps=4, num_stages=3)),
     ("_combine_splits_kernel", {"Ws": F32, "WsLse": F32, "Lse": F32},
      dict(NUM_SPLITS=4, HEAD_DIM=D, BLOCK_R=16, INTERPRETER=False), {}),

@@ -115,6 +115,22 @@ def test_windowed_attention_split_keys(num_splits, dtype):
                      reference.windowed_attention(*_f32(q, k, v), **kw), dtype)
 
 
+TOKEN_MAJOR_CASES = [WINDOW_CASES[1], WINDOW_CASES[2], WINDOW_CASES[4]]
+
+
+@pytest.mark.parametrize("b,hkv,group,lq,lk,d,q_offset,window", TOKEN_MAJOR_CASES)
+def test_windowed_attention_token_major_out(b, hkv, group, lq, lk, d, q_offset, window):
+    """token_major_out: the same bits, stored so that out.transpose(1, 2) (what transformers reshapes the
+    attention output from) is contiguous; a decode-sized call (the split path) keeps its usual storage."""
+    q, k, v = _qkv(b, hkv, group, lq, lk, d, torch.bfloat16, seed=lq * 7 + lk)
+    kw = dict(scale=1 / math.sqrt(d), q_offset=q_offset, window=window)
+    for ops in (triton_attn, reference):
+        out, lse = ops.windowed_attention(q, k, v, **kw)
+        out_t, lse_t = ops.windowed_attention(q, k, v, **kw, token_major_out=True)
+        assert torch.equal(out_t, out) and torch.equal(lse_t, lse)
+        assert out_t.transpose(1, 2).is_contiguous() or (ops is triton_attn and lq == 1), ops.__name__
+
+
 def test_windowed_attention_strided_inputs():
     """q/k/v as (B, L, H, D) buffers viewed as (B, H, L, D), as a model's projections give them."""
     gen = torch.Generator().manual_seed(3)
@@ -402,6 +418,8 @@ def test_memory_device_path_with_triton_ops_matches_host_path(perhead, access):
             lookups[i].extend(memory.retrieved_last)
     assert memories[0].device_lookup and not memories[1].device_lookup
     torch.testing.assert_close(torch.cat(outs[0], dim=1), torch.cat(outs[1], dim=1), rtol=1e-4, atol=1e-5)
+    # the prefill's output stored token-major: the adapter's (1, L, Hq, D) view of it is contiguous
+    assert outs[0][0].transpose(0, 1).is_contiguous()
     assert lookups[0] == lookups[1] and len(lookups[0]) > 5
     assert memories[0].retrieval_counts == memories[1].retrieval_counts
     # direct: prefill blocks were formed through the formation ring, and its copies reached the store
@@ -961,6 +979,13 @@ GPU_WINDOW_CASES = [
 @pytest.mark.parametrize("b,hkv,group,lq,lk,d,q_offset,window,dtype", GPU_WINDOW_CASES)
 def test_windowed_attention_gpu(b, hkv, group, lq, lk, d, q_offset, window, dtype):
     test_windowed_attention(b, hkv, group, lq, lk, d, q_offset, window, dtype)
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_windowed_attention_token_major_out_gpu():
+    """The Mistral-7B local stage's shape (the tuned launch) with token_major_out."""
+    test_windowed_attention_token_major_out(1, 8, 4, 512, 4608, 128, 4096, 4096)
 
 
 GPU_PREFIX_CASES = [

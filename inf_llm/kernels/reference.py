@@ -94,19 +94,25 @@ def _explicit_attention(
 
 
 def windowed_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, q_offset: int, window: int | None
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, q_offset: int, window: int | None,
+    token_major_out: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal sliding-window attention (the local stage).
 
     Query i sits at position q_offset + i, key j at position j; query i sees key j iff
     j <= q_offset + i and (window is None or j > q_offset + i - window). Returns (out, lse).
+    `token_major_out`: out (B, Hq, Lq, D) is a view of (B, Lq, Hq, D) storage, so that out.transpose(1, 2),
+    the layout transformers reshapes the attention output from, is contiguous (no copy there). Same values.
     """
     mask = window_mask(q.shape[2], k.shape[2], q_offset, window, q.device)
     # query i sees keys lo..hi: empty exactly when lo > hi (cheaper than scanning the mask)
     pos = torch.arange(q.shape[2], device=q.device) + q_offset
     lo = torch.zeros_like(pos) if window is None else (pos - window + 1).clamp_min(0)
     hi = pos.clamp_max(k.shape[2] - 1)
-    return masked_attention(q, k, v, mask, scale=scale, empty_rows=lo > hi)
+    out, lse = masked_attention(q, k, v, mask, scale=scale, empty_rows=lo > hi)
+    if token_major_out:
+        out = out.transpose(1, 2).contiguous().transpose(1, 2)
+    return out, lse
 
 
 def prefix_attention(

@@ -277,12 +277,13 @@ def _attn_fwd_kernel(
     stride_vis,
     n_kv_heads, q_len, k_len, q_offset, window, qk_scale, num_splits, out_rows, tune_rows,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, MODE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    INTERPRETER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    INTERPRETER: tl.constexpr, OUT_TOKEN_MAJOR: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One (row tile, batch x KV head, key split): flash attention over the tile's visible key range.
 
     Grid (cdiv(G * Lq, BLOCK_M), B * Hkv, splits). Out (S, B, Hq, Lq, D) and Lse (S, B, Hq, Lq) are
-    contiguous: the final tensors (S = 1) or the float32 split workspace, out_rows = B * Hq * Lq per split.
+    contiguous: the final tensors (S = 1) or the float32 split workspace, out_rows = B * Hq * Lq per split;
+    OUT_TOKEN_MAJOR (S = 1 only): Out is stored as (B, Lq, Hq, D) instead.
     Key tiles outside every row's interval are never visited: the loop runs over [min lo, max hi) of the
     tile's rows, unmasked on [max lo, min hi) and masked on the edges.
     """
@@ -354,8 +355,12 @@ def _attn_fwd_kernel(
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * _LN2)
     # Contiguous outputs: row (split, b, head, i) -> ((split * B + b) * Hq + head) * Lq + i.
     l_rows = split.to(tl.int64) * out_rows + (b64 * n_kv_heads * GROUP + head) * q_len + qi  # (BM,)
+    if OUT_TOKEN_MAJOR:  # row (b, i, head): what transformers reshapes the attention output from
+        o_rows = (b64 * q_len + qi) * (n_kv_heads * GROUP) + head
+    else:
+        o_rows = l_rows
     tl.store(
-        Out + l_rows[:, None] * HEAD_DIM + offs_d[None, :],
+        Out + o_rows[:, None] * HEAD_DIM + offs_d[None, :],
         _round_to(out, Out.dtype.element_ty, INTERPRETER),
         mask=row_ok[:, None],
     )
@@ -1343,18 +1348,12 @@ def _split_plan(device: torch.device, n_rows: int, n_bh: int, key_span: int, hea
     return block_m, block_n, max(splits, 1)
 
 
-def _attention(q, k, v, *, scale, mode, q_offset=0, window=0, visible=None, num_splits=None):
-    """Validated inputs -> (out, lse). `num_splits` forces the split count (tests); None decides by shape."""
+def _attention(q, k, v, *, scale, mode, q_offset=0, window=0, visible=None, num_splits=None, token_major=False):
+    """Validated inputs -> (out, lse). `num_splits` forces the split count (tests); None decides by shape.
+    `token_major`: out stored as (B, Lq, Hq, D) where the kernel writes it directly (not the split path,
+    whose combine writes (B, Hq, Lq, D): out is then contiguous as usual)."""
     b, hq, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
-    out = torch.empty((b, hq, lq, d), dtype=q.dtype, device=q.device)  # (B, Hq, Lq, D)
-    lse = torch.empty((b, hq, lq), dtype=torch.float32, device=q.device)  # (B, Hq, Lq)
-    if out.numel() == 0:
-        return out, lse
-    if lk == 0:
-        return out.zero_(), lse.fill_(NEG_INF)
-    if lk > _MAX_POSITION:
-        raise ValueError(f"k has {lk} keys, more than {_MAX_POSITION}")
     group = hq // hkv
     n_rows = group * lq
     key_span = min(lk, window + lq) if mode == _MODE_WINDOW else lk
@@ -1362,12 +1361,25 @@ def _attention(q, k, v, *, scale, mode, q_offset=0, window=0, visible=None, num_
     if num_splits is not None:
         block = _INTERPRETER_BLOCK if _INTERPRETED else 64
         plan = (block, block, num_splits)
+    token_major = token_major and (plan is None or plan[2] == 1)
+    if token_major:
+        out = torch.empty((b, lq, hq, d), dtype=q.dtype, device=q.device).transpose(1, 2)  # (B, Hq, Lq, D) view
+    else:
+        out = torch.empty((b, hq, lq, d), dtype=q.dtype, device=q.device)  # (B, Hq, Lq, D)
+    lse = torch.empty((b, hq, lq), dtype=torch.float32, device=q.device)  # (B, Hq, Lq)
+    if out.numel() == 0:
+        return out, lse
+    if lk == 0:
+        return out.zero_(), lse.fill_(NEG_INF)
+    if lk > _MAX_POSITION:
+        raise ValueError(f"k has {lk} keys, more than {_MAX_POSITION}")
     vis = visible if visible is not None else lse  # placeholder pointer, never read in window mode
     vis_stride = visible.stride(0) if visible is not None else 0
     rows = b * hq * lq
     args = (q, k, v, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], vis_stride,
             hkv, lq, lk, q_offset, window, scale * _LOG2E)
-    const = dict(GROUP=group, HEAD_DIM=d, MODE=mode, DOT_PRECISION=_dot_precision(q.dtype), INTERPRETER=_INTERPRETED)
+    const = dict(GROUP=group, HEAD_DIM=d, MODE=mode, DOT_PRECISION=_dot_precision(q.dtype), INTERPRETER=_INTERPRETED,
+                 OUT_TOKEN_MAJOR=token_major)
     with _device_guard(q.device):
         if plan is None:
             grid = lambda meta: (_cdiv(n_rows, meta["BLOCK_M"]), b * hkv, 1)  # noqa: E731
@@ -1396,18 +1408,23 @@ def _attention(q, k, v, *, scale, mode, q_offset=0, window=0, visible=None, num_
 
 
 def windowed_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, q_offset: int, window: int | None
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, q_offset: int, window: int | None,
+    token_major_out: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal sliding-window attention (the local stage), as `reference.windowed_attention`.
 
     q (B, Hq, Lq, D), k/v (B, Hkv, Lk, D) on one CUDA device. Query i sits at position q_offset + i and sees
     key j iff j <= q_offset + i and (window is None or j > q_offset + i - window).
-    Returns out (B, Hq, Lq, D) in q.dtype and lse (B, Hq, Lq) float32.
+    Returns out (B, Hq, Lq, D) in q.dtype and lse (B, Hq, Lq) float32. `token_major_out`: out is written as
+    (B, Lq, Hq, D) storage (a transposed view is returned), so that transformers' reshape of the attention
+    output needs no copy (a 64 MB copy per layer and Mistral-7B chunk otherwise); decode-sized calls (the
+    split path) return a contiguous out as usual.
     """
     _check_qk(q, k, v)
     scale = _check_scale(scale)
     q_offset, win = _check_window(q_offset, window, q.shape[2])
-    return _attention(q, k, v, scale=scale, mode=_MODE_WINDOW, q_offset=q_offset, window=win)
+    return _attention(q, k, v, scale=scale, mode=_MODE_WINDOW, q_offset=q_offset, window=win,
+                      token_major=bool(token_major_out))
 
 
 def prefix_attention(

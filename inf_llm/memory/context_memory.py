@@ -267,11 +267,13 @@ class ContextMemory:
         while a < end:  # pieces aligned to multiples of `piece` positions, as execution blocks are
             b = min((a // piece + 1) * piece, end)
             k0 = self.tail.first_pos if self.n_local is None else max(a - self.n_local + 1, self.tail.first_pos)
+            one_piece = a == start and b == end
             piece_out, piece_lse = self.ops.windowed_attention(
                 q_loc[None, :, a - start : b - start], self.tail.rotated_keys(k0, b)[None],
                 self.tail.values(k0, b)[None], scale=scale, q_offset=a - k0, window=self.n_local,
+                token_major_out=one_piece,  # the layout transformers reshapes the output from: no copy there
             )
-            if a == start and b == end:  # one piece (the Triton ops): its result is the call's, no copy
+            if one_piece:  # (the Triton ops): its result is the call's, no copy
                 out, lse = piece_out[0], piece_lse[0]  # (Hq, L, D), (Hq, L)
             else:
                 if out is None:
