@@ -18,6 +18,7 @@ from transformers import GenerationConfig
 from inf_llm.adapter import InfLLMCache, cache_kwargs, patch_model
 from inf_llm.config import InfLLMConfig, default_config_path, load_config
 from inf_llm.engine.loading import load_model
+from inf_llm.engine.pacing import ChunkPacer
 
 log = logging.getLogger(__name__)
 
@@ -82,14 +83,18 @@ def _as_ids(tokenizer, prompt: str | Sequence[int] | torch.Tensor) -> list[int]:
 
 def prefill_chunks(model, cfg: InfLLMConfig, cache: InfLLMCache, input_ids: torch.Tensor, start: int, end: int):
     """Feed tokens [start, end) of `input_ids` (1, T) into `cache` in chunks that end at multiples of
-    `cfg.chunk_size` (absolute positions), so a prompt fed in pieces is split exactly as when fed at once."""
+    `cfg.chunk_size` (absolute positions), so a prompt fed in pieces is split exactly as when fed at once.
+    Paced as the engine paces a prefill (`inf_llm.engine.pacing`); returns when every chunk is done."""
     kw = cache_kwargs(model, cache)
+    pacer = ChunkPacer(input_ids.device)
     a = start
     while a < end:
         b = min((a // cfg.chunk_size + 1) * cfg.chunk_size, end)
         # logits_to_keep=1: the vocabulary projection of a whole chunk would dwarf the attention cost.
         model(input_ids[:, a:b], use_cache=True, logits_to_keep=1, **kw)
+        pacer.issued(b)
         a = b
+    pacer.drain()
 
 
 @torch.inference_mode()
@@ -117,7 +122,9 @@ def generate_greedy(
         raise ValueError("empty prompt")
     prefill = len(ids) - 1
     if not 0 <= reused_tokens <= prefill or (cache is None and reused_tokens):
-        raise ValueError(f"reused_tokens={reused_tokens} must be within the {prefill} prefilled tokens of a given cache")
+        raise ValueError(
+            f"reused_tokens={reused_tokens} must be within the {prefill} prefilled tokens of a given cache"
+        )
     device = model.get_input_embeddings().weight.device
     input_ids = torch.tensor([ids], dtype=torch.long, device=device)  # (1, T)
     stops = list(stop_token_ids) if stop_token_ids else [tokenizer.eos_token_id]
@@ -125,9 +132,7 @@ def generate_greedy(
     kw = cache_kwargs(model, cache)
 
     start = time.perf_counter()
-    prefill_chunks(model, cfg, cache, input_ids, reused_tokens, prefill)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)  # time the prefill, not just its launch
+    prefill_chunks(model, cfg, cache, input_ids, reused_tokens, prefill)  # returns when the GPU is done
     prefill_s = time.perf_counter() - start
 
     gen_cfg = GenerationConfig(
