@@ -1354,25 +1354,27 @@ def _attention(q, k, v, *, scale, mode, q_offset=0, window=0, visible=None, num_
     whose combine writes (B, Hq, Lq, D): out is then contiguous as usual)."""
     b, hq, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
+    if lk > _MAX_POSITION:
+        raise ValueError(f"k has {lk} keys, more than {_MAX_POSITION}")
     group = hq // hkv
     n_rows = group * lq
-    key_span = min(lk, window + lq) if mode == _MODE_WINDOW else lk
-    plan = _split_plan(q.device, n_rows, b * hkv, key_span, d)
-    if num_splits is not None:
-        block = _INTERPRETER_BLOCK if _INTERPRETED else 64
-        plan = (block, block, num_splits)
-    token_major = token_major and (plan is None or plan[2] == 1)
-    if token_major:
+    plan = None
+    if b * n_rows and lk:  # something to compute: the split decision (shapes only)
+        key_span = min(lk, window + lq) if mode == _MODE_WINDOW else lk
+        plan = _split_plan(q.device, n_rows, b * hkv, key_span, d)
+        if num_splits is not None:
+            block = _INTERPRETER_BLOCK if _INTERPRETED else 64
+            plan = (block, block, num_splits)
+    if token_major and (plan is None or plan[2] == 1):
         out = torch.empty((b, lq, hq, d), dtype=q.dtype, device=q.device).transpose(1, 2)  # (B, Hq, Lq, D) view
     else:
+        token_major = False
         out = torch.empty((b, hq, lq, d), dtype=q.dtype, device=q.device)  # (B, Hq, Lq, D)
     lse = torch.empty((b, hq, lq), dtype=torch.float32, device=q.device)  # (B, Hq, Lq)
     if out.numel() == 0:
         return out, lse
     if lk == 0:
         return out.zero_(), lse.fill_(NEG_INF)
-    if lk > _MAX_POSITION:
-        raise ValueError(f"k has {lk} keys, more than {_MAX_POSITION}")
     vis = visible if visible is not None else lse  # placeholder pointer, never read in window mode
     vis_stride = visible.stride(0) if visible is not None else 0
     rows = b * hq * lq
