@@ -1,13 +1,14 @@
 """Session 12: host cost of one Triton launch, by layer of the launch path (global_stage_into at the Mistral-7B
 exec-block shape, small store): the op (check=False), JITFunction[grid](...), binder + cache key + kernel.run,
-and kernel.run alone."""
+and kernel.run alone. Run from the repository root with PYTHONPATH=. on a GPU machine (calls 3-7; call 3's copy
+lacked the grid padding, calls 3-5 the launcher path; reformatted since, same code)."""
 import math
 import time
 
 import torch
-import triton
-from triton.runtime import driver, jit as tjit
 from triton import knobs
+from triton.runtime import driver
+from triton.runtime import jit as tjit
 
 from inf_llm.kernels import triton_attn as ta
 
@@ -24,15 +25,21 @@ store_v = torch.randn(32, hkv, 128, d, device=dev).bfloat16()
 ids = torch.randperm(32, device=dev)[:16][None].int()
 rem_k = torch.randn(hkv, 384, d, device=dev).bfloat16()
 rem_v = torch.randn(hkv, 384, d, device=dev).bfloat16()
-call = lambda: ta.global_stage_into(q, out, lse, sink_k, sink_v, store_k, store_v, ids, rem_k, rem_v,
-                                    rem_offset=-128, scale=1 / math.sqrt(d), check=False)
+
+
+def call():
+    ta.global_stage_into(q, out, lse, sink_k, sink_v, store_k, store_v, ids, rem_k, rem_v, rem_offset=-128,
+                         scale=1 / math.sqrt(d), check=False)
+
+
 captured = {}
 orig_run = ta._global_stage_kernel.run
 def spy(*args, grid, warmup, **kwargs):
     captured.update(args=args, grid=grid, kwargs=kwargs)
     return orig_run(*args, grid=grid, warmup=warmup, **kwargs)
 ta._global_stage_kernel.run = spy
-call(); torch.cuda.synchronize()
+call()
+torch.cuda.synchronize()
 ta._global_stage_kernel.run = orig_run
 args, grid, kwargs = captured["args"], captured["grid"], captured["kwargs"]
 grid = tuple(grid) + (1,) * (3 - len(grid))
@@ -62,8 +69,8 @@ def stream_only():
     driver.active.get_current_stream(device)
 def launcher_path():
     ta._global_stage[grid](*args, **kwargs)
-for name, f in (("op", call), ("launcher", launcher_path), ("jit", jit_path), ("binder+run", binder_path), ("run", direct_path),
-                ("binder", binder_only), ("key", key_only), ("stream", stream_only)):
+for name, f in (("op", call), ("launcher", launcher_path), ("jit", jit_path), ("binder+run", binder_path),
+                ("run", direct_path), ("binder", binder_only), ("key", key_only), ("stream", stream_only)):
     for rep in range(3):
         torch.cuda.synchronize()
         t0 = time.perf_counter()
