@@ -386,7 +386,7 @@ def prefill(model, cache, ids: torch.Tensor, chunk: int, budget_s: float | None,
         if last_print == start or now - last_print >= PROGRESS_EVERY_S:
             _say(f"  [{label}] prefill {done}/{total} tokens, {elapsed:.1f}s, {done / elapsed:,.0f} tok/s")
             last_print = now
-        if budget_s is not None:
+        if budget_s is not None and issued < total:
             finished = pacer.seconds()
             rate = chunk / finished[-1]  # tokens/s of the last finished chunk (a whole one: more were issued)
             projected = elapsed + (total - done) / rate

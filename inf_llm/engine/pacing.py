@@ -26,6 +26,7 @@ class ChunkPacer:
 
     def __init__(self, device: torch.device, timed: bool = False):
         self._cuda = device.type == "cuda"
+        self._device = device
         self._timed = timed
         self._ends: list[int] = []  # token position where each issued chunk ends
         self._marks: list = []  # per chunk: its CUDA event, or the host time it was done (CPU)
@@ -37,7 +38,7 @@ class ChunkPacer:
         if not self._cuda:
             return time.perf_counter()
         event = torch.cuda.Event(enable_timing=self._timed)
-        event.record()
+        event.record(torch.cuda.current_stream(self._device))  # the device the chunks start on (its inputs')
         return event
 
     def issued(self, end: int) -> int | None:
