@@ -150,6 +150,32 @@ def test_direct_offload_access_through_the_model_and_a_saved_session(tmp_path):
     assert results[0][1] == results[1][1]
 
 
+def test_direct_offload_access_with_a_codec_through_the_model_and_a_saved_session(tmp_path):
+    """offload_access: direct with offload_dtype: fp8 through transformers (a host pool of codes, decoded into
+    the device cache) gives the logits and lookups of offload_access: cache with the same codec, and its saved
+    state continues identically."""
+    model = build_tiny_model("llama", seed=9)
+    ids = torch.randint(3, 300, (1, 260), generator=torch.Generator().manual_seed(10))
+    results = []
+    for access in ("direct", "cache"):
+        with torch.no_grad(), patched(model, type="inf-llm", offload_access=access, pin_memory=True,
+                                      offload_dtype="fp8", host_pool_tokens=512, **SMALL):
+            cache = InfLLMCache(model, offload=True)
+            logits = [forward(model, ids[:, :240], cache, chunk=64)]
+            logits += [forward(model, ids[:, p : p + 1], cache) for p in range(240, 250)]
+            lookups = [layer.memory.retrieved_last for layer in cache.layers]
+            if access == "direct":
+                assert all(layer.memory.device_cache is not None and layer.memory.store.codec is not None
+                           for layer in cache.layers)
+                cache.save(tmp_path / "direct-fp8.pt")
+                continued = forward(model, ids[:, 250:], cache)
+                restored = InfLLMCache.load(tmp_path / "direct-fp8.pt", model, offload=True)
+                torch.testing.assert_close(forward(model, ids[:, 250:], restored), continued, rtol=0, atol=1e-5)
+        results.append((torch.cat(logits, dim=1), lookups))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-4, atol=1e-4)
+    assert results[0][1] == results[1][1]
+
+
 def test_host_pool_is_lent_to_one_cache_at_a_time_and_reused():
     """host_pool_tokens: offloaded stores start from the pool's host tensors (no allocation per request); a
     cache alive at the same time, or a clone, allocates its own; a store outgrowing the pool grows as usual;
