@@ -1368,8 +1368,6 @@ def _attention(q, k, v, *, scale, mode, q_offset=0, window=0, visible=None, num_
     whose combine writes (B, Hq, Lq, D): out is then contiguous as usual)."""
     b, hq, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
-    if lk > _MAX_POSITION:
-        raise ValueError(f"k has {lk} keys, more than {_MAX_POSITION}")
     group = hq // hkv
     n_rows = group * lq
     plan = None
@@ -1389,6 +1387,8 @@ def _attention(q, k, v, *, scale, mode, q_offset=0, window=0, visible=None, num_
         return out, lse
     if lk == 0:
         return out.zero_(), lse.fill_(NEG_INF)
+    if lk > _MAX_POSITION:
+        raise ValueError(f"k has {lk} keys, more than {_MAX_POSITION}")
     vis = visible if visible is not None else lse  # placeholder pointer, never read in window mode
     vis_stride = visible.stride(0) if visible is not None else 0
     rows = b * hq * lq

@@ -249,7 +249,6 @@ class FormationRing:
         self.lo = self.hi = 0  # blocks [lo, hi) are in their slots
         self._last: "torch.cuda.Event | None" = None  # the event of this ring's last copy batch
         self._unsent: list[tuple[int, int, int]] = []  # (first block, slot, count) formed, not yet copied
-        self._unsent_blocks = 0  # their counts' sum
         self._store: "BlockStore | None" = None
 
     def blocks(self) -> tuple | None:
@@ -261,7 +260,8 @@ class FormationRing:
         """`ops.form_blocks` of the store's claimed slots `new` (keys/values (Hkv, n, bs, D), scores (Hkv, n,
         bs)) into ring slots, representatives into the store; their K/V are copied to the store later."""
         first, n = new.start, new.stop - new.start
-        if self._unsent_blocks + n > self.size:  # the new slots hold blocks not copied yet
+        # the new slots hold blocks not copied yet (runs join, so the list holds a few entries)
+        if sum(count for _, _, count in self._unsent) + n > self.size:
             self.flush()
         segments, done = [], 0  # (first block index, slot, count): two where the slots wrap around
         while done < n:
@@ -286,7 +286,6 @@ class FormationRing:
                 self._unsent[-1] = (block, start, before + count)
             else:
                 self._unsent.append((first + j, slot, count))
-        self._unsent_blocks += n
         self._store = store
 
     def flush(self) -> None:
@@ -294,7 +293,7 @@ class FormationRing:
         the work queued so far on the current stream, which formed them)."""
         if not self._unsent:
             return
-        unsent, self._unsent, self._unsent_blocks = self._unsent, [], 0
+        unsent, self._unsent = self._unsent, []
         current = torch.cuda.current_stream(self.slots.k.device) if self.stream is not None else None
         if current is not None:
             self.stream.wait_stream(current)
@@ -329,6 +328,6 @@ class FormationRing:
 
     def clear(self) -> None:
         """Forget the blocks held (the store's contents were replaced: what was not copied yet is dropped)."""
-        self._unsent, self._unsent_blocks = [], 0
+        self._unsent = []
         self.settle()
         self.lo = self.hi = 0
