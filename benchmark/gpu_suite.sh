@@ -12,6 +12,8 @@
 #   bash benchmark/gpu_suite.sh OUT table   # report's speed runs and profile, without its tests
 #   bash benchmark/gpu_suite.sh OUT walls   # host (queued) vs wall time per 8K chunk, device path and flat
 #                                           # configuration (which of the two waits for the other)
+#   bash benchmark/gpu_suite.sh OUT flat-fp8 # the flat configuration with offload_dtype: fp8 at 128K, then 1M (a 1M-token
+#                                           # pinned pool of codes: ~65 GiB of host memory)
 #   bash benchmark/gpu_suite.sh OUT pacing  # 128K, flat configuration then device path, each paced as the engine
 #                                           # paces a prefill and then with a sync per chunk (the pre-session-12 way)
 #   bash benchmark/gpu_suite.sh OUT report  # one ~8-minute command: quick kernel tests, speed (32K/128K with
@@ -22,8 +24,8 @@
 # H200). Wheels the machine lacks: scripts/fetch_device_wheels.sh (installed here when .wheels exists).
 set -uo pipefail
 cd "$(dirname "$(realpath "$0")")/.."
-OUT=${1:?usage: gpu_suite.sh OUT tests|speed|fused|flat|profile|cache|walls|pacing|table|report}
-PART=${2:?usage: gpu_suite.sh OUT tests|speed|fused|flat|profile|cache|walls|pacing|table|report}
+OUT=${1:?usage: gpu_suite.sh OUT tests|speed|fused|flat|flat-fp8|profile|cache|walls|pacing|table|report}
+PART=${2:?usage: gpu_suite.sh OUT tests|speed|fused|flat|flat-fp8|profile|cache|walls|pacing|table|report}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 if [ -f .wheels/requirements.txt ]; then
@@ -104,6 +106,14 @@ cache)
     timeout 90 python benchmark/speed.py --rows inf-llm-fattn --lengths 128k "${COMMON[@]}" "${DEVICE[@]}" \
         --out "$OUT/speed-device-128k.json" >> "$log" 2>&1
     grep -E "passed|failed|\] prefill|^inf-llm" "$log"
+    ;;
+flat-fp8)  # ~5 minutes: pinning the 1M pool alone takes ~40 s
+    timeout 150 python benchmark/speed.py --rows inf-llm-fattn --lengths 128k "${COMMON[@]}" "${FLAT[@]}" \
+        --set model.offload_dtype=fp8 --out "$OUT/speed-flat-fp8-128k.json" >> "$OUT/flat-fp8.log" 2>&1
+    timeout 330 python benchmark/speed.py --rows inf-llm-fattn --lengths 1m "${COMMON[@]}" "${FLAT[@]}" \
+        --set model.offload_dtype=fp8 --set model.host_pool_tokens=1048576 --max-seconds-per-row 200 \
+        --out "$OUT/speed-flat-fp8-1m.json" >> "$OUT/flat-fp8.log" 2>&1
+    grep -E "^inf-llm|Error" "$OUT/flat-fp8.log"
     ;;
 pacing)  # ~3 minutes after the kernels are compiled
     for config in flat device; do

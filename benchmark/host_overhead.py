@@ -64,6 +64,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     p.add_argument("--direct", action="store_true",
                    help="offload_access: direct (blocks in host memory, the device cache, the formation ring)")
+    p.add_argument("--offload-dtype", choices=["fp8", "int8"], default=None,
+                   help="with --direct: a store of codes (offload_dtype), decoded on the way into the device cache")
     p.add_argument("--check", action="store_true",
                    help="with the ops' argument checks (as on a CPU; a GPU's context memory skips them)")
     p.add_argument("--profile", type=int, default=0, metavar="N",
@@ -81,6 +83,7 @@ def main(argv=None) -> int:
     d, hq, hkv = 16, 4, 1
     cfg = ModelConfig(type="inf-llm", n_init=128, n_local=4096, block_size=128, topk=16, repr_topk=4,
                       exc_block_size=512, max_cached_block=192,
+                      offload_dtype=args.offload_dtype,
                       **({"offload_access": "direct", "async_global_stream": True} if args.direct else {}))
     rope = RotaryTable(1.0 / (10000 ** (torch.arange(0, d, 2).float() / d)), d)
     memory = ContextMemory(cfg, rope, hq, hkv, d, torch.bfloat16, torch.device("cpu"), triton_attn,

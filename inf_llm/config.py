@@ -106,7 +106,8 @@ class ModelConfig(_Strict):
         description="how offloaded blocks reach the GPU: cache (a device cache of max_cached_block blocks, "
         "the block ids read by the host once per execution block) or direct (the GPU reads the selected "
         "blocks it does not hold from pinned host memory by id, into a device LRU cache of max_cached_block "
-        "blocks bookkept on the GPU: no host sync; needs pin_memory, no offload_dtype)",
+        "blocks bookkept on the GPU: no host sync; needs pin_memory; with offload_dtype the codes are decoded "
+        "on the way into that cache)",
     )
     host_pool_tokens: int | None = Field(
         None, ge=1,
@@ -228,11 +229,17 @@ class InfLLMConfig(_Strict):
                     f"most the device-bookkept cache of offload_access: direct holds; lower it, or keep the "
                     f"blocks on the GPU (offload: false)"
                 )
-            if m.offload is False or m.offload_dtype is not None or m.faiss or not m.pin_memory:
+            if m.offload is False or m.faiss or not m.pin_memory:
                 raise ValueError(
                     "model.offload_access: direct reads offloaded blocks from pinned host memory on the GPU: it "
                     "needs model.pin_memory: true and offloading (offload true or null), and works without "
-                    "offload_dtype and faiss; set offload_access: cache otherwise"
+                    "faiss; set offload_access: cache otherwise"
+                )
+            if m.offload_dtype is not None and m.perhead:
+                raise ValueError(
+                    "model.offload_dtype with offload_access: direct decodes blocks into the shared device "
+                    "cache, which perhead lookups do not use: drop perhead or offload_dtype, or set "
+                    "offload_access: cache"
                 )
         if self.chunk_size % m.exc_block_size != 0:
             raise ValueError(

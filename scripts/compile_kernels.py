@@ -58,7 +58,13 @@ CASES = [
        dict(GROUP=G, BLOCK_G=16, HEAD_DIM=D, BLOCK_N=64, HAS_START=start, ACCUMULATE=start, INTERPRETER=False), {})
       for start in (False, True)],
     ("_gather_blocks_kernel", {"Ids": I64, "DstRows": I64},
-     dict(PER_HEAD=False, INDIRECT=True, HEAD_DIM=D, BLOCK_SIZE=128, BLOCK_T=32, RING=True), {}),
+     dict(PER_HEAD=False, INDIRECT=True, HEAD_DIM=D, BLOCK_SIZE=128, BLOCK_T=32, RING=True, CODEC=False,
+          INTERPRETER=False), {}),
+    # offload_dtype: fp8 with offload_access: direct: codes decoded on the way into the device cache
+    ("_gather_blocks_kernel", {"SrcK": "*fp8e4nv", "SrcV": "*fp8e4nv", "Ids": I64, "DstRows": I64, "ScaleK": F32,
+                               "ScaleV": F32},
+     dict(PER_HEAD=False, INDIRECT=True, HEAD_DIM=D, BLOCK_SIZE=128, BLOCK_T=32, RING=False, CODEC=True,
+          INTERPRETER=False), {}),
     *[("_cache_assign_kernel", dict.fromkeys(("Ids", "Tags", "Stamps", "Counters", "Slots", "Fill"), I64),
        dict(K=k, BLOCK_K=k, BLOCK_C=256, PREFETCH=prefetch, INTERPRETER=False), {"num_warps": warps})
       for k, prefetch, warps in ((16, False, 4), (256, True, 16))],

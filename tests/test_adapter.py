@@ -124,30 +124,57 @@ def test_session_turns_equal_concatenation_and_survive_save_load(tmp_path):
             InfLLMCache.load(tmp_path / "doc.pt", model)
 
 
-def test_direct_offload_access_through_the_model_and_a_saved_session(tmp_path):
-    """offload_access: direct through transformers (blocks offloaded, fetched by id on the device path) gives
-    the logits and lookups of the blocks-on-the-device default, token by token too, and its saved state
-    continues identically."""
+def _direct_against_cache_path(tmp_path, runs, check_direct) -> None:
+    """Each of `runs` ((name, offload, overrides) for offload_access direct, then its reference) through
+    transformers: a 240-token prefill in chunks of 64, then 10 single-token steps; `check_direct(cache)` on
+    the direct run, whose saved state must then continue identically. Both runs give the same logits and
+    lookups."""
     model = build_tiny_model("llama", seed=9)
     ids = torch.randint(3, 300, (1, 260), generator=torch.Generator().manual_seed(10))
     results = []
-    for access, offload in (("direct", True), ("cache", False)):
-        with torch.no_grad(), patched(model, type="inf-llm", offload_access=access, pin_memory=True, **SMALL):
+    for name, offload, overrides in runs:
+        with torch.no_grad(), patched(model, type="inf-llm", pin_memory=True, **overrides, **SMALL):
             cache = InfLLMCache(model, offload=offload)
             logits = [forward(model, ids[:, :240], cache, chunk=64)]
             logits += [forward(model, ids[:, p : p + 1], cache) for p in range(240, 250)]
             lookups = [layer.memory.retrieved_last for layer in cache.layers]
-            if access == "direct":
-                assert all(layer.memory.cache is None and layer.memory.device_lookup for layer in cache.layers)
-                # the layers' formation rings share one set of slots (RingSlots, from the patch state)
-                assert len({id(layer.memory.ring.slots) for layer in cache.layers}) == 1
-                cache.save(tmp_path / "direct.pt")
+            if overrides["offload_access"] == "direct":
+                check_direct(cache)
+                cache.save(tmp_path / f"{name}.pt")
                 continued = forward(model, ids[:, 250:], cache)
-                restored = InfLLMCache.load(tmp_path / "direct.pt", model, offload=True)
+                restored = InfLLMCache.load(tmp_path / f"{name}.pt", model, offload=True)
                 torch.testing.assert_close(forward(model, ids[:, 250:], restored), continued, rtol=0, atol=1e-5)
         results.append((torch.cat(logits, dim=1), lookups))
     torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-4, atol=1e-4)
     assert results[0][1] == results[1][1]
+
+
+def test_direct_offload_access_through_the_model_and_a_saved_session(tmp_path):
+    """offload_access: direct through transformers (blocks offloaded, fetched by id on the device path) gives
+    the logits and lookups of the blocks-on-the-device default, token by token too, and its saved state
+    continues identically."""
+
+    def check(cache):
+        assert all(layer.memory.cache is None and layer.memory.device_lookup for layer in cache.layers)
+        # the layers' formation rings share one set of slots (RingSlots, from the patch state)
+        assert len({id(layer.memory.ring.slots) for layer in cache.layers}) == 1
+
+    _direct_against_cache_path(tmp_path, [("direct", True, {"offload_access": "direct"}),
+                                          ("device", False, {"offload_access": "cache"})], check)
+
+
+def test_direct_offload_access_with_a_codec_through_the_model_and_a_saved_session(tmp_path):
+    """offload_access: direct with offload_dtype: fp8 through transformers (a host pool of codes, decoded into
+    the device cache) gives the logits and lookups of offload_access: cache with the same codec, and its saved
+    state continues identically."""
+
+    def check(cache):
+        assert all(layer.memory.device_cache is not None and layer.memory.store.codec is not None
+                   and layer.memory.ring is None for layer in cache.layers)
+
+    fp8 = {"offload_dtype": "fp8", "host_pool_tokens": 512}
+    _direct_against_cache_path(tmp_path, [("direct-fp8", True, {"offload_access": "direct", **fp8}),
+                                          ("cache-fp8", True, {"offload_access": "cache", **fp8})], check)
 
 
 def test_host_pool_is_lent_to_one_cache_at_a_time_and_reused():

@@ -157,6 +157,10 @@ BAD_CONFIGS = {
         "model:\n  offload_access: direct\n  pin_memory: true\n  max_cached_block: 4096\n",
         ["model.max_cached_block (4096) is above 2048", "offload: false"],
     ),
+    "direct with a codec and perhead lookups": (
+        "model:\n  offload_access: direct\n  pin_memory: true\n  offload_dtype: fp8\n  perhead: true\n",
+        ["model.offload_dtype with offload_access: direct", "perhead"],
+    ),
     "bad offload_access": ("model:\n  offload_access: zero-copy\n", ["model.offload_access='zero-copy'", "'direct'"]),
     "max_len <= n_init": ("max_len: 100\n", ["max_len (100) must be > model.n_init (128) for truncation: suffix"]),
     "bad conv_type": ("conv_type: alpaca\n", ["conv_type='alpaca' is invalid", "'llama-3-inst'"]),

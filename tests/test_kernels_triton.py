@@ -431,6 +431,41 @@ def test_memory_device_path_with_triton_ops_matches_host_path(perhead, access):
     assert torch.equal(memories[0].store.v[:count].to(DEVICE), memories[1].store.v[:count])
 
 
+@pytest.mark.parametrize("codec", ["fp8", "int8"])
+def test_direct_memory_with_a_codec_matches_host_path(codec):
+    """offload_dtype with offload_access: direct: blocks stored as codes in the (pinned) store, decoded by the
+    kernels on their way into the device cache; the same outputs, lookups and store contents as the host
+    path with the same codec (`offload_access: cache`, torch ops), prefill and decode steps."""
+    from inf_llm.config import ModelConfig
+    from inf_llm.memory import ContextMemory, RotaryTable
+
+    d, hq, hkv, n = 16, 4, 2, 160
+    cfg = ModelConfig(type="inf-llm", n_init=4, n_local=32, block_size=8, topk=3, repr_topk=2, exc_block_size=16,
+                      max_cached_block=64, offload_access="direct", pin_memory=True, offload_dtype=codec)
+    gen = torch.Generator().manual_seed(12)
+    q, k, v = (torch.randn(h, n, d, generator=gen).to(DEVICE) for h in (hq, hkv, hkv))
+    inv_freq = (1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))).to(DEVICE)
+    stream = torch.cuda.Stream() if DEVICE.type == "cuda" else None
+    direct = ContextMemory(cfg, RotaryTable(inv_freq, d), hq, hkv, d, torch.float32, DEVICE, triton_attn,
+                           offload=True, device_lookup=True, copy_stream=stream)
+    host = ContextMemory(cfg.model_copy(update={"offload_access": "cache"}), RotaryTable(inv_freq, d), hq, hkv, d,
+                         torch.float32, DEVICE, reference, offload=True, device_lookup=False)
+    assert direct._direct and direct.ring is None and direct.store.codec is not None
+    direct._check_ops = True
+    outs, lookups = [[], []], [[], []]
+    for a, b in ((0, 70), (70, 71), (71, 72), (72, n)):
+        for i, memory in enumerate((direct, host)):
+            outs[i].append(memory.process(q[:, a:b], k[:, a:b], v[:, a:b], 1 / math.sqrt(d)))
+            lookups[i].extend(memory.retrieved_last)
+    torch.testing.assert_close(torch.cat(outs[0], dim=1), torch.cat(outs[1], dim=1), rtol=1e-4, atol=1e-5)
+    assert lookups[0] == lookups[1] and len(lookups[0]) > 5
+    assert direct.ring is None  # a store of codes is formed through the codec, not the formation ring
+    count = host.store.count
+    assert direct.store.count == count and direct.device_cache.counters[2] > 0  # misses decoded by the kernel
+    for name in ("k", "v", "k_scale", "v_scale"):
+        assert torch.equal(getattr(direct.store, name)[:count].cpu(), getattr(host.store, name)[:count].cpu()), name
+
+
 def test_direct_layers_sharing_ring_slots_match_host_path():
     """Two layers' direct memories whose formation rings share four slots (a call forms more blocks than
     that: it copies mid-call; each call hands the slots to the other layer): each layer's outputs, lookups
@@ -707,6 +742,55 @@ def test_cache_blocks_reads_the_newest_blocks_from_the_formation_ring(pinned):
         triton_attn.cache_blocks(store_k, store_v, ids, *state, ring=(ring_k[:, :1], ring_v, lo, hi))
 
 
+@pytest.mark.parametrize("codec_name", ["fp8", "int8"])
+@pytest.mark.parametrize("pinned", [False, pytest.param(True, marks=pytest.mark.skipif(INTERPRET, reason="GPU"))])
+def test_cache_blocks_decodes_a_store_of_codes(codec_name, pinned):
+    """`scales`: the store holds an `offload_dtype` store's codes (keys scaled per channel, values per token);
+    cache_blocks, its prefetch and refine_and_cache decode the misses into the cache exactly as
+    `BlockCodec.decode_into` does, in both backends, with the same bookkeeping. Bad scales are refused."""
+    from inf_llm.memory.compression import BlockCodec
+
+    codec = BlockCodec.of(codec_name)
+    gen = torch.Generator().manual_seed(5)
+    n_blocks, hkv, bs, d = 20, 2, 24, 16  # 24 tokens: the interpreter's tiles of 16 cross a block's end
+    blocks_k = _rand(n_blocks, hkv, bs, d, dtype=torch.bfloat16, gen=gen) * 3
+    blocks_v = _rand(n_blocks, hkv, bs, d, dtype=torch.bfloat16, gen=gen)
+    (codes_k, scale_k), (codes_v, scale_v) = codec.encode(blocks_k, keys=True), codec.encode(blocks_v, keys=False)
+    if pinned:
+        codes_k, codes_v, scale_k, scale_v = (t.cpu().pin_memory() for t in (codes_k, codes_v, scale_k, scale_v))
+    scales = (scale_k, scale_v)
+    want_k, want_v = torch.empty_like(blocks_k), torch.empty_like(blocks_v)
+    codec.decode_into(want_k, codes_k.to(DEVICE), scale_k.to(DEVICE))
+    codec.decode_into(want_v, codes_v.to(DEVICE), scale_v.to(DEVICE))
+    reprs = _rand(n_blocks, 8, dtype=torch.float32, gen=gen)
+    query = _rand(1, 8, dtype=torch.float32, gen=gen)
+    values, indices = (query @ reprs[:10].T).topk(3, dim=-1)
+    states = {}
+    for ops in (triton_attn, reference):
+        cache = torch.zeros(2, 6, hkv, bs, d, dtype=torch.bfloat16, device=DEVICE)
+        tags = torch.full((6,), -1, dtype=torch.int64, device=DEVICE)
+        state = states[ops] = [cache[0], cache[1], tags, tags.clone(), torch.zeros(4, dtype=torch.int64, device=DEVICE)]
+        ids = torch.tensor([[3, 16, 18, 14]], device=DEVICE)
+        slots = ops.cache_blocks(codes_k, codes_v, ids, *state, scales=scales)
+        assert torch.equal(state[0][slots[0]], want_k[ids[0]]), ops.__name__
+        assert torch.equal(state[1][slots[0]], want_v[ids[0]]), ops.__name__
+        ops.cache_blocks(codes_k, codes_v, torch.tensor([[15, 15, 2]], device=DEVICE), *state, prefetch=True,
+                         scales=scales)
+        found, slots = ops.refine_and_cache(values, indices, query, reprs, 10, 3, codes_k, codes_v, *state,
+                                            scales=scales)
+        assert torch.equal(state[0][slots[0]], want_k[found[0]]), ops.__name__
+        assert torch.equal(state[1][slots[0]], want_v[found[0]]), ops.__name__
+    for got, want in zip(states[triton_attn], states[reference]):
+        assert torch.equal(got, want)
+    state = states[triton_attn]
+    with pytest.raises(ValueError, match="v_scale"):
+        triton_attn.cache_blocks(codes_k, codes_v, ids, *state, scales=(scale_k, scale_k))
+    with pytest.raises(ValueError, match="codes"):
+        triton_attn.cache_blocks(blocks_k, blocks_v, ids, *state, scales=scales)
+    with pytest.raises(ValueError, match="ring and scales"):
+        triton_attn.cache_blocks(codes_k, codes_v, ids, *state, scales=scales, ring=(state[0], state[1], 0, 1))
+
+
 def test_refine_and_cache_matches_refine_topk_then_cache_blocks():
     """offload_access: direct's lookup of an execution block with blocks formed since its batch: refined and
     made resident in one program (plus the misses' copy)."""
@@ -910,18 +994,24 @@ def test_decode_prologue_matches_reference(dtype, hq=6, hkv=2, d=32, cap=20):
         triton_attn.decode_prologue(q, k, v, cos, sin, angle, 11, *[t.clone() for t in tails], score.clone())
 
 
-def test_static_decode_step_on_the_triton_ops_equals_the_ordinary_step():
+@pytest.mark.parametrize("variant", ["device", "direct-fp8"])
+def test_static_decode_step_on_the_triton_ops_equals_the_ordinary_step(variant):
     """The fixed-shape decode step (window read at a device offset, its scores added in place) on the Triton
-    ops against the ordinary decode step on the same ops: the same outputs, lookups and window scores."""
+    ops against the ordinary decode step on the same ops: the same outputs, lookups and window scores; with
+    blocks on the device, and stored as fp8 codes read through the device cache (offload_access: direct)."""
     from inf_llm.config import ModelConfig
     from inf_llm.memory import ContextMemory, RotaryTable
     from inf_llm.memory.static_step import StaticDecodeStep
 
     d, hq, hkv, n, prefill = 16, 4, 2, 150, 100
-    cfg = ModelConfig(type="inf-llm", n_init=4, n_local=32, block_size=8, topk=3, repr_topk=2, exc_block_size=8)
+    direct = variant == "direct-fp8"
+    extra = dict(offload_access="direct", pin_memory=True, offload_dtype="fp8", max_cached_block=64) if direct else {}
+    cfg = ModelConfig(type="inf-llm", n_init=4, n_local=32, block_size=8, topk=3, repr_topk=2, exc_block_size=8,
+                      **extra)
     inv_freq = (1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))).to(DEVICE)
     ordinary, static = (ContextMemory(cfg, RotaryTable(inv_freq, d), hq, hkv, d, torch.float32, DEVICE, triton_attn,
-                                      offload=False, device_lookup=True) for _ in range(2))
+                                      offload=direct, device_lookup=True) for _ in range(2))
+    assert static.store.codec is not None if direct else static.store.codec is None
     gen = torch.Generator().manual_seed(23)
     q, k, v = (torch.randn(h, n, d, generator=gen).to(DEVICE) for h in (hq, hkv, hkv))
     for memory in (ordinary, static):
@@ -1038,6 +1128,18 @@ def test_cache_blocks_gpu():
     """Mistral-7B blocks (8 KV heads x 128 tokens x 128) read from a pinned host store into a 32-slot cache
     by 16-block selections."""
     _check_cache_blocks(300, 8, 128, 128, 32, 16, steps=20, pinned=True)
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("codec", ["fp8", "int8"])
+def test_direct_memory_with_a_codec_gpu(codec):
+    """offload_dtype with offload_access: direct on a GPU: codes in pinned host memory, decoded by the gather
+    kernel on its way into the device cache (and the static decode step over them)."""
+    test_cache_blocks_decodes_a_store_of_codes(codec, pinned=True)
+    test_direct_memory_with_a_codec_matches_host_path(codec)
+    if codec == "fp8":
+        test_static_decode_step_on_the_triton_ops_equals_the_ordinary_step("direct-fp8")
 
 
 @pytest.mark.gpu

@@ -161,7 +161,7 @@ def gather_blocks(
 def cache_blocks(
     src_k: torch.Tensor, src_v: torch.Tensor, block_ids: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
     tags: torch.Tensor, stamps: torch.Tensor, counters: torch.Tensor, prefetch: bool = False, ring=None,
-    check: bool = True,
+    check: bool = True, scales=None,
 ) -> torch.Tensor:
     """Make the selected blocks resident in a device cache with LRU eviction, bookkept on the device, and
     return the slot of each (1, K) int64, for `global_stage_into` / `gather_blocks` over the cache.
@@ -176,7 +176,12 @@ def cache_blocks(
     gets slot -1) and outnumber the slots (misses beyond the free ones get -1); counted as prefetched.
     `ring` (ring_k, ring_v, lo, hi): device slots (R, Hkv, block_size, D) holding blocks lo <= id < hi at
     slot id % R (the newest blocks, whose copy to the store may still be under way): read from there.
+    `scales` (k_scale (N, Hkv, 1, D), v_scale (N, Hkv, bs, 1), float32): src holds fp8/int8 codes (an
+    `offload_dtype` store), decoded as codes * scale in float32, rounded to the cache's dtype
+    (`BlockCodec.decode_into`). Not together with `ring`.
     """
+    if scales is not None and ring is not None:
+        raise ValueError("ring and scales together are not supported: a store of codes has no formation ring")
     ids = block_ids[0].to(tags.device, torch.int64)  # (K,)
     n_slots, k = tags.shape[0], ids.shape[0]
     slot_range = torch.arange(n_slots, device=tags.device)
@@ -207,8 +212,12 @@ def cache_blocks(
     fill, fetch = slots[miss], ids[miss]
     ring_k, ring_v, lo, hi = ring if ring is not None else (None, None, 0, 0)
     in_ring = (fetch >= lo) & (fetch < hi)
-    for cache, src, ring_src in ((cache_k, src_k, ring_k), (cache_v, src_v, ring_v)):
+    scale_k, scale_v = scales if scales is not None else (None, None)
+    for cache, src, ring_src, scale in ((cache_k, src_k, ring_k, scale_k), (cache_v, src_v, ring_v, scale_v)):
         blocks = src.index_select(0, fetch.to(src.device)).to(cache.device)
+        if scale is not None:
+            decoded = blocks.float().mul_(scale.index_select(0, fetch.to(scale.device)).to(cache.device))
+            blocks = decoded.to(cache.dtype)  # rounded once, as BlockCodec.decode_into's copy
         if ring_src is not None:
             blocks[in_ring] = ring_src[fetch[in_ring] % ring_src.shape[0]]
         cache[fill] = blocks
@@ -238,13 +247,13 @@ def refine_topk(
 def refine_and_cache(
     values: torch.Tensor, indices: torch.Tensor, query: torch.Tensor, reprs: torch.Tensor, first: int, k: int,
     src_k: torch.Tensor, src_v: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
-    tags: torch.Tensor, stamps: torch.Tensor, counters: torch.Tensor, ring=None, check: bool = True,
+    tags: torch.Tensor, stamps: torch.Tensor, counters: torch.Tensor, ring=None, check: bool = True, scales=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`refine_topk` of a shared top-k (query (1, X)), then `cache_blocks` of the ids it finds (`ring` as
-    there): returns (ids, slots), each (1, k) int64 (offload_access: direct looks up and makes resident in
-    one step)."""
+    """`refine_topk` of a shared top-k (query (1, X)), then `cache_blocks` of the ids it finds (`ring` and
+    `scales` as there): returns (ids, slots), each (1, k) int64 (offload_access: direct looks up and makes
+    resident in one step)."""
     ids = refine_topk(values, indices, query, reprs, first, k)
-    return ids, cache_blocks(src_k, src_v, ids, cache_k, cache_v, tags, stamps, counters, ring=ring)
+    return ids, cache_blocks(src_k, src_v, ids, cache_k, cache_v, tags, stamps, counters, ring=ring, scales=scales)
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:

@@ -892,18 +892,22 @@ def _decode_combine_kernel(
 
 @triton.jit
 def _gather_blocks_kernel(
-    SrcK, SrcV, Ids, DstK, DstV, DstRows, RingK, RingV,
+    SrcK, SrcV, Ids, DstK, DstV, DstRows, RingK, RingV, ScaleK, ScaleV,
     stride_sn, stride_sh, stride_st, stride_svn, stride_svh, stride_svt,
     stride_ih, stride_ik,
     stride_dn, stride_dh, stride_dt, stride_dvn, stride_dvh, stride_dvt,
+    stride_ksn, stride_ksh, stride_vsn, stride_vsh, stride_vst,
     ring_lo, ring_hi, ring_size,
     PER_HEAD: tl.constexpr, INDIRECT: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    BLOCK_T: tl.constexpr, RING: tl.constexpr,
+    BLOCK_T: tl.constexpr, RING: tl.constexpr, CODEC: tl.constexpr, INTERPRETER: tl.constexpr,
 ):
     """Dst[j, h] = Src[ids[h or 0, j], h] for K and V. Grid (K, Hkv). Src may be pinned host memory, read
     by the GPU over the bus (the ids never leave the device); Dst is on the device. INDIRECT: into Dst row
     DstRows[j] instead of j, and nothing for a negative row (a cache hit: the block is there already).
-    RING: blocks ring_lo <= id < ring_hi are read from Ring[id % ring_size] (on the device, Src's strides)."""
+    RING: blocks ring_lo <= id < ring_hi are read from Ring[id % ring_size] (on the device, Src's strides).
+    CODEC (not with RING): Src holds codes (fp8/int8) decoded as codes * scale, rounded to Dst's dtype (as
+    `BlockCodec.decode_into`): keys scaled per channel (ScaleK (N, Hkv, 1, D)), values per token (ScaleV
+    (N, Hkv, bs, 1))."""
     j = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
     ids_ptr = Ids + (h * stride_ih if PER_HEAD else 0) + j * stride_ik
@@ -918,15 +922,25 @@ def _gather_blocks_kernel(
             block = block % ring_size
     if row >= 0:
         offs_d = tl.arange(0, HEAD_DIM)
+        if CODEC:
+            k_scale = tl.load(ScaleK + block * stride_ksn + h * stride_ksh + offs_d)  # (D,)
         for t0 in range(0, BLOCK_SIZE, BLOCK_T):  # a constexpr bound: fixed per model, unrolled
             t = t0 + tl.arange(0, BLOCK_T)
             ok = (t < BLOCK_SIZE)[:, None]
             src = block * stride_sn + h * stride_sh + t[:, None].to(tl.int64) * stride_st + offs_d[None, :]
             dst = row * stride_dn + h * stride_dh + t[:, None].to(tl.int64) * stride_dt + offs_d[None, :]
-            tl.store(DstK + dst, tl.load(SrcK + src, mask=ok), mask=ok)
+            k = tl.load(SrcK + src, mask=ok)
+            if CODEC:
+                k = _round_to(k.to(tl.float32) * k_scale[None, :], DstK.dtype.element_ty, INTERPRETER)
+            tl.store(DstK + dst, k, mask=ok)
             src_v = block * stride_svn + h * stride_svh + t[:, None].to(tl.int64) * stride_svt + offs_d[None, :]
             dst_v = row * stride_dvn + h * stride_dvh + t[:, None].to(tl.int64) * stride_dvt + offs_d[None, :]
-            tl.store(DstV + dst_v, tl.load(SrcV + src_v, mask=ok), mask=ok)
+            v = tl.load(SrcV + src_v, mask=ok)
+            if CODEC:
+                v_scale = tl.load(ScaleV + block * stride_vsn + h * stride_vsh + t.to(tl.int64) * stride_vst,
+                                  mask=t < BLOCK_SIZE, other=0.0)  # (BT,)
+                v = _round_to(v.to(tl.float32) * v_scale[:, None], DstV.dtype.element_ty, INTERPRETER)
+            tl.store(DstV + dst_v, v, mask=ok)
 
 
 @triton.jit
@@ -1857,25 +1871,55 @@ def _check_on_or_pinned(name: str, k: torch.Tensor, v: torch.Tensor, device: tor
         raise ValueError(f"{name} on {k.device} must be pinned host memory (or on {device})")
 
 
-def _launch_gather(src_k, src_v, block_ids, dst_k, dst_v, dst_rows: torch.Tensor | None = None, ring=None) -> None:
+def _launch_gather(src_k, src_v, block_ids, dst_k, dst_v, dst_rows: torch.Tensor | None = None, ring=None,
+                   scales=None) -> None:
     """`_gather_blocks_kernel` over (K, Hkv) for validated tensors: into rows 0..K-1 of dst, or into
     `dst_rows[j]` for each j with dst_rows[j] >= 0 (the shared top-k's misses of `cache_blocks`); `ring`
-    (validated by `_check_ring`): the newest blocks from there."""
+    (validated by `_check_ring`): the newest blocks from there; `scales` (k_scale, v_scale): src holds codes
+    (`_check_scales`)."""
     ring_k, ring_v, lo, hi = ring if ring is not None else (src_k, src_v, 0, 0)
+    k_scale, v_scale = scales if scales is not None else (src_k, src_v)  # placeholders, never read
+    ks_strides = k_scale.stride()[:2] if scales is not None else (0, 0)
+    vs_strides = v_scale.stride()[:3] if scales is not None else (0, 0, 0)
     _gather_blocks[(block_ids.shape[1], dst_k.shape[1])](
         src_k, src_v, block_ids, dst_k, dst_v, dst_rows if dst_rows is not None else block_ids, ring_k, ring_v,
+        k_scale, v_scale,
         *src_k.stride()[:3], *src_v.stride()[:3], *block_ids.stride(),
-        *dst_k.stride()[:3], *dst_v.stride()[:3], lo, hi, ring_k.shape[0],
+        *dst_k.stride()[:3], *dst_v.stride()[:3], *ks_strides, *vs_strides, lo, hi, ring_k.shape[0],
         PER_HEAD=block_ids.shape[0] > 1, INDIRECT=dst_rows is not None, HEAD_DIM=dst_k.shape[3],
         BLOCK_SIZE=dst_k.shape[2], BLOCK_T=_INTERPRETER_BLOCK if _INTERPRETED else 32, RING=ring is not None,
+        CODEC=scales is not None, INTERPRETER=_INTERPRETED,
     )
 
 
-def _check_ring(ring, src_k: torch.Tensor, src_v: torch.Tensor, device: torch.device) -> None:
+_CODE_DTYPES = (torch.float8_e4m3fn, torch.int8)  # offload_dtype's codes (inf_llm.memory.compression)
+
+
+def _check_scales(scales, src_k: torch.Tensor, src_v: torch.Tensor, device: torch.device) -> None:
+    """`scales` (k_scale, v_scale) of a store of codes: float32, keys per channel (N, Hkv, 1, D), values per
+    token (N, Hkv, bs, 1), where the codes are (on the device or pinned), contiguous in their last dimension."""
+    if not isinstance(scales, tuple) or len(scales) != 2:
+        raise ValueError("scales must be a (k_scale, v_scale) tuple")
+    n, hkv, bs, d = src_k.shape
+    if src_k.dtype not in _CODE_DTYPES or src_v.dtype != src_k.dtype:
+        raise ValueError(f"with scales, src_k/src_v must hold fp8 (e4m3) or int8 codes, got {src_k.dtype}/"
+                         f"{src_v.dtype}")
+    for name, t, shape in (("k_scale", scales[0], (n, hkv, 1, d)), ("v_scale", scales[1], (n, hkv, bs, 1))):
+        _check_tensor(name, t, 4)
+        if tuple(t.shape) != shape or t.dtype != torch.float32 or (t.numel() and t.stride(-1) != 1):
+            raise ValueError(f"{name} must be {shape} float32, contiguous in its last dimension; got "
+                             f"{tuple(t.shape)} {t.dtype}")
+    _check_on_or_pinned("scales", scales[0], scales[1], device)
+
+
+def _check_ring(ring, src_k: torch.Tensor, src_v: torch.Tensor, device: torch.device, scales=None) -> None:
     """`ring` (ring_k, ring_v, lo, hi) of `cache_blocks` / `refine_and_cache`: device slots laid out as the
-    store (the kernel reads them with the store's strides), holding blocks lo <= id < hi at id % slots."""
+    store (the kernel reads them with the store's strides), holding blocks lo <= id < hi at id % slots. Not
+    with a store of codes (`scales`)."""
     if ring is None:
         return
+    if scales is not None:
+        raise ValueError("ring and scales together are not supported: a store of codes has no formation ring")
     ring_k, ring_v, lo, hi = ring
     for name, t, like in (("ring_k", ring_k, src_k), ("ring_v", ring_v, src_v)):
         _check_tensor(name, t, 4)
@@ -1895,20 +1939,21 @@ _MAX_CACHE_SLOTS = MAX_DEVICE_CACHED_BLOCKS
 def cache_blocks(
     src_k: torch.Tensor, src_v: torch.Tensor, block_ids: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
     tags: torch.Tensor, stamps: torch.Tensor, counters: torch.Tensor, prefetch: bool = False, ring=None,
-    check: bool = True,
+    check: bool = True, scales=None,
 ) -> torch.Tensor:
     """The selected blocks made resident in a device LRU cache, as `reference.cache_blocks`, in two launches
     and no host sync: one program does the bookkeeping (hits keep their slot, misses take the least recently
     used others), then the misses alone are read from the store (pinned host memory, over the bus) into
-    their slots, or from `ring` (ring_k, ring_v, lo, hi) for blocks lo <= id < hi. Returns the slots (1, K)
-    int64; tags/stamps/counters are updated in place. `check=False`: no argument checks.
+    their slots, or from `ring` (ring_k, ring_v, lo, hi) for blocks lo <= id < hi; with `scales` (k_scale,
+    v_scale) the store holds codes, decoded on the way. Returns the slots (1, K) int64; tags/stamps/counters
+    are updated in place. `check=False`: no argument checks.
     """
     if check:
         _check_tensor("block_ids", block_ids, 2)
         if block_ids.shape[0] != 1 or block_ids.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"block_ids must be (1, K) int32/int64, got {tuple(block_ids.shape)} {block_ids.dtype}")
-        _check_cache(src_k, src_v, cache_k, cache_v, tags, stamps, counters, block_ids.shape[1], prefetch)
-        _check_ring(ring, src_k, src_v, cache_k.device)
+        _check_cache(src_k, src_v, cache_k, cache_v, tags, stamps, counters, block_ids.shape[1], prefetch, scales)
+        _check_ring(ring, src_k, src_v, cache_k.device, scales)
         if block_ids.device != cache_k.device or block_ids.numel() and block_ids.stride(-1) != 1:
             raise ValueError(f"block_ids must be on {cache_k.device} like cache_k, contiguous in its last dimension")
     k = block_ids.shape[1]
@@ -1924,12 +1969,14 @@ def cache_blocks(
             # a prefetch's (ids x slots) matrices: more threads hold them (4 warps would spill them)
             **({} if _INTERPRETED else {"num_warps": 4 if _next_pow2(k) * _next_pow2(n_slots) <= 8192 else 16}),
         )
-        _launch_gather(src_k, src_v, block_ids, cache_k, cache_v, dst_rows=placed[1], ring=ring)
+        _launch_gather(src_k, src_v, block_ids, cache_k, cache_v, dst_rows=placed[1], ring=ring, scales=scales)
     return placed[:1]
 
 
-def _check_cache(src_k, src_v, cache_k, cache_v, tags, stamps, counters, k: int, prefetch: bool) -> None:
-    """The store and the device cache of `cache_blocks` / `refine_and_cache`, for a selection of k blocks."""
+def _check_cache(src_k, src_v, cache_k, cache_v, tags, stamps, counters, k: int, prefetch: bool,
+                 scales=None) -> None:
+    """The store and the device cache of `cache_blocks` / `refine_and_cache`, for a selection of k blocks;
+    with `scales`, a store of codes (`_check_scales`)."""
     _check_tensors((("src_k", src_k, 4), ("src_v", src_v, 4)), "src_k", src_k)
     _check_tensors((("cache_k", cache_k, 4), ("cache_v", cache_v, 4), ("tags", tags, 1), ("stamps", stamps, 1),
                     ("counters", counters, 1)), "cache_k", cache_k)
@@ -1944,7 +1991,9 @@ def _check_cache(src_k, src_v, cache_k, cache_v, tags, stamps, counters, k: int,
                          f"{tuple(counters.shape)} must be ({n_slots},) / ({n_slots},) / (4,)")
     if any(t.dtype != torch.int64 for t in (tags, stamps, counters)):
         raise ValueError("tags, stamps and counters must be int64")
-    if src_k.dtype != cache_k.dtype or src_v.dtype != cache_v.dtype:
+    if scales is not None:
+        _check_scales(scales, src_k, src_v, cache_k.device)
+    elif src_k.dtype != cache_k.dtype or src_v.dtype != cache_v.dtype:
         raise ValueError(f"src ({src_k.dtype}) and cache ({cache_k.dtype}) dtypes differ")
     _check_on_or_pinned("src", src_k, src_v, cache_k.device)
     if d & (d - 1) or d > _MAX_HEAD_DIM:
@@ -2020,9 +2069,9 @@ def refine_topk(
 def refine_and_cache(
     values: torch.Tensor, indices: torch.Tensor, query: torch.Tensor, reprs: torch.Tensor, first: int, k: int,
     src_k: torch.Tensor, src_v: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
-    tags: torch.Tensor, stamps: torch.Tensor, counters: torch.Tensor, ring=None, check: bool = True,
+    tags: torch.Tensor, stamps: torch.Tensor, counters: torch.Tensor, ring=None, check: bool = True, scales=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`refine_topk` of a shared top-k (Hsel 1), then `cache_blocks` of the ids found (`ring` as there), as
+    """`refine_topk` of a shared top-k (Hsel 1), then `cache_blocks` of the ids found (`ring`, `scales` as there), as
     `reference.refine_and_cache`, in two launches instead of three: the cache's bookkeeping runs in the
     refining program, then the misses are read into their slots. Returns (ids, slots), each (1, k) int64.
     `check=False`: no argument checks.
@@ -2031,14 +2080,14 @@ def refine_and_cache(
         _check_refine(values, indices, query, reprs, first, k)
         if query.shape[0] != 1:
             raise ValueError(f"refine_and_cache takes a shared top-k: query (1, X), got {tuple(query.shape)}")
-        _check_cache(src_k, src_v, cache_k, cache_v, tags, stamps, counters, k, False)
-        _check_ring(ring, src_k, src_v, cache_k.device)
+        _check_cache(src_k, src_v, cache_k, cache_v, tags, stamps, counters, k, False, scales)
+        _check_ring(ring, src_k, src_v, cache_k.device, scales)
         if cache_k.device != query.device:
             raise ValueError(f"cache_k is on {cache_k.device} but query is on {query.device}")
     found = torch.empty((3, k), dtype=torch.int64, device=query.device)  # ids, their slots, the misses' slots
     _launch_refine(values, indices, query, reprs, first, k, found[:1], (tags, stamps, counters, found[1], found[2]))
     with _device_guard(query.device):
-        _launch_gather(src_k, src_v, found[:1], cache_k, cache_v, dst_rows=found[2], ring=ring)
+        _launch_gather(src_k, src_v, found[:1], cache_k, cache_v, dst_rows=found[2], ring=ring, scales=scales)
     return found[:1], found[1:2]
 
 

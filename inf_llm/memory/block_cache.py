@@ -145,7 +145,7 @@ class DeviceBlockCache:
         slots (1, K) int64, on the device."""
         self.settle()
         return ops.cache_blocks(store.k, store.v, block_ids, self.k, self.v, self.tags, self.stamps, self.counters,
-                                ring=ring, check=self.check)
+                                ring=ring, check=self.check, scales=store.scales())
 
     def fetch_refined(self, ops, store: "BlockStore", values: torch.Tensor, indices: torch.Tensor, query: torch.Tensor,
                       reprs: torch.Tensor, first: int, k: int, ring: tuple | None = None
@@ -154,7 +154,8 @@ class DeviceBlockCache:
         (`ops.refine_and_cache`); returns (ids, slots), each (1, k) int64 on the device."""
         self.settle()
         return ops.refine_and_cache(values, indices, query, reprs, first, k, store.k, store.v, self.k, self.v,
-                                    self.tags, self.stamps, self.counters, ring=ring, check=self.check)
+                                    self.tags, self.stamps, self.counters, ring=ring, check=self.check,
+                                    scales=store.scales())
 
     def prefetch(self, ops, store: "BlockStore", block_ids: torch.Tensor, stream: "torch.cuda.Stream | None",
                  ring: tuple | None = None) -> None:
@@ -165,7 +166,7 @@ class DeviceBlockCache:
             stream.wait_stream(torch.cuda.current_stream(self.k.device))
         with torch.cuda.stream(stream):  # a no-op without a stream
             ops.cache_blocks(store.k, store.v, block_ids, self.k, self.v, self.tags, self.stamps, self.counters,
-                             prefetch=True, ring=ring, check=self.check)
+                             prefetch=True, ring=ring, check=self.check, scales=store.scales())
         if stream is not None:
             block_ids.record_stream(stream)  # allocated on the current stream, read on the side one
             self._prefetched = stream.record_event()

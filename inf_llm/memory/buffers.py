@@ -236,6 +236,10 @@ class BlockStore:
     def _tensors(self) -> list[str]:
         return ["k", "v", "repr"] + (["k_scale", "v_scale"] if self.codec is not None else [])
 
+    def scales(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(k_scale, v_scale) of a store of codes, for the ops' `scales` argument; None without a codec."""
+        return (self.k_scale, self.v_scale) if self.codec is not None else None
+
     def _reserve(self, extra: int) -> None:
         if self.count + extra <= self.k.shape[0]:
             return

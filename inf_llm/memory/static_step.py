@@ -80,6 +80,7 @@ class StaticDecodeStep:
         if m.device_cache is not None:
             tensors += (m.device_cache.k, m.device_cache.v, m.device_cache.tags, m.device_cache.stamps,
                         m.device_cache.counters)
+        tensors += m.store.scales() or ()  # a store of codes: the misses are decoded with these
         return tuple((t.data_ptr(), tuple(t.shape)) for t in tensors)
 
     def run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
