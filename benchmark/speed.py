@@ -12,6 +12,8 @@ Rows (see docs/speed.md):
   inf-llm-torch  type inf-llm, torch reference kernels (fattn false)
   stream-llm     type stream-llm (sinks + local window); fattn true on CUDA, false on CPU
   origin-sdpa    the UNPATCHED model: transformers' sdpa attention and its DynamicCache (full attention)
+  origin-sdpa-1pass  the same, the whole prompt in one forward (no chunks: SDPA's causal flash kernel
+                 instead of a masked one; full attention's fastest prefill, while its activations fit)
 Memory settings come from --config (default config/mistral-inf-llm.yaml, the original Mistral preset) plus
 --set overrides; `model.type` and `model.fattn` are set by the row. Decode steps of inf-llm rows on CUDA
 replay as CUDA graphs (`model.decode_graph`, as in the server; `--set model.decode_graph=false`: eager).
@@ -105,6 +107,7 @@ class RowSpec:
     fattn: bool | None  # None: Triton on CUDA, torch on CPU
     defaults: tuple[str, ...] = ()  # config overrides of the row, applied before --set
     needs_cuda: bool = False
+    whole_prompt: bool = False  # prefill in one forward instead of chunk_size pieces
 
 
 ROWS: dict[str, RowSpec] = {
@@ -115,6 +118,7 @@ ROWS: dict[str, RowSpec] = {
         RowSpec("inf-llm-torch", "inf-llm", False),
         RowSpec("stream-llm", "stream-llm", None),
         RowSpec("origin-sdpa", None, None),
+        RowSpec("origin-sdpa-1pass", None, None, whole_prompt=True),
     )
 }
 # Keys a row decides; --set may not change them.
@@ -146,7 +150,11 @@ class Result:
     decode_ms_steps: list[float] = field(default_factory=list)
     peak_gpu_bytes_above_weights: int | None = None
     peak_gpu_reserved_bytes: int | None = None
+    # host memory the row used: its RSS growth, plus the pinned pool lent to its cache (model.host_pool_tokens:
+    # allocated once, at the warm-up, so not in the growth); the two parts below
     host_bytes: int | None = None
+    host_rss_growth_bytes: int | None = None
+    host_pool_bytes: int | None = None
     memory_stats: dict | None = None  # InfLLMCache.stats() summed over layers (inf-llm rows)
     decode_graph: dict | None = None  # DecodeGraphStats of the decode (replayed/eager steps), when graphed
     config: dict | None = None
@@ -444,6 +452,7 @@ def measure(model, spec: RowSpec, cfg: InfLLMConfig, chunk: int, ids: torch.Tens
     """Fill `res` for one row x length: prefill ids[:, :length-1], then decode from ids[:, length-1]."""
     device = ids.device
     label = f"{spec.name} @ {length}"
+    chunk = length - 1 if spec.whole_prompt else chunk
     cache = _make_cache(model, spec)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -476,7 +485,10 @@ def measure(model, spec: RowSpec, cfg: InfLLMConfig, chunk: int, ids: torch.Tens
     res.decode_ms_steps = steps
     res.decode_ms_per_token = sum(steps) / len(steps)
     res.decode_ms_median = sorted(steps)[len(steps) // 2]
-    res.host_bytes = _rss_bytes() - rss0
+    res.host_rss_growth_bytes = _rss_bytes() - rss0
+    lease = getattr(cache, "host_lease", None)
+    res.host_pool_bytes = lease.nbytes() if lease is not None else 0
+    res.host_bytes = res.host_rss_growth_bytes + res.host_pool_bytes
     if device.type == "cuda":
         res.peak_gpu_bytes_above_weights = torch.cuda.max_memory_allocated(device) - weights_bytes
         res.peak_gpu_reserved_bytes = torch.cuda.max_memory_reserved(device)
@@ -496,6 +508,7 @@ def warm_up(model, spec: RowSpec, chunk: int, ids: torch.Tensor, args: argparse.
     n = min(args.warmup_prefill, ids.shape[1]) - 1
     if n <= 0:
         return
+    chunk = n if spec.whole_prompt else chunk
     t0 = time.perf_counter()
     cache = _make_cache(model, spec)
     with torch.inference_mode():
@@ -574,8 +587,10 @@ def write_json(path: Path, header: dict, results: list[Result]) -> None:
 # ------------------------------------------------------------------------------------------------------- main
 def _describe(name: str, spec: RowSpec, cfg: InfLLMConfig) -> tuple[str, dict]:
     if spec.memory_type is None:
-        return (f"unpatched model, sdpa attention + DynamicCache, chunk_size {cfg.chunk_size}",
-                {"attention": "sdpa", "cache": "DynamicCache", "chunk_size": cfg.chunk_size})
+        chunking = "the whole prompt in one forward" if spec.whole_prompt else f"chunk_size {cfg.chunk_size}"
+        return (f"unpatched model, sdpa attention + DynamicCache, {chunking}",
+                {"attention": "sdpa", "cache": "DynamicCache",
+                 "chunk_size": None if spec.whole_prompt else cfg.chunk_size})
     m = cfg.model
     text = (f"type {m.type.value}, fattn {m.fattn}, n_init {m.n_init}, n_local {m.n_local}, topk {m.topk}, "
             f"block_size {m.block_size}, repr_topk {m.repr_topk}, max_cached_block {m.max_cached_block}, "

@@ -69,7 +69,13 @@ CASES = [
        dict(K=k, BLOCK_K=k, BLOCK_C=256, PREFETCH=prefetch, INTERPRETER=False), {"num_warps": warps})
       for k, prefetch, warps in ((16, False, 4), (256, True, 16))],
     ("_form_blocks_kernel", {"Score": F32, "Repr": F32},
-     dict(HEAD_DIM=D, BLOCK_SIZE=128, BLOCK_P2=128, REPR_TOPK=4, BLOCK_T=32, INTERPRETER=False), {}),
+     dict(HEAD_DIM=D, BLOCK_SIZE=128, BLOCK_P2=128, REPR_TOPK=4, BLOCK_T=32, CODEC=False, MAX_CODE=0.0,
+          INTERPRETER=False), {}),
+    # offload_dtype fp8 / int8 with offload_access: direct: blocks encoded as they form
+    *[("_form_blocks_kernel", {"Score": F32, "Repr": F32, "DstK": code, "DstV": code, "ScaleK": F32, "ScaleV": F32},
+       dict(HEAD_DIM=D, BLOCK_SIZE=128, BLOCK_P2=128, REPR_TOPK=4, BLOCK_T=32, CODEC=True, MAX_CODE=max_code,
+            INTERPRETER=False), {})
+      for code, max_code in (("*fp8e4nv", 448.0), ("*i8", 127.0))],
     ("_refine_topk_kernel", {"Values": F32, "Query": F32, "Reprs": F32,
                              **dict.fromkeys(("Indices", "Out", "Tags", "Stamps", "Counters", "Slots", "Fill"), I64)},
      dict(X=8 * D, K=16, KP=16, BLOCK_C=128, BLOCK_X=64, CACHE=True, BLOCK_K=16, BLOCK_S=256, INTERPRETER=False),

@@ -192,6 +192,8 @@ def test_host_pool_is_lent_to_one_cache_at_a_time_and_reused():
         pooled = [layer.memory.store.k.data_ptr() for layer in first.layers]
         assert pooled == [pool._storage[i][1]["k"].data_ptr() for i in range(len(first.layers))]
         assert first.layers[0].memory.store.count == 6  # (120 - 64 - 4) // 8, inside the pool's 8 blocks
+        store = first.layers[0].memory.store
+        assert first.host_lease.nbytes() == pool.nbytes() == len(first.layers) * (store.k.nbytes + store.v.nbytes)
         second = InfLLMCache(model, offload=True)  # while `first` lives: no pool
         twin = first.clone()
         assert second.host_lease is None and twin.host_lease is None

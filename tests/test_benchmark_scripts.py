@@ -18,16 +18,21 @@ def _run(args: list[str]) -> subprocess.CompletedProcess:
 
 def test_speed_script_writes_rows_with_chunk_and_issue_times(tmp_path):
     out = tmp_path / "speed.json"
-    proc = _run(["benchmark/speed.py", "--shape", "tiny", "--rows", "inf-llm-torch,origin-sdpa", "--lengths", "2048",
+    rows = ["inf-llm-torch", "origin-sdpa", "origin-sdpa-1pass"]
+    proc = _run(["benchmark/speed.py", "--shape", "tiny", "--rows", ",".join(rows), "--lengths", "2048",
                  "--decode-tokens", "4", "--out", str(out)])
     assert proc.returncode == 0, proc.stderr[-2000:]
     results = {r["row"]: r for r in json.loads(out.read_text())["results"]}
-    assert set(results) == {"inf-llm-torch", "origin-sdpa"}
+    assert set(results) == set(rows)
     for row in results.values():
         assert row["status"] == "ok" and row["prefill_tok_s"] > 0 and row["decode_ms_per_token"] > 0
         chunks, issued = row["chunk_seconds"], row["chunk_issue_seconds"]
         assert len(chunks) == len(issued) > 0
         assert all(0 < i <= c for i, c in zip(issued, chunks))  # issuing a chunk is part of its time
+        assert row["host_bytes"] == row["host_rss_growth_bytes"] + row["host_pool_bytes"]
+        assert row["host_pool_bytes"] == 0  # no model.host_pool_tokens
+    assert len(results["origin-sdpa"]["chunk_seconds"]) > 1 and len(results["origin-sdpa-1pass"]["chunk_seconds"]) == 1
+    assert results["origin-sdpa-1pass"]["config"]["chunk_size"] is None
     assert "inf-llm-torch" in proc.stdout and "prefill tok/s" in proc.stdout
 
 

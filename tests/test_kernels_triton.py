@@ -566,6 +566,53 @@ def test_form_blocks_writes_store_slots_and_representatives(block_size, dtype, p
                                 store_repr[1 : 1 + n].view(n, hkv, d))
 
 
+@pytest.mark.parametrize("codec", ["fp8", "int8"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("pinned", [False, pytest.param(True, marks=pytest.mark.skipif(INTERPRET, reason="GPU"))])
+def test_form_blocks_encodes_codes_as_the_codec_does(codec, dtype, pinned, hkv=3, n=2, block_size=40, d=64):
+    """offload_dtype with offload_access: direct: the formation kernel writes codes and scales bit for bit as
+    the codec's torch encoding (`BlockCodec.encode`), over magnitudes from subnormal codes to 100, an all-zero
+    key channel and value token (scale: float32's tiny), odd block sizes; bad scales are refused."""
+    from inf_llm.memory.compression import BlockCodec
+
+    gen = torch.Generator().manual_seed(21)
+    codec = BlockCodec.of(codec)
+    spread = torch.logspace(-4, 2, d)  # per channel: most of a key's magnitude in a few channels
+    tail_k = (_rand(hkv, 5 + n * block_size, d, dtype=FP32, gen=gen) * spread.to(DEVICE)).to(dtype)
+    tail_v = (_rand(hkv, 5 + n * block_size, d, dtype=FP32, gen=gen) * 3).to(dtype)
+    tail_k[0, 5:, 7] = 0
+    tail_v[1, 5 + block_size + 3] = 0
+    keys, values = (x[:, 5:].unflatten(1, (n, block_size)) for x in (tail_k, tail_v))  # strided, as the tail's
+    scores = torch.rand(hkv, n, block_size, generator=gen).to(DEVICE)
+    host = torch.device("cpu") if pinned else DEVICE
+    store_k = torch.zeros(n + 1, hkv, block_size, d, dtype=codec.storage_dtype, device=host)
+    store_v = torch.zeros_like(store_k)
+    k_scale, v_scale = torch.zeros(n + 1, hkv, 1, d, device=host), torch.zeros(n + 1, hkv, block_size, 1, device=host)
+    if pinned:
+        store_k, store_v, k_scale, v_scale = (t.pin_memory() for t in (store_k, store_v, k_scale, v_scale))
+    repr_ = torch.zeros(n, hkv, d, device=DEVICE)
+    triton_attn.form_blocks(keys, values, scores, 4, store_k[1:], store_v[1:], repr_,
+                            scales=(k_scale[1:], v_scale[1:]))
+    if pinned:
+        torch.cuda.synchronize()  # the kernel's writes to host memory, before the host reads them
+    for got, scale, x, is_keys in ((store_k, k_scale, keys, True), (store_v, v_scale, values, False)):
+        want, want_scale = codec.encode(x.transpose(0, 1), keys=is_keys)
+        assert torch.equal(got[1:].view(torch.uint8).to(DEVICE), want.view(torch.uint8))
+        assert torch.equal(scale[1:].to(DEVICE), want_scale)
+        assert (got[0].view(torch.uint8) == 0).all() and (scale[0] == 0).all()  # nothing outside the slots
+    assert (k_scale[1, 0, 0, 7] == torch.finfo(torch.float32).tiny).item()
+    assert (v_scale[2, 1, 3, 0] == torch.finfo(torch.float32).tiny).item()
+    want_repr = torch.zeros_like(repr_)
+    reference.form_blocks(keys, values, scores, 4, store_k[1:].clone(), store_v[1:].clone(), want_repr,
+                          scales=(k_scale[1:].clone(), v_scale[1:].clone()))
+    torch.testing.assert_close(repr_, want_repr, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="v_scale must be"):
+        triton_attn.form_blocks(keys, values, scores, 4, store_k[1:], store_v[1:], repr_,
+                                scales=(k_scale[1:], v_scale[1:, :, :1]))
+    with pytest.raises(ValueError, match="differs from the keys"):  # codes without their scales
+        triton_attn.form_blocks(keys, values, scores, 4, store_k[1:], store_v[1:], repr_)
+
+
 @pytest.mark.parametrize("one_angle", [False, True])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_rotate_matches_reference_on_a_transposed_view(one_angle, dtype, h=3, length=37, d=32):
@@ -1120,6 +1167,15 @@ def test_decode_attention_gpu(dtype):
 def test_form_blocks_into_pinned_host_memory_gpu():
     """offload_access: direct forms blocks straight into the pinned host store."""
     test_form_blocks_writes_store_slots_and_representatives(128, BF16, True)
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("codec", ["fp8", "int8"])
+def test_form_blocks_encodes_codes_gpu(codec):
+    """Mistral-7B blocks (8 KV heads x 128 tokens x 128, bf16) encoded by the formation kernel into pinned host
+    memory, bit for bit as the codec's torch ops encode them on the GPU."""
+    test_form_blocks_encodes_codes_as_the_codec_does(codec, BF16, True, hkv=8, n=16, block_size=128, d=128)
 
 
 @pytest.mark.gpu

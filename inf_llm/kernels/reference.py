@@ -293,16 +293,41 @@ def block_representatives(keys: torch.Tensor, scores: torch.Tensor, repr_topk: i
     return chosen.mean(dim=2, dtype=dtype).transpose(0, 1)
 
 
+# offload_dtype's codes and the largest magnitude each holds
+CODE_MAX = {torch.float8_e4m3fn: 448.0, torch.int8: 127.0}
+
+
+def encode_codes(x: torch.Tensor, dtype: torch.dtype, keys: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Blocks x (n, Hkv, bs, D) -> (codes in `dtype`, fp8 e4m3 or int8; float32 scales broadcastable to x):
+    keys scaled per channel over a block's tokens (n, Hkv, 1, D), values per token (n, Hkv, bs, 1). The
+    encoding of `offload_dtype` (`BlockCodec.encode`), here so that `form_blocks` and its kernel share it."""
+    max_code = CODE_MAX[dtype]
+    xf = x.float()
+    amax = xf.abs().amax(dim=2 if keys else 3, keepdim=True)
+    scale = (amax / max_code).clamp_min(torch.finfo(torch.float32).tiny)
+    scaled = xf / scale
+    if dtype == torch.int8:
+        return scaled.round_().clamp_(-max_code, max_code).to(torch.int8), scale
+    return scaled.to(dtype), scale  # |scaled| <= 448 (up to its rounding): inside e4m3's range
+
+
 def form_blocks(
     keys: torch.Tensor, values: torch.Tensor, scores: torch.Tensor, repr_topk: int,
-    dst_k: torch.Tensor, dst_v: torch.Tensor, dst_repr: torch.Tensor, check: bool = True,
+    dst_k: torch.Tensor, dst_v: torch.Tensor, dst_repr: torch.Tensor, check: bool = True, scales=None,
 ) -> None:
     """New memory blocks into the store: dst_k/dst_v (n, Hkv, bs, D) = keys/values (Hkv, n, bs, D), and
     dst_repr (n, Hkv, D) = per block and head the mean (in dst_repr's dtype) of the `repr_topk` keys with the
-    highest scores (Hkv, n, bs)."""
+    highest scores (Hkv, n, bs). `scales` (k_scale (n, Hkv, 1, D), v_scale (n, Hkv, bs, 1), float32): dst_k/
+    dst_v hold fp8/int8 codes, written with their scales as `encode_codes` makes them."""
     dst_repr.copy_(block_representatives(keys, scores, repr_topk, dst_repr.dtype))
-    dst_k.copy_(keys.transpose(0, 1))
-    dst_v.copy_(values.transpose(0, 1))
+    if scales is None:
+        dst_k.copy_(keys.transpose(0, 1))
+        dst_v.copy_(values.transpose(0, 1))
+        return
+    for dst, scale_dst, x, is_keys in ((dst_k, scales[0], keys, True), (dst_v, scales[1], values, False)):
+        codes, scale = encode_codes(x.transpose(0, 1), dst.dtype, keys=is_keys)
+        dst.copy_(codes)
+        scale_dst.copy_(scale)
 
 
 def global_stage_into(

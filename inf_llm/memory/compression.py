@@ -4,6 +4,7 @@ Keys are scaled per channel over a block's tokens (a few channels of a head carr
 so one scale per block would crush the others), values per token (as KIVI does for a KV cache). A block
 is encoded once, on the compute device, when it leaves the window; it is decoded on the compute device
 each time the block cache loads it, so host memory and host-to-device traffic both shrink.
+The encoding itself is `kernels.reference.encode_codes`, which the fused formation kernel matches bit for bit.
 Tensor in, tensor out; knows nothing of lookups or attention.
 """
 
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-TOKENS, CHANNELS = 2, 3  # axes of a (n, Hkv, block_size, D) block tensor
+from inf_llm.kernels.reference import encode_codes
 
 
 @dataclass(frozen=True)
@@ -22,14 +23,13 @@ class BlockCodec:
 
     name: str
     storage_dtype: torch.dtype
-    max_code: float  # largest magnitude a code holds: 448 for e4m3, 127 for int8
 
     @staticmethod
     def of(name: str) -> "BlockCodec":
         if name == "fp8":
-            return BlockCodec(name, torch.float8_e4m3fn, 448.0)
+            return BlockCodec(name, torch.float8_e4m3fn)
         if name == "int8":
-            return BlockCodec(name, torch.int8, 127.0)
+            return BlockCodec(name, torch.int8)
         raise ValueError(f"unknown offload_dtype {name!r} (use fp8 or int8)")
 
     def scale_shape(self, block_shape: tuple[int, int, int], keys: bool) -> tuple[int, int, int]:
@@ -39,13 +39,7 @@ class BlockCodec:
 
     def encode(self, x: torch.Tensor, keys: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """x (n, Hkv, block_size, D) -> (codes in storage_dtype, scales float32 broadcastable to x)."""
-        xf = x.float()
-        amax = xf.abs().amax(dim=TOKENS if keys else CHANNELS, keepdim=True)
-        scale = (amax / self.max_code).clamp_min(torch.finfo(torch.float32).tiny)
-        scaled = xf / scale
-        if self.storage_dtype == torch.int8:
-            return scaled.round_().clamp_(-self.max_code, self.max_code).to(torch.int8), scale
-        return scaled.to(self.storage_dtype), scale  # |scaled| <= 448: inside e4m3's range, no saturation
+        return encode_codes(x, self.storage_dtype, keys)
 
     @staticmethod
     def decode_into(dst: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor) -> None:

@@ -870,11 +870,12 @@ class ContextMemory:
         # else one op writes the store's new slots: on the device, or (direct) in pinned host memory over the bus
         if into_ring and self._use_ring and self._formation_ring().size >= n:
             self.ring.form(self.ops, keys, values, scores, self.cfg.repr_topk, store, store.claim(n, starts))
-        elif store.codec is None and (store.k.device == self.device or self._direct):
+        elif store.k.device == self.device or self._direct:  # (direct with a codec: encoded by the same launch)
             new = store.claim(n, starts)
+            scales = None if store.codec is None else (store.k_scale[new], store.v_scale[new])
             self.ops.form_blocks(keys, values, scores, self.cfg.repr_topk, store.k[new], store.v[new],
-                                 store.repr[new].view(n, self.hkv, self.d), check=self._check_ops)
-        else:  # to the host (compressed): representatives here, K/V copied over asynchronously
+                                 store.repr[new].view(n, self.hkv, self.d), check=self._check_ops, scales=scales)
+        else:  # to the host (cache access, compressed or not): representatives here, K/V copied asynchronously
             representatives = block_representatives(keys, scores, self.cfg.repr_topk, self.repr_dtype)
             store.add_many(keys.transpose(0, 1), values.transpose(0, 1), representatives, starts)
         if self._faiss_index is not None:

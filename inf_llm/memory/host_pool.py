@@ -63,6 +63,10 @@ class HostPoolLease:
         """A `host_storage` callable for layer `layer`'s BlockStore."""
         return lambda spec: self._pool._storage_for(layer, spec)
 
+    def nbytes(self) -> int:
+        """Host memory the pool holds (allocated once; what this cache may use of it)."""
+        return self._pool.nbytes()
+
     def give_back(self) -> None:
         if not self._returned:
             self._returned = True
