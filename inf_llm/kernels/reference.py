@@ -304,7 +304,9 @@ def encode_codes(x: torch.Tensor, dtype: torch.dtype, keys: bool) -> tuple[torch
     max_code = CODE_MAX[dtype]
     xf = x.float()
     amax = xf.abs().amax(dim=2 if keys else 3, keepdim=True)
-    scale = (amax / max_code).clamp_min(torch.finfo(torch.float32).tiny)
+    # times the reciprocal, not divided: what torch computes on CUDA for a tensor over a Python number (and
+    # so the same bits on every device and in the Triton kernel)
+    scale = (amax * (1.0 / max_code)).clamp_min(torch.finfo(torch.float32).tiny)
     scaled = xf / scale
     if dtype == torch.int8:
         return scaled.round_().clamp_(-max_code, max_code).to(torch.int8), scale

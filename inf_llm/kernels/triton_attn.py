@@ -1059,7 +1059,7 @@ def _form_blocks_kernel(
             keys = tl.load(k_base + rows[:, None].to(tl.int64) * stride_kt + offs_d[None, :],
                            mask=(rows < BLOCK_SIZE)[:, None], other=0.0).to(tl.float32)
             amax = tl.maximum(amax, _max(tl.abs(keys), 0, INTERPRETER))
-        k_scale = tl.maximum(tl.math.div_rn(amax, MAX_CODE), tiny)
+        k_scale = tl.maximum(amax * (1.0 / MAX_CODE), tiny)  # as encode_codes: times the reciprocal
         tl.store(ScaleK + j * stride_ksn + h * stride_ksh + offs_d, k_scale)
     for t0 in range(0, BLOCK_SIZE, BLOCK_T):
         rows = t0 + tl.arange(0, BLOCK_T)
@@ -1071,7 +1071,7 @@ def _form_blocks_kernel(
             keys = _encoded(tl.math.div_rn(keys.to(tl.float32), k_scale[None, :]), DstK.dtype.element_ty, INTERPRETER)
             values = values.to(tl.float32)
             v_amax = _max(tl.abs(values), 1, INTERPRETER)
-            v_scale = tl.maximum(tl.math.div_rn(v_amax, MAX_CODE), tiny)
+            v_scale = tl.maximum(v_amax * (1.0 / MAX_CODE), tiny)
             tl.store(ScaleV + j * stride_vsn + h * stride_vsh + rows.to(tl.int64) * stride_vst, v_scale,
                      mask=rows < BLOCK_SIZE)
             values = _encoded(tl.math.div_rn(values, v_scale[:, None]), DstV.dtype.element_ty, INTERPRETER)
