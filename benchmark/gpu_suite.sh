@@ -3,7 +3,7 @@
 # 10-minute command, every result under OUT (at most 8 files per part: a lent GPU machine returns 8).
 #
 #   bash benchmark/gpu_suite.sh OUT tests   # kernel, fast-vs-torch agreement, decode-graph and fused-op GPU tests
-#   bash benchmark/gpu_suite.sh OUT speed   # origin vs inf-llm at 32K/128K (one run), then 512K; Mistral-7B shape
+#   bash benchmark/gpu_suite.sh OUT speed   # origin (chunked, one pass) vs inf-llm at 32K/128K (one run), then 512K
 #   bash benchmark/gpu_suite.sh OUT fused   # 128K without and with model.fused_elementwise, and the kernel bench
 #   bash benchmark/gpu_suite.sh OUT flat    # offload_access: direct + host_pool_tokens at 32K/128K/512K
 #   bash benchmark/gpu_suite.sh OUT profile # wall vs kernel time per 8K chunk at 16K-80K, with GPU clocks sampled
@@ -21,7 +21,9 @@
 #
 # TESTS_TIMEOUT (seconds, default 560) bounds the tests part, e.g. to run it after another part in one command.
 # On a fresh machine the first Triton compiles take minutes (the tests part spent ~7 of its minutes so on an
-# H200). Wheels the machine lacks: scripts/fetch_device_wheels.sh (installed here when .wheels exists).
+# H200; on an H100 in session 13 the first run reached its 570 s limit after 41 of the 47 tests, and a second run
+# on the warm machine, its compiled kernels cached, took 26 s for all 47). Wheels the machine lacks:
+# scripts/fetch_device_wheels.sh (installed here when .wheels exists).
 set -uo pipefail
 cd "$(dirname "$(realpath "$0")")/.."
 OUT=${1:?usage: gpu_suite.sh OUT tests|speed|fused|flat|flat-fp8|profile|cache|walls|pacing|table|report}
@@ -40,7 +42,7 @@ FLAT=(--set model.offload=true --set model.offload_access=direct --set model.pin
 
 # Each run: its time limit, then the log its output is appended to (parts share them: `report` runs most).
 speed_main() {
-    timeout "$1" python benchmark/speed.py --rows origin-sdpa,inf-llm-fattn --lengths 32k,128k "${COMMON[@]}" \
+    timeout "$1" python benchmark/speed.py --rows origin-sdpa,origin-sdpa-1pass,inf-llm-fattn --lengths 32k,128k "${COMMON[@]}" \
         "${DEVICE[@]}" --out "$OUT/speed-main.json" >> "$2" 2>&1
 }
 speed_512k() {
@@ -60,7 +62,7 @@ profile() {  # with the GPU's clocks, power and throttle reasons sampled every 2
     kill $smi
 }
 table_runs() {  # the README table's runs into log $1, then the profile with time limit $2
-    speed_main 240 "$1"
+    speed_main 270 "$1"
     speed_512k 120 "$1"
     speed_flat 200 "$1"
     profile "$2"
@@ -75,7 +77,7 @@ tests)
     tail -3 "$OUT/gpu-tests.log"
     ;;
 speed)
-    speed_main 240 "$OUT/speed-main.log"
+    speed_main 270 "$OUT/speed-main.log"
     speed_512k 150 "$OUT/speed-512k.log"
     tail -6 "$OUT/speed-main.log"; tail -3 "$OUT/speed-512k.log"
     ;;
