@@ -127,7 +127,8 @@ def _rounded(x, dtype: tl.constexpr, INTERPRETER: tl.constexpr):
     """float32 x rounded to `dtype` (nearest even) and kept in float32: a rounding the torch ops make between
     two 16-bit ops, for more float32 arithmetic. Not `x.to(dtype).to(tl.float32)`: on the GPU the compiler
     folds that pair away (an H200 run of the rotation differed from the torch ops' in 23% of its bf16 values,
-    benchmark/figures/gpu-s9). bf16: integer arithmetic on the bits (finite x); fp16: the PTX conversions."""
+    benchmark/figures/gpu-s9). bf16: integer arithmetic on the bits (finite x); fp16: the PTX conversions;
+    fp8 e4m3 (|x| <= 448): the bits, and a float32 add-and-subtract for its subnormals."""
     if dtype == tl.bfloat16:
         bits = x.to(tl.uint32, bitcast=True)
         bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
@@ -140,6 +141,11 @@ def _rounded(x, dtype: tl.constexpr, INTERPRETER: tl.constexpr):
                 "{ .reg .b16 t; cvt.rn.f16.f32 t, $1; cvt.f32.f16 $0, t; }", "=r,r", [x],
                 dtype=tl.float32, is_pure=True, pack=1,
             )
+    elif dtype == tl.float8e4nv:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = ((bits + 0x7FFFF + ((bits >> 20) & 1)) >> 20) << 20  # 3 mantissa bits, nearest even
+        subnormal = (x + 24576.0) - 24576.0  # below 2**-6: multiples of 2**-9 (1.5 * 2**14 fixes that step)
+        x = tl.where(tl.abs(x) < 0.015625, subnormal, bits.to(tl.float32, bitcast=True))
     return x
 
 
@@ -1014,13 +1020,8 @@ def _encoded(x, dtype: tl.constexpr, INTERPRETER: tl.constexpr):
     rounds half to even and clamps to +-127; fp8 e4m3 rounds to nearest even (|x| <= 448 up to rounding)."""
     if dtype == tl.int8:
         x = (x + 12582912.0) - 12582912.0  # 1.5 * 2**23: rounds |x| < 2**22 to an integer, half to even
-        x = tl.minimum(tl.maximum(x, -127.0), 127.0)
-    elif INTERPRETER:  # the interpreter's fp8 conversion truncates: round here first, it is then exact
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = ((bits + 0x7FFFF + ((bits >> 20) & 1)) >> 20) << 20  # 3 mantissa bits, nearest even
-        subnormal = (x + 24576.0) - 24576.0  # below 2**-6: multiples of 2**-9 (1.5 * 2**14 fixes that step)
-        x = tl.where(tl.abs(x) < 0.015625, subnormal, bits.to(tl.float32, bitcast=True))
-    return x.to(dtype)
+        return tl.minimum(tl.maximum(x, -127.0), 127.0).to(dtype)
+    return _round_to(x, dtype, INTERPRETER)  # fp8: the interpreter's own conversion truncates
 
 
 @triton.jit
@@ -1914,14 +1915,12 @@ def _launch_gather(src_k, src_v, block_ids, dst_k, dst_v, dst_rows: torch.Tensor
     (validated by `_check_ring`): the newest blocks from there; `scales` (k_scale, v_scale): src holds codes
     (`_check_scales`)."""
     ring_k, ring_v, lo, hi = ring if ring is not None else (src_k, src_v, 0, 0)
-    k_scale, v_scale = scales if scales is not None else (src_k, src_v)  # placeholders, never read
-    ks_strides = k_scale.stride()[:2] if scales is not None else (0, 0)
-    vs_strides = v_scale.stride()[:3] if scales is not None else (0, 0, 0)
+    scale_ptrs, scale_strides = _scale_args(scales, src_k)
     _gather_blocks[(block_ids.shape[1], dst_k.shape[1])](
         src_k, src_v, block_ids, dst_k, dst_v, dst_rows if dst_rows is not None else block_ids, ring_k, ring_v,
-        k_scale, v_scale,
+        *scale_ptrs,
         *src_k.stride()[:3], *src_v.stride()[:3], *block_ids.stride(),
-        *dst_k.stride()[:3], *dst_v.stride()[:3], *ks_strides, *vs_strides, lo, hi, ring_k.shape[0],
+        *dst_k.stride()[:3], *dst_v.stride()[:3], *scale_strides, lo, hi, ring_k.shape[0],
         PER_HEAD=block_ids.shape[0] > 1, INDIRECT=dst_rows is not None, HEAD_DIM=dst_k.shape[3],
         BLOCK_SIZE=dst_k.shape[2], BLOCK_T=_INTERPRETER_BLOCK if _INTERPRETED else 32, RING=ring is not None,
         CODEC=scales is not None, INTERPRETER=_INTERPRETED,
@@ -1929,6 +1928,15 @@ def _launch_gather(src_k, src_v, block_ids, dst_k, dst_v, dst_rows: torch.Tensor
 
 
 _CODE_DTYPES = tuple(CODE_MAX)  # offload_dtype's codes (reference.encode_codes)
+
+
+def _scale_args(scales, placeholder: torch.Tensor) -> tuple[tuple, tuple]:
+    """The kernels' ScaleK/ScaleV pointers and their strides (k_scale: block, head; v_scale: block, head,
+    token) for `scales` (k_scale, v_scale); without a codec a placeholder pointer and zero strides (not read)."""
+    if scales is None:
+        return (placeholder, placeholder), (0,) * 5
+    k_scale, v_scale = scales
+    return (k_scale, v_scale), (*k_scale.stride()[:2], *v_scale.stride()[:3])
 
 
 def _check_scales(scales, src_k: torch.Tensor, src_v: torch.Tensor, device: torch.device) -> None:
@@ -2076,16 +2084,13 @@ def form_blocks(
         _check_device(keys.device)
     if n == 0 or hkv == 0:
         return
-    k_scale, v_scale = scales if scales is not None else (dst_k, dst_v)  # placeholders, never read
-    ks_strides = k_scale.stride()[:2] if scales is not None else (0, 0)
-    vs_strides = v_scale.stride()[:3] if scales is not None else (0, 0, 0)
+    scale_ptrs, scale_strides = _scale_args(scales, dst_k)
     with _device_guard(keys.device):
         _form_blocks[(n, hkv)](
-            keys, values, scores, dst_k, dst_v, dst_repr, k_scale, v_scale,
+            keys, values, scores, dst_k, dst_v, dst_repr, *scale_ptrs,
             keys.stride(0), keys.stride(1), keys.stride(2), values.stride(0), values.stride(1), values.stride(2),
             scores.stride(0), scores.stride(1),
-            *dst_k.stride()[:3], *dst_v.stride()[:3], dst_repr.stride(0), dst_repr.stride(1), *ks_strides,
-            *vs_strides,
+            *dst_k.stride()[:3], *dst_v.stride()[:3], dst_repr.stride(0), dst_repr.stride(1), *scale_strides,
             HEAD_DIM=d, BLOCK_SIZE=bs, BLOCK_P2=_next_pow2(bs), REPR_TOPK=repr_topk,
             BLOCK_T=_INTERPRETER_BLOCK if _INTERPRETED else 32, CODEC=scales is not None,
             MAX_CODE=CODE_MAX.get(dst_k.dtype, 0.0), INTERPRETER=_INTERPRETED,
