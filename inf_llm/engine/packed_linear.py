@@ -60,22 +60,36 @@ def _agrees(linear: nn.Linear) -> bool:
         )
 
 
+def packing_is_exact(linear: nn.Linear) -> bool:
+    """The probe `pack_linear_layers` decides by: are the oneDNN ops there, and does a packed copy of
+    `linear` (a bf16 CPU layer) reproduce `F.linear` bit for bit? False on torch builds without the ops and
+    on CPUs whose oneDNN has no exact bf16 kernel (e.g. without AVX512-BF16 / AMX)."""
+    try:
+        return _ops_available() and _agrees(linear)
+    except RuntimeError as exc:  # a torch build whose oneDNN lacks a bf16 kernel for this CPU
+        logger.debug("packed linear probe failed: %s", exc)
+        return False
+
+
+def packing_supported() -> bool:
+    """`packing_is_exact` on a small seeded bf16 layer: whether this machine packs bf16 models at all."""
+    linear = nn.Linear(64, 48, bias=True)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(48, 64, generator=torch.Generator().manual_seed(1)))
+    return packing_is_exact(linear.to(torch.bfloat16))
+
+
 def pack_linear_layers(model: nn.Module) -> int:
     """Replace every bf16 `nn.Linear` on the CPU by a `PackedLinear`; returns how many were replaced
-    (0 when the oneDNN ops are missing or do not reproduce `F.linear` exactly)."""
+    (0, the model untouched, when `packing_is_exact` says no for its first layer)."""
     targets = [
         (name, module) for name, module in model.named_modules()
         if type(module) is nn.Linear and module.weight.device.type == "cpu" and module.weight.dtype == torch.bfloat16
     ]
     if not targets:
         return 0
-    try:
-        ok = _ops_available() and _agrees(targets[0][1])
-    except RuntimeError as exc:  # a torch build whose oneDNN lacks a bf16 kernel for this CPU
-        logger.info("packed linear layers unavailable (%s); using F.linear", exc)
-        return 0
-    if not ok:
-        logger.info("packed linear layers unavailable or not exact on this torch build; using F.linear")
+    if not packing_is_exact(targets[0][1]):
+        logger.info("packed linear layers unavailable or not exact on this CPU and torch build; using F.linear")
         return 0
     for name, linear in targets:
         parent_name, _, child = name.rpartition(".")
