@@ -154,7 +154,14 @@ class GenerationConfig(_Strict):
     temperature: float = Field(0.7, ge=0, le=5, description="0 = greedy")
     top_p: float = Field(0.95, gt=0, le=1)
     top_k: int = Field(0, ge=0, description="0 = disabled")
-    repetition_penalty: float = Field(1.0, gt=0, le=10)
+    repetition_penalty: float = Field(
+        1.0, gt=0, le=10,
+        description="divides the logits of the last repeat_last_n generated tokens (never the prompt's: a "
+        "penalty over an attached document stops the model copying from it); 1 = none",
+    )
+    repeat_last_n: int = Field(64, ge=0, le=1_000_000, description="generated tokens the repetition penalty sees")
+    frequency_penalty: float = Field(0.0, ge=-2, le=2, description="OpenAI's: minus this times a token's count")
+    presence_penalty: float = Field(0.0, ge=-2, le=2, description="OpenAI's: minus this once a token was generated")
     max_new_tokens: int = Field(512, ge=1, le=1_000_000)
     stop: list[str] = Field(default_factory=list, description="stop strings; never streamed")
     seed: int | None = Field(None, description="sampling seed; None: random")

@@ -192,7 +192,8 @@ def test_status_payload_needs_no_key(server):
     assert body["max_len"] == MAX_LEN and body["auth_required"] is True
     assert body["generation_defaults"]["max_new_tokens"] == 16
     assert set(body["generation_defaults"]) == {"temperature", "top_p", "top_k", "max_new_tokens",
-                                                "repetition_penalty", "stop", "system_prompt"}
+                                                "repetition_penalty", "repeat_last_n", "frequency_penalty",
+                                                "presence_penalty", "stop", "system_prompt"}
 
 
 def test_page_and_static_assets_are_open(server):

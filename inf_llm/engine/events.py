@@ -25,6 +25,9 @@ class SamplingParams:
     top_k: int
     repetition_penalty: float
     max_new_tokens: int
+    repeat_last_n: int = 64  # generated tokens the repetition penalty looks back over (never the prompt)
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
 

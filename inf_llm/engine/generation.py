@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Sequence
 
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList, TextStreamer
+from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList, TextStreamer
 
 from inf_llm.adapter import InfLLMCache, cache_kwargs
 from inf_llm.config import GenerationConfig, InfLLMConfig, MemoryType, Truncation
@@ -36,6 +36,7 @@ from inf_llm.engine.events import (
     Usage,
 )
 from inf_llm.engine.pacing import ChunkPacer
+from inf_llm.engine.penalties import GeneratedTokenPenalties
 from inf_llm.engine.templates import Message, render_chat
 from inf_llm.errors import GenerationCancelled, PromptTooLongError, RequestError
 
@@ -59,6 +60,9 @@ def sampling_params(defaults: GenerationConfig, **overrides) -> SamplingParams:
         "top_p": defaults.top_p,
         "top_k": defaults.top_k,
         "repetition_penalty": defaults.repetition_penalty,
+        "repeat_last_n": defaults.repeat_last_n,
+        "frequency_penalty": defaults.frequency_penalty,
+        "presence_penalty": defaults.presence_penalty,
         "max_new_tokens": defaults.max_new_tokens,
         "stop": tuple(defaults.stop),
         "seed": defaults.seed,
@@ -337,13 +341,16 @@ class Generator:
         kwargs: dict = {
             "max_new_tokens": params.max_new_tokens,
             "num_beams": 1,
-            "repetition_penalty": params.repetition_penalty,
             "pad_token_id": self.pad_id,
             "eos_token_id": self.eos_ids + self._special_stop_ids(extra_stop),
             "attention_mask": torch.ones_like(x),
             "streamer": streamer,
             "stopping_criteria": StoppingCriteriaList([criteria]),
         }
+        penalties = GeneratedTokenPenalties(len(ids), params.repetition_penalty, params.repeat_last_n,
+                                            params.frequency_penalty, params.presence_penalty)
+        if penalties.active:
+            kwargs["logits_processor"] = LogitsProcessorList([penalties])
         if params.temperature >= MIN_TEMPERATURE:
             kwargs.update(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k)
             if params.seed is not None:

@@ -20,6 +20,8 @@ TopP = Annotated[float, Field(gt=0, le=1)]
 TopK = Annotated[int, Field(ge=0, le=100_000, description="0 = disabled")]
 # Below 0.01 the penalty divides logits by ~0 and overflows.
 RepetitionPenalty = Annotated[float, Field(ge=0.01, le=10, description="1 = none")]
+RepeatLastN = Annotated[int, Field(ge=0, le=1_000_000, description="generated tokens the repetition penalty sees")]
+OpenAIPenalty = Annotated[float, Field(ge=-2, le=2)]
 MaxNewTokens = Annotated[int, Field(ge=1, le=1_000_000)]
 Seed = Annotated[int, Field(ge=0, le=2**63 - 1)]
 
@@ -67,6 +69,9 @@ class ChatRequest(_Strict):
     top_k: TopK | None = None
     max_new_tokens: MaxNewTokens | None = None
     repetition_penalty: RepetitionPenalty | None = None
+    repeat_last_n: RepeatLastN | None = None
+    frequency_penalty: OpenAIPenalty | None = None
+    presence_penalty: OpenAIPenalty | None = None
     stop: list[str] | None = Field(None, description="stop strings (never part of the answer)")
     seed: Seed | None = None
     session_id: str | None = Field(None, max_length=200, description="client conversation id (logging only)")
@@ -165,6 +170,9 @@ class GenerationDefaults(BaseModel):
     top_k: int
     max_new_tokens: int
     repetition_penalty: float
+    repeat_last_n: int
+    frequency_penalty: float
+    presence_penalty: float
     stop: list[str]
     system_prompt: str | None
 
@@ -210,7 +218,11 @@ class _OpenAISampling(_Lenient):
     temperature: Temperature | None = None
     top_p: TopP | None = None
     top_k: TopK | None = Field(None, description="extension")
-    repetition_penalty: RepetitionPenalty | None = Field(None, description="extension")
+    repetition_penalty: RepetitionPenalty | None = Field(
+        None, description="extension; none unless asked for (OpenAI has no such default)")
+    repeat_last_n: RepeatLastN | None = Field(None, description="extension")
+    frequency_penalty: OpenAIPenalty | None = None
+    presence_penalty: OpenAIPenalty | None = None
     stop: str | list[str] | None = None
     seed: Seed | None = None
     n: Literal[1] = Field(1, description="only one choice is generated")

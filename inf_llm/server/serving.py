@@ -109,8 +109,17 @@ class Serving:
         raise AssertionError("unreachable: a job always ends with Done or Error")
 
     def _sampling(self, body) -> dict:
+        """/chat: the request's sampling fields, the config's generation defaults for those it leaves out."""
         return {"temperature": body.temperature, "top_p": body.top_p, "top_k": body.top_k,
-                "repetition_penalty": body.repetition_penalty, "stop": body.stop, "seed": body.seed}
+                "repetition_penalty": body.repetition_penalty, "repeat_last_n": body.repeat_last_n,
+                "frequency_penalty": body.frequency_penalty, "presence_penalty": body.presence_penalty,
+                "stop": body.stop, "seed": body.seed}
+
+    def _openai_sampling(self, body) -> dict:
+        """OpenAI routes follow OpenAI's semantics: no penalty the request did not ask for (an evaluation
+        harness must get the model's answers, not the served chat's defaults)."""
+        return {**self._sampling(body), "repetition_penalty": body.repetition_penalty or 1.0,
+                "frequency_penalty": body.frequency_penalty or 0.0, "presence_penalty": body.presence_penalty or 0.0}
 
     # --- POST /chat -------------------------------------------------------------------------------
     async def chat(self, request: Request, body: ChatRequest, stream: bool) -> Response:
@@ -160,7 +169,8 @@ class Serving:
     async def chat_completions(self, request: Request, body: ChatCompletionRequest) -> Response:
         messages = self._openai_messages(body)
         job = await self._submit(request, lambda engine: engine.prepare_chat(messages),
-                                 max_new_tokens=body.max_completion_tokens or body.max_tokens, **self._sampling(body))
+                                 max_new_tokens=body.max_completion_tokens or body.max_tokens,
+                                 **self._openai_sampling(body))
         meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": self.state.model_name}
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -178,7 +188,7 @@ class Serving:
     async def completions(self, request: Request, body: CompletionRequest) -> Response:
         prompt_text = body.text()
         job = await self._submit(request, lambda engine: engine.prepare_text(prompt_text),
-                                 max_new_tokens=body.max_tokens, **self._sampling(body))
+                                 max_new_tokens=body.max_tokens, **self._openai_sampling(body))
         meta = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": self.state.model_name}
         prefix = prompt_text if body.echo else ""
         if body.stream:

@@ -106,6 +106,8 @@ class ServerState:
             "auth_required": bool(cfg.server.api_key),
             "generation_defaults": {"temperature": g.temperature, "top_p": g.top_p, "top_k": g.top_k,
                                     "max_new_tokens": g.max_new_tokens, "repetition_penalty": g.repetition_penalty,
+                                    "repeat_last_n": g.repeat_last_n, "frequency_penalty": g.frequency_penalty,
+                                    "presence_penalty": g.presence_penalty,
                                     "stop": list(g.stop), "system_prompt": g.system_prompt},
         }
 
