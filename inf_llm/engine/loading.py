@@ -359,6 +359,13 @@ def _first_line(exc: Exception) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+def load_tokenizer(model_cfg: ModelConfig) -> PreTrainedTokenizerBase:
+    """The tokenizer `load_model` would load for `model_cfg` (its `tokenizer_path`, else the model's own),
+    without the weights: for clients that count tokens as a server does."""
+    source = resolve_path(model_cfg.tokenizer_path) if model_cfg.tokenizer_path else resolve_model_path(model_cfg)
+    return _load_tokenizer(source)
+
+
 def _load_tokenizer(source: ResolvedModel) -> PreTrainedTokenizerBase:
     try:
         return AutoTokenizer.from_pretrained(source.location, **_from_pretrained_kwargs(source))
