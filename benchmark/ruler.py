@@ -128,9 +128,13 @@ def _needle_task(task: str, length: int, index: int, tokenizer, sources: list[st
     query = ", ".join(asked[:-1]) + (", and " if len(asked) > 1 else "") + asked[-1]
     head = (f"Some special magic {noun} are hidden within the following text. Make sure to memorize it. "
             f"I will quiz you about the {noun} afterwards.\n")
-    tail = f"\nWhat are all the special magic {noun} for {query} mentioned in the provided text?"
-    prefix = f" The special magic {noun} for {query} mentioned in the provided text are"
-    budget = length - _tokens(tokenizer, head + tail + prefix + "\n\n".join(needles)) - TEMPLATE_SLACK
+    if len(answers) == 1:  # RULER's singular question (its plural one sends a 135M model off into lists)
+        tail = f"\nWhat is the special magic {noun[:-1]} for {query} mentioned in the provided text?"
+        prefix = f" The special magic {noun[:-1]} for {query} mentioned in the provided text is"
+    else:
+        tail = f"\nWhat are all the special magic {noun} for {query} mentioned in the provided text?"
+        prefix = f" The special magic {noun} for {query} mentioned in the provided text are"
+    budget = length - _tokens(tokenizer, head + tail + prefix + "\n\n".join(needles)) - _slack(length)
     hay = haystacks.haystack(source, tokenizer, budget, rng)
     return Case(task, length, index, source, depth, head + _insert(list(hay.paragraphs), needles, depths) + tail,
                 prefix, tuple(answers))
@@ -149,7 +153,7 @@ def _vt_task(length: int, index: int, tokenizer, sources: list[str]) -> Case:
     tail = f"\nQuestion: Find all variables that are assigned the value {value} in the text above."
     prefix = (f" Answer: According to the chain(s) of variable assignment in the text above, 5 variables are "
               f"assigned the value {value}, they are:")
-    budget = length - _tokens(tokenizer, head + tail + prefix + " ".join(chain)) - TEMPLATE_SLACK
+    budget = length - _tokens(tokenizer, head + tail + prefix + " ".join(chain)) - _slack(length)
     hay = haystacks.haystack(source, tokenizer, budget, rng)
     # the chain in order, from the case's depth towards the end
     depths = [depth + (0.95 - depth) * i / 5 for i in range(5)]
@@ -166,7 +170,7 @@ def _cwe_task(length: int, index: int, tokenizer, sources: list[str]) -> Case:
             "ones that appear most often.\n")
     tail = "\nQuestion: What are the 10 most common words in the above list?"
     prefix = " Answer: The top 10 words that appear most often in the list are:"
-    fixed = _tokens(tokenizer, head + tail + prefix) + TEMPLATE_SLACK
+    fixed = _tokens(tokenizer, head + tail + prefix) + _slack(length)
     per_item = _tokens(tokenizer, "123. violin ") + 1
     items = max(40, (length - fixed) // per_item)
     common_each = max(3, items // 60)  # each common word about 10x as often as a rare one
@@ -187,7 +191,7 @@ def _fwe_task(length: int, index: int, tokenizer, sources: list[str]) -> Case:
     tail = ("\nQuestion: Do not provide any explanation. What are the three most frequently appeared words in the "
             "above coded text?")
     prefix = " Answer: According to the coded text above, the three most frequently appeared words are:"
-    fixed = _tokens(tokenizer, head + tail + prefix) + TEMPLATE_SLACK
+    fixed = _tokens(tokenizer, head + tail + prefix) + _slack(length)
     per_word = _tokens(tokenizer, " " + " ".join(vocab[:50])) / 50
     n_words = max(60, int((length - fixed) / per_word))
     text = " ".join(rng.choices(vocab, weights=weights, k=n_words))
@@ -228,14 +232,20 @@ def _qa_task(length: int, index: int, tokenizer, sources: list[str]) -> Case:
             "other words.\n\nThe following are given documents.\n\n")
     tail = f"\n\nAnswer the question based on the given documents.\n\nQuestion: {question}"
     prefix = " Answer:"
-    budget = length - _tokens(tokenizer, head + tail + prefix + fact) - TEMPLATE_SLACK
+    budget = length - _tokens(tokenizer, head + tail + prefix + fact) - _slack(length)
     hay = haystacks.haystack(source, tokenizer, budget, rng)
     return Case("qa_paraphrase", length, index, source, depth, head + _insert(list(hay.paragraphs), [fact], [depth])
                 + tail, prefix, (answer,), score_any=True)
 
 
-# tokens of the chat template around the user message, and rounding of the haystack's paragraph budget
+# tokens of the chat template around the user message; paragraphs tokenized alone and joined differ by a
+# token here and there, so the haystack's budget also keeps 2% in hand (prompts stay at most `length`)
 TEMPLATE_SLACK = 48
+JOIN_SLACK = 0.02
+
+
+def _slack(length: int) -> int:
+    return TEMPLATE_SLACK + int(JOIN_SLACK * length)
 
 
 def _tokens(tokenizer, text: str) -> int:

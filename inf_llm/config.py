@@ -1,7 +1,7 @@
 """Typed configuration: YAML (omegaconf) -> validated pydantic objects. A leaf module (imports only errors).
 
 Accepts the original InfLLM project's YAML files verbatim (same keys, meanings and defaults; see
-shared/design/ALGORITHM.md) plus our extensions: model loading (`gguf_file`, `device`, `dtype`,
+docs/algorithm.md) plus our extensions: model loading (`gguf_file`, `device`, `dtype`,
 `device_map`, `offload_dtype`), a `generation:` section (sampling defaults) and a `server:` section.
 Every default lives here, next to the reason for it.
 """

@@ -1,6 +1,6 @@
 """A slow, obviously-correct InfLLM layer in float64: one query at a time, explicit key sets and positions.
 
-It re-derives, from the method's description (shared/design/ALGORITHM.md), which keys each query sees and
+It re-derives, from the method's description (docs/algorithm.md), which keys each query sees and
 at which rotary positions, with no buffers, no caches and no batching, so the engine can be checked
 against it on small inputs spanning many blocks.
 """

@@ -1,7 +1,7 @@
 """The per-layer context memory of one sequence: sinks, local window, memory blocks, lookup, block cache.
 
 One engine, four policies (`MemoryPolicy`): `inf-llm`, `stream-llm`, `infinite-lm` and `origin` differ only
-in what they keep and how they place positions (see shared/design/ALGORITHM.md). Tokens arrive
+in what they keep and how they place positions (see docs/algorithm.md). Tokens arrive
 un-rotated; this module applies RoPE at the positions the policy chooses.
 
 For an execution block of queries at positions [s, e) (blocks split at multiples of `exc_block_size`):
