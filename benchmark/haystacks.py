@@ -240,12 +240,21 @@ def haystack(source: str, tokenizer, n_tokens: int, rng: random.Random) -> Hayst
             last_start = i
             break
     start = rng.randint(0, last_start)
-    taken, used = [], 0
-    for i in range(start, len(paras)):
-        if used + counts[i] > n_tokens:
-            break
+    taken, used, i = [], 0, start
+    while i < len(paras) and used + counts[i] <= n_tokens:
         taken.append(paras[i])
         used += counts[i]
+        i += 1
+    if i < len(paras):  # the budget left is filled with the next paragraph's first sentences that fit
+        sentences, head = re.split(r"(?<=[.!?]) ", paras[i]), ""
+        for sentence in sentences:
+            longer = f"{head} {sentence}".strip()
+            if used + len(tokenizer(longer + "\n\n", add_special_tokens=False)["input_ids"]) > n_tokens:
+                break
+            head = longer
+        if head:
+            taken.append(head)
+            used += len(tokenizer(head + "\n\n", add_special_tokens=False)["input_ids"])
     return Haystack(source, start, tuple(taken), used)
 
 

@@ -173,12 +173,18 @@ def _cwe_task(length: int, index: int, tokenizer, sources: list[str]) -> Case:
     fixed = _tokens(tokenizer, head + tail + prefix) + _slack(length)
     per_item = _tokens(tokenizer, "123. violin ") + 1
     items = max(40, (length - fixed) // per_item)
-    common_each = max(3, items // 60)  # each common word about 10x as often as a rare one
-    listed = [w for w in common for _ in range(common_each)]
-    while len(listed) < items:
-        listed.append(rng.choice(rare))
-    rng.shuffle(listed)
-    context = " ".join(f"{i + 1}. {w}" for i, w in enumerate(listed))
+    for _ in range(3):  # the estimate, then scaled by the measured tokens until it fits
+        list_rng = random.Random(f"cwe/{length}/{index}/list")
+        common_each = max(3, items // 60)  # each common word about 10x as often as a rare one
+        listed = [w for w in common for _ in range(common_each)]
+        while len(listed) < items:
+            listed.append(list_rng.choice(rare))
+        list_rng.shuffle(listed)
+        context = " ".join(f"{i + 1}. {w}" for i, w in enumerate(listed))
+        measured = _tokens(tokenizer, context)
+        if 0.9 * (length - fixed) <= measured <= length - fixed:
+            break
+        items = max(40, int(items * (length - fixed) / measured * 0.97))
     return Case("cwe", length, index, "word-list", 0.0, head + context + tail, prefix, tuple(common))
 
 
@@ -194,7 +200,10 @@ def _fwe_task(length: int, index: int, tokenizer, sources: list[str]) -> Case:
     fixed = _tokens(tokenizer, head + tail + prefix) + _slack(length)
     per_word = _tokens(tokenizer, " " + " ".join(vocab[:50])) / 50
     n_words = max(60, int((length - fixed) / per_word))
-    text = " ".join(rng.choices(vocab, weights=weights, k=n_words))
+    words = rng.choices(vocab, weights=weights, k=n_words)
+    while n_words > 60 and _tokens(tokenizer, " ".join(words[:n_words])) > length - fixed:
+        n_words = int(n_words * 0.97)  # a Zipf sample of rare words takes more tokens than the estimate
+    text = " ".join(words[:n_words])
     return Case("fwe", length, index, "coded-text", 0.0, head + text + tail, prefix, tuple(vocab[:3]))
 
 
