@@ -341,6 +341,9 @@ class Generator:
         kwargs: dict = {
             "max_new_tokens": params.max_new_tokens,
             "num_beams": 1,
+            # transformers' own penalty covers the prompt: off, whatever the model's generation_config says
+            # (GeneratedTokenPenalties below applies the requested one to generated tokens only)
+            "repetition_penalty": 1.0,
             "pad_token_id": self.pad_id,
             "eos_token_id": self.eos_ids + self._special_stop_ids(extra_stop),
             "attention_mask": torch.ones_like(x),
