@@ -28,6 +28,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+import weakref
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -258,16 +259,18 @@ def haystack(source: str, tokenizer, n_tokens: int, rng: random.Random) -> Hayst
     return Haystack(source, start, tuple(taken), used)
 
 
-_COUNTS: dict[tuple[str, int], list[int]] = {}
+# tokenizer -> source -> token count of each paragraph; weak keys: a tokenizer's counts go with it (an id()
+# key could be reused by a later tokenizer)
+_COUNTS: "weakref.WeakKeyDictionary[object, dict[str, list[int]]]" = weakref.WeakKeyDictionary()
 
 
 def _token_counts(source: str, tokenizer) -> list[int]:
-    key = (source, id(tokenizer))
-    if key not in _COUNTS:
+    per_source = _COUNTS.setdefault(tokenizer, {})
+    if source not in per_source:
         # each paragraph joins the haystack as "paragraph\n\n": count it that way
-        _COUNTS[key] = [len(ids) for ids in tokenizer([p + "\n\n" for p in paragraphs(source)],
-                                                        add_special_tokens=False)["input_ids"]]
-    return _COUNTS[key]
+        per_source[source] = [len(ids) for ids in tokenizer([p + "\n\n" for p in paragraphs(source)],
+                                                            add_special_tokens=False)["input_ids"]]
+    return per_source[source]
 
 
 def main() -> None:

@@ -92,6 +92,11 @@ def _value(kind: str, rng: random.Random) -> str:
     return str(uuid.UUID(int=rng.getrandbits(128)))
 
 
+def _placement(index: int, sources: list[str]) -> tuple[str, float]:
+    """Case `index`'s haystack source (i mod S) and needle depth (i div S over DEPTHS)."""
+    return sources[index % len(sources)], DEPTHS[(index // len(sources)) % len(DEPTHS)]
+
+
 def _insert(paragraphs: list[str], needles: list[str], depths: list[float]) -> str:
     """The haystack's paragraphs with each needle placed between paragraphs at its depth."""
     out = list(paragraphs)
@@ -102,7 +107,7 @@ def _insert(paragraphs: list[str], needles: list[str], depths: list[float]) -> s
 
 def _needle_task(task: str, length: int, index: int, tokenizer, sources: list[str]) -> Case:
     rng = random.Random(f"{task}/{length}/{index}")
-    source, depth = sources[index % len(sources)], DEPTHS[(index // len(sources)) % len(DEPTHS)]
+    source, depth = _placement(index, sources)
     kind = {"niah_single_uuid": "uuid", "niah_single_word": "word"}.get(task, "number")
     noun = {"number": "numbers", "word": "words", "uuid": "uuids"}[kind]
     keys = [_key(rng) for _ in range(4)]
@@ -142,7 +147,7 @@ def _needle_task(task: str, length: int, index: int, tokenizer, sources: list[st
 
 def _vt_task(length: int, index: int, tokenizer, sources: list[str]) -> Case:
     rng = random.Random(f"vt/{length}/{index}")
-    source, depth = sources[index % len(sources)], DEPTHS[(index // len(sources)) % len(DEPTHS)]
+    source, depth = _placement(index, sources)
     names = set()
     while len(names) < 5:
         names.add("".join(rng.choice(string.ascii_uppercase) for _ in range(5)))
@@ -232,7 +237,7 @@ COLORS = ("green", "yellow", "purple", "orange", "scarlet", "turquoise", "brown"
 
 def _qa_task(length: int, index: int, tokenizer, sources: list[str]) -> Case:
     rng = random.Random(f"qa/{length}/{index}")
-    source, depth = sources[index % len(sources)], DEPTHS[(index // len(sources)) % len(DEPTHS)]
+    source, depth = _placement(index, sources)
     fact, question, answer = QA_FACTS[index % len(QA_FACTS)]
     slots = {"name": rng.choice(NAMES), "place": rng.choice(PLACES), "color": rng.choice(COLORS),
              "thing": rng.choice(WORDS), "number": str(rng.randint(120, 9800))}
