@@ -2,7 +2,7 @@
 the Triton ops' wrappers (validation, argument packing) with every kernel launch replaced by a no-op.
 
 Triton's own launcher and the kernels are left out (they need a GPU), so this isolates the Python this
-project owns, which a slow host CPU turns into the prefill's bound (docs/speed.md, session 8). The shape is
+project owns, which a slow host CPU turns into the prefill's bound (docs/speed.md, "Host or GPU"). The shape is
 the Mistral preset's execution-block structure (chunks of 8192, execution blocks of 512, window 4096, top-16
 of blocks of 128) with tiny heads, so that the torch ops around the loop cost next to nothing.
 

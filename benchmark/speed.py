@@ -192,8 +192,8 @@ def _parse(argv=None) -> argparse.Namespace:
     p.add_argument("--fail-fast", action="store_true",
                    help="re-raise an error in a row instead of recording it and going on with the next")
     p.add_argument("--sync-per-chunk", action="store_true",
-                   help="wait for every prefill chunk before issuing the next (how this benchmark ran until session "
-                        "12; the engine does not): for A/B comparisons with older results")
+                   help="wait for every prefill chunk before issuing the next (the engine does not): for A/B "
+                        "comparisons with the paced prefill, and with results measured that way")
     p.add_argument("--no-gc-freeze", action="store_true",
                    help="leave the objects alive after the model is built to Python's cyclic garbage collector\n"
                         "(default: frozen, as the engine does: inf_llm.engine.worker.freeze_long_lived_objects)")
@@ -356,9 +356,9 @@ class PrefillRun:
 def prefill(model, cache, ids: torch.Tensor, chunk: int, budget_s: float | None, settle: int, label: str,
             progress: Callable[[int], None] | None = None, sync_per_chunk: bool = False) -> PrefillRun:
     """Feed ids (1, T) in chunks of `chunk`, paced as the engine paces them (`inf_llm.engine.pacing`): the
-    host issues a chunk while the GPU runs the one before, and waits for that one only. Until session 12 this
-    synchronized after every chunk, which drains the GPU's queue at each chunk boundary: a chunk whose host
-    work outlasted its GPU work left the GPU idle although the host had been ahead the chunk before.
+    host issues a chunk while the GPU runs the one before, and waits for that one only. A sync after every
+    chunk (`sync_per_chunk`) drains the GPU's queue at each chunk boundary: a chunk whose host work outlasts
+    its GPU work leaves the GPU idle although the host was ahead the chunk before.
 
     Chunk times are those of the GPU's timeline (events between consecutive chunk ends). Budget guard: once
     `settle` tokens are done (past the first chunk and past the local window, where the per-chunk cost is
@@ -366,7 +366,7 @@ def prefill(model, cache, ids: torch.Tensor, chunk: int, budget_s: float | None,
     rate, would exceed `budget_s`; it also stops when `budget_s` has passed. The extrapolation is optimistic
     where later chunks cost more (full attention). `progress(tokens_done)` is called after every finished
     chunk; without it nothing is printed (warm-up). `sync_per_chunk`: wait for each chunk right after issuing
-    it (the old way).
+    it (for the A/B against the pacing).
     """
     device = ids.device
     total = ids.shape[1]

@@ -82,12 +82,12 @@ def test_fast_path_matches_torch_path_bfloat16(offload):
           f"per layer {', '.join(f'{x:.1%}' for x in per_layer)}")
     # The first layer's inputs are the same on both paths (embeddings, the same projections): only float32
     # summation orders differ there (scores, lse), and multiplying every key score by 1 + 1e-6 noise moved
-    # none of its lookups (torch path, CPU, session 8). Later layers see the first one's attention output,
+    # none of its lookups (torch path, on a CPU). Later layers see the first one's attention output,
     # which differs by bf16 rounding between the kernels and the torch ops: a random-weight model attends
     # almost uniformly, so two blocks' scores often differ by less than that and a lookup may pick the
     # other one (bf16-ulp noise on the attention output alone left 90-96% identical on CPU). Each lookup
     # that differs moves the logits, so the cosine follows the share of lookups that agree: 0.99926 with
-    # 86% identical (an H100), 0.99834 with 81-82% (an H200, session 7): the 75% floor lands near 0.997.
+    # 86% identical (an H100), 0.99834 with 81-82% (an H200): the 75% floor lands near 0.997.
     assert per_layer[0] >= 0.95, f"first layer: only {per_layer[0]:.1%} of lookups agree"
     assert same >= 0.75, f"only {same:.1%} of lookups agree"
     assert cosine > 0.997

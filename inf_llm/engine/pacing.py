@@ -5,7 +5,7 @@ Waiting for each chunk before issuing the next (a sync per chunk, or a copy of t
 pageable memory, which syncs the stream) drains the GPU's queue at every chunk boundary: a chunk whose host
 work takes longer than its GPU work then leaves the GPU idle, and the time the host was ahead in the chunk
 before is lost. A Mistral-7B-shaped chunk costs ~315 ms of GPU time on an H100 and, depending on the host,
-~240-600 ms of host time (docs/speed.md, session 12), so the two sides alternate as the bound. Letting the
+~240-600 ms of host time (measured on H100 hosts: docs/speed.md), so the two sides alternate as the bound. Letting the
 host run ahead without limit would make cancellation and progress reports meaningless (a small model's
 chunks are a few hundred launches: the host could queue the whole prompt); one chunk ahead keeps both
 within a chunk.
