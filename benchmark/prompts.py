@@ -2,6 +2,10 @@
 `benchmark/config/dataset2prompt.json`, `dataset2maxlen.json`): templates, generation lengths, which tasks get
 a chat template, special tokens, stop tokens, truncation and post-processing.
 
+The templates and generation lengths are copied from InfLLM, which takes them from LongBench (THUDM/LongBench)
+and InfiniteBench (OpenBMB/InfiniteBench): all three MIT-licensed; their copyright lines and licence text are in
+THIRD_PARTY_NOTICES.md.
+
 Owns text -> token ids for one benchmark example. Knows nothing of the model or of torch.
 """
 
@@ -19,6 +23,7 @@ log = logging.getLogger(__name__)
 
 # ------------------------------------------------------------------------------------- templates
 # The original's dataset2prompt.json, verbatim (typos included: they are part of the published numbers).
+# MIT-licensed (InfLLM, LongBench, InfiniteBench): see THIRD_PARTY_NOTICES.md.
 DATASET2PROMPT: dict[str, str] = {
     # LongBench (LongBench's own prompts)
     "narrativeqa": "You are given a story, which can be either a novel or a movie script, and a question. Answer the question asconcisely as you can, using a single phrase if possible. Do not provide any explanation.\n\nStory: {context}\n\nNow, answer the question based on the story asconcisely as you can, using a single phrase if possible. Do not provide any explanation.\n\nQuestion: {input}\n\nAnswer:",
@@ -57,7 +62,7 @@ DATASET2PROMPT: dict[str, str] = {
     "longdialogue_qa_eng": "Below is a dialogue script where one random occurrence of a character name is replaced with \"$$MASK$$\", and you should try to guess who that character is.\n\nThe dialogue:\n\n---\n\n{context}\n\n---\n\nEnd of dialogue.\n\nWhich character is most likely \"$$MASK$$\"? Just say the name used by the scriptwriter (before the colon marks) of one single character and nothing else.",
 }  # fmt: skip
 
-# The original's dataset2maxlen.json: new tokens generated per task.
+# The original's dataset2maxlen.json: new tokens generated per task (MIT: THIRD_PARTY_NOTICES.md).
 DATASET2MAXGEN: dict[str, int] = {
     "narrativeqa": 128, "qasper": 128, "multifieldqa_en": 64, "multifieldqa_zh": 64, "hotpotqa": 32,
     "2wikimqa": 32, "musique": 32, "dureader": 128, "gov_report": 512, "qmsum": 512, "multi_news": 512,
@@ -72,7 +77,8 @@ DATASET2MAXGEN: dict[str, int] = {
 NO_CHAT_TASKS = frozenset({"trec", "triviaqa", "samsum", "lsht", "lcc", "repobench-p"})
 # Prompt tokens always kept from the head when truncating (the original's `init_token_num`).
 TRUNCATION_HEAD_TOKENS = 128
-# fastchat's "vicuna_v1.1" conversation (system prompt, roles, separators), which the original imported.
+# fastchat's "vicuna_v1.1" conversation (system prompt, roles, separators), which the original imported
+# (FastChat: Apache-2.0, THIRD_PARTY_NOTICES.md).
 VICUNA_SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the user's questions."
