@@ -1,8 +1,8 @@
 """Host memory for offloaded blocks, allocated once and lent to one conversation at a time
 (`model.host_pool_tokens`).
 
-Page-locking host memory is slow: on the H200 host of session 5 the stores' pinned allocations ran at about
-1.6 GB/s and took 1.9 s of a 3.2 s prefill step (benchmark/figures/gpu-s5/profile-direct.txt); a 128K-token
+Page-locking host memory is slow: measured on an H200 host, the stores' pinned allocations ran at about
+1.6 GB/s and took 1.9 s of a 3.2 s prefill step (benchmark/figures/gpu-h200-pinned-allocation/); a 128K-token
 Mistral-7B store is 16 GiB. A store that allocates as it grows pays that on every long request. Like vLLM's
 swap space, the pool allocates each layer's host tensors once, the first time a cache needs them, and lends
 them to the next cache when the previous one is gone; a second cache alive at the same time (a clone) gets
