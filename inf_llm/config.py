@@ -135,6 +135,9 @@ class ModelConfig(_Strict):
     weights_cache_dir: str | None = Field(
         None, description="where dequantized GGUF weights are cached (default ~/.cache/inf_llm)"
     )
+    trust_remote_code: bool = Field(
+        False, description="let a hub or folder model run its own Python code (e.g. MiniCPM); only for code you trust"
+    )
 
     @field_validator("device")
     @classmethod
@@ -180,6 +183,23 @@ class ServerConfig(_Strict):
     keepalive_seconds: float = Field(15.0, gt=0, description="SSE comment ping interval")
     metrics: bool = Field(True, description="serve Prometheus /metrics")
     model_name: str | None = Field(None, description="name reported by /status and /v1/models")
+    # --- limits: what one request or one client may ask of the single worker ---------------------------
+    max_prompt_tokens: int = Field(
+        131072, ge=1,
+        description="longest prompt accepted, in tokens (chat template included, before max_len truncation); longer "
+        "ones get a 400 with both counts. 128K: minutes of prefill on a CPU, seconds on a GPU",
+    )
+    max_new_tokens_limit: int = Field(
+        4096, ge=1, description="largest max_new_tokens / max_tokens a request may ask for (a 400 above it)"
+    )
+    max_client_requests: int = Field(
+        4, ge=1,
+        description="requests (generation or /tokenize) one client address may have in flight at once; more get "
+        "a 429 before their body is read",
+    )
+    public_docs: bool = Field(
+        False, description="with api_key set: serve /docs, /redoc and /openapi.json without the key (else they need it)"
+    )
 
 
 class InfLLMConfig(_Strict):
@@ -197,6 +217,12 @@ class InfLLMConfig(_Strict):
 
     @model_validator(mode="after")
     def _cross_field_rules(self) -> "InfLLMConfig":
+        if self.generation.max_new_tokens > self.server.max_new_tokens_limit:
+            raise ValueError(
+                f"generation.max_new_tokens ({self.generation.max_new_tokens}) must be <= "
+                f"server.max_new_tokens_limit ({self.server.max_new_tokens_limit}): the default must be a request "
+                f"the server accepts; lower the default or raise the limit"
+            )
         m = self.model
         if m.type is MemoryType.ORIGIN:
             return self

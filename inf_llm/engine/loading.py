@@ -305,14 +305,14 @@ def load_model(cfg: InfLLMConfig, progress: ProgressCallback | None = None) -> L
         model, tokenizer = cached
     else:
         report("tokenizer", 0.05)
-        tokenizer = _load_tokenizer(tokenizer_source or source)
+        tokenizer = _load_tokenizer(tokenizer_source or source, model_cfg.trust_remote_code)
         report("weights", 0.25)
-        model = _load_weights(source, dtype, placement)
+        model = _load_weights(source, dtype, placement, model_cfg.trust_remote_code)
         if cache_dir is not None:
             report("cache", 0.9)
             _write_cache(model, tokenizer if tokenizer_source is None else None, cache_dir, cache_key)
     if tokenizer is None:  # cached weights, tokenizer from model.tokenizer_path (or missing from the cache)
-        tokenizer = _load_tokenizer(tokenizer_source or source)
+        tokenizer = _load_tokenizer(tokenizer_source or source, model_cfg.trust_remote_code)
     _ensure_pad_token(tokenizer, model)
     if model_cfg.cpu_packed_linear and device.type == "cpu" and model_cfg.device_map is None:
         pack_linear_layers(model)  # after the cache write: packed weights are not saveable tensors
@@ -341,8 +341,9 @@ def load_model(cfg: InfLLMConfig, progress: ProgressCallback | None = None) -> L
     return loaded
 
 
-def _from_pretrained_kwargs(source: ResolvedModel) -> dict[str, Any]:
-    kwargs: dict[str, Any] = {"local_files_only": source.kind != "hub" or source.hub_cached or _hub_offline()}
+def _from_pretrained_kwargs(source: ResolvedModel, trust_remote_code: bool = False) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"local_files_only": source.kind != "hub" or source.hub_cached or _hub_offline(),
+                              "trust_remote_code": trust_remote_code}
     if source.gguf_file is not None:
         kwargs["gguf_file"] = source.gguf_file
     return kwargs
@@ -351,6 +352,11 @@ def _from_pretrained_kwargs(source: ResolvedModel) -> dict[str, Any]:
 def _load_error(source: ResolvedModel, what: str, exc: Exception) -> Exception:
     if source.kind == "hub" and isinstance(exc, OSError):
         return ModelNotFoundError(_hub_message(source.location, f"loading it failed: {_first_line(exc)}"))
+    if "trust_remote_code" in str(exc):  # transformers' refusal to run a repository's own code
+        return ModelLoadError(
+            f"the {what} of {source} needs its own Python code from the model's files: set "
+            f"model.trust_remote_code: true to run it (only for a model whose code you trust)"
+        )
     return ModelLoadError(f"the {what} of {source} could not be loaded: {_first_line(exc)}")
 
 
@@ -363,20 +369,21 @@ def load_tokenizer(model_cfg: ModelConfig) -> PreTrainedTokenizerBase:
     """The tokenizer `load_model` would load for `model_cfg` (its `tokenizer_path`, else the model's own),
     without the weights: for clients that count tokens as a server does."""
     source = resolve_path(model_cfg.tokenizer_path) if model_cfg.tokenizer_path else resolve_model_path(model_cfg)
-    return _load_tokenizer(source)
+    return _load_tokenizer(source, model_cfg.trust_remote_code)
 
 
-def _load_tokenizer(source: ResolvedModel) -> PreTrainedTokenizerBase:
+def _load_tokenizer(source: ResolvedModel, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     try:
-        return AutoTokenizer.from_pretrained(source.location, **_from_pretrained_kwargs(source))
+        return AutoTokenizer.from_pretrained(source.location, **_from_pretrained_kwargs(source, trust_remote_code))
     except (OSError, ValueError) as exc:  # missing/unreachable files; unsupported or malformed tokenizer
         raise _load_error(source, "tokenizer", exc) from exc
 
 
-def _load_weights(source: ResolvedModel, dtype: torch.dtype, placement: dict[str, Any]) -> PreTrainedModel:
+def _load_weights(source: ResolvedModel, dtype: torch.dtype, placement: dict[str, Any],
+                  trust_remote_code: bool = False) -> PreTrainedModel:
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            source.location, dtype=dtype, **placement, **_from_pretrained_kwargs(source)
+            source.location, dtype=dtype, **placement, **_from_pretrained_kwargs(source, trust_remote_code)
         )
     except (OSError, ValueError) as exc:  # missing/unreachable files; unsupported architecture or tensor type
         raise _load_error(source, "model", exc) from exc

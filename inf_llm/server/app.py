@@ -2,16 +2,15 @@
 
 Lifespan: starts loading in a background thread (the port answers at once: 503 until ready), watches for
 the ASGI server's shutdown signal (SIGTERM/SIGINT) to end in-flight streams with an error event, and
-stops the worker on exit. Middleware, outermost first: request id + access log, CORS, API key, body size.
+stops the worker on exit. Middleware, outermost first: request id + access log, CORS, API key, requests in
+flight per client, body size, internal errors.
 No module-level state: everything lives on `app.state.inf_llm` (a ServerState).
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import secrets
 import signal
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -20,20 +19,24 @@ from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 from sse_starlette.sse import AppStatus
 from starlette.middleware.cors import CORSMiddleware
-from starlette.types import ASGIApp, Receive, Scope, Send
 
 from inf_llm.config import InfLLMConfig
-from inf_llm.server.errors import AuthenticationError, error_payload, install_handlers, retry_headers
-from inf_llm.server.middleware import BodyLimit, RequestContext
+from inf_llm.server.errors import install_handlers
+from inf_llm.server.middleware import ApiKey, BodyLimit, ClientLimit, InternalErrors, RequestContext
 from inf_llm.server.routes import build_routes
 from inf_llm.server.state import EngineFactory, ServerState
 
 log = logging.getLogger(__name__)
 
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
-# Paths that never need the API key: readiness, the page (it asks for the key) and the API docs.
-OPEN_PATHS = frozenset({"/", "/status", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json", "/favicon.ico"})
+# Paths that never need the API key: readiness (/status says more with the key) and the page (it asks for it).
+OPEN_PATHS = frozenset({"/", "/status", "/favicon.ico"})
 OPEN_PREFIXES = ("/static/",)
+# The API docs: open only without an API key or with server.public_docs.
+DOCS_PATHS = frozenset({"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+# Routes that take the worker's or the tokenizer's time: counted by ClientLimit.
+LIMITED_PATHS = frozenset({"/chat", "/tokenize", "/v1/chat/completions", "/v1/completions"})
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 # How often the lifespan checks whether the ASGI server was asked to exit.
 EXIT_POLL_SECONDS = 0.2
 
@@ -70,47 +73,26 @@ def create_app(cfg: InfLLMConfig, engine_factory: EngineFactory | None = None,
         log.warning("no web page: %s does not exist (the API still works)", static)
 
     # add_middleware wraps: the last one added is the outermost.
-    app.add_middleware(BodyLimit, max_bytes=cfg.server.max_body_bytes)
-    if cfg.server.api_key:
-        app.add_middleware(ApiKey, key=cfg.server.api_key)
+    srv = cfg.server
+    app.add_middleware(InternalErrors)
+    app.add_middleware(BodyLimit, max_bytes=srv.max_body_bytes)
+    app.add_middleware(ClientLimit, limit=srv.max_client_requests, paths=LIMITED_PATHS,
+                       on_refused=state.metrics.refused.labels(reason="client_limit").inc if state.metrics else None)
+    if srv.api_key:
+        docs_open = srv.public_docs
+
+        def is_open(path: str) -> bool:
+            return path in OPEN_PATHS or path.startswith(OPEN_PREFIXES) or (docs_open and path in DOCS_PATHS)
+
+        app.add_middleware(ApiKey, key=srv.api_key, is_open=is_open)
+    elif srv.host not in LOOPBACK_HOSTS:
+        log.warning("serving on %s without server.api_key: anyone who reaches the port can use the model "
+                    "(README, 'Exposing the server')", srv.host)
     if cfg.server.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=cfg.server.cors_origins, allow_methods=["*"],
                            allow_headers=["*"], expose_headers=["X-Request-ID", "Retry-After"])
     app.add_middleware(RequestContext)
     return app
-
-
-class ApiKey:
-    """Require `Authorization: Bearer <key>` or `x-api-key: <key>` on every path except OPEN_PATHS."""
-
-    def __init__(self, app: ASGIApp, key: str):
-        self.app = app
-        self.key = key.encode()
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] == "OPTIONS" or self._open(scope["path"]):
-            await self.app(scope, receive, send)
-            return
-        given = None
-        for name, value in scope.get("headers", []):
-            if name == b"authorization" and value[:7].lower() == b"bearer ":
-                given = value[7:].strip()
-            elif name == b"x-api-key" and given is None:
-                given = value.strip()
-        if given is not None and secrets.compare_digest(given, self.key):
-            await self.app(scope, receive, send)
-            return
-        message = ("API key missing: send Authorization: Bearer <key> or x-api-key: <key>" if given is None
-                   else "API key is wrong")
-        body = json.dumps(error_payload(message, AuthenticationError.error_type, 401)).encode()
-        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-        headers += [(k.lower().encode(), v.encode()) for k, v in (retry_headers(401) or {}).items()]
-        await send({"type": "http.response.start", "status": 401, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
-
-    @staticmethod
-    def _open(path: str) -> bool:
-        return path in OPEN_PATHS or path.startswith(OPEN_PREFIXES)
 
 
 async def _watch_exit(state: ServerState) -> None:

@@ -1,14 +1,20 @@
 """Wire types (pydantic) of the HTTP API: /chat, /tokenize, /status and the OpenAI-compatible routes.
 
-Owns: request validation (ranges, roles, the original client's "bot" role) and response shapes.
+Owns: request validation (ranges, roles, the original client's "bot" role, text that is valid Unicode, the
+OpenAI fields this server refuses) and response shapes.
 Must not know: torch, the engine's internals (the serving layer converts to engine types).
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+import json
+import logging
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+
+log = logging.getLogger(__name__)
 
 # Cap on stop strings per request (each is checked at every decode step).
 MAX_STOP_STRINGS = 16
@@ -39,12 +45,79 @@ def _check_stops(stops: list[str] | None) -> list[str] | None:
     return stops
 
 
+def _bad_unicode(data: Any) -> tuple[str | None, str, str, int] | None:
+    """(JSON path or None for the root, where in words, character, offset) of the first lone surrogate in a
+    parsed body, keys included. JSON can carry one (`"\\ud800"`, or UTF-8 bytes ED A0 80, which Python's json
+    decodes), a tokenizer cannot. Iterative: a deeply nested body must not hit the recursion limit."""
+    stack: list[tuple[str, Any]] = [("", data)]
+    while stack:
+        path, value = stack.pop()
+        texts: list[tuple[str, str, str]] = []  # (path, where in words, text)
+        if isinstance(value, str):
+            texts.append((path, path, value))
+        elif isinstance(value, dict):
+            for key, item in reversed(value.items()):
+                texts.append((path, f"a key of {path or 'the body'}", str(key)))
+                stack.append((f"{path}.{key}" if path else str(key), item))
+        elif isinstance(value, list):
+            stack.extend((f"{path}.{i}" if path else str(i), item) for i, item in reversed(list(enumerate(value))))
+        for where, words, text in texts:
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                return where or None, words or "the body", text[exc.start], exc.start
+    return None
+
+
+def _same(value: Any, off: Any) -> bool:
+    return type(value) is type(off) and value == off  # True == 1 in Python: types must match too
+
+
+class _Body(BaseModel):
+    """A request body: every string in it (keys too) is valid Unicode, and no field of `unsupported` asks for
+    something (a 400 naming the place or the fields, before any other check)."""
+
+    # field -> the values that ask for nothing (accepted, as null is)
+    unsupported: ClassVar[dict[str, tuple[Any, ...]]] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _check_body(cls, data: Any) -> Any:
+        found = _bad_unicode(data)
+        if found is not None:
+            param, where, char, offset = found
+            raise PydanticCustomError("invalid_unicode", "{message}", {
+                "param": param,
+                "message": f"{where}: not valid Unicode: a lone surrogate U+{ord(char):04X} at character {offset} "
+                           f"(JSON must write a character beyond U+FFFF as a surrogate pair, and UTF-8 cannot "
+                           f"encode a lone one)"})
+        if cls.unsupported and isinstance(data, dict):
+            cls._refuse_unsupported(data)
+        return data
+
+    @classmethod
+    def _refuse_unsupported(cls, data: dict) -> None:
+        refused = [name for name, offs in cls.unsupported.items()
+                   if data.get(name) is not None and not any(_same(data[name], off) for off in offs)]
+        if refused:
+            accepted = "; ".join(f"{name} may only be " + " or ".join(json.dumps(off) for off in cls.unsupported[name])
+                                 for name in refused if cls.unsupported[name])
+            raise PydanticCustomError("unsupported_field", "{message}", {
+                "param": refused[0],
+                "message": f"not supported by this server: {', '.join(refused)} (remove "
+                           f"{'it' if len(refused) == 1 else 'them'}{'; ' + accepted if accepted else ''})"})
+        ignored = sorted(str(k) for k in data if k not in cls.model_fields and k not in cls.unsupported)
+        if ignored:
+            log.info("request fields ignored: %s", ignored)  # the list's repr escapes any odd character
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
 class _Lenient(BaseModel):
-    """OpenAI clients send fields we do not use (user, logit_bias, ...): accept and ignore them."""
+    """OpenAI clients send fields of other servers: accept and ignore them (as vLLM does, logging their names);
+    the OpenAI fields this server does not implement are refused (`unsupported`)."""
 
     model_config = ConfigDict(extra="ignore")
 
@@ -60,7 +133,7 @@ class ChatTurn(_Strict):
         return "assistant" if value == "bot" else value
 
 
-class ChatRequest(_Strict):
+class ChatRequest(_Body, _Strict):
     prompt: str = Field(description="the new user message")
     history: list[ChatTurn] = Field(default_factory=list, description="earlier turns, oldest first")
     system: str | None = Field(None, description="system prompt; default: the config's generation.system_prompt")
@@ -82,7 +155,7 @@ class ChatRequest(_Strict):
         return _check_stops(value)
 
 
-class TokenizeRequest(_Strict):
+class TokenizeRequest(_Body, _Strict):
     text: str
 
 
@@ -177,17 +250,31 @@ class GenerationDefaults(BaseModel):
     system_prompt: str | None
 
 
-class StatusResponse(BaseModel):
+class ServerLimits(BaseModel):
+    max_prompt_tokens: int
+    max_new_tokens_limit: int
+    max_client_requests: int
+
+
+class PublicStatus(BaseModel):
+    """What /status tells a client without the API key (when the server has one): what a health check needs."""
+
     ready: bool
     state: Literal["loading", "ready", "error"]
     progress: LoadProgress
+    auth_required: bool
+
+
+class StatusResponse(PublicStatus):
+    """/status with the API key, or on a server without one."""
+
     model: str
     type: str
     device: str | None
     memory: MemorySettings
     max_len: int
     error: str | None
-    auth_required: bool
+    limits: ServerLimits
     generation_defaults: GenerationDefaults
 
 
@@ -213,8 +300,23 @@ class OpenAIMessage(_Lenient):
         return "".join(part.text for part in self.content)
 
 
-class _OpenAISampling(_Lenient):
-    model: str | None = None
+# OpenAI request fields this server does not implement, each with the values that ask for nothing (accepted,
+# as null is): any other value is a 400 naming the field.
+UNSUPPORTED_COMMON: dict[str, tuple[Any, ...]] = {
+    "n": (1,), "logit_bias": ({},),
+}
+UNSUPPORTED_CHAT: dict[str, tuple[Any, ...]] = {
+    **UNSUPPORTED_COMMON, "tools": ([],), "tool_choice": ("none",), "functions": ([],), "function_call": ("none",),
+    "logprobs": (False,), "top_logprobs": (0,), "response_format": ({"type": "text"},), "audio": (),
+    "modalities": (["text"],), "prediction": (), "web_search_options": (),
+}
+UNSUPPORTED_COMPLETION: dict[str, tuple[Any, ...]] = {
+    **UNSUPPORTED_COMMON, "best_of": (1,), "logprobs": (), "suffix": ("",),
+}
+
+
+class _OpenAISampling(_Body, _Lenient):
+    model: str | None = Field(None, description="the served model's name (GET /v1/models); another name is a 404")
     temperature: Temperature | None = None
     top_p: TopP | None = None
     top_k: TopK | None = Field(None, description="extension")
@@ -246,11 +348,15 @@ class ChatCompletionRequest(_OpenAISampling):
     max_tokens: MaxNewTokens | None = None
     max_completion_tokens: MaxNewTokens | None = None
 
+    unsupported: ClassVar[dict[str, tuple[Any, ...]]] = UNSUPPORTED_CHAT
+
 
 class CompletionRequest(_OpenAISampling):
     prompt: str | list[str]
     max_tokens: MaxNewTokens | None = None
     echo: bool = False
+
+    unsupported: ClassVar[dict[str, tuple[Any, ...]]] = UNSUPPORTED_COMPLETION
 
     @field_validator("prompt")
     @classmethod

@@ -16,6 +16,7 @@ from inf_llm.server.protocol import (
     CompletionRequest,
     ErrorBody,
     ModelList,
+    PublicStatus,
     StatusResponse,
     TokenizeRequest,
     TokenizeResponse,
@@ -26,11 +27,15 @@ from inf_llm.server.state import ServerState
 _ERRORS = {
     status: {"model": ErrorBody, "description": text}
     for status, text in {
-        400: "prompt too long (truncation: error) or a conversation the chat template rejects",
+        400: "prompt too long (server.max_prompt_tokens, or max_len with truncation: error), a limit exceeded "
+             "(server.max_new_tokens_limit), an unsupported field, text that is not valid Unicode, an empty body, "
+             "or a conversation the chat template rejects (`param` names the field)",
         401: "API key missing or wrong",
+        404: "an OpenAI request names a model this server does not serve",
         413: "request body larger than server.max_body_bytes",
+        415: "the body is not sent as application/json",
         422: "validation error (the field is named in `param`)",
-        429: "the queue is full (see Retry-After)",
+        429: "the queue is full, or this client has server.max_client_requests requests in flight (see Retry-After)",
         503: "the model is loading, failed to load, or the server is shutting down",
     }.items()
 }
@@ -45,11 +50,13 @@ def build_routes(app: FastAPI, state: ServerState, static_dir: Path) -> None:
     serving = Serving(state)
     router = APIRouter()
 
-    @router.get("/status", response_model=StatusResponse, tags=["status"],
-                responses={503: {"model": StatusResponse, "description": "not ready (loading or failed)"}})
-    async def status() -> JSONResponse:
-        """Readiness and the served configuration. 200 when ready, 503 otherwise. Never needs an API key."""
-        body = state.status()
+    @router.get("/status", response_model=StatusResponse | PublicStatus, tags=["status"],
+                responses={503: {"model": StatusResponse | PublicStatus,
+                                 "description": "not ready (loading or failed)"}})
+    async def status(request: Request) -> JSONResponse:
+        """Readiness (200 when ready, 503 otherwise) and the served configuration. Never needs an API key, but
+        on a server with one only `ready`, `state`, `progress` and `auth_required` come without it."""
+        body = state.status(full=request.scope.get("state", {}).get("authorized", True))
         return JSONResponse(body, status_code=200 if body["ready"] else 503,
                             headers={"Cache-Control": "no-store"})
 

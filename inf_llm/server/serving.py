@@ -1,9 +1,10 @@
 """Serving logic between the routers (HTTP only) and the engine: build prompts, submit jobs, relay events
 as SSE or JSON in the native (/chat) and OpenAI formats, cancel on client disconnect.
 
-Rules: everything that can fail before generation (loading, validation, prompt too long, queue full)
-raises before the response starts, so it gets its own status code; after a stream started, a failure is
-one error event and then the end of the stream (OpenAI: the error data, then `data: [DONE]`).
+Rules: everything that can fail before generation (loading, validation, limits, prompt too long, queue full)
+raises before the response starts, so it gets its own status code; the cheap checks (limits, the model name,
+room in the queue) come before the tokenizer runs. After a stream started, a failure is one error event and
+then the end of the stream (OpenAI: the error data, then `data: [DONE]`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import asdict
 
 import anyio
@@ -27,7 +29,7 @@ from inf_llm.engine.templates import Message, build_messages
 from inf_llm.engine.worker import Engine, Job
 from inf_llm.errors import QueueFullError
 from inf_llm.server import errors as http_errors
-from inf_llm.server.errors import error_payload
+from inf_llm.server.errors import ModelNameError, RequestFieldError, error_payload
 from inf_llm.server.protocol import (
     ChatCompletionRequest,
     ChatRequest,
@@ -53,12 +55,51 @@ def request_id(request: Request) -> str:
 class Serving:
     def __init__(self, state: ServerState):
         self.state = state
+        self.preparing = 0  # requests admitted and being tokenized: they count against server.max_queue
 
     # --- common -----------------------------------------------------------------------------------
-    async def _submit(self, request: Request, prepare: Callable[[Engine], PreparedPrompt], **sampling) -> Job:
+    @asynccontextmanager
+    async def _admitted(self, engine: Engine):
+        """A place among the server.max_queue waiting requests, held while the request is tokenized (before the
+        tokenizer runs: a flood is refused, not tokenized and then refused)."""
+        max_queue = self.state.cfg.server.max_queue
+        if engine.queued + self.preparing >= max_queue:
+            if self.state.metrics is not None:
+                self.state.metrics.refused.labels(reason="queue_full").inc()
+            raise QueueFullError(f"the server is busy: {max_queue} requests are already waiting; retry in a few "
+                                 f"seconds")
+        self.preparing += 1
+        try:
+            yield
+        finally:
+            self.preparing -= 1
+
+    def _check_max_new_tokens(self, value: int | None, param: str) -> None:
+        limit = self.state.cfg.server.max_new_tokens_limit
+        if value is not None and value > limit:
+            raise RequestFieldError(f"{param}={value} is more than this server allows: at most {limit} new tokens "
+                                    f"(server.max_new_tokens_limit)", param, "limit_exceeded")
+
+    def _check_prompt(self, prompt: PreparedPrompt, param: str) -> None:
+        limit = self.state.cfg.server.max_prompt_tokens
+        tokens = prompt.truncated.original_tokens if prompt.truncated else prompt.tokens
+        if tokens > limit:
+            raise RequestFieldError(f"the prompt has {tokens} tokens, more than this server accepts: at most {limit} "
+                                    f"(server.max_prompt_tokens); shorten it", param, "prompt_too_long")
+
+    def _check_model(self, name: str | None) -> None:
+        """vLLM's rule: no model, or the served one (as GET /v1/models lists it); another name is a 404."""
+        if name is not None and name != self.state.model_name:
+            raise ModelNameError(name)
+
+    async def _submit(self, request: Request, prepare: Callable[[Engine], PreparedPrompt], prompt_param: str,
+                      max_new_tokens: int | None, max_param: str, **sampling) -> Job:
         engine = self.state.engine_or_raise()
-        prompt = await run_in_threadpool(prepare, engine)  # tokenizing a long document takes a while
-        params = engine.sampling(**sampling)
+        self._check_max_new_tokens(max_new_tokens, max_param)
+        params = engine.sampling(max_new_tokens=max_new_tokens, **sampling)
+        async with self._admitted(engine):
+            prompt = await run_in_threadpool(prepare, engine)  # tokenizing a long document takes a while
+        self._check_prompt(prompt, prompt_param)
         try:
             job = engine.submit(prompt, params, loop=asyncio.get_running_loop(), request_id=request_id(request))
         except QueueFullError:
@@ -126,8 +167,8 @@ class Serving:
         system = body.system if body.system is not None else self.state.cfg.generation.system_prompt
         history = [Message(t.role, t.content) for t in body.history]
         messages = build_messages(body.prompt, history, system)
-        job = await self._submit(request, lambda engine: engine.prepare_chat(messages),
-                                 max_new_tokens=body.max_new_tokens, **self._sampling(body))
+        job = await self._submit(request, lambda engine: engine.prepare_chat(messages), "prompt",
+                                 body.max_new_tokens, "max_new_tokens", **self._sampling(body))
         if body.session_id:
             log.info("request %s: session %s", job.id, body.session_id)
         if not stream:
@@ -155,8 +196,10 @@ class Serving:
 
     # --- POST /tokenize ---------------------------------------------------------------------------
     async def tokenize(self, text: str) -> dict:
+        """Counted as a waiting request while it runs (the tokenizer's thread pool is not free either)."""
         engine = self.state.engine_or_raise()
-        return {"tokens": await run_in_threadpool(engine.count_tokens, text)}
+        async with self._admitted(engine):
+            return {"tokens": await run_in_threadpool(engine.count_tokens, text)}
 
     # --- OpenAI -----------------------------------------------------------------------------------
     def _openai_messages(self, body: ChatCompletionRequest) -> list[Message]:
@@ -167,9 +210,11 @@ class Serving:
         return messages
 
     async def chat_completions(self, request: Request, body: ChatCompletionRequest) -> Response:
+        self._check_model(body.model)
         messages = self._openai_messages(body)
-        job = await self._submit(request, lambda engine: engine.prepare_chat(messages),
-                                 max_new_tokens=body.max_completion_tokens or body.max_tokens,
+        max_param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+        job = await self._submit(request, lambda engine: engine.prepare_chat(messages), "messages",
+                                 body.max_completion_tokens or body.max_tokens, max_param,
                                  **self._openai_sampling(body))
         meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": self.state.model_name}
         if body.stream:
@@ -186,9 +231,10 @@ class Serving:
         })
 
     async def completions(self, request: Request, body: CompletionRequest) -> Response:
+        self._check_model(body.model)
         prompt_text = body.text()
-        job = await self._submit(request, lambda engine: engine.prepare_text(prompt_text),
-                                 max_new_tokens=body.max_tokens, **self._openai_sampling(body))
+        job = await self._submit(request, lambda engine: engine.prepare_text(prompt_text), "prompt",
+                                 body.max_tokens, "max_tokens", **self._openai_sampling(body))
         meta = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": self.state.model_name}
         prefix = prompt_text if body.echo else ""
         if body.stream:

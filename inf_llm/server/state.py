@@ -89,12 +89,20 @@ class ServerState:
             return self.engine.info.model_name
         return self.cfg.server.model_name or self.cfg.model.path
 
-    def status(self) -> dict:
-        cfg, m, g = self.cfg, self.cfg.model, self.cfg.generation
-        return {
+    def status(self, full: bool = True) -> dict:
+        """The /status body; without `full` only what a health check needs (an API key guards the rest: the
+        system prompt, a load error's text)."""
+        cfg, m, g, srv = self.cfg, self.cfg.model, self.cfg.generation, self.cfg.server
+        public = {
             "ready": self.state == "ready" and not self.closing,
             "state": self.state,
             "progress": {"phase": self.phase, "fraction": round(self.fraction, 4)},
+            "auth_required": bool(srv.api_key),
+        }
+        if not full:
+            return public
+        return {
+            **public,
             "model": self.model_name,
             "type": MemoryType(m.type).value,
             "device": self.engine.info.device if self.engine is not None else m.device,
@@ -103,7 +111,8 @@ class ServerState:
                        "exc_block_size": m.exc_block_size, "repr_topk": m.repr_topk},
             "max_len": cfg.max_len,
             "error": self.error,
-            "auth_required": bool(cfg.server.api_key),
+            "limits": {"max_prompt_tokens": srv.max_prompt_tokens, "max_new_tokens_limit": srv.max_new_tokens_limit,
+                       "max_client_requests": srv.max_client_requests},
             "generation_defaults": {"temperature": g.temperature, "top_p": g.top_p, "top_k": g.top_k,
                                     "max_new_tokens": g.max_new_tokens, "repetition_penalty": g.repetition_penalty,
                                     "repeat_last_n": g.repeat_last_n, "frequency_penalty": g.frequency_penalty,
