@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import gc
+import itertools
 import zlib
 
 import pytest
 import torch
+from pydantic import ValidationError
 
 from inf_llm.config import CacheStrategy, MemoryType, ModelConfig
 from inf_llm.errors import ConfigError
@@ -213,14 +215,27 @@ def test_direct_device_cache_is_emptied_when_a_session_is_loaded():
 
 
 def test_perhead_retrieval_differs_per_head_and_matches_single_head_when_one_kv_head():
-    q, k, v = random_qkv(200, hq=2, hkv=1, seed=5)
+    """perhead: each KV head looks up its own top-k blocks. Each head of a perhead memory gives the output and
+    the blocks of a one-head memory fed that head alone; here the two heads pick different blocks, and
+    retrieved_last is their union. A shared lookup (perhead off) attends otherwise. With one KV head, perhead
+    changes nothing."""
+    q, k, v = random_qkv(200, hq=2, hkv=2, seed=5)
+    ph = make_memory("inf-llm", hq=2, hkv=2, perhead=True)
+    out = ph.process(q, k, v, default_scale(D))  # (2, 200, D)
+    own = []
+    for h in range(2):
+        alone = make_memory("inf-llm", hq=1, hkv=1)
+        torch.testing.assert_close(out[h : h + 1], alone.process(q[h : h + 1], k[h : h + 1], v[h : h + 1],
+                                                                 default_scale(D)), rtol=1e-6, atol=1e-6)
+        own.append(alone.retrieved_last)
+    assert own[0] != own[1]
+    assert ph.retrieved_last == [sorted(set(a) | set(b)) for a, b in zip(*own)]
+    shared = make_memory("inf-llm", hq=2, hkv=2).process(q, k, v, default_scale(D))
+    assert (shared - out).abs().max() > 1e-3
+    q, k, v = random_qkv(200, hq=2, hkv=1, seed=6)
     a = make_memory("inf-llm", hq=2, hkv=1, perhead=True)
     b = make_memory("inf-llm", hq=2, hkv=1)
     torch.testing.assert_close(a.process(q, k, v, default_scale(D)), b.process(q, k, v, default_scale(D)))
-    q, k, v = random_qkv(200, seed=6)
-    ph = make_memory("inf-llm", perhead=True)
-    ph.process(q, k, v, default_scale(D))
-    assert ph.store.count > 3
 
 
 def test_dense_decoding_attends_all_blocks():
@@ -397,8 +412,15 @@ def test_faiss_requested_but_missing_names_the_package():
         assert plain.retrieved_last == indexed.retrieved_last
 
 
-def test_memory_types_enum_covers_policies():
-    assert {t.value for t in MemoryType} == {"inf-llm", "stream-llm", "infinite-lm", "origin"}
+def test_every_memory_type_is_a_policy_of_its_own():
+    """Each model.type the config accepts builds a memory, and no two attend alike past the window (a type
+    mapped onto another's policy would); a name outside the enum is refused."""
+    q, k, v = random_qkv(120, seed=9)
+    outs = {t: make_memory(t.value).process(q, k, v, default_scale(D)) for t in MemoryType}
+    for a, b in itertools.combinations(MemoryType, 2):
+        assert (outs[a] - outs[b]).abs().max() > 1e-3, (a, b)
+    with pytest.raises(ValidationError):
+        ModelConfig(type="streaming-llm")
 
 
 def test_local_stage_in_pieces_matches_one_launch(monkeypatch):
