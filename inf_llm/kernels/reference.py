@@ -286,10 +286,14 @@ def decode_prologue(
 
 
 def block_representatives(keys: torch.Tensor, scores: torch.Tensor, repr_topk: int, dtype: torch.dtype) -> torch.Tensor:
-    """(n, Hkv, D) in `dtype`: per block and head, the mean of the `repr_topk` keys (Hkv, n, bs, D) with the
-    highest scores (Hkv, n, bs)."""
-    best = scores.topk(repr_topk, dim=-1).indices  # (Hkv, n, repr_topk)
-    chosen = keys.gather(2, best.unsqueeze(-1).expand(-1, -1, -1, keys.shape[-1]))  # (Hkv, n, repr_topk, D)
+    """(n, Hr, D) in `dtype`: per block and score head, the mean of the `repr_topk` keys (Hkv, n, bs, D) with
+    the highest scores (Hr, n, bs). Hr = Hkv: one representative per KV head; Hr = Hq (a multiple of Hkv):
+    one per query head h, from its own scores over the keys of its KV head h // (Hq / Hkv)."""
+    group = scores.shape[0] // keys.shape[0]
+    if group > 1:  # per query head: each reads its KV head's keys
+        keys = keys.repeat_interleave(group, dim=0)  # (Hq, n, bs, D)
+    best = scores.topk(repr_topk, dim=-1).indices  # (Hr, n, repr_topk)
+    chosen = keys.gather(2, best.unsqueeze(-1).expand(-1, -1, -1, keys.shape[-1]))  # (Hr, n, repr_topk, D)
     return chosen.mean(dim=2, dtype=dtype).transpose(0, 1)
 
 
@@ -318,8 +322,9 @@ def form_blocks(
     dst_k: torch.Tensor, dst_v: torch.Tensor, dst_repr: torch.Tensor, check: bool = True, scales=None,
 ) -> None:
     """New memory blocks into the store: dst_k/dst_v (n, Hkv, bs, D) = keys/values (Hkv, n, bs, D), and
-    dst_repr (n, Hkv, D) = per block and head the mean (in dst_repr's dtype) of the `repr_topk` keys with the
-    highest scores (Hkv, n, bs). `scales` (k_scale (n, Hkv, 1, D), v_scale (n, Hkv, bs, 1), float32): dst_k/
+    dst_repr (n, Hr, D) = per block and head the mean (in dst_repr's dtype) of the `repr_topk` keys with the
+    highest scores (Hr, n, bs) (`block_representatives`: Hr = Hkv, or Hq for a representative per query
+    head; the Triton op takes Hr = Hkv only). `scales` (k_scale (n, Hkv, 1, D), v_scale (n, Hkv, bs, 1), float32): dst_k/
     dst_v hold fp8/int8 codes, written with their scales as `encode_codes` makes them."""
     dst_repr.copy_(block_representatives(keys, scores, repr_topk, dst_repr.dtype))
     if scales is None:
@@ -381,7 +386,8 @@ def decode_attention(
     buffers (Hkv, R, D) and the window is their rows [start, start + length), `start` an int64 (1,) tensor on
     their device (read there, so a CUDA graph replays each step's window; the caller keeps start + length
     <= R). `received_into` (Hkv, R) float32: the probabilities are added to it at the window's rows (rows
-    [0, Ll) without `window`), and it is returned in place of `received`. The global keys are k_glb's,
+    [0, Ll) without `window`), and it is returned in place of `received`; (Hq, R) (GQA): each query head's
+    own probability, not summed over the group (`lookup_heads: query`; the Triton op takes (Hkv, R) only). The global keys are k_glb's,
     then with `blocks` (store_k, store_v, ids) the blocks `ids` (1, K) names in a store (N, Hkv, bs, D), then
     with `remainder` (rem_k, rem_v, start, slots, live) rows [start, start + slots) of (Hkv, R, D) buffers,
     of which the first `live` are seen (start and live: int64 (1,) tensors on the device, as `window`'s):
@@ -410,7 +416,10 @@ def decode_attention(
     lse = scores.amax(dim=-1, keepdim=True) - probs.amax(dim=-1, keepdim=True).log()  # (Hkv, G, 1)
     out = torch.baddbmm(probs[..., lg:] @ v_loc.float(), probs[..., :lg], v_glb.float())  # window + global
     out = out.view(hkv * group, -1).to(q_loc.dtype)
-    received = probs[..., lg:].sum(dim=1)  # (Hkv, Ll)
+    if received_into is not None and received_into.shape[0] == hkv * group != hkv:  # per query head
+        received = probs[..., lg:].reshape(hkv * group, -1)  # (Hq, Ll)
+    else:
+        received = probs[..., lg:].sum(dim=1)  # (Hkv, Ll)
     if received_into is None:
         return out, lse.view(-1), received
     if rows is None:
@@ -450,7 +459,8 @@ def window_key_scores(
     q (B, Hq, Lq, D), k (B, Hkv, Lk, D), lse (B, Hq, Lq) float32 = log-sum-exp over all keys each query
     attended (local and global). Returns (B, Hkv, Lk) float32: sum over visible queries and over the query
     heads of each KV head's group of exp(q.k * scale - lse); added to `into` (same shape) and returned as it
-    when given.
+    when given. `into` (B, Hq, Lk) (GQA): each query head's own sum, not summed over the group (a score per
+    query head, `lookup_heads: query`; the Triton op takes (B, Hkv, Lk) only).
     """
     b, hq, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
@@ -461,4 +471,6 @@ def window_key_scores(
     safe_lse = torch.where(torch.isfinite(lse_f), lse_f, torch.full_like(lse_f, float("inf")))
     probs = torch.matmul(qf, k.float().transpose(-1, -2))  # (B, Hkv, G*Lq, Lk)
     probs.mul_(scale).sub_(safe_lse).exp_().masked_fill_(~mask, 0.0)
+    if into is not None and into.shape[1] == hq != hkv:  # per query head: (B, Hq, Lq, Lk) summed over Lq
+        return into.add_(probs.view(b, hq, lq, lk).sum(dim=2))
     return probs.sum(dim=2) if into is None else into.add_(probs.sum(dim=2))

@@ -272,11 +272,11 @@ class FormationRing:
         if self.stream is not None:  # slots still being copied from (by this or another layer's ring)
             for _, slot, count in segments:
                 self.slots.wait_for_copies(slot, count)
-        hkv, d = self.slots.k.shape[1], self.slots.k.shape[3]
-        for j, slot, count in segments:
+        d = self.slots.k.shape[3]
+        for j, slot, count in segments:  # representatives (count, Hr, D): per KV or per query head
             ops.form_blocks(keys[:, j : j + count], values[:, j : j + count], scores[:, j : j + count], repr_topk,
                             self.slots.k[slot : slot + count], self.slots.v[slot : slot + count],
-                            store.repr[first + j : first + j + count].view(count, hkv, d), check=self.check)
+                            store.repr[first + j : first + j + count].view(count, -1, d), check=self.check)
         self.lo = max(self.lo if first == self.hi else first, first + n - self.size)
         self.hi = first + n
         for j, slot, count in segments:  # a run continuing the last unsent one joins it: one copy per run

@@ -66,15 +66,19 @@ def _wait_for_device_access(storage: torch.Tensor) -> None:
 
 
 class TokenBuffer:
-    """K/V of the positions [first_pos, first_pos + length), stored as (H, capacity, D)."""
+    """K/V of the positions [first_pos, first_pos + length), stored as (H, capacity, D); with scores, a
+    per-position score of each of `score_heads` heads (H by default: one per KV head; the query heads with
+    `lookup_heads: query`), (score_heads, capacity)."""
 
-    def __init__(self, num_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device, with_scores: bool):
+    def __init__(self, num_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device, with_scores: bool,
+                 score_heads: int | None = None):
         self.k = torch.zeros(num_heads, MIN_CAPACITY, head_dim, dtype=dtype, device=device)  # (Hkv, cap, D)
         self.v = torch.zeros_like(self.k)
         # Keys rotated to (position - rotation base), kept next to the raw keys so a decode step rotates
         # one key, not the whole window (the memory owns the base and re-fills this when it moves).
         self.k_rot = torch.zeros_like(self.k)
-        self.score = torch.zeros(num_heads, MIN_CAPACITY, dtype=torch.float32, device=device) if with_scores else None
+        score_heads = num_heads if score_heads is None else score_heads
+        self.score = torch.zeros(score_heads, MIN_CAPACITY, dtype=torch.float32, device=device) if with_scores else None
         self.offset = 0  # index of first_pos inside the tensors
         self.length = 0
         self.first_pos = 0
@@ -199,7 +203,8 @@ class StorageSpec:
 
 
 class BlockStore:
-    """Memory blocks: keys/values (N, Hkv, block_size, D) and representatives (N, Hkv * D).
+    """Memory blocks: keys/values (N, Hkv, block_size, D) and representatives (N, Hr * D), Hr = `repr_heads`
+    (Hkv by default; the query heads with `lookup_heads: query`).
 
     K/V live on `storage_device` (the host when offloading, pinned if asked), in the model dtype or, with a
     `codec`, compressed (fp8/int8 codes plus float32 scales); representatives (float32 at least) live on the
@@ -217,10 +222,11 @@ class BlockStore:
         pin_memory: bool,
         codec: BlockCodec | None = None,
         host_storage: Callable[[StorageSpec], dict[str, torch.Tensor]] | None = None,
+        repr_heads: int | None = None,
     ):
         """`host_storage`: where a host-side store takes its first tensors from (a `HostBlockPool`'s lent
         storage, reused by every conversation) instead of allocating them; beyond their capacity the store
-        grows as usual."""
+        grows as usual. `repr_heads`: heads of a representative (default `num_heads`)."""
         pin = pin_memory and storage_device.type == "cpu" and torch.cuda.is_available()
         self.dtype, self.codec = dtype, codec
         spec = StorageSpec(num_heads, block_size, head_dim, dtype, storage_device, pin, codec)
@@ -229,7 +235,8 @@ class BlockStore:
         self.k, self.v = tensors["k"], tensors["v"]
         self.k_scale, self.v_scale = tensors.get("k_scale"), tensors.get("v_scale")
         cap = self.k.shape[0]
-        self.repr = torch.zeros(cap, num_heads * head_dim, dtype=representative_dtype(dtype), device=compute_device)
+        repr_width = (num_heads if repr_heads is None else repr_heads) * head_dim
+        self.repr = torch.zeros(cap, repr_width, dtype=representative_dtype(dtype), device=compute_device)
         self.start_pos: list[int] = []  # absolute position of each block's first token
         self.count = 0
 
@@ -253,7 +260,7 @@ class BlockStore:
             _release_cached_pinned_memory()
 
     def add_many(self, k: torch.Tensor, v: torch.Tensor, representatives: torch.Tensor, start_pos: list[int]) -> None:
-        """k, v (n, Hkv, block_size, D); representatives (n, Hkv * D) or (n, Hkv, D) (may be strided: copied
+        """k, v (n, Hkv, block_size, D); representatives (n, Hr * D) or (n, Hr, D) (may be strided: copied
         in place, not reshaped first); start_pos: first position of each."""
         new = self.claim(k.shape[0], start_pos)
         if self.codec is not None:  # encoded where k/v are (the compute device): half the bytes cross over
@@ -297,7 +304,7 @@ class BlockStore:
         return k, v
 
     def representatives(self) -> torch.Tensor:
-        return self.repr[: self.count]  # (N, Hkv * D)
+        return self.repr[: self.count]  # (N, Hr * D)
 
     def nbytes(self) -> tuple[int, int]:
         """(storage bytes, compute-device bytes)."""
