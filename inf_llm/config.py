@@ -84,7 +84,27 @@ class ModelConfig(_Strict):
     score_decay: float | None = Field(None, gt=0, le=1, description="lru-s decay per step (default 0.1)")
     async_global_stream: bool = Field(False, description="overlap lookup/loading on a side CUDA stream")
     faiss: bool = Field(False, description="exact inner-product lookup with faiss on the host")
-    perhead: bool = Field(False, description="retrieve blocks separately per KV head (slow; research)")
+    perhead: bool = Field(
+        False,
+        description="retrieve blocks separately per KV head, or per query head with lookup_heads: query (slow; "
+        "research); with the block cache, max_cached_block must hold heads * topk blocks (checked at model load)",
+    )
+    lookup_heads: Literal["kv", "query"] = Field(
+        "kv",
+        description="heads of the window key scores, the block representatives and the lookup: kv (one per KV "
+        "head: scores summed over each GQA group, a lookup scores sum_g (sum of the group's mean queries) . r_g) "
+        "or query (one per query head, as the released code: a representative from each query head's own "
+        "best-scored keys, a lookup scores sum_h q_h . r_h; Hq/Hkv times the representatives' memory; with "
+        "perhead each query head retrieves its own blocks, K/V kept per query head as the released code "
+        "does). The same without GQA. query: torch ops only (not fattn, not faiss)",
+    )
+    remainder_visibility: Literal["exact", "released"] = Field(
+        "exact",
+        description="inf-llm's remainder (tokens behind the window not yet in a block) in the global stage: "
+        "exact (query p sees the remainder tokens j <= p - n_local, out of its own window) or released (as the "
+        "released code: every query of an execution block [s, e) sees all of them up to e - 1 - n_local, so "
+        "early queries also see, un-rotated, keys their local window holds). Decode steps are the same",
+    )
     chunk_topk_calc: int | None = Field(None, ge=1, description="execution blocks whose lookups run together")
     pin_memory: bool = Field(False, description="page-locked host memory for offloaded blocks")
     dense_decoding: bool = Field(False, description="decode with all memory blocks instead of the top-k")
@@ -241,6 +261,17 @@ class InfLLMConfig(_Strict):
                 raise ValueError(
                     f"model.repr_topk ({m.repr_topk}) must be <= model.block_size ({m.block_size})"
                 )
+            if m.lookup_heads == "query":
+                unsupported = {
+                    "fattn": "the Triton kernels score keys, form blocks and decode per KV head",
+                    "faiss": "the faiss index holds per-KV-head representatives",
+                }
+                for key, reason in unsupported.items():
+                    if getattr(m, key):
+                        raise ValueError(
+                            f"model.lookup_heads: query does not work with model.{key}: true yet ({reason}); "
+                            f"set lookup_heads: kv or {key}: false"
+                        )
             if m.score_decay is not None and m.cache_strategy is not CacheStrategy.LRU_S:
                 # The original presets (vicuna-inf-llm, mistral-inf-llm-12k) set score_decay and leave
                 # cache_strategy at its default, where the original code ignores it: accept that verbatim.

@@ -40,16 +40,33 @@ def exec_blocks(call_sizes: list[int], exc: int | None) -> list[tuple[int, int]]
     return out
 
 
-def dense_layer(q, k, v, *, kind, n_init, n_local, block_size, topk, repr_topk, blocks, inv_freq, scale):
+def dense_layer(q, k, v, *, kind, n_init, n_local, block_size, topk, repr_topk, blocks, inv_freq, scale,
+                lookup_heads="kv", remainder_visibility="exact", perhead=False):
     """q (Hq, N, D), k/v (Hkv, N, D) un-rotated. kind: inf-llm | stream-llm | infinite-lm | origin.
 
-    Returns (out (Hq, N, D) float64, selections: list per exec block of selected block indices).
+    inf-llm's retrieval options, as `ModelConfig` names them:
+    - lookup_heads "kv": a key score per KV head (the probabilities its group's query heads give it, summed),
+      a representative per KV head, lookup vector per KV head = the sum of its group's mean queries; "query"
+      (the released code, which expands K to the query heads): a score and a representative per query head
+      (the mean of its KV head's keys at that query head's top-`repr_topk` scores), lookup score
+      sum_h mean_q_h . r_h.
+    - remainder_visibility "exact": query p sees the remainder tokens j <= p - n_local; "released": every
+      query of the execution block [s, e) sees those j <= e - 1 - n_local (the released code's sliding-window
+      offset is the whole remainder's length), its own window's among them, un-rotated, besides their local
+      copies.
+    - perhead: each score head retrieves its own top-k; the query heads attend their score head's blocks.
+
+    Returns (out (Hq, N, D) float64, selections: list per exec block of selected block indices, heads merged).
     """
     q, k, v = q.double(), k.double(), v.double()
     hq, n, d = q.shape
     hkv = k.shape[0]
     g = hq // hkv
-    score = torch.zeros(hkv, n, dtype=torch.float64)  # probability each key received while local
+    per_query = lookup_heads == "query"
+    hs = hq if per_query else hkv  # score heads
+    score_head = (lambda h: h) if per_query else (lambda h: h // g)  # the score head of query head h
+    kv_of_score = (lambda r: r // g) if per_query else (lambda r: r)  # the KV head of score head r
+    score = torch.zeros(hs, n, dtype=torch.float64)  # probability each key received while local
     out = torch.zeros(hq, n, d, dtype=torch.float64)
     selections = []
     gpos = n_init + n_local - 1 if kind == "stream-llm" else n_local - 1
@@ -61,19 +78,23 @@ def dense_layer(q, k, v, *, kind, n_init, n_local, block_size, topk, repr_topk, 
         while kind == "inf-llm" and b0 + block_size <= s - n_local:
             formed.append((b0, b0 + block_size))
             b0 += block_size
-        reprs = []
+        reprs = []  # per block (Hs, D)
         for a, b in formed:
-            idx = score[:, a:b].topk(repr_topk, dim=-1).indices  # (Hkv, r)
-            reprs.append(torch.stack([k[h, a + idx[h]].mean(0) for h in range(hkv)]).reshape(-1))
-        # lookup with the mean query of the block rotated to the global angle, group heads summed
-        selected = list(range(len(formed)))
+            idx = score[:, a:b].topk(repr_topk, dim=-1).indices  # (Hs, r)
+            reprs.append(torch.stack([k[kv_of_score(r), a + idx[r]].mean(0) for r in range(hs)]))
+        # lookup with the mean query of the block rotated to the global angle
+        chosen = [list(range(len(formed)))] * hs  # per score head
         if kind == "inf-llm" and len(formed) > topk:
             qm = rotate(q[:, s:e].mean(1, keepdim=True), inv_freq, gpos)[:, 0]  # (Hq, D)
-            qvec = qm.view(hkv, g, d).sum(1).reshape(-1)
-            scores = torch.stack([qvec @ r for r in reprs])
-            selected = sorted(scores.topk(topk).indices.tolist())
+            qvec = qm if per_query else qm.view(hkv, g, d).sum(1)  # (Hs, D)
+            if perhead:
+                chosen = [sorted(torch.stack([qvec[r] @ rep[r] for rep in reprs]).topk(topk).indices.tolist())
+                          for r in range(hs)]
+            else:
+                block_scores = torch.stack([(qvec * rep).sum() for rep in reprs])
+                chosen = [sorted(block_scores.topk(topk).indices.tolist())] * hs
         if kind == "inf-llm" and formed:
-            selections.append(selected)
+            selections.append(sorted({i for ids in chosen for i in ids}))
         in_block = torch.zeros(n, dtype=torch.bool)
         for a, b in formed:
             in_block[a:b] = True
@@ -85,17 +106,18 @@ def dense_layer(q, k, v, *, kind, n_init, n_local, block_size, topk, repr_topk, 
         for p in range(s, e):
             lo = 0 if kind == "origin" else max(p - n_local + 1, 0)
             local_keys = torch.arange(lo, p + 1)  # window (p - n_local, p]
-            global_keys = torch.tensor([j for j in range(0, p - n_local + 1) if kind != "origin" and (
-                (kind == "inf-llm" and (not in_block[j] or _block_of(formed, j) in selected))
-                or (kind != "inf-llm" and j < n_init))], dtype=torch.int64)
+            last = e - 1 if kind == "inf-llm" and remainder_visibility == "released" else p
             for h in range(hq):
-                hk = h // g
+                hk, selected = h // g, chosen[score_head(h)]
+                global_keys = torch.tensor([j for j in range(last - n_local + 1) if kind != "origin" and (
+                    (kind == "inf-llm" and (not in_block[j] or _block_of(formed, j) in selected))
+                    or (kind != "inf-llm" and j < n_init))], dtype=torch.int64)
                 qr = rotate(q[h, p : p + 1], inv_freq, [p - kv_start])[0]
                 qg = rotate(q[h, p : p + 1], inv_freq, gpos)[0]
                 logits = torch.cat([k_local[hk, local_keys] @ qr, k_global[hk, global_keys] @ qg]) * scale
                 probs = torch.softmax(logits, dim=0)
                 out[h, p] = probs @ torch.cat([v[hk, local_keys], v[hk, global_keys]])
-                score[hk, local_keys] += probs[: len(local_keys)]
+                score[score_head(h), local_keys] += probs[: len(local_keys)]
     return out, selections
 
 

@@ -38,6 +38,7 @@ from inf_llm.errors import GenerationCancelled, SessionStateError, UnsupportedMo
 from inf_llm.kernels import get_backend
 from inf_llm.memory import ContextMemory, LayerStats, RotaryTable
 from inf_llm.memory.block_cache import RingSlots
+from inf_llm.memory.context_memory import check_block_cache
 from inf_llm.memory.host_pool import HostBlockPool
 
 log = logging.getLogger(__name__)
@@ -133,7 +134,7 @@ class PatchState:
 
     def fingerprint(self) -> dict:
         memory_keys = ("type", "n_init", "n_local", "topk", "repr_topk", "block_size", "exc_block_size",
-                       "base", "distance_scale", "perhead", "dense_decoding")
+                       "base", "distance_scale", "perhead", "dense_decoding", "lookup_heads", "remainder_visibility")
         return {"layers": self.num_layers, "q_heads": self.num_q_heads, "kv_heads": self.num_kv_heads,
                 "head_dim": self.head_dim, **{k: _plain(getattr(self.cfg, k)) for k in memory_keys}}
 
@@ -160,6 +161,10 @@ def patch_model(model: nn.Module, cfg: ModelConfig) -> nn.Module:
     if not hasattr(rotary, "inv_freq"):
         raise UnsupportedModelError(f"{type(rotary).__name__} has no inv_freq: unsupported rotary embedding")
     head_dim = getattr(text_cfg, "head_dim", None) or text_cfg.hidden_size // text_cfg.num_attention_heads
+    first = next(model.parameters(), None)  # offload null: the block cache is used when the model is on a GPU
+    offload = cfg.offload if cfg.offload is not None else first is not None and first.device.type != "cpu"
+    check_block_cache(cfg, text_cfg.num_attention_heads,
+                      getattr(text_cfg, "num_key_value_heads", None) or text_cfg.num_attention_heads, offload)
     if rotary.inv_freq.shape[-1] * 2 != head_dim:
         raise UnsupportedModelError("partial rotary embeddings are not supported")
     AttentionInterface.register(ATTN_IMPLEMENTATION, infllm_attention)

@@ -28,6 +28,7 @@ import torch
 
 from inf_llm.config import CacheStrategy, MemoryType, ModelConfig
 from inf_llm.errors import ConfigError, MissingDependencyError
+from inf_llm.kernels import reference as _torch_ops
 from inf_llm.kernels.reference import block_representatives
 from inf_llm.memory.block_cache import BlockCache, DeviceBlockCache, FormationRing, RingSlots
 from inf_llm.memory.buffers import BlockStore, StorageSpec, TokenBuffer, representative_dtype
@@ -97,7 +98,7 @@ class _Lookup:
     known_blocks: int  # blocks that existed when scored
     values: torch.Tensor  # (n_exec, Hsel, k) scores of the top-k among known blocks
     indices: torch.Tensor  # (n_exec, Hsel, k)
-    query_vectors: torch.Tensor  # (n_exec, Hsel, Hkv*D or D): to score blocks formed later
+    query_vectors: torch.Tensor  # (n_exec, Hsel, Hr*D or D): to score blocks formed later
     rows: tuple | None = None  # device path: (values, indices, query_vectors) unbound per execution block
 
 
@@ -128,6 +129,11 @@ class ContextMemory:
         self.policy = MemoryPolicy.of(cfg)
         self.rope = rope
         self.ops = ops
+        # lookup_heads: query with perhead: each query head retrieves and attends its own blocks, so the memory
+        # keeps K/V per query head (as the released code's perhead, which repeats K/V per query head: Hq/Hkv
+        # times the K/V memory); then every head is its own group
+        self._kv_repeat = num_q_heads // num_kv_heads if cfg.perhead and cfg.lookup_heads == "query" else 1
+        num_kv_heads *= self._kv_repeat
         self.hq, self.hkv, self.d = num_q_heads, num_kv_heads, head_dim
         self.group = num_q_heads // num_kv_heads
         self.dtype, self.device = dtype, device
@@ -140,7 +146,18 @@ class ContextMemory:
         # base <= the window start gives the same scores. The base moves forward (and the window is
         # re-rotated once) when angles would exceed n_local + ROTATION_SLACK execution blocks.
         self.rot_base: int | None = 0
-        self.tail = TokenBuffer(num_kv_heads, head_dim, dtype, device, with_scores=self.policy.keeps_blocks)
+        # heads of the window key scores, the representatives and the lookup vectors (lookup_heads)
+        self.score_heads = num_q_heads if cfg.lookup_heads == "query" else num_kv_heads
+        if self.score_heads != num_kv_heads and ops is not _torch_ops:
+            raise ConfigError("model.lookup_heads: query needs the torch ops (the Triton kernels score keys, form "
+                              "blocks and decode per KV head): set model.fattn: false or lookup_heads: kv")
+        if cfg.lookup_heads == "query" and cfg.faiss:
+            raise ConfigError("model.lookup_heads: query does not work with model.faiss yet (its index holds "
+                              "per-KV-head representatives): set lookup_heads: kv or faiss: false")
+        # remainder_visibility: released: every query of an execution block sees the whole remainder
+        self._whole_remainder = cfg.remainder_visibility == "released" and self.policy.keeps_blocks
+        self.tail = TokenBuffer(num_kv_heads, head_dim, dtype, device, with_scores=self.policy.keeps_blocks,
+                                score_heads=self.score_heads)
         self.init_k = torch.zeros(num_kv_heads, self.n_init, head_dim, dtype=dtype, device=device)
         self.init_v = torch.zeros_like(self.init_k)
         self.init_len = 0
@@ -169,7 +186,8 @@ class ContextMemory:
             storage = torch.device("cpu") if offload else device
             codec = BlockCodec.of(cfg.offload_dtype) if cfg.offload_dtype is not None else None
             self.store = BlockStore(num_kv_heads, cfg.block_size, head_dim, dtype, storage, device, cfg.pin_memory,
-                                    codec, host_storage if offload else None)
+                                    codec, host_storage if offload else None, repr_heads=self.score_heads)
+            check_block_cache(cfg, num_q_heads, num_kv_heads // self._kv_repeat, offload)
             if offload and cfg.offload_access == "cache":
                 self.cache = BlockCache(
                     cfg.max_cached_block, CacheStrategy(cfg.cache_strategy), cfg.effective_score_decay,
@@ -219,6 +237,8 @@ class ContextMemory:
         Returns the attention output (Hq, L, D) in q's dtype.
         """
         length = q.shape[1]
+        if self._kv_repeat > 1:  # (Hkv, L, D) -> (Hq, L, D): query head h gets its copy of KV head h // G
+            k, v = k.repeat_interleave(self._kv_repeat, dim=0), v.repeat_interleave(self._kv_repeat, dim=0)
         if length == 1 and self.static_step is not None:
             return self.static_step.run(q, k, v, scale)
         if length == 1 and self.policy.windowed and hasattr(self.ops, "decode_attention"):
@@ -324,13 +344,16 @@ class ContextMemory:
             k_glb, v_glb, _, selected = self._global_keys(q, p, p + 1, 0, q_glb)
         else:
             q_glb, k_glb, v_glb = q_loc, k[:, :0], v[:, :0]
+        # lookup_heads: query: the op adds each query head's probabilities to that head's scores
+        per_query = self.policy.keeps_blocks and self.score_heads != self.hkv
         out, lse, received = self.ops.decode_attention(
             q_loc[:, 0], self.tail.rotated_keys(window_start, p + 1), self.tail.values(window_start, p + 1),
             q_glb[:, 0], k_glb, v_glb, scale=scale,
+            received_into=self.tail.scores(window_start, p + 1) if per_query else None,
         )
         if self.cache is not None and selected and self.cfg.cache_strategy == CacheStrategy.LRU_S:
             self._update_block_scores(q_glb, k_glb[:, self.init_len :], lse[:, None], selected, scale)
-        if self.policy.keeps_blocks:
+        if self.policy.keeps_blocks and not per_query:
             self.tail.scores(window_start, p + 1).add_(received)
         self.seen = p + 1
         self._form_memory(p + 1)
@@ -447,7 +470,8 @@ class ContextMemory:
             q_glb, out, lse, self.init_k[:, : self.init_len], self.init_v[:, : self.init_len],
             store_k, store_v, ids, self.tail.keys(tail_first, tail_end),
             self.tail.values(tail_first, tail_end),
-            rem_offset=s - self.n_local - tail_first + 1,  # query s+i sees remainder j iff j <= s+i - n_local
+            # query s+i sees remainder j iff j <= s+i - n_local (released: all of it, j <= e - 1 - n_local)
+            rem_offset=tail_end - tail_first if self._whole_remainder else s - self.n_local - tail_first + 1,
             scale=scale, check=self._check_ops,
         )
 
@@ -506,9 +530,11 @@ class ContextMemory:
             v_glb[:, fixed : fixed + n_tail].copy_(self.tail.values(tail_first, tail_end))
         if q_rotated is not None:
             return k_glb[:, : fixed + n_tail], v_glb[:, : fixed + n_tail], None, staged
-        # query p sees the remainder tokens j <= p - n_local, i.e. a prefix of the tail part
-        q_pos = torch.arange(s, e, device=self.device)
-        visible = (q_pos - n_local - tail_first + 1).clamp(0, n_tail) + fixed
+        if self._whole_remainder:  # remainder_visibility: released: every query sees j <= e - 1 - n_local
+            visible = torch.full((e - s,), fixed + n_tail, dtype=torch.int64, device=self.device)
+        else:  # query p sees the remainder tokens j <= p - n_local, i.e. a prefix of the tail part
+            q_pos = torch.arange(s, e, device=self.device)
+            visible = (q_pos - n_local - tail_first + 1).clamp(0, n_tail) + fixed
         return k_glb[:, : fixed + n_tail], v_glb[:, : fixed + n_tail], visible, staged
 
     def _gather_blocks(self, ids: torch.Tensor, k_glb, v_glb, at: int) -> None:
@@ -627,14 +653,17 @@ class ContextMemory:
     # ------------------------------------------------------------------------------------------ lookup
     def _query_vector(self, qb: torch.Tensor, q_rotated: torch.Tensor | None = None) -> torch.Tensor:
         """Lookup vector of an execution block: the mean of its un-rotated queries rotated to the global
-        angle (rotation is linear), heads of each KV group summed. (Hsel, Hkv*D), or (Hkv, D) with perhead.
+        angle (rotation is linear), heads of each KV group summed (lookup_heads: kv) or one per query head
+        (query). (1, Hr*D) (Hr = score_heads), or (Hkv, D) with perhead.
         `q_rotated`: one query already rotated to the global angle in the representatives' dtype."""
         if q_rotated is None:
             q_mean = qb.to(self.repr_dtype)
             q_rotated = self.rope.rotate_at(q_mean if qb.shape[1] == 1 else q_mean.mean(dim=1, keepdim=True),
                                             self.policy.global_query_pos)
-        per_kv = q_rotated[:, 0].view(self.hkv, self.group, self.d).sum(dim=1)  # (Hkv, D)
-        return per_kv if self.cfg.perhead else per_kv.reshape(1, -1)
+        per_head = q_rotated[:, 0]  # (Hq, D)
+        if self.score_heads == self.hkv:
+            per_head = per_head.view(self.hkv, self.group, self.d).sum(dim=1)  # (Hkv, D)
+        return per_head if self.cfg.perhead else per_head.reshape(1, -1)
 
     def _query_vectors(self, q_glb: torch.Tensor, bounds: list[tuple[int, int]], start: int) -> torch.Tensor:
         """`_query_vector` of every execution block of a call, (n, Hsel, X), in a few ops, from the call's
@@ -657,12 +686,14 @@ class ContextMemory:
                 means.append(q_glb[:, s - start : e - start].mean(dim=1, keepdim=True, dtype=self.repr_dtype))
                 k += 1
         mean = means[0] if len(means) == 1 else torch.cat(means, dim=1)  # (Hq, n, D)
-        per_kv = mean.view(self.hkv, self.group, len(bounds), self.d).sum(dim=1).transpose(0, 1)  # (n, Hkv, D)
-        return per_kv if self.cfg.perhead else per_kv.reshape(len(bounds), 1, -1)
+        if self.score_heads == self.hkv:
+            mean = mean.view(self.hkv, self.group, len(bounds), self.d).sum(dim=1)  # (Hkv, n, D)
+        per_head = mean.transpose(0, 1)  # (n, Hr, D)
+        return per_head if self.cfg.perhead else per_head.reshape(len(bounds), 1, -1)
 
     def _block_scores(self, qvec: torch.Tensor, first: int, last: int) -> torch.Tensor:
         """Scores (..., Hsel, last-first) of blocks [first, last) for query vectors qvec (..., Hsel, X)."""
-        reprs = self.store.representatives()[first:last]  # (N, Hkv*D), float32 (float64 in float64 tests)
+        reprs = self.store.representatives()[first:last]  # (N, Hr*D), float32 (float64 in float64 tests)
         if self.cfg.perhead:
             return torch.einsum("...hd,nhd->...hn", qvec, reprs.view(-1, self.hkv, self.d))
         # (N, X) @ (X, Hsel): a GEMV for cuBLAS (as qvec @ reprs.T, an m=1 GEMM, it took 56 us on an H200);
@@ -863,7 +894,7 @@ class ContextMemory:
         first = self.tail.first_pos
         keys = self.tail.keys(first, first + n * bs).unflatten(1, (n, bs))  # (Hkv, n, bs, D)
         values = self.tail.values(first, first + n * bs).unflatten(1, (n, bs))
-        scores = self.tail.scores(first, first + n * bs).unflatten(1, (n, bs))  # (Hkv, n, bs)
+        scores = self.tail.scores(first, first + n * bs).unflatten(1, (n, bs))  # (Hr, n, bs)
         starts = [first + i * bs for i in range(n)]
         store = self.store
         # a prefill with direct and a side stream: into the formation ring, copied to the store from there;
@@ -874,7 +905,8 @@ class ContextMemory:
             new = store.claim(n, starts)
             scales = None if store.codec is None else (store.k_scale[new], store.v_scale[new])
             self.ops.form_blocks(keys, values, scores, self.cfg.repr_topk, store.k[new], store.v[new],
-                                 store.repr[new].view(n, self.hkv, self.d), check=self._check_ops, scales=scales)
+                                 store.repr[new].view(n, self.score_heads, self.d), check=self._check_ops,
+                                 scales=scales)
         else:  # to the host (cache access, compressed or not): representatives here, K/V copied asynchronously
             representatives = block_representatives(keys, scores, self.cfg.repr_topk, self.repr_dtype)
             store.add_many(keys.transpose(0, 1), values.transpose(0, 1), representatives, starts)
@@ -942,3 +974,22 @@ def _new_faiss_index(dim: int, count: int) -> list:
             "model.faiss: true needs the faiss package (pip install faiss-cpu), or set model.faiss=false"
         ) from exc
     return [faiss.IndexFlatIP(dim) for _ in range(count)]
+
+
+def check_block_cache(cfg: ModelConfig, num_q_heads: int, num_kv_heads: int, offload: bool) -> None:
+    """Refuse an offloaded memory with the block cache (`offload_access: cache`) whose lookups can select more
+    distinct blocks than the cache holds: with `perhead` each KV head (each query head with `lookup_heads:
+    query`) retrieves its own `topk`, up to heads * topk blocks per lookup (the cache would otherwise fail at
+    the first lookup that spreads that far, part-way through a request). Needs the model's head counts:
+    called when a model is patched and when a memory is made."""
+    if cfg.type is not MemoryType.INF_LLM or not cfg.perhead or not offload or cfg.offload_access != "cache":
+        return
+    heads, kind = (num_q_heads, "query") if cfg.lookup_heads == "query" else (num_kv_heads, "KV")
+    needed = heads * cfg.topk
+    if cfg.max_cached_block < needed:
+        raise ConfigError(
+            f"model.perhead: true retrieves model.topk ({cfg.topk}) blocks for each of the model's "
+            f"{heads} {kind} heads: up to {needed} distinct blocks per lookup must fit in the block cache, "
+            f"but model.max_cached_block is {cfg.max_cached_block}; raise max_cached_block to {needed}, lower "
+            f"topk, keep the blocks on the device (offload: false) or set perhead: false"
+        )
