@@ -14,6 +14,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -28,7 +29,7 @@ from hypothesis import strategies as st
 
 from inf_llm.config import load_config
 from inf_llm.engine.templates import Message, build_messages, encode_chat, render_chat
-from inf_llm.errors import ModelLoadError
+from inf_llm.errors import ConfigError, ModelLoadError
 from inf_llm.server import create_app
 from tests.conftest import DEFAULT_CONFIG
 from tests.models import IM_END, IM_START, build_tiny_tokenizer
@@ -242,6 +243,17 @@ def test_control_characters_are_text(conn):
                                    raw({"prompt": "a\x00b\x01\x1f\x7f\u2028\ufeff", "max_new_tokens": 2}),
                                    {"content-type": JSON})
     assert status == 200, data
+
+
+def test_the_limits_live_in_the_config_with_their_defaults():
+    cfg = load_config(None)
+    srv = cfg.server
+    assert (srv.max_prompt_tokens, srv.max_new_tokens_limit, srv.max_client_requests, srv.public_docs) == (
+        131072, 4096, 4, False)
+    with pytest.raises(ConfigError, match="server.max_new_tokens_limit"):
+        load_config(None, ["generation.max_new_tokens=5000"])
+    with pytest.raises(ConfigError, match="max_client_requests"):
+        load_config(None, ["server.max_client_requests=0"])
 
 
 # ------------------------------------------------------------------------------ status, docs, the key
@@ -558,3 +570,34 @@ def test_a_bug_is_a_500_and_the_connection_stays_open(failed_server, monkeypatch
         assert status == 200
     finally:
         conn.close()
+
+
+# --------------------------------------------------------------------------------------------- the page
+def test_the_page_asks_for_the_key_and_shows_the_rest_with_it(server):
+    """The page in Chromium on the keyed server: without the key it shows no model and no system prompt (the
+    server did not send them) and asks for the key; with the key, /status gives it both."""
+    playwright = pytest.importorskip("playwright.sync_api")
+    from playwright.sync_api import expect
+
+    from tests.test_webui import CHROMIUM, CHROMIUM_ARGS
+
+    if not os.path.exists(CHROMIUM):
+        pytest.skip(f"{CHROMIUM} not installed")
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            page.goto(server.url + "/")
+            expect(page.locator("#status-dot")).to_have_attribute("data-state", "ready", timeout=30_000)
+            expect(page.locator("#banner")).to_contain_text("requires an API key")
+            expect(page.locator("#model-name")).not_to_contain_text(MODEL_NAME)
+            page.get_by_role("button", name="Settings", exact=True).click()
+            expect(page.locator("#set-system")).not_to_have_value(re.compile(SECRET))
+            page.locator("#set-api-key").fill(API_KEY)
+            expect(page.locator("#model-name")).to_have_text(MODEL_NAME, timeout=10_000)
+            page.get_by_role("button", name="Done").click()
+            page.get_by_role("button", name="Settings", exact=True).click()
+            expect(page.locator("#set-system")).to_have_value(re.compile(SECRET))
+            expect(page.locator("#set-max_new_tokens")).to_have_attribute("max", str(MAX_NEW_TOKENS_LIMIT))
+        finally:
+            browser.close()

@@ -388,7 +388,82 @@ def test_send_message_streams_reply(page: Page, ready_server: Server):
     assert body["history"][0] == {"role": "user", "content": "Say hello to me in one short sentence."}
     assert body["history"][1]["role"] == "assistant" and body["history"][1]["content"].strip()
     wait_reply(page)
-    expect(last_reply(page).locator(".stats")).to_contain_text("cached")
+    stats = last_reply(page).locator(".stats")
+    expect(stats).to_contain_text("cached")
+    # Its prefill rate is over the few new tokens only, and the label says so (it read as a slow prefill).
+    expect(stats).to_contain_text(re.compile(r"prefill tok/s · \d+ new"))
+    expect(page.locator("#thread .msg.assistant").first.locator(".stats")).not_to_contain_text("new")
+
+
+def test_settings_are_checked_before_they_are_saved(page: Page):
+    """Regression: max_new_tokens=0 was stored as typed, Esc kept it, and the next reply failed. An invalid value
+    is marked on its field and never stored; closing the dialog puts the stored value back and says so."""
+    configure(page, max_new_tokens=12)
+    limit = get_status(page.url)[1]["limits"]["max_new_tokens_limit"]
+    page.get_by_role("button", name="Settings", exact=True).click()
+    field = page.locator("#set-max_new_tokens")
+    for bad in ("0", "2.5", str(limit + 1)):
+        field.fill(bad)
+        expect(field).to_have_attribute("aria-invalid", "true")
+        expect(page.locator("#set-max_new_tokens-error")).to_be_visible()
+        stored = json.loads(page.evaluate("() => localStorage.getItem('inf_llm.settings')"))
+        assert stored["max_new_tokens"] == 12, stored
+    page.keyboard.press("Escape")
+    expect(page.locator("#settings-dialog")).to_be_hidden()
+    expect(page.locator("#toast")).to_contain_text("Not saved (invalid): Max new tokens")
+    page.get_by_role("button", name="Settings", exact=True).click()
+    expect(field).to_have_value("12")
+    expect(field).not_to_have_attribute("aria-invalid", "true")
+    page.locator("#set-top_k").fill("-1")
+    expect(page.locator("#set-top_k")).to_have_attribute("aria-invalid", "true")
+    page.locator("#set-top_k").fill("5")
+    expect(page.locator("#set-top_k")).not_to_have_attribute("aria-invalid", "true")
+    page.get_by_role("button", name="Done").click()
+    with page.expect_request("**/chat") as req_info:
+        send(page, "Say OK.")
+    body = chat_body(req_info.value)
+    assert (body["max_new_tokens"], body["top_k"]) == (12, 5)
+    assert wait_reply(page).strip()
+
+
+def test_importing_twice_keeps_one_copy(page: Page, tmp_path: Path):
+    """Regression: importing the same export twice duplicated every conversation. Import goes by conversation id:
+    the same file again changes nothing (and says so); a later copy of a conversation replaces it."""
+    conv = {"id": "dedupe-demo", "title": "Colours", "created": 1, "updated": 2,
+            "messages": [{"id": "u1", "role": "user", "content": "Name a colour."},
+                         {"id": "a1", "role": "assistant", "content": "Blue."}]}
+    path = tmp_path / "export.json"
+    path.write_text(json.dumps({"format": "inf_llm.conversations", "version": 1, "conversations": [conv]}))
+    page.locator("#import-input").set_input_files(str(path))
+    expect(page.locator("#toast")).to_contain_text("Imported 1 conversation")
+    page.locator("#import-input").set_input_files(str(path))
+    expect(page.locator("#toast")).to_contain_text("Imported 0 conversations, 1 already here")
+    expect(page.locator("#conv-list .conv-item")).to_have_count(1)
+    later = {**conv, "title": "Colours, continued", "updated": 3,
+             "messages": conv["messages"] + [{"id": "u2", "role": "user", "content": "Another?"}]}
+    path.write_text(json.dumps({"format": "inf_llm.conversations", "version": 1, "conversations": [later]}))
+    page.locator("#import-input").set_input_files(str(path))
+    expect(page.locator("#toast")).to_contain_text("Imported 0 conversations, updated 1")
+    expect(page.locator("#conv-list .conv-item")).to_have_count(1)
+    expect(page.locator("#conv-list .conv-item")).to_contain_text("Colours, continued")
+    page.reload()
+    open_ready(page, page.url)
+    expect(page.locator("#conv-list .conv-item")).to_have_count(1)
+
+
+def test_model_dialog_names_the_device_it_runs_on(page: Page, ready_server: Server):
+    """Regression: on a CPU server the dialog said "Blocks cached on the GPU"."""
+    status = get_status(ready_server.base_url)[1]
+    page.locator("#model-chip").click()
+    info = page.locator("#memory-info")
+    expect(info).to_contain_text("max_cached_block")
+    if status["device"].startswith("cuda"):
+        expect(info).to_contain_text("Blocks cached on the GPU")
+    else:
+        expect(info).not_to_contain_text("GPU")
+        expect(info).to_contain_text("on a CPU every block stays in RAM")
+    expect(page.locator("#model-info")).to_contain_text(status["device"])
+    page.keyboard.press("Escape")
 
 
 def test_stop_mid_reply(page: Page):

@@ -46,15 +46,16 @@ async function errorFromResponse(res) {
 
 /**
  * GET /status. Resolves to `{reachable: true, httpStatus, body}`, or `{reachable: false, error}` when the
- * server cannot be reached or does not answer with JSON. 503 is a normal answer while loading.
+ * server cannot be reached or does not answer with JSON. 503 is a normal answer while loading. A server with
+ * an API key answers only readiness without it: the model, limits and defaults come with the key.
  */
-export async function fetchStatus({ signal, timeoutMs = 8000 } = {}) {
+export async function fetchStatus({ apiKey, signal, timeoutMs = 8000 } = {}) {
   const ctrl = new AbortController();
   const timer = setTimeout(() => ctrl.abort(), timeoutMs);
   const onAbort = () => ctrl.abort();
   signal?.addEventListener("abort", onAbort);
   try {
-    const res = await fetch(url("status"), { cache: "no-store", signal: ctrl.signal });
+    const res = await fetch(url("status"), { cache: "no-store", signal: ctrl.signal, headers: authHeaders(apiKey) });
     let body = null;
     try {
       body = await res.json();

@@ -203,6 +203,8 @@ function fillSettingsForm() {
   $("auth-notice").hidden = !(state.status && state.status.auth_required);
   $("set-system").value = effective("system") || "";
   $("set-system").placeholder = d.system_prompt ? "" : "None";
+  const limits = (state.status && state.status.limits) || {};
+  if (limits.max_new_tokens_limit) $("set-max_new_tokens").max = String(limits.max_new_tokens_limit);
   for (const key of SETTING_KEYS) {
     const input = $(`set-${key}`);
     const v = effective(key);
@@ -210,9 +212,26 @@ function fillSettingsForm() {
     if (input.type === "number" && d[key] !== undefined && d[key] !== null) input.placeholder = String(d[key]);
     const out = $(`out-${key}`);
     if (out) out.textContent = input.value;
+    showFieldError(input, "");
   }
   const stop = effective("stop");
   $("set-stop").value = Array.isArray(stop) ? stop.join("\n") : "";
+}
+
+/** The message under a settings field (empty: none), tied to it for screen readers. */
+function showFieldError(input, message) {
+  let box = input.parentElement.querySelector(".field-error");
+  if (!box && message) {
+    box = el("span", { class: "field-error", id: `${input.id}-error`, role: "alert" });
+    input.after(box);
+    input.setAttribute("aria-describedby", box.id);
+  }
+  if (box) {
+    box.textContent = message;
+    box.hidden = !message;
+  }
+  if (message) input.setAttribute("aria-invalid", "true");
+  else input.removeAttribute("aria-invalid");
 }
 
 function onSettingInput(key, raw) {
@@ -226,13 +245,31 @@ function onSettingInput(key, raw) {
     if (list.join("\n") === def.join("\n")) delete state.settings.stop;
     else state.settings.stop = list;
   } else {
+    // The browser checks the field against its min/max/step (max_new_tokens: the server's limit): an invalid
+    // value is shown as such and never stored, so the next message cannot carry it.
+    const input = $(`set-${key}`);
+    if (!input.checkValidity()) {
+      showFieldError(input, input.validationMessage);
+      return;
+    }
+    showFieldError(input, "");
     const v = raw.trim() === "" ? null : Number(raw);
-    if (v === null || !Number.isFinite(v) || v === d[key]) delete state.settings[key];
-    else state.settings[key] = key === "top_k" || key === "max_new_tokens" || key === "seed" ? Math.round(v) : v;
+    if (v === null || v === d[key]) delete state.settings[key];
+    else state.settings[key] = v;
     const out = $(`out-${key}`);
     if (out) out.textContent = raw;
   }
   saveSettings();
+}
+
+/** Closing the dialog (Done, the close button, Esc) shows what is stored: an invalid entry is dropped, said. */
+function onSettingsClosed() {
+  const invalid = SETTING_KEYS.map((key) => $(`set-${key}`)).filter((input) => !input.checkValidity());
+  fillSettingsForm();
+  if (invalid.length) {
+    const names = invalid.map((input) => input.getAttribute("aria-label")).join(", ");
+    showToast(`Not saved (invalid): ${names}. The previous value is kept.`, "error");
+  }
 }
 
 function bindSettings() {
@@ -241,11 +278,15 @@ function bindSettings() {
     $("settings-dialog").showModal();
     if (state.status && state.status.auth_required && !state.apiKey) $("set-api-key").focus();
   });
+  $("settings-dialog").addEventListener("close", onSettingsClosed);
+  let keyTimer = null;
   $("set-api-key").addEventListener("input", (e) => {
     state.apiKey = e.target.value.trim();
     if (state.apiKey) localStorage.setItem(LS_API_KEY, state.apiKey);
     else localStorage.removeItem(LS_API_KEY);
     updateBanner();
+    clearTimeout(keyTimer);
+    keyTimer = setTimeout(pollStatus, 400); // with the key, /status tells the model, limits and defaults
   });
   $("toggle-key").addEventListener("click", (e) => {
     const input = $("set-api-key");
@@ -291,7 +332,7 @@ async function pollStatus() {
     pollTimer = setTimeout(pollStatus, POLL_READY_MS);
     return;
   }
-  const r = await fetchStatus();
+  const r = await fetchStatus({ apiKey: state.apiKey });
   applyStatus(r);
   let delay = POLL_READY_MS;
   if (!r.reachable) delay = POLL_UNREACHABLE_MS;
@@ -393,6 +434,10 @@ function renderEmptyFacts() {
   }
 }
 
+function onGpu(st) {
+  return typeof st.device === "string" && st.device.startsWith("cuda");
+}
+
 function openModelDialog() {
   const st = state.status || {};
   const info = $("model-info");
@@ -416,7 +461,9 @@ function openModelDialog() {
     n_local: "Local window — n_local",
     block_size: "Block size — block_size",
     topk: "Retrieved blocks per step — topk",
-    max_cached_block: "Blocks cached on the GPU — max_cached_block",
+    max_cached_block: onGpu(st)
+      ? "Blocks cached on the GPU — max_cached_block"
+      : "Block cache, used only with offloading (on a CPU every block stays in RAM) — max_cached_block",
     exc_block_size: "Execution block — exc_block_size",
     repr_topk: "Representative tokens per block — repr_topk",
   };
@@ -551,10 +598,15 @@ async function importFile(file) {
     return;
   }
   try {
-    const imported = await state.store.import(data);
-    for (const conv of imported) state.convs.set(conv.id, conv);
-    showToast(`Imported ${imported.length} conversation${imported.length === 1 ? "" : "s"}`);
-    if (imported.length) selectConversation(imported[0].id);
+    const { added, updated, kept } = await state.store.import(data);
+    const changed = [...added, ...updated];
+    for (const conv of changed) state.convs.set(conv.id, conv);
+    const plural = (n, what) => `${n} ${what}${n === 1 ? "" : "s"}`;
+    const parts = [`Imported ${plural(added.length, "conversation")}`];
+    if (updated.length) parts.push(`updated ${updated.length}`);
+    if (kept.length) parts.push(`${kept.length} already here`);
+    showToast(parts.join(", "));
+    if (changed.length) selectConversation(changed[0].id);
     else renderSidebar();
   } catch (e) {
     showToast(`Import failed: ${e.message}`, "error");
@@ -747,7 +799,7 @@ function updateAssistant(msg, view, final) {
       chip("prompt", fmtInt(u.prompt_tokens), "Prompt tokens"),
       chip("cached", fmtInt(u.cached_tokens), "Prompt tokens reused from the previous turn's memory state"),
       chip("TTFT", fmtMs(t.ttft_ms), "Time to first token"),
-      chip("prefill tok/s", fmtRate(t.prefill_tokens_per_s), `Prefill: ${fmtMs(t.prefill_ms)}`),
+      prefillChip(u, t, chip),
       chip("decode tok/s", fmtRate(t.decode_tokens_per_s), `Generated ${fmtInt(u.completion_tokens)} tokens in ${fmtMs(t.decode_ms)}`),
     );
   }
@@ -759,6 +811,15 @@ function updateAssistant(msg, view, final) {
     ]);
     view.actions.append(b);
   }
+}
+
+/** The prefill rate is over the prompt tokens read this turn: with the rest reused from memory, say so (a
+ * follow-up reads a few tokens, and its rate is no measure of a long prefill). */
+function prefillChip(u, t, chip) {
+  const fresh = (u.prompt_tokens || 0) - (u.cached_tokens || 0);
+  if (!u.cached_tokens) return chip("prefill tok/s", fmtRate(t.prefill_tokens_per_s), `Prefill: ${fmtMs(t.prefill_ms)}`);
+  return chip(`prefill tok/s · ${fmtInt(fresh)} new`, fmtRate(t.prefill_tokens_per_s),
+    `${fmtInt(fresh)} new prompt tokens read in ${fmtMs(t.prefill_ms)}; the other ${fmtInt(u.cached_tokens)} came from the memory of the previous turn`);
 }
 
 function queueRender() {

@@ -124,17 +124,26 @@ export class ConversationStore {
     return this.backend.delete(id);
   }
 
-  /** Imports conversations from parsed export JSON; returns the imported conversations. */
+  /**
+   * Imports conversations from parsed export JSON, by conversation id: one not here is added, one here is
+   * replaced only by a copy updated later (the same export imported twice changes nothing). Returns
+   * `{added, updated, kept}` (lists of conversations; `kept`: the ones already here, left as they are).
+   */
   async import(data) {
     const convs = parseExport(data);
-    const existing = new Set((await this.backend.all()).map((c) => c.id));
+    const existing = new Map((await this.backend.all()).map((c) => [c.id, c]));
+    const result = { added: [], updated: [], kept: [] };
     for (const conv of convs) {
-      // Importing the same file twice keeps both copies rather than silently overwriting edits.
-      if (existing.has(conv.id)) conv.id = newId();
-      existing.add(conv.id);
+      const here = existing.get(conv.id);
+      if (here && (here.updated || 0) >= conv.updated) {
+        result.kept.push(here);
+        continue;
+      }
+      (here ? result.updated : result.added).push(conv);
+      existing.set(conv.id, conv);
       await this.save(conv);
     }
-    return convs;
+    return result;
   }
 }
 
