@@ -163,26 +163,32 @@ def test_static_decode_step_with_per_query_head_scores():
     received probabilities as the ordinary step does."""
     n, prefill = 300, 100
     q, k, v = random_qkv(n, hq=HQ, hkv=HKV, seed=27)
-    ordinary, static = (make_memory("inf-llm", hq=HQ, hkv=HKV, device_lookup=True, lookup_heads="query")
-                        for _ in range(2))
-    step = StaticDecodeStep(static)
     scale = default_scale(D)
-    for memory in (ordinary, static):
+
+    def decode(step: StaticDecodeStep | None) -> tuple[ContextMemory, list, list, int]:
+        """Prefill, then one token at a time: through `step` whenever it plans one (None: never)."""
+        memory = step.memory if step is not None else make_memory("inf-llm", hq=HQ, hkv=HKV, device_lookup=True,
+                                                                    lookup_heads="query")
         memory.process(q[:, :prefill], k[:, :prefill], v[:, :prefill], scale)
-    planned = 0
-    for p in range(prefill, n):
-        want = ordinary.process(q[:, p : p + 1], k[:, p : p + 1], v[:, p : p + 1], scale)
-        plan = step.plan()
-        if plan is None:
-            got = static.process(q[:, p : p + 1], k[:, p : p + 1], v[:, p : p + 1], scale)
-        else:
-            planned += 1
-            step.args.copy_(torch.tensor(plan))
-            got = step.run(q[:, p : p + 1], k[:, p : p + 1], v[:, p : p + 1], scale)
-            step.advance()
-        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
-        assert static.retrieved_last == ordinary.retrieved_last
-    assert planned > 100
+        outs, lookups, static = [], [], 0
+        for p in range(prefill, n):
+            token = (q[:, p : p + 1], k[:, p : p + 1], v[:, p : p + 1])
+            plan = step.plan() if step is not None else None
+            if plan is not None:
+                step.args.copy_(torch.tensor(plan))
+                outs.append(step.run(*token, scale))
+                step.advance()
+            else:
+                outs.append(memory.process(*token, scale))
+            static += plan is not None
+            lookups.append(memory.retrieved_last)
+        return memory, outs, lookups, static
+
+    ordinary, want, want_lookups, _ = decode(None)
+    static, got, lookups, planned = decode(StaticDecodeStep(
+        make_memory("inf-llm", hq=HQ, hkv=HKV, device_lookup=True, lookup_heads="query")))
+    assert planned > 100 and lookups == want_lookups
+    torch.testing.assert_close(torch.cat(got, 1), torch.cat(want, 1), rtol=0, atol=1e-6)
     window = (ordinary.tail.first_pos, ordinary.tail.end_pos)
     assert static.tail.scores(*window).shape[0] == HQ
     torch.testing.assert_close(static.tail.scores(*window), ordinary.tail.scores(*window), rtol=0, atol=1e-6)
