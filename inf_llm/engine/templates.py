@@ -18,7 +18,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from jinja2.exceptions import TemplateError
-from transformers.utils.chat_template_utils import mark_control_tokens
+try:  # newer transformers: control tokens typed into a message can be encoded as text
+    from transformers.utils.chat_template_utils import mark_control_tokens
+except ImportError:  # older (the GPU machine's 5.17): _can_sanitize is False there, such messages are refused
+    mark_control_tokens = None
 
 from inf_llm.errors import RequestError
 
