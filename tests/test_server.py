@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -135,14 +136,21 @@ def chat_body(prompt: str = QUESTION, **kw) -> dict:
     return {"prompt": prompt, "temperature": 0, "max_new_tokens": 16, **kw}
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory) -> Iterator[ServerProcess]:
-    srv = ServerProcess(serve_argv(*SERVER_OVERRIDES), tmp_path_factory.mktemp("server") / "server.log").start()
+@contextmanager
+def served(log_dir: Path, *overrides: str) -> Iterator[ServerProcess]:
+    """`python -m inf_llm.serve` with the default config and `overrides`, ready; stopped on exit."""
+    srv = ServerProcess(serve_argv(*overrides), log_dir / "server.log").start()
     try:
         srv.wait_ready()
         yield srv
     finally:
         srv.stop()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory) -> Iterator[ServerProcess]:
+    with served(tmp_path_factory.mktemp("server"), *SERVER_OVERRIDES) as srv:
+        yield srv
 
 
 @pytest.fixture(scope="module")

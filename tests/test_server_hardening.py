@@ -33,7 +33,7 @@ from inf_llm.errors import ConfigError, ModelLoadError
 from inf_llm.server import create_app
 from tests.conftest import DEFAULT_CONFIG
 from tests.models import IM_END, IM_START, build_tiny_tokenizer
-from tests.test_server import ServerProcess, error_of, free_port, parse_sse, serve_argv
+from tests.test_server import ServerProcess, error_of, free_port, parse_sse, served
 
 API_KEY = "hardening-key"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -58,27 +58,38 @@ OTHER_CLIENTS = ("127.0.0.2", "127.0.0.3", "127.0.0.4")
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory) -> Iterator[ServerProcess]:
-    srv = ServerProcess(serve_argv(*OVERRIDES), tmp_path_factory.mktemp("hardening") / "server.log").start()
-    try:
-        srv.wait_ready()
+    with served(tmp_path_factory.mktemp("hardening"), *OVERRIDES) as srv:
         yield srv
-    finally:
-        srv.stop()
+
+
+# uvicorn closes a keep-alive connection idle for 5 s (its timeout_keep_alive): one idle for longer is
+# reopened before the next request, so that any other closed connection is the server dropping it.
+IDLE_REOPEN_SECONDS = 3.0
 
 
 class KeepAlive:
-    """One HTTP/1.1 connection that never reopens itself: a request after the server closed it raises."""
+    """One HTTP/1.1 connection that never reopens itself after a request: a request after the server closed it
+    raises (only an idle connection is reopened, see IDLE_REOPEN_SECONDS)."""
 
     def __init__(self, port: int, timeout: float = 120):
-        self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+        self.port, self.timeout = port, timeout
+        self._open()
+
+    def _open(self) -> None:
+        self.conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=self.timeout)
         self.conn.auto_open = 0
         self.conn.connect()
+        self.last = time.monotonic()
 
     def request(self, method: str, path: str, body: bytes | None = None,
                 headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+        if time.monotonic() - self.last > IDLE_REOPEN_SECONDS:
+            self.conn.close()
+            self._open()
         self.conn.request(method, path, body=body, headers={**AUTH, **(headers or {})})
         r = self.conn.getresponse()
         data = r.read()
+        self.last = time.monotonic()
         return r.status, {k.lower(): v for k, v in r.getheaders()}, data
 
     def still_usable(self) -> None:
@@ -437,6 +448,7 @@ def test_fuzz_text_routes_have_no_server_errors(server):
     every answer in the error shape or a success, and no connection dropped. Generation is capped at
     FUZZ_TOKEN_CAP new tokens, so the run stays short."""
     counts: dict[int, int] = {}
+    broken: list[str] = []  # the first request whose connection failed (later ones cannot be sent on it)
     conns = {path: KeepAlive(server.port) for path in BODIES}
     requests = st.sampled_from(list(BODIES)).flatmap(lambda path: st.tuples(st.just(path), BODIES[path]))
 
@@ -449,8 +461,14 @@ def test_fuzz_text_routes_have_no_server_errors(server):
             key = "max_new_tokens" if path == "/chat" else "max_tokens"
             if not isinstance(body.get(key), int) or body[key] > FUZZ_TOKEN_CAP:
                 body[key] = FUZZ_TOKEN_CAP
-        status, headers, data = conns[path].request("POST", path, encode_body(body, encoding),
-                                                    {"content-type": JSON})
+        sent = encode_body(body, encoding)
+        if broken:
+            pytest.fail(f"an earlier request broke its connection: {broken[0]}")
+        try:
+            status, headers, data = conns[path].request("POST", path, sent, {"content-type": JSON})
+        except (http.client.HTTPException, OSError) as exc:  # the server dropped or stalled the connection
+            broken.append(f"POST {path} {sent[:300]!r}: {type(exc).__name__}: {exc}")
+            raise
         counts[status] = counts.get(status, 0) + 1
         assert status < 500, (path, body, data[:300])
         if status >= 400:
