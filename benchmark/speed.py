@@ -92,8 +92,8 @@ SHAPE_MEMORY: dict[str, list[str]] = {
     "mistral-7b": [],
     "smollm2-135m": [],
     "tiny": [
-        "model.n_init=16", "model.n_local=128", "model.topk=4", "model.block_size=16", "model.repr_topk=2",
-        "model.max_cached_block=8", "model.exc_block_size=32", "chunk_size=128",
+        "model.full_attention_tokens=null", "model.n_init=16", "model.n_local=128", "model.topk=4",
+        "model.block_size=16", "model.repr_topk=2", "model.max_cached_block=8", "model.exc_block_size=32", "chunk_size=128",
     ],
 }
 

@@ -12,7 +12,7 @@ import logging
 import os
 from enum import Enum
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from omegaconf import OmegaConf
@@ -110,6 +110,13 @@ class ModelConfig(_Strict):
     dense_decoding: bool = Field(False, description="decode with all memory blocks instead of the top-k")
     # --- our extensions -------------------------------------------------------------------------------
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    full_attention_tokens: Annotated[int, Field(ge=1)] | Literal["auto"] | None = Field(
+        None,
+        description="while a conversation is at most this many tokens, the memory keeps all of it in the "
+        "local window (plain full attention: nothing is retrieved, so nothing can be missed); a prompt or a "
+        "conversation past it gets the configured window, sinks and memory blocks. auto: the model's native "
+        "context (max_position_embeddings). null: always the configured window (the paper's)",
+    )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="auto: bfloat16 on GPU and on CPUs with native bf16, else float32"
     )

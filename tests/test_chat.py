@@ -35,7 +35,7 @@ from tests.conftest import REPO_ROOT
 CHAT_OVERRIDES = [
     "model.device=cpu", "model.dtype=float32", "generation.max_new_tokens=16", "generation.temperature=0",
     "chunk_size=256", "model.exc_block_size=256", "model.n_local=512", "model.n_init=64",
-    "model.block_size=64", "model.topk=4", "model.max_cached_block=8",
+    "model.full_attention_tokens=null", "model.block_size=64", "model.topk=4", "model.max_cached_block=8",
 ]
 PASSKEY = "71432"
 STARTUP_TIMEOUT = 240  # seconds: a cold GGUF conversion takes ~15-40 s on 2 busy cores

@@ -220,6 +220,7 @@ def test_shared_prefix_sweep_gives_the_results_of_separate_runs():
     cfg = load_config(
         DEFAULT_CONFIG,
         [
+            "model.full_attention_tokens=null",
             "model.n_init=16",
             "model.n_local=128",
             "model.block_size=16",

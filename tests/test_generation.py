@@ -23,7 +23,7 @@ from inf_llm.errors import PromptTooLongError, QueueFullError, RequestError
 from tests.conftest import DEFAULT_CONFIG
 
 SMALL_WINDOW = [
-    "model.device=cpu", "model.n_init=32", "model.n_local=256", "model.block_size=32", "model.repr_topk=4",
+    "model.device=cpu", "model.full_attention_tokens=null", "model.n_init=32", "model.n_local=256", "model.block_size=32", "model.repr_topk=4",
     "model.topk=4", "model.max_cached_block=8", "model.exc_block_size=64", "chunk_size=128",
     "server.max_queue=2", "generation.repetition_penalty=1.0",
 ]

@@ -27,7 +27,7 @@ pytestmark = [
 
 CONFIG = Path(__file__).resolve().parent.parent / "config" / "working" / "smollm2-135m-inf-llm.yaml"
 MEMORY = [
-    "model.n_init=16", "model.n_local=256", "model.block_size=32", "model.repr_topk=4", "model.topk=4",
+    "model.full_attention_tokens=null", "model.n_init=16", "model.n_local=256", "model.block_size=32", "model.repr_topk=4", "model.topk=4",
     "model.max_cached_block=16", "model.exc_block_size=64", "chunk_size=512", "model.device=cuda",
 ]
 TOKENS = 3000

@@ -22,7 +22,7 @@ from tests.models import build_tiny_model, save_tiny_model
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs torch with oneDNN")
 
-MEMORY = ["model.n_init=4", "model.n_local=32", "model.block_size=8", "model.topk=2", "model.exc_block_size=16",
+MEMORY = ["model.full_attention_tokens=null", "model.n_init=4", "model.n_local=32", "model.block_size=8", "model.topk=2", "model.exc_block_size=16",
           "model.repr_topk=2", "chunk_size=48"]
 
 

@@ -75,7 +75,7 @@ def test_cases_are_deterministic_state_their_answers_and_fit_the_length(task, to
 def test_suite_runs_through_the_engine_into_json_table_and_heatmap(tmp_path, smollm2_cache_dir):
     out = tmp_path / "ruler.json"
     common = f"model.device=cpu,model.dtype=float32,model.weights_cache_dir={smollm2_cache_dir}"
-    memory = "model.n_init=32,model.n_local=256,model.block_size=32,model.topk=4,model.exc_block_size=64"
+    memory = "model.full_attention_tokens=null,model.n_init=32,model.n_local=256,model.block_size=32,model.topk=4,model.exc_block_size=64"
     proc = subprocess.run(
         [sys.executable, "-m", "benchmark.ruler", "--lengths", "1024", "--cases", "2", "--sources", SOURCES[0],
          "--tasks", "niah_single_number,vt", "--variant", f"origin=model.type=origin,{common}",

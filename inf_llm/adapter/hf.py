@@ -134,7 +134,8 @@ class PatchState:
 
     def fingerprint(self) -> dict:
         memory_keys = ("type", "n_init", "n_local", "topk", "repr_topk", "block_size", "exc_block_size",
-                       "base", "distance_scale", "perhead", "dense_decoding", "lookup_heads", "remainder_visibility")
+                       "base", "distance_scale", "perhead", "dense_decoding", "full_attention_tokens", "lookup_heads",
+                       "remainder_visibility")
         return {"layers": self.num_layers, "q_heads": self.num_q_heads, "kv_heads": self.num_kv_heads,
                 "head_dim": self.head_dim, **{k: _plain(getattr(self.cfg, k)) for k in memory_keys}}
 
@@ -167,6 +168,12 @@ def patch_model(model: nn.Module, cfg: ModelConfig) -> nn.Module:
                       getattr(text_cfg, "num_key_value_heads", None) or text_cfg.num_attention_heads, offload)
     if rotary.inv_freq.shape[-1] * 2 != head_dim:
         raise UnsupportedModelError("partial rotary embeddings are not supported")
+    if cfg.full_attention_tokens == "auto":  # the model's native context
+        native = getattr(text_cfg, "max_position_embeddings", None)
+        if not native:
+            raise UnsupportedModelError("model.full_attention_tokens: auto needs the model's "
+                                        "max_position_embeddings; set a number of tokens")
+        cfg = cfg.model_copy(update={"full_attention_tokens": int(native)})
     AttentionInterface.register(ATTN_IMPLEMENTATION, infllm_attention)
     inner.rotary_emb = IdentityRotary(rotary)
     _skip_identity_rope(model)
@@ -232,6 +239,7 @@ class InfLLMLayer(CacheLayerMixin):
         self.layer_idx = layer_idx
         self.memory: ContextMemory | None = None
         self.pending_state: dict | None = None  # a loaded session waiting for the device to be known
+        self.planned_tokens = 0  # the length the current request brings the conversation to (InfLLMCache.plan)
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         state = self.patch_state
@@ -245,6 +253,7 @@ class InfLLMLayer(CacheLayerMixin):
         if self.pending_state is not None:
             self.memory.load_state(self.pending_state)
             self.pending_state = None
+        self.memory.plan(self.planned_tokens)
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -312,6 +321,15 @@ class InfLLMCache(Cache):
         result = layer.update(key_states, value_states)
         _ACTIVE_LAYER.set(layer)
         return result
+
+    def plan(self, total_tokens: int) -> None:
+        """The next forward passes bring the conversation to `total_tokens` tokens (a prompt's length): with
+        full_attention_tokens, a conversation that will not fit reads the whole prompt with the configured
+        window instead of switching part-way."""
+        for layer in self.layers:
+            layer.planned_tokens = total_tokens
+            if layer.memory is not None:
+                layer.memory.plan(total_tokens)
 
     # --- sessions -----------------------------------------------------------------------------------
     def is_consistent(self) -> bool:

@@ -37,7 +37,7 @@ from inf_llm.engine.events import (
 )
 from inf_llm.engine.pacing import ChunkPacer
 from inf_llm.engine.penalties import GeneratedTokenPenalties
-from inf_llm.engine.templates import Message, render_chat
+from inf_llm.engine.templates import Message, encode_chat
 from inf_llm.errors import GenerationCancelled, PromptTooLongError, RequestError
 
 log = logging.getLogger(__name__)
@@ -89,11 +89,10 @@ def truncate_ids(ids: list[int], max_len: int, truncation: Truncation) -> tuple[
 
 
 def prepare_chat(tokenizer, cfg: InfLLMConfig, messages: Sequence[Message]) -> PreparedPrompt:
-    """Chat template + tokenization + max_len. Raises RequestError / PromptTooLongError."""
-    rendered = render_chat(tokenizer, messages, cfg.conv_type)
-    # The template already wrote BOS and the role markers: add no special tokens again.
-    ids = tokenizer(rendered.text, add_special_tokens=False)["input_ids"]
-    return _finish(ids, cfg, rendered.stop)
+    """Chat template + tokenization (control tokens typed into a message encoded as text, see `encode_chat`)
+    + max_len. Raises RequestError / PromptTooLongError."""
+    encoded = encode_chat(tokenizer, messages, cfg.conv_type)
+    return _finish(encoded.ids, cfg, encoded.stop)
 
 
 def prepare_text(tokenizer, cfg: InfLLMConfig, prompt: str) -> PreparedPrompt:
@@ -246,6 +245,7 @@ class Generator:
         prompt: PreparedPrompt,
         params: SamplingParams,
         emit: Callable[[Event], None],
+        cache.plan(total)  # full_attention_tokens: a prompt past it reads with the configured window throughout
         cancel: threading.Event,
         submitted_at: float | None = None,
     ) -> Done:

@@ -30,8 +30,8 @@ import torch
 from inf_llm.adapter import patch_model
 from inf_llm.config import InfLLMConfig
 from inf_llm.engine.events import Done, Error, Event, PreparedPrompt, SamplingParams, Timings, Usage
-from inf_llm.engine.generation import Generator, prepare_text, sampling_params, truncate_ids
-from inf_llm.engine.templates import Message, encode_chat, encode_text
+from inf_llm.engine.generation import Generator, prepare_chat, prepare_text, sampling_params
+from inf_llm.engine.templates import Message, encode_text
 from inf_llm.errors import InfLLMError, NotReadyError, QueueFullError
 
 log = logging.getLogger(__name__)
@@ -226,10 +226,7 @@ class Engine:
         return 1 if self._current is not None else 0
 
     def prepare_chat(self, messages: Sequence[Message]) -> PreparedPrompt:
-        """Chat template + tokenization (control tokens typed into a message encoded as text) + max_len."""
-        encoded = encode_chat(self.tokenizer, messages, self.cfg.conv_type)
-        ids, truncated = truncate_ids(encoded.ids, self.cfg.max_len, self.cfg.truncation)
-        return PreparedPrompt(ids=tuple(ids), truncated=truncated, extra_stop=encoded.stop)
+        return prepare_chat(self.tokenizer, self.cfg, messages)
 
     def prepare_text(self, prompt: str) -> PreparedPrompt:
         return prepare_text(self.tokenizer, self.cfg, prompt)

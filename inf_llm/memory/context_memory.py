@@ -138,7 +138,11 @@ class ContextMemory:
         self.group = num_q_heads // num_kv_heads
         self.dtype, self.device = dtype, device
         self.repr_dtype = representative_dtype(dtype)
-        self.n_local = cfg.n_local if self.policy.windowed else None
+        # full_attention_tokens (an int here: the adapter resolves auto): the whole conversation stays in the
+        # window while it fits, so a prompt within the model's own context reads as with plain attention
+        limit = cfg.full_attention_tokens if self.policy.windowed else None
+        self.full_until = limit if isinstance(limit, int) and limit > cfg.n_local else None
+        self.n_local = (self.full_until or cfg.n_local) if self.policy.windowed else None
         self.n_init = cfg.n_init if self.policy.windowed else 0
         self.exc = cfg.exc_block_size if self.policy.windowed else None
         self.seen = 0
@@ -251,9 +255,28 @@ class ContextMemory:
             if self.ring is not None:  # this call's blocks go to the store; the slots to the next layer
                 self.ring.release()
 
+    @property
+    def wide(self) -> bool:
+        """The window still holds the whole conversation (full_attention_tokens)."""
+        return self.full_until is not None and self.n_local != self.cfg.n_local
+
+    def plan(self, total_tokens: int) -> None:
+        """A request brings the conversation to `total_tokens`: past full_attention_tokens the window narrows
+        now, so the whole prompt reads with the configured window (as without the option)."""
+        if self.wide and total_tokens > self.full_until:
+            self._narrow()
+
+    def _narrow(self) -> None:
+        """The window becomes the configured one: the tokens behind it fill the sinks and form blocks (their
+        scores were accumulated under the wide window)."""
+        self.n_local = self.cfg.n_local
+        self._form_memory(self.seen)
+
     def _prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
         """`process` of several tokens (a prompt chunk), or of one without the ops' single-query op."""
         length = q.shape[1]
+        if self.wide and self.seen + length > self.full_until:
+            self._narrow()
         start, end = self.seen, self.seen + length
         self.tail.append(k, v)
         if self.rot_base is not None:  # the new keys' rotated copies, written in place
@@ -328,6 +351,8 @@ class ContextMemory:
         lookup as the general path, but both stages in one softmax whose window probabilities are the key
         scores, so no merge and no second pass (decoding a small model on a CPU is bound by op count)."""
         p = self.seen
+        if self.wide and p + 1 > self.full_until:
+            self._narrow()
         self._retrieved, self._lookup, self._call_qvecs = [], None, None
         self.settle_copies()  # the step reads blocks from the store only
         window_start = max(p - self.n_local + 1, self.tail.first_pos)
@@ -933,7 +958,8 @@ class ContextMemory:
     # ---------------------------------------------------------------------------------------- sessions
     def state(self) -> dict:
         self.settle_copies()  # the store's newest blocks may not have been copied yet
-        state = {"seen": self.seen, "rot_base": self.rot_base, "init_k": self.init_k[:, : self.init_len].clone(),
+        state = {"seen": self.seen, "rot_base": self.rot_base, "n_local": self.n_local,
+                 "init_k": self.init_k[:, : self.init_len].clone(),
                  "init_v": self.init_v[:, : self.init_len].clone(), "tail": self.tail.state()}
         if self.store is not None:
             state["store"] = self.store.state()
@@ -943,6 +969,8 @@ class ContextMemory:
         self.settle_copies()  # no copy of an old block may land in the store after it is replaced
         self._staged_init, self._staged_blocks = -1, []
         self.seen = int(state["seen"])
+        if state.get("n_local") is not None:  # wide or narrowed (full_attention_tokens)
+            self.n_local = int(state["n_local"])
         self.init_len = state["init_k"].shape[1]
         self.init_k[:, : self.init_len].copy_(state["init_k"])
         self.init_v[:, : self.init_len].copy_(state["init_v"])

@@ -37,7 +37,7 @@ class StaticDecodeStep:
         self.args = torch.zeros(len(ARGS), dtype=torch.int64, device=device)  # the caller may rebind a view
         self.neg_inf = torch.tensor(float("-inf"), device=device)
         self.ones = torch.ones(cfg.topk, dtype=torch.int32, device=device)
-        self.rotation_rows = m.n_local + ROTATION_SLACK * m.exc + 1  # every angle the window uses
+        self.rotation_rows = cfg.n_local + ROTATION_SLACK * m.exc + 1  # every angle the window uses
         self.block_ids: torch.Tensor | None = None  # the last step's selection (1, topk), on the device
         self.store_slots = torch.arange(0, device=device)  # 0..capacity-1, made by plan() as the store grows
 
