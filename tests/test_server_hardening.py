@@ -452,8 +452,9 @@ def test_fuzz_text_routes_have_no_server_errors(server):
     conns = {path: KeepAlive(server.port) for path in BODIES}
     requests = st.sampled_from(list(BODIES)).flatmap(lambda path: st.tuples(st.just(path), BODIES[path]))
 
-    @settings(max_examples=len(BODIES) * FUZZ_EXAMPLES, deadline=None, database=None, phases=[Phase.generate],
-              suppress_health_check=list(HealthCheck))
+    # derandomize: CI sends the same bodies every run (a failure repeats); INF_LLM_FUZZ_EXAMPLES widens the run
+    @settings(max_examples=len(BODIES) * FUZZ_EXAMPLES, deadline=None, database=None, derandomize=True,
+              phases=[Phase.generate], suppress_health_check=list(HealthCheck))
     @given(request=requests, encoding=ENCODINGS)
     def check(request, encoding) -> None:
         path, body = request
@@ -504,7 +505,7 @@ def test_schemathesis_fuzz_with_the_key_has_no_server_errors(server):
             strategy = st.one_of(operation.as_strategy(GenerationMode.POSITIVE),
                                  operation.as_strategy(GenerationMode.NEGATIVE))
 
-            @settings(max_examples=max(10, FUZZ_EXAMPLES // 5), deadline=None, database=None,
+            @settings(max_examples=max(10, FUZZ_EXAMPLES // 5), deadline=None, database=None, derandomize=True,
                       phases=[Phase.generate], suppress_health_check=list(HealthCheck))
             @given(case=strategy)
             def check(case) -> None:
