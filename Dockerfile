@@ -83,6 +83,8 @@ RUN packages="${RUNTIME_APT_PACKAGES}"; \
 COPY --from=builder /opt/venv /opt/venv
 # The presets and served configs (read through INFLLM_CONFIG: an installed package does not ship them).
 COPY config /app/config
+# The licence and the third-party notices (copied prompt templates, vendored JS) go with the software.
+COPY LICENSE THIRD_PARTY_NOTICES.md /app/
 COPY --chmod=0755 scripts/docker-entrypoint.sh /usr/local/bin/docker-entrypoint.sh
 
 # INFLLM_CACHE_DIR: the converted-weights cache, filled below and writable by the server's user (another

@@ -15,13 +15,13 @@
 #   bash benchmark/gpu_suite.sh OUT flat-fp8 # the flat configuration with offload_dtype: fp8 at 128K, then 1M (a 1M-token
 #                                           # pinned pool of codes: ~65 GiB of host memory)
 #   bash benchmark/gpu_suite.sh OUT pacing  # 128K, flat configuration then device path, each paced as the engine
-#                                           # paces a prefill and then with a sync per chunk (the pre-session-12 way)
+#                                           # paces a prefill and then with a sync per chunk (for the A/B)
 #   bash benchmark/gpu_suite.sh OUT report  # one ~8-minute command: quick kernel tests, speed (32K/128K with
 #                                           # origin, then 512K), flat, profile, then the agreement tests
 #
 # TESTS_TIMEOUT (seconds, default 560) bounds the tests part, e.g. to run it after another part in one command.
 # On a fresh machine the first Triton compiles take minutes (the tests part spent ~7 of its minutes so on an
-# H200; on an H100 in session 13 the first run reached its 570 s limit after 41 of the 47 tests, and a second run
+# H200; on an H100 the first run reached its 570 s limit after 41 of the 47 tests, and a second run
 # on the warm machine, its compiled kernels cached, took 26 s for all 47). Wheels the machine lacks:
 # scripts/fetch_device_wheels.sh (installed here when .wheels exists).
 set -uo pipefail

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Download into .wheels/ (git-ignored) the wheels that the lent GPU machine lacks, for its Python 3.12 on
 # manylinux x86_64. That machine has torch, transformers, triton and numpy but no network, so these are
-# carried there with the working tree and installed offline (see README, "Running on the GPU machine"):
+# carried there with the working tree and installed offline (see CONTRIBUTING.md, "Running on the GPU machine"):
 #
 #   pip install --no-index --find-links .wheels -r .wheels/requirements.txt
 #

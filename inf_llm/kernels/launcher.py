@@ -4,8 +4,8 @@ A Mistral-7B-shaped prefill chunk of 8,192 tokens launches ~2,900 Triton kernels
 block: the lookup, the global stage, the key scores, the block formation, the gathers), and the host has to
 keep ahead of the GPU. `JITFunction.run` spends most of a launch's host time before the launch itself: it
 binds and specialises every argument, builds the cache key, runs hooks and checks globals. Measured on an
-H100 host (`benchmark/figures/gpu-s12/call4/launch.log`, the global stage's 47 arguments): 30-45 us per
-launch through `kernel[grid](...)` against 14-19 us for the compiled kernel's own launcher.
+H100 host (`benchmark/figures/gpu-h100-host-time/launch-overhead.log`, the global stage's 47 arguments):
+30-45 us per launch through `kernel[grid](...)` against 14-19 us for the compiled kernel's own launcher.
 
 `DirectLauncher(fn)[grid](*args, **kwargs)` is a drop-in for `fn[grid](*args, **kwargs)`. Its first call
 with a given specialisation goes through Triton (which compiles or finds the kernel) and keeps the compiled

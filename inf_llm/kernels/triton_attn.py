@@ -127,7 +127,8 @@ def _rounded(x, dtype: tl.constexpr, INTERPRETER: tl.constexpr):
     """float32 x rounded to `dtype` (nearest even) and kept in float32: a rounding the torch ops make between
     two 16-bit ops, for more float32 arithmetic. Not `x.to(dtype).to(tl.float32)`: on the GPU the compiler
     folds that pair away (an H200 run of the rotation differed from the torch ops' in 23% of its bf16 values,
-    benchmark/figures/gpu-s9). bf16: integer arithmetic on the bits (finite x); fp16: the PTX conversions;
+    benchmark/figures/gpu-h200-kernel-tuning/rotate-rounding-bits.txt). bf16: integer arithmetic on the bits
+    (finite x); fp16: the PTX conversions;
     fp8 e4m3 (|x| <= 448): the bits, and a float32 add-and-subtract for its subnormals."""
     if dtype == tl.bfloat16:
         bits = x.to(tl.uint32, bitcast=True)
@@ -609,8 +610,8 @@ _WINDOW_SCORES_CONFIGS: dict[tuple, dict] = {}
 
 def _key_scores_configs() -> list[triton.Config]:
     """Search space of window_key_scores (BLOCK_N keys x BLOCK_M packed rows per step). Measured at the
-    Mistral-7B execution block on an H200 (benchmark/figures/gpu-s7/explore-kernels.json): 128 x 64 with 4
-    warps and 3 stages took 67 us; the attention configs' best, 128 x 64 with 8 warps, 107."""
+    Mistral-7B execution block on an H200 (benchmark/figures/gpu-h200-kernel-tuning/explore-kernels.json):
+    128 x 64 with 4 warps and 3 stages took 67 us; the attention configs' best, 128 x 64 with 8 warps, 107."""
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
         for bm, bn, w, s in ((128, 64, 4, 3), (128, 64, 4, 2), (64, 128, 4, 3), (64, 64, 4, 3))
@@ -1093,7 +1094,8 @@ def _refine_topk_kernel(
     candidates sit in one register vector: the running top (at first the earlier top-k0) in positions
     [0, KP), new blocks BLOCK_C - KP at a time in [KP, BLOCK_C), scored against the query here; after every
     tile the best K move to positions [0, K) by K max-reductions (a bitonic sort of the vector, tl.sort,
-    took 24-28 us against 10-12 on an H200 with 32-64 new blocks: benchmark/figures/gpu-s8). CACHE (a shared
+    took 24-28 us against 10-12 on an H200 with 32-64 new blocks:
+    benchmark/figures/gpu-h200-kernel-tuning/refine-topk-variants.json). CACHE (a shared
     top-k, Hsel 1): then the LRU bookkeeping of `cache_blocks` for the ids found (`_lru_assign`, reading them
     back from Out), in the same program instead of a second launch per lookup. Grid (Hsel,)."""
     h = tl.program_id(0).to(tl.int64)
@@ -1676,7 +1678,8 @@ def global_stage_into(
     else:
         # fixed tiles (no autotuner dispatch on this per-execution-block launch): 64 x 64, 4 warps, 2 stages
         # took 64 us per Mistral-7B execution block on an H200, as 3 stages did; 128 x 64 and 8 warps 69-70,
-        # 64 x 128 94, 4 stages 99 (benchmark/figures/gpu-s7/explore-kernels.json). float32 (tests) gets
+        # 64 x 128 94, 4 stages 99 (benchmark/figures/gpu-h200-kernel-tuning/explore-kernels.json). float32
+        # (tests) gets
         # 32 x 32: at D = 128 its 64 x 64 variant took minutes to compile
         block_m = block_n = 32 if q.dtype == torch.float32 else 64
         tiles = dict(num_warps=4, num_stages=2)

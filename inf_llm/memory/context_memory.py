@@ -227,7 +227,7 @@ class ContextMemory:
         self._ring_slots = ring_slots or RingSlots
         # The ops' argument checks on the per-execution-block calls: kept on CPUs (the tests, under the Triton
         # interpreter or the torch ops), skipped on a GPU, where they cost the host about as much as a launch
-        # and the host's time per prefill chunk is close to the GPU's (docs/speed.md, session 10)
+        # and the host's time per prefill chunk is close to the GPU's (docs/speed.md, "Host or GPU")
         self._check_ops = device.type != "cuda"
         # Set by a caller that replays decode steps as a CUDA graph (adapter.decode_graph): single-token calls
         # then run its fixed-shape step, and the caller plans and advances the host state around them.
