@@ -1,9 +1,10 @@
-"""Typed configuration: YAML (omegaconf) -> validated pydantic objects. A leaf module (imports only errors).
+"""Typed configuration: YAML (omegaconf) -> validated pydantic objects. A leaf module (imports only errors and
+sampling, the other leaf that defines the sampling fields).
 
 Accepts the original InfLLM project's YAML files verbatim (same keys, meanings and defaults; see
 docs/algorithm.md) plus our extensions: model loading (`gguf_file`, `device`, `dtype`,
 `device_map`, `offload_dtype`), a `generation:` section (sampling defaults) and a `server:` section.
-Every default lives here, next to the reason for it.
+Every default lives here, next to the reason for it (the sampling fields' in inf_llm.sampling).
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ from typing import Annotated, Any, Literal
 import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
+from inf_llm import sampling
 from inf_llm.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -178,24 +180,14 @@ class ModelConfig(_Strict):
         return 0.1 if self.score_decay is None else self.score_decay
 
 
-class GenerationConfig(_Strict):
-    """`generation:` section: sampling defaults of the server and the terminal chat."""
-
-    temperature: float = Field(0.7, ge=0, le=5, description="0 = greedy")
-    top_p: float = Field(0.95, gt=0, le=1)
-    top_k: int = Field(0, ge=0, description="0 = disabled")
-    repetition_penalty: float = Field(
-        1.0, gt=0, le=10,
-        description="divides the logits of the last repeat_last_n generated tokens (never the prompt's: a "
-        "penalty over an attached document stops the model copying from it); 1 = none",
-    )
-    repeat_last_n: int = Field(64, ge=0, le=1_000_000, description="generated tokens the repetition penalty sees")
-    frequency_penalty: float = Field(0.0, ge=-2, le=2, description="OpenAI's: minus this times a token's count")
-    presence_penalty: float = Field(0.0, ge=-2, le=2, description="OpenAI's: minus this once a token was generated")
-    max_new_tokens: int = Field(512, ge=1, le=1_000_000)
-    stop: list[str] = Field(default_factory=list, description="stop strings; never streamed")
-    seed: int | None = Field(None, description="sampling seed; None: random")
-    system_prompt: str | None = Field(None, description="default system prompt")
+# `generation:` section: sampling defaults of the server and the terminal chat. The sampling fields (bounds,
+# defaults, reasons) are defined once in inf_llm.sampling; the system prompt is the chat's, not a sampling field.
+GenerationConfig = create_model(
+    "GenerationConfig", __base__=_Strict, __module__=__name__,
+    __doc__="`generation:` section: sampling defaults of the server and the terminal chat (see inf_llm.sampling).",
+    **sampling.config_fields(),
+    system_prompt=(str | None, Field(None, description="default system prompt")),
+)
 
 
 class ServerConfig(_Strict):

@@ -7,29 +7,22 @@ event, `Done` or `Error`. Nothing follows the final event.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, make_dataclass
 from typing import Literal
 
+from inf_llm import sampling
 from inf_llm.errors import InfLLMError
 
 FinishReason = Literal["stop", "length", "cancelled"]
 
 
-@dataclass(frozen=True)
-class SamplingParams:
-    """What to generate. `temperature == 0` is greedy decoding; `top_k == 0` and `top_p == 1` disable those
-    filters; `stop` strings end the answer and are never part of the returned text."""
-
-    temperature: float
-    top_p: float
-    top_k: int
-    repetition_penalty: float
-    max_new_tokens: int
-    repeat_last_n: int = 64  # generated tokens the repetition penalty looks back over (never the prompt)
-    frequency_penalty: float = 0.0
-    presence_penalty: float = 0.0
-    stop: tuple[str, ...] = ()
-    seed: int | None = None
+# What to generate: every field of inf_llm.sampling.FIELDS (its defaults are the config's). `temperature == 0` is
+# greedy decoding; `top_k == 0` and `top_p == 1` disable those filters; `stop` strings end the answer and are
+# never part of the returned text; `repetition_penalty` looks back over `repeat_last_n` generated tokens (never
+# the prompt).
+SamplingParams = make_dataclass("SamplingParams", sampling.engine_fields(), frozen=True)
+SamplingParams.__module__ = __name__
+SamplingParams.__doc__ = "What to generate: the fields of inf_llm.sampling.FIELDS (filled by sampling_params)."
 
 
 @dataclass(frozen=True)

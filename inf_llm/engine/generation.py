@@ -54,25 +54,15 @@ STOP_WINDOW_SLACK = 8
 
 
 def sampling_params(defaults: GenerationConfig, **overrides) -> SamplingParams:
-    """The config's generation defaults with the request's non-None overrides applied."""
-    values = {
-        "temperature": defaults.temperature,
-        "top_p": defaults.top_p,
-        "top_k": defaults.top_k,
-        "repetition_penalty": defaults.repetition_penalty,
-        "repeat_last_n": defaults.repeat_last_n,
-        "frequency_penalty": defaults.frequency_penalty,
-        "presence_penalty": defaults.presence_penalty,
-        "max_new_tokens": defaults.max_new_tokens,
-        "stop": tuple(defaults.stop),
-        "seed": defaults.seed,
-    }
+    """The config's generation defaults with the request's non-None overrides applied (every field of
+    SamplingParams, i.e. of inf_llm.sampling.FIELDS; lists become tuples)."""
+    values = {name: getattr(defaults, name) for name in SamplingParams.__dataclass_fields__}
     for key, value in overrides.items():
         if key not in values:
             raise TypeError(f"unknown sampling parameter {key!r}")
         if value is not None:
-            values[key] = tuple(value) if key == "stop" else value
-    return SamplingParams(**values)
+            values[key] = value
+    return SamplingParams(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
 
 # ------------------------------------------------------------------------------------- prompt building

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
 from pydantic_core import PydanticCustomError
+
+from inf_llm import sampling
+from inf_llm.sampling import Surface
 
 log = logging.getLogger(__name__)
 
@@ -21,15 +24,8 @@ MAX_STOP_STRINGS = 16
 # Cap on one stop string's length in characters.
 MAX_STOP_LENGTH = 256
 
-Temperature = Annotated[float, Field(ge=0, le=5, description="0 (or below 0.001) = greedy (deterministic)")]
-TopP = Annotated[float, Field(gt=0, le=1)]
-TopK = Annotated[int, Field(ge=0, le=100_000, description="0 = disabled")]
-# Below 0.01 the penalty divides logits by ~0 and overflows.
-RepetitionPenalty = Annotated[float, Field(ge=0.01, le=10, description="1 = none")]
-RepeatLastN = Annotated[int, Field(ge=0, le=1_000_000, description="generated tokens the repetition penalty sees")]
-OpenAIPenalty = Annotated[float, Field(ge=-2, le=2)]
-MaxNewTokens = Annotated[int, Field(ge=1, le=1_000_000)]
-Seed = Annotated[int, Field(ge=0, le=2**63 - 1)]
+# The sampling fields of the bodies below come from inf_llm.sampling (defined once there, with their bounds).
+MaxNewTokens = sampling.by_name("max_new_tokens").annotated()
 
 
 def _check_stops(stops: list[str] | None) -> list[str] | None:
@@ -133,26 +129,22 @@ class ChatTurn(_Strict):
         return "assistant" if value == "bot" else value
 
 
-class ChatRequest(_Body, _Strict):
-    prompt: str = Field(description="the new user message")
-    history: list[ChatTurn] = Field(default_factory=list, description="earlier turns, oldest first")
-    system: str | None = Field(None, description="system prompt; default: the config's generation.system_prompt")
-    temperature: Temperature | None = None
-    top_p: TopP | None = None
-    top_k: TopK | None = None
-    max_new_tokens: MaxNewTokens | None = None
-    repetition_penalty: RepetitionPenalty | None = None
-    repeat_last_n: RepeatLastN | None = None
-    frequency_penalty: OpenAIPenalty | None = None
-    presence_penalty: OpenAIPenalty | None = None
-    stop: list[str] | None = Field(None, description="stop strings (never part of the answer)")
-    seed: Seed | None = None
-    session_id: str | None = Field(None, max_length=200, description="client conversation id (logging only)")
-
-    @field_validator("stop")
+class _ChatBody(_Body, _Strict):
+    @field_validator("stop", check_fields=False)
     @classmethod
     def _stops(cls, value: list[str] | None) -> list[str] | None:
         return _check_stops(value)
+
+
+# The /chat body: the conversation, then every sampling field of Surface.CHAT (None: the config's default).
+ChatRequest = create_model(
+    "ChatRequest", __base__=_ChatBody, __module__=__name__,
+    prompt=(str, Field(description="the new user message")),
+    history=(list[ChatTurn], Field(default_factory=list, description="earlier turns, oldest first")),
+    system=(str | None, Field(None, description="system prompt; default: the config's generation.system_prompt")),
+    **sampling.request_fields(Surface.CHAT),
+    session_id=(str | None, Field(None, max_length=200, description="client conversation id (logging only)")),
+)
 
 
 class TokenizeRequest(_Body, _Strict):
@@ -237,17 +229,37 @@ class MemorySettings(BaseModel):
     repr_topk: int
 
 
-class GenerationDefaults(BaseModel):
-    temperature: float
-    top_p: float
-    top_k: int
-    max_new_tokens: int
-    repetition_penalty: float
-    repeat_last_n: int
-    frequency_penalty: float
-    presence_penalty: float
-    stop: list[str]
-    system_prompt: str | None
+# /status's generation_defaults: the config's value of every sampling field of Surface.STATUS, and the system prompt.
+GenerationDefaults = create_model(
+    "GenerationDefaults", __module__=__name__,
+    **{f.name: (f.type if f.default is not None else f.type | None, ...) for f in sampling.on(Surface.STATUS)},
+    system_prompt=(str | None, ...),
+)
+
+
+class PageInputBody(BaseModel):
+    label: str
+    widget: Literal["range", "number"]
+    step: float
+    order: int
+    min: float | None = None
+    max: float | None = None
+    placeholder: str | None = None
+
+
+class GenerationField(BaseModel):
+    """One sampling field as a client builds a form for it (`SamplingField.schema`): the bounds the server
+    enforces (max_new_tokens: server.max_new_tokens_limit), and how the web page shows it (null: it does not)."""
+
+    name: str
+    type: Literal["number", "integer", "string[]"]
+    nullable: bool
+    default: Any
+    description: str
+    minimum: float | None = None
+    exclusive_minimum: float | None = None
+    maximum: float | None = None
+    page: PageInputBody | None = None
 
 
 class ServerLimits(BaseModel):
@@ -276,6 +288,7 @@ class StatusResponse(PublicStatus):
     error: str | None
     limits: ServerLimits
     generation_defaults: GenerationDefaults
+    generation_fields: list[GenerationField] = Field(description="every field a /chat request may set")
 
 
 # ------------------------------------------------------------------------------------------ OpenAI API
@@ -315,23 +328,8 @@ UNSUPPORTED_COMPLETION: dict[str, tuple[Any, ...]] = {
 }
 
 
-class _OpenAISampling(_Body, _Lenient):
-    model: str | None = Field(None, description="the served model's name (GET /v1/models); another name is a 404")
-    temperature: Temperature | None = None
-    top_p: TopP | None = None
-    top_k: TopK | None = Field(None, description="extension")
-    repetition_penalty: RepetitionPenalty | None = Field(
-        None, description="extension; none unless asked for (OpenAI has no such default)")
-    repeat_last_n: RepeatLastN | None = Field(None, description="extension")
-    frequency_penalty: OpenAIPenalty | None = None
-    presence_penalty: OpenAIPenalty | None = None
-    stop: str | list[str] | None = None
-    seed: Seed | None = None
-    n: Literal[1] = Field(1, description="only one choice is generated")
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-
-    @field_validator("stop")
+class _OpenAIBody(_Body, _Lenient):
+    @field_validator("stop", check_fields=False)
     @classmethod
     def _stop_list(cls, value: str | list[str] | None) -> list[str] | None:
         return _check_stops([value] if isinstance(value, str) else value)
@@ -341,6 +339,18 @@ class _OpenAISampling(_Body, _Lenient):
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options is only allowed with stream: true")
         return self
+
+
+# What both OpenAI bodies share: the model, every sampling field of Surface.OPENAI under its OpenAI name but the
+# length (max_tokens, which each body places after its prompt, as max_completion_tokens too for chat), streaming.
+_OpenAISampling = create_model(
+    "_OpenAISampling", __base__=_OpenAIBody, __module__=__name__,
+    model=(str | None, Field(None, description="the served model's name (GET /v1/models); another name is a 404")),
+    **sampling.request_fields(Surface.OPENAI, skip=("max_new_tokens",)),
+    n=(Literal[1], Field(1, description="only one choice is generated")),
+    stream=(bool, False),
+    stream_options=(StreamOptions | None, None),
+)
 
 
 class ChatCompletionRequest(_OpenAISampling):

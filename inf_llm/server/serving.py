@@ -24,10 +24,12 @@ from fastapi.responses import JSONResponse, Response
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.concurrency import run_in_threadpool
 
+from inf_llm import sampling
 from inf_llm.engine.events import Done, Error, PreparedPrompt, Progress, TextDelta
 from inf_llm.engine.templates import Message, build_messages
 from inf_llm.engine.worker import Engine, Job
 from inf_llm.errors import QueueFullError
+from inf_llm.sampling import Surface
 from inf_llm.server import errors as http_errors
 from inf_llm.server.errors import ModelNameError, RequestFieldError, error_payload
 from inf_llm.server.protocol import (
@@ -149,18 +151,20 @@ class Serving:
             job.cancel()  # no-op after the end; stops the worker if this request is being torn down
         raise AssertionError("unreachable: a job always ends with Done or Error")
 
-    def _sampling(self, body) -> dict:
-        """/chat: the request's sampling fields, the config's generation defaults for those it leaves out."""
-        return {"temperature": body.temperature, "top_p": body.top_p, "top_k": body.top_k,
-                "repetition_penalty": body.repetition_penalty, "repeat_last_n": body.repeat_last_n,
-                "frequency_penalty": body.frequency_penalty, "presence_penalty": body.presence_penalty,
-                "stop": body.stop, "seed": body.seed}
+    @staticmethod
+    def _sampling(body) -> dict:
+        """/chat: the request's sampling fields (None: the config's generation default), max_new_tokens aside
+        (`_submit` checks it against the server's limit)."""
+        return {f.name: getattr(body, f.name) for f in sampling.on(Surface.CHAT) if f.name != "max_new_tokens"}
 
-    def _openai_sampling(self, body) -> dict:
-        """OpenAI routes follow OpenAI's semantics: no penalty the request did not ask for (an evaluation
-        harness must get the model's answers, not the served chat's defaults)."""
-        return {**self._sampling(body), "repetition_penalty": body.repetition_penalty or 1.0,
-                "frequency_penalty": body.frequency_penalty or 0.0, "presence_penalty": body.presence_penalty or 0.0}
+    @staticmethod
+    def _openai_sampling(body) -> dict:
+        """OpenAI routes follow OpenAI's semantics: a field the request leaves out gets its `openai_default`
+        where it has one (no penalty the request did not ask for: an evaluation harness must get the model's
+        answers, not the served chat's defaults), else the config's; the length aside, as for /chat."""
+        fields = (f for f in sampling.on(Surface.OPENAI) if f.name != "max_new_tokens")
+        return {f.name: (value if (value := getattr(body, f.wire_name(Surface.OPENAI))) is not None
+                         else f.openai_default) for f in fields}
 
     # --- POST /chat -------------------------------------------------------------------------------
     async def chat(self, request: Request, body: ChatRequest, stream: bool) -> Response:

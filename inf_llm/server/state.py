@@ -12,9 +12,11 @@ import time
 from collections.abc import Callable
 from typing import Literal
 
+from inf_llm import sampling
 from inf_llm.config import InfLLMConfig, MemoryType
 from inf_llm.engine.worker import Engine, ShuttingDownError, load_engine
 from inf_llm.errors import InfLLMError, NotReadyError
+from inf_llm.sampling import Surface
 from inf_llm.server.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -113,12 +115,22 @@ class ServerState:
             "error": self.error,
             "limits": {"max_prompt_tokens": srv.max_prompt_tokens, "max_new_tokens_limit": srv.max_new_tokens_limit,
                        "max_client_requests": srv.max_client_requests},
-            "generation_defaults": {"temperature": g.temperature, "top_p": g.top_p, "top_k": g.top_k,
-                                    "max_new_tokens": g.max_new_tokens, "repetition_penalty": g.repetition_penalty,
-                                    "repeat_last_n": g.repeat_last_n, "frequency_penalty": g.frequency_penalty,
-                                    "presence_penalty": g.presence_penalty,
-                                    "stop": list(g.stop), "system_prompt": g.system_prompt},
+            "generation_defaults": {**{f.name: getattr(g, f.name) for f in sampling.on(Surface.STATUS)},
+                                    "system_prompt": g.system_prompt},
+            "generation_fields": self.generation_fields(),
         }
+
+    def generation_fields(self) -> list[dict]:
+        """Every sampling field a /chat request may set, with the config's default and the bounds this server
+        enforces (max_new_tokens: at most server.max_new_tokens_limit): what a client builds its form from."""
+        g, limit = self.cfg.generation, self.cfg.server.max_new_tokens_limit
+        fields = []
+        for f in sampling.on(Surface.CHAT):
+            body = {**f.schema(), "default": getattr(g, f.name)}
+            if f.name == "max_new_tokens":
+                body["maximum"] = min(body["maximum"], limit)
+            fields.append(body)
+        return fields
 
     # --- shutdown ---------------------------------------------------------------------------------
     def begin_shutdown(self) -> None:
