@@ -426,6 +426,35 @@ def test_settings_are_checked_before_they_are_saved(page: Page):
     assert wait_reply(page).strip()
 
 
+def test_settings_form_is_built_from_status(page: Page):
+    """The page has no list of sampling fields: a field /status's generation_fields adds (here by rewriting the
+    answer) is in the form with its label and bounds, checked by the browser, and sent with the next message."""
+    def with_min_p(route) -> None:
+        body = route.fetch().json()
+        if "generation_fields" in body:
+            body["generation_fields"].append({
+                "name": "min_p", "type": "number", "nullable": False, "default": 0.0, "description": "test",
+                "minimum": 0, "maximum": 1, "page": {"label": "Min p", "widget": "number", "step": 0.01, "order": 6}})
+            body["generation_defaults"]["min_p"] = 0.0
+        route.fulfill(json=body)
+
+    page.route("**/status", with_min_p)
+    open_ready(page, page.url)
+    page.get_by_role("button", name="Settings", exact=True).click()
+    field = page.locator("#set-min_p")
+    expect(field).to_have_attribute("aria-label", "Min p")
+    assert (field.get_attribute("min"), field.get_attribute("max"), field.get_attribute("step")) == ("0", "1", "0.01")
+    field.fill("1.5")
+    expect(field).to_have_attribute("aria-invalid", "true")
+    field.fill("0.1")
+    expect(field).not_to_have_attribute("aria-invalid", "true")
+    page.get_by_role("button", name="Done").click()
+    page.route("**/chat", lambda route: route.abort())  # the real server has no min_p: only the body matters
+    with page.expect_request("**/chat") as req_info:
+        send(page, "Say OK.")
+    assert chat_body(req_info.value)["min_p"] == 0.1
+
+
 def test_importing_twice_keeps_one_copy(page: Page, tmp_path: Path):
     """Regression: importing the same export twice duplicated every conversation. Import goes by conversation id:
     the same file again changes nothing (and says so); a later copy of a conversation replaces it."""

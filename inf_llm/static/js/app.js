@@ -29,8 +29,6 @@ const LS_SETTINGS = "inf_llm.settings";
 const LS_API_KEY = "inf_llm.api_key";
 const LS_CURRENT = "inf_llm.current";
 
-const SETTING_KEYS = ["temperature", "top_p", "top_k", "max_new_tokens", "repetition_penalty", "seed"];
-
 const state = {
   store: null,
   convs: new Map(), // id -> conversation (the live objects; the store holds copies)
@@ -182,6 +180,47 @@ function defaults() {
   return (state.status && state.status.generation_defaults) || {};
 }
 
+/** The sampling fields the settings form shows: /status's generation_fields that have a `page` entry. */
+function pageFields() {
+  const fields = (state.status && state.status.generation_fields) || [];
+  return fields.filter((f) => f.page).sort((a, b) => a.page.order - b.page.order);
+}
+
+function settingKeys() {
+  return pageFields().map((f) => f.name);
+}
+
+let builtFields = null; // what the form's sampling inputs were built from
+
+/** Builds the form's sampling inputs from /status: the server's bounds (narrowed where a slider needs a scale),
+ * which the browser's constraint validation then checks. Returns whether the inputs changed. */
+function buildSettingsFields() {
+  const fields = pageFields();
+  const built = JSON.stringify(fields.map((f) => [f.name, f.type, f.page, f.minimum, f.exclusive_minimum, f.maximum]));
+  if (built === builtFields) return false;
+  builtFields = built;
+  $("sampling-fields").replaceChildren(...fields.map(settingField));
+  return true;
+}
+
+function settingField(f) {
+  const p = f.page;
+  const range = p.widget === "range";
+  const input = el("input", {
+    type: range ? "range" : "number",
+    id: `set-${f.name}`,
+    min: p.min ?? f.minimum ?? f.exclusive_minimum,
+    max: p.max ?? f.maximum,
+    step: p.step,
+    inputmode: range ? null : f.type === "integer" ? "numeric" : "decimal",
+    placeholder: p.placeholder,
+    "aria-label": p.label,
+  });
+  input.addEventListener("input", (e) => onSettingInput(f.name, e.target.value));
+  const label = el("span", { class: "field-label" }, range ? [`${p.label} `, el("output", { id: `out-${f.name}` })] : [p.label]);
+  return el("label", { class: "field" }, [label, input]);
+}
+
 function saveSettings() {
   localStorage.setItem(LS_SETTINGS, JSON.stringify(state.settings));
 }
@@ -203,9 +242,15 @@ function fillSettingsForm() {
   $("auth-notice").hidden = !(state.status && state.status.auth_required);
   $("set-system").value = effective("system") || "";
   $("set-system").placeholder = d.system_prompt ? "" : "None";
-  const limits = (state.status && state.status.limits) || {};
-  if (limits.max_new_tokens_limit) $("set-max_new_tokens").max = String(limits.max_new_tokens_limit);
-  for (const key of SETTING_KEYS) {
+  fillSamplingFields();
+  const stop = effective("stop");
+  $("set-stop").value = Array.isArray(stop) ? stop.join("\n") : "";
+}
+
+function fillSamplingFields() {
+  buildSettingsFields();
+  const d = defaults();
+  for (const key of settingKeys()) {
     const input = $(`set-${key}`);
     const v = effective(key);
     input.value = v === undefined || v === null ? "" : String(v);
@@ -214,8 +259,6 @@ function fillSettingsForm() {
     if (out) out.textContent = input.value;
     showFieldError(input, "");
   }
-  const stop = effective("stop");
-  $("set-stop").value = Array.isArray(stop) ? stop.join("\n") : "";
 }
 
 /** The message under a settings field (empty: none), tied to it for screen readers. */
@@ -245,8 +288,8 @@ function onSettingInput(key, raw) {
     if (list.join("\n") === def.join("\n")) delete state.settings.stop;
     else state.settings.stop = list;
   } else {
-    // The browser checks the field against its min/max/step (max_new_tokens: the server's limit): an invalid
-    // value is shown as such and never stored, so the next message cannot carry it.
+    // The browser checks the field against its min/max/step (from /status, with the limits this server enforces):
+    // an invalid value is shown as such and never stored, so the next message cannot carry it.
     const input = $(`set-${key}`);
     if (!input.checkValidity()) {
       showFieldError(input, input.validationMessage);
@@ -264,7 +307,7 @@ function onSettingInput(key, raw) {
 
 /** Closing the dialog (Done, the close button, Esc) shows what is stored: an invalid entry is dropped, said. */
 function onSettingsClosed() {
-  const invalid = SETTING_KEYS.map((key) => $(`set-${key}`)).filter((input) => !input.checkValidity());
+  const invalid = settingKeys().map((key) => $(`set-${key}`)).filter((input) => !input.checkValidity());
   fillSettingsForm();
   if (invalid.length) {
     const names = invalid.map((input) => input.getAttribute("aria-label")).join(", ");
@@ -297,7 +340,6 @@ function bindSettings() {
   });
   $("set-system").addEventListener("input", (e) => onSettingInput("system", e.target.value));
   $("set-stop").addEventListener("input", (e) => onSettingInput("stop", e.target.value));
-  for (const key of SETTING_KEYS) $(`set-${key}`).addEventListener("input", (e) => onSettingInput(key, e.target.value));
   $("reset-settings").addEventListener("click", () => {
     state.settings = {};
     saveSettings();
@@ -386,6 +428,7 @@ function applyStatus(r) {
   updateComposer();
   updateContextMeter();
   if (ready && !wasReady && $("settings-dialog").open === false) fillSettingsForm();
+  else if (buildSettingsFields()) fillSamplingFields(); // e.g. the API key typed in the open dialog
 }
 
 function isReady() {
@@ -948,7 +991,7 @@ async function generate(conv, reply) {
   const index = conv.messages.indexOf(reply);
   let body;
   try {
-    body = buildChatRequest(conv, index, requestSettings());
+    body = buildChatRequest(conv, index, requestSettings(), settingKeys());
   } catch (e) {
     reply.error = e.message;
     delete reply.streaming;

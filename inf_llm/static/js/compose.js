@@ -34,14 +34,12 @@ export function toWireMessages(messages) {
   return out;
 }
 
-const NUMERIC_SETTINGS = ["temperature", "top_p", "top_k", "max_new_tokens", "repetition_penalty", "seed"];
-
 /**
  * The POST /chat body for the assistant message at `replyIndex` of `conv`: the last user message before it
  * is the prompt, everything earlier the history. `settings` holds only the user's overrides; the server
- * fills in its defaults for anything left out.
+ * fills in its defaults for anything left out. `numericKeys`: the sampling fields the page sets (from /status).
  */
-export function buildChatRequest(conv, replyIndex, settings) {
+export function buildChatRequest(conv, replyIndex, settings, numericKeys) {
   const before = conv.messages.slice(0, replyIndex);
   let promptIndex = before.length - 1;
   while (promptIndex >= 0 && before[promptIndex].role !== "user") promptIndex -= 1;
@@ -52,7 +50,7 @@ export function buildChatRequest(conv, replyIndex, settings) {
     session_id: conv.id,
   };
   if (typeof settings.system === "string") body.system = settings.system;
-  for (const key of NUMERIC_SETTINGS) {
+  for (const key of numericKeys) {
     const v = settings[key];
     if (typeof v === "number" && Number.isFinite(v)) body[key] = v;
   }
