@@ -237,16 +237,6 @@ GenerationDefaults = create_model(
 )
 
 
-class PageInputBody(BaseModel):
-    label: str
-    widget: Literal["range", "number"]
-    step: float
-    order: int
-    min: float | None = None
-    max: float | None = None
-    placeholder: str | None = None
-
-
 class GenerationField(BaseModel):
     """One sampling field as a client builds a form for it (`SamplingField.schema`): the bounds the server
     enforces (max_new_tokens: server.max_new_tokens_limit), and how the web page shows it (null: it does not)."""
@@ -259,7 +249,7 @@ class GenerationField(BaseModel):
     minimum: float | None = None
     exclusive_minimum: float | None = None
     maximum: float | None = None
-    page: PageInputBody | None = None
+    page: sampling.PageInput | None = None
 
 
 class ServerLimits(BaseModel):
