@@ -22,7 +22,6 @@ import argparse
 import json
 import logging
 import os
-import pickle
 import re
 import shlex
 import signal
@@ -32,7 +31,6 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -66,7 +64,7 @@ from inf_llm.errors import (  # noqa: E402
 )
 
 if TYPE_CHECKING:
-    from inf_llm.engine import Done, Engine, Error, Job, Message
+    from inf_llm.engine import Done, Engine, Error, Job, Message, SavedSession, SessionInfo
 
 log = logging.getLogger("inf_llm.chat")
 
@@ -95,11 +93,6 @@ BINARY_SNIFF_BYTES = 8192
 MAX_DOCUMENT_BYTES = 64 * 1024 * 1024
 # Seconds between checks that the worker thread is alive while waiting for a job's events.
 EVENT_POLL_SECONDS = 0.5
-# `/save NAME`: NAME.pt holds the memory (InfLLMCache.save), NAME.json the token ids and the conversation.
-CACHE_SUFFIX = ".pt"
-SIDECAR_SUFFIX = ".json"
-SESSION_KIND = "inf_llm.chat session"
-SESSION_FORMAT = 1
 
 HELP = [
     ("/help", "this list"),
@@ -266,8 +259,8 @@ class TurnResult:
 class ChatSession:
     """The conversation, and the engine whose memory state holds it.
 
-    The engine's generator owns the memory (`cache`) and the token ids it holds (`held`); the session only
-    reads them between jobs (for /stats and /save) and replaces them between jobs (/restore, /reset).
+    The engine holds the memory and the token ids it covers; the session reads and replaces them only through
+    the engine's session jobs (session_info, save, restore, reset), which run in its worker thread.
     """
 
     engine: Engine
@@ -277,21 +270,23 @@ class ChatSession:
     documents: list[str] = field(default_factory=list)
     last: Done | None = None
 
-    # --- memory state -------------------------------------------------------------------------------
+    # --- memory state (the engine's session jobs: they run in its worker thread, after any queued turn) ---
+    def info(self) -> SessionInfo:
+        return self.engine.session_info().result()
+
     @property
     def held_tokens(self) -> int:
-        return len(self.engine.generator.held)
+        return self.info().held_tokens
 
     def reset(self) -> None:
-        self.engine.generator.reset()
+        self.engine.reset().result()
         self.history.clear()
         self.documents.clear()
         self.last = None
 
     def memory_stats(self) -> dict[str, int] | None:
         """Totals of `InfLLMCache.stats()` over layers, or None while no layer holds a memory."""
-        cache = self.engine.generator.cache
-        layers = cache.stats() if cache is not None else []
+        layers = self.info().layers
         if not layers:
             return None
         return {
@@ -326,82 +321,60 @@ class ChatSession:
         return TurnResult(final, kept=True)
 
     # --- /save and /restore -------------------------------------------------------------------------
-    def save(self, target: str) -> tuple[Path, Path]:
-        """Write the memory (NAME.pt) and the held ids + conversation (NAME.json). Raises CommandError."""
-        cache = self.engine.generator.cache
-        if cache is None or not self.held_tokens:
-            raise CommandError("nothing to save: the memory is empty (say something or /load a document first)")
-        cache_path, sidecar = session_paths(target)
-        if not cache_path.parent.is_dir():
-            raise CommandError(f"cannot save to {target}: folder {cache_path.parent} does not exist")
-        sidecar_data = {
-            "kind": SESSION_KIND,
-            "format": SESSION_FORMAT,
-            "saved_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "model": self.engine.info.model_name,
-            "memory_type": self.cfg.model.type.value,
-            "system": self.system,
-            "documents": self.documents,
+    def save(self, target: str) -> SavedSession:
+        """Save the memory and the conversation (NAME.pt + NAME.json: inf_llm/engine/sessions.py). Raises
+        CommandError."""
+        metadata = {
+            "system": self.system, "documents": self.documents,
             "history": [{"role": m.role, "content": m.content} for m in self.history],
-            "held_ids": list(self.engine.generator.held),
         }
-        tmp = sidecar.with_name(sidecar.name + ".tmp")
         try:
-            cache.save(cache_path)
-            tmp.write_text(json.dumps(sidecar_data, ensure_ascii=False), encoding="utf-8")
-            tmp.replace(sidecar)  # atomic: a crash never leaves half a sidecar under the real name
-        except OSError as exc:
-            raise CommandError(f"cannot save to {target}: {exc.strerror or exc}") from None
-        return cache_path, sidecar
+            return self.engine.save(target, metadata).result()
+        except SessionStateError as exc:
+            hint = " (say something or /load a document first)" if str(exc).startswith("nothing to save") else ""
+            raise CommandError(f"{exc}{hint}") from None
 
-    def restore(self, target: str) -> None:
+    def restore(self, target: str) -> SavedSession:
         """Replace the memory and the conversation with a saved session. Raises CommandError; on error the
         current session is unchanged."""
-        from inf_llm.adapter import InfLLMCache
         from inf_llm.engine import Message
+        from inf_llm.engine.sessions import session_paths
 
-        cache_path, sidecar = session_paths(target)
-        missing = [str(p) for p in (cache_path, sidecar) if not p.is_file()]
-        if missing:
-            raise CommandError(f"no saved session at {target}: missing {' and '.join(missing)}")
+        _, sidecar = session_paths(target)
+        try:
+            self._check_conversation(sidecar)  # before the engine replaces its memory
+            saved = self.engine.restore(target).result()
+        except SessionStateError as exc:
+            raise CommandError(str(exc)) from None
+        data = saved.metadata
+        self.system = data.get("system")
+        self.history = [Message(str(m["role"]), str(m["content"])) for m in data["history"]]
+        self.documents = [str(d) for d in data.get("documents", [])]
+        self.last = None
+        return saved
+
+    @staticmethod
+    def _check_conversation(sidecar: Path) -> None:
+        """The chat's part of a session file (system, documents, history) is well formed; SessionStateError."""
+        from inf_llm.engine.sessions import LEGACY_KINDS, SESSION_FORMAT, SESSION_KIND
+
         try:
             data = json.loads(sidecar.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise CommandError(f"{sidecar} is not a saved chat session: {exc}") from None
-        if not isinstance(data, dict) or data.get("kind") != SESSION_KIND:
-            raise CommandError(f"{sidecar} is not a saved chat session (written by /save)")
-        if data.get("format") != SESSION_FORMAT:
-            raise CommandError(f"{sidecar} has session format {data.get('format')!r}; this version reads "
-                               f"{SESSION_FORMAT}")
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            return  # not readable at all: the engine's restore names the file and the reason
+        if (not isinstance(data, dict) or data.get("kind") not in (SESSION_KIND, *LEGACY_KINDS)
+                or data.get("format") != SESSION_FORMAT):
+            return  # not a session of this format: the same
         try:
-            held = [int(i) for i in data["held_ids"]]
-            history = [Message(str(m["role"]), str(m["content"])) for m in data["history"]]
-            documents = [str(d) for d in data.get("documents", [])]
+            for m in data["history"]:
+                str(m["role"]), str(m["content"])
+            if not isinstance(data.get("documents", []), list):
+                raise TypeError("documents is not a list")
             system = data.get("system")
             if system is not None and not isinstance(system, str):
                 raise TypeError(f"system is {type(system).__name__}, not a string")
         except (KeyError, TypeError, ValueError) as exc:
-            raise CommandError(f"{sidecar} is damaged ({type(exc).__name__}: {exc})") from None
-        try:
-            cache = InfLLMCache.load(cache_path, self.engine.generator.model)
-        except SessionStateError as exc:
-            raise CommandError(str(exc)) from None
-        except (pickle.UnpicklingError, KeyError, TypeError, AttributeError, ValueError) as exc:
-            raise CommandError(f"{cache_path} is not a saved memory file ({type(exc).__name__})") from None
-        if cache.get_seq_length() != len(held):
-            raise CommandError(f"{cache_path} holds {cache.get_seq_length()} tokens but {sidecar} lists "
-                               f"{len(held)}; the two files are not from the same /save")
-        generator = self.engine.generator
-        generator.cache, generator.held = cache, held
-        self.system, self.history, self.documents, self.last = system, history, documents, None
-
-
-def session_paths(target: str) -> tuple[Path, Path]:
-    """`/save NAME` (or NAME.pt, NAME.json) -> (NAME.pt, NAME.json)."""
-    path = Path(target).expanduser()
-    if path.suffix in (CACHE_SUFFIX, SIDECAR_SUFFIX):
-        path = path.with_suffix("")
-    return path.with_name(path.name + CACHE_SUFFIX), path.with_name(path.name + SIDECAR_SUFFIX)
+            raise SessionStateError(f"{sidecar} is damaged ({type(exc).__name__}: {exc})") from None
 
 
 # ------------------------------------------------------------------------------------------ rendering
@@ -687,17 +660,17 @@ class ChatApp:
 
     def cmd_save(self, rest: str) -> bool:
         target = self.one_argument("/save", rest, "PATH")
-        cache_path, sidecar = self.session.save(target)
-        size = cache_path.stat().st_size
-        self.console.print(f"[green]saved[/green] {self.session.held_tokens} tokens to {escape(str(cache_path))} "
-                           f"({human_bytes(size)}) and {escape(str(sidecar))}")
+        saved = self.session.save(target)
+        size = saved.cache_path.stat().st_size
+        self.console.print(f"[green]saved[/green] {saved.held_tokens} tokens to {escape(str(saved.cache_path))} "
+                           f"({human_bytes(size)}) and {escape(str(saved.sidecar))}")
         return True
 
     def cmd_restore(self, rest: str) -> bool:
         target = self.one_argument("/restore", rest, "PATH")
-        self.session.restore(target)
+        saved = self.session.restore(target)
         s = self.session
-        self.console.print(f"[green]restored[/green] {s.held_tokens} tokens, {len(s.history) // 2} turn(s)"
+        self.console.print(f"[green]restored[/green] {saved.held_tokens} tokens, {len(s.history) // 2} turn(s)"
                            + (f", documents: {escape(', '.join(s.documents))}" if s.documents else ""))
         return True
 

@@ -28,7 +28,8 @@ from pathlib import Path
 
 import pytest
 
-from inf_llm.chat import ChatArgs, CommandError, parse_args, read_document, session_paths
+from inf_llm.chat import ChatArgs, CommandError, parse_args, read_document
+from inf_llm.engine.sessions import session_paths
 from inf_llm.errors import ConfigError
 from tests.conftest import REPO_ROOT
 
@@ -216,7 +217,7 @@ def test_chat_session_in_a_terminal(pty_chat: PtyChat, tmp_path: Path):
     bad = tmp_path / "bad"
     (tmp_path / "bad.pt").write_bytes(b"not a torch file")
     (tmp_path / "bad.json").write_text("{}")
-    assert "bad.json is not a saved chat session" in chat.command(f"/restore {bad}")
+    assert "bad.json is not a saved session" in chat.command(f"/restore {bad}")
     assert "error: no saved session at" in chat.command(f"/restore {tmp_path / 'nothing'}")
     assert "error: unknown command /nope" in chat.command("/nope")
     assert "/restore PATH" in chat.command("/help")

@@ -44,8 +44,9 @@ from inf_llm.memory.host_pool import HostBlockPool
 log = logging.getLogger(__name__)
 
 ATTN_IMPLEMENTATION = "infllm"
-# Bumped when the saved session layout changes.
-SESSION_FORMAT = 1
+# The layout of InfLLMCache.state_dict(); bumped when it changes. A session file's own format (the files
+# around this state) is inf_llm.engine.sessions.SESSION_FORMAT.
+MEMORY_STATE_FORMAT = 1
 
 # The layer whose update() ran last in this thread/context. A ContextVar, not a global: each worker
 # thread sees its own value, so two sequences in two threads never see each other's layers.
@@ -344,17 +345,25 @@ class InfLLMCache(Cache):
                 layers.append(_to_cpu(layer.memory.state()))
             else:
                 layers.append(layer.pending_state)
-        return {"format": SESSION_FORMAT, "fingerprint": self.patch_state.fingerprint(), "layers": layers}
+        return {"format": MEMORY_STATE_FORMAT, "fingerprint": self.patch_state.fingerprint(), "layers": layers}
 
     def load_state_dict(self, state: dict) -> None:
-        if state.get("format") != SESSION_FORMAT:
-            raise SessionStateError(f"saved memory has format {state.get('format')}, expected {SESSION_FORMAT}")
+        """Raises SessionStateError when `state` is not a state_dict() of this model and config."""
+        if not isinstance(state, dict) or state.get("format") != MEMORY_STATE_FORMAT:
+            found = state.get("format") if isinstance(state, dict) else type(state).__name__
+            raise SessionStateError(f"saved memory has format {found!r}, expected {MEMORY_STATE_FORMAT}")
         mine = self.patch_state.fingerprint()
         theirs = state.get("fingerprint", {})
+        theirs = theirs if isinstance(theirs, dict) else {}
         diff = {k: (theirs.get(k), v) for k, v in mine.items() if theirs.get(k) != v}
         if diff:
             raise SessionStateError(f"saved memory does not match this model/config: {diff} (saved, current)")
-        for layer, layer_state in zip(self.layers, state["layers"]):
+        layers = state.get("layers")
+        # checked here, not at the next forward that applies them: a damaged file fails at load, not mid-turn
+        if (not isinstance(layers, list) or len(layers) != len(self.layers)
+                or not all(s is None or (isinstance(s, dict) and "seen" in s) for s in layers)):
+            raise SessionStateError(f"saved memory is damaged: expected {len(self.layers)} layer states")
+        for layer, layer_state in zip(self.layers, layers):
             layer.reset()
             layer.pending_state = layer_state  # applied at the next update, on the layer's device
 

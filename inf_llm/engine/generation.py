@@ -211,6 +211,12 @@ class Generator:
         """Forget the held sequence (the next request prefills from scratch)."""
         self.cache, self.held = None, []
 
+    def adopt(self, cache: InfLLMCache | None, held: Sequence[int]) -> None:
+        """Continue from `cache` holding `held` (a restored session); the worker thread calls it between jobs."""
+        if (cache is None) != (not held) or (cache is not None and cache.get_seq_length() != len(held)):
+            raise ValueError(f"a memory of {cache and cache.get_seq_length()} tokens cannot hold {len(held)} ids")
+        self.cache, self.held = cache, list(held)
+
     def _state_for(self, ids: Sequence[int]) -> tuple[InfLLMCache, int]:
         """The cache to continue from and how many of `ids` it already holds. Reuse needs the held ids to be a
         prefix of `ids` leaving at least one token to feed (generate() needs logits of the last one)."""

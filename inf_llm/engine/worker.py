@@ -9,6 +9,15 @@ Must not know: HTTP. The server submits jobs and relays their events.
     job = engine.submit(prompt, params)                # raises QueueFullError / NotReadyError
     for event in job.events(): ...                     # or `async for event in job` with submit(loop=...)
     job.cancel()                                       # takes effect within one decode step / one layer
+
+Sessions are jobs of the same queue (each takes a `server.max_queue` slot while it waits), so they wait for
+the generation before them and never touch the generator from another thread. Each returns a concurrent.futures.Future (from any thread; asyncio callers
+wrap it with asyncio.wrap_future); its result or its SessionStateError/QueueFullError/ShuttingDownError:
+
+    engine.save(path, metadata).result()              # -> SavedSession (NAME.pt + NAME.json, sessions.py)
+    engine.restore(path).result()                     # -> SavedSession; or restore(a SessionState from fork())
+    state = engine.fork().result()                    # -> SessionState: a private copy of the conversation
+    engine.reset().result(); engine.session_info().result()   # -> None; SessionInfo (tokens held, stats)
 """
 
 from __future__ import annotations
@@ -22,8 +31,9 @@ import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -31,6 +41,7 @@ from inf_llm.adapter import patch_model
 from inf_llm.config import InfLLMConfig
 from inf_llm.engine.events import Done, Error, Event, PreparedPrompt, SamplingParams, Timings, Usage
 from inf_llm.engine.generation import Generator, prepare_chat, prepare_text, sampling_params
+from inf_llm.engine.sessions import SavedSession, SessionInfo, SessionState, read_session, write_session
 from inf_llm.engine.templates import Message, encode_text
 from inf_llm.errors import InfLLMError, NotReadyError, QueueFullError
 
@@ -129,6 +140,34 @@ class Job:
                 return
 
 
+class SessionJob:
+    """A save/restore/reset/fork/info step, run in the worker thread between generation jobs. Its result
+    (or exception) goes to `future`; cancelling the future before the job starts drops it."""
+
+    def __init__(self, name: str, step: Callable[[Generator], object]):
+        self.id = f"session-{name}"
+        self.step = step
+        self.future: Future = Future()
+
+    @property
+    def cancelled(self) -> bool:
+        return self.future.cancelled()
+
+    def run(self, generator: Generator) -> None:
+        if not self.future.set_running_or_notify_cancel():
+            return
+        try:
+            result = self.step(generator)
+        except InfLLMError as exc:
+            log.warning("%s failed: %s", self.id, exc)
+            self.future.set_exception(exc)
+        except Exception as exc:  # a bug: the caller gets it; the generator's state was not replaced
+            log.exception("%s crashed", self.id)
+            self.future.set_exception(exc)
+        else:
+            self.future.set_result(result)
+
+
 class _JobQueue:
     """Bounded FIFO of waiting jobs. A job cancelled while waiting (its client left) gives its slot back at
     once: it is dropped, with its final Done(cancelled), the next time the queue is touched."""
@@ -145,7 +184,7 @@ class _JobQueue:
                 self._items.remove(job)
                 self._on_drop(job)
 
-    def put_nowait(self, job: Job) -> None:
+    def put_nowait(self, job: Job | SessionJob) -> None:
         with self._cv:
             self._purge()
             if len(self._items) >= self.maxsize:
@@ -153,7 +192,7 @@ class _JobQueue:
             self._items.append(job)
             self._cv.notify()
 
-    def get(self, timeout: float) -> Job:
+    def get(self, timeout: float) -> Job | SessionJob:
         with self._cv:
             if not self._items:
                 self._cv.wait(timeout)
@@ -161,7 +200,7 @@ class _JobQueue:
                 raise queue.Empty
             return self._items.popleft()
 
-    def drain(self) -> list[Job]:
+    def drain(self) -> list[Job | SessionJob]:
         with self._cv:
             items, self._items = list(self._items), deque()
             return items
@@ -212,7 +251,11 @@ class Engine:
                 current.abort_error = error
                 current.cancel()
             for job in self._queue.drain():
-                job.emit(Error.of(error))
+                if isinstance(job, SessionJob):
+                    if job.future.set_running_or_notify_cancel():
+                        job.future.set_exception(error)
+                else:
+                    job.emit(Error.of(error))
         if wait and self._thread.is_alive():
             self._thread.join(wait)
 
@@ -243,6 +286,10 @@ class Engine:
         """Queue a job. Raises QueueFullError when `server.max_queue` jobs already wait, NotReadyError
         when shutting down."""
         job = Job(prompt, params, loop, request_id)
+        self._enqueue(job)
+        return job
+
+    def _enqueue(self, job: Job | SessionJob) -> None:
         with self._lock:
             if self._closing:
                 raise ShuttingDownError("the server is shutting down")
@@ -253,7 +300,48 @@ class Engine:
                     f"the server is busy: {self._queue.maxsize} requests are already waiting; retry in a "
                     f"few seconds"
                 ) from None
-        return job
+
+    # --- sessions (jobs of the worker thread; see the module docstring) ---------------------------
+    def _session_job(self, name: str, step: Callable[[Generator], object]) -> Future:
+        job = SessionJob(name, step)
+        self._enqueue(job)
+        return job.future
+
+    def save(self, path: str | Path, metadata: dict | None = None) -> Future[SavedSession]:
+        """Save the held conversation as NAME.pt + NAME.json (inf_llm/engine/sessions.py); `metadata` (JSON
+        values) is stored beside it and comes back from restore(). SessionStateError when nothing is held."""
+        def step(gen: Generator) -> SavedSession:
+            return write_session(path, gen.cache, gen.held, self.info.model_name, self.cfg.model.type.value,
+                                 metadata)
+        return self._session_job("save", step)
+
+    def restore(self, source: str | Path | SessionState) -> Future[SavedSession | None]:
+        """Continue from a saved session (path) or a fork(). A file that is not a session of this model and
+        config fails with SessionStateError and leaves the held state as it was."""
+        def step(gen: Generator) -> SavedSession | None:
+            if isinstance(source, SessionState):
+                gen.adopt(source.cache.clone() if source.cache is not None else None, source.held)
+                return None
+            cache, held, saved = read_session(source, gen.model)
+            gen.adopt(cache, held)
+            return saved
+        return self._session_job("restore", step)
+
+    def fork(self) -> Future[SessionState]:
+        """A private copy of the held conversation, to restore() later (regenerate, branches)."""
+        def step(gen: Generator) -> SessionState:
+            return SessionState(tuple(gen.held), gen.cache.clone() if gen.cache is not None else None)
+        return self._session_job("fork", step)
+
+    def reset(self) -> Future[None]:
+        """Forget the held conversation (the next request prefills from scratch)."""
+        return self._session_job("reset", lambda gen: gen.reset())
+
+    def session_info(self) -> Future[SessionInfo]:
+        """Tokens held and the memory's per-layer statistics."""
+        def step(gen: Generator) -> SessionInfo:
+            return SessionInfo(len(gen.held), gen.cache.stats() if gen.cache is not None else [])
+        return self._session_job("info", step)
 
     def generate(self, prompt: PreparedPrompt, params: SamplingParams) -> Done:
         """Blocking convenience: submit and wait. Raises the job's error as an exception."""
@@ -274,6 +362,9 @@ class Engine:
             try:
                 job = self._queue.get(timeout=IDLE_POLL_SECONDS)
             except queue.Empty:
+                continue
+            if isinstance(job, SessionJob):
+                job.run(self.generator)
                 continue
             self._current = job
             try:
@@ -314,7 +405,9 @@ class Engine:
         )
         job.emit(done)
 
-    def _drop_cancelled(self, job: Job) -> None:
+    def _drop_cancelled(self, job: Job | SessionJob) -> None:
+        if isinstance(job, SessionJob):  # its future is cancelled already: nothing to tell
+            return
         job.started_at = time.perf_counter()
         job.emit(self._cancelled_before_start(job))
         if self.on_finished is not None:
