@@ -241,7 +241,6 @@ class Generator:
         prompt: PreparedPrompt,
         params: SamplingParams,
         emit: Callable[[Event], None],
-        cache.plan(total)  # full_attention_tokens: a prompt past it reads with the configured window throughout
         cancel: threading.Event,
         submitted_at: float | None = None,
     ) -> Done:
@@ -252,6 +251,7 @@ class Generator:
         ids = list(prompt.ids)
         total = len(ids)
         cache, cached = self._state_for(ids)
+        cache.plan(total)  # full_attention_tokens: a prompt past it reads with the configured window throughout
         cache.should_stop = cancel.is_set  # checked before every layer: a cancel lands within one layer
         stops = tuple(params.stop) + tuple(prompt.extra_stop)
         text_filter = StopFilter(stops)
