@@ -110,8 +110,6 @@ class ModelConfig(_Strict):
     chunk_topk_calc: int | None = Field(None, ge=1, description="execution blocks whose lookups run together")
     pin_memory: bool = Field(False, description="page-locked host memory for offloaded blocks")
     dense_decoding: bool = Field(False, description="decode with all memory blocks instead of the top-k")
-    # --- our extensions -------------------------------------------------------------------------------
-    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     full_attention_tokens: Annotated[int, Field(ge=1)] | Literal["auto"] | None = Field(
         None,
         description="while a conversation is at most this many tokens, the memory keeps all of it in the "
@@ -119,6 +117,8 @@ class ModelConfig(_Strict):
         "conversation past it gets the configured window, sinks and memory blocks. auto: the model's native "
         "context (max_position_embeddings). null: always the configured window (the paper's)",
     )
+    # --- our extensions -------------------------------------------------------------------------------
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="auto: bfloat16 on GPU and on CPUs with native bf16, else float32"
     )
