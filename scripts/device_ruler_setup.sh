@@ -1,4 +1,6 @@
-# On the GPU machine, before a RULER-style run: unpack what .gpu/ carried (see CONTRIBUTING.md, "The RULER-style suite on the GPU machine").
+#!/usr/bin/env bash
+# On the GPU machine, before a RULER-style run: unpack what .gpu/ carried
+# (CONTRIBUTING.md, "The RULER-style suite on the GPU machine").
 set -eux
 rm -rf /root/src && mkdir -p /root/src /root/smol /root/infcache
 tar -xzf .gpu/src.tgz -C /root/src

@@ -1,10 +1,11 @@
+#!/usr/bin/env bash
 # On the device: RULER-style sweep of SmolLM2 memory settings (host lookup path, torch ops). Resumable.
 # usage: bash scripts/device_ruler_sweep.sh SECONDS LENGTHS TASKS CASES VARIANT...
 set -u
 budget=$1 lengths=$2 tasks=$3 cases=$4; shift 4
 export INFLLM_CACHE_DIR=/root/infcache PYTHONPATH=/root/src PYTHONUNBUFFERED=1
 mkdir -p /root/res
-cd /root/src
+cd /root/src || exit 1
 base="model.path=/root/smol,model.gguf_file=SmolLM2-135M-Instruct.Q4_1.gguf,model.device=cuda,model.offload=true,model.offload_access=cache,model.max_cached_block=64"
 args=()
 for v in "$@"; do name=${v%%=*}; ov=${v#*=}; args+=(--variant "$name=$base${ov:+,$ov}"); done
