@@ -261,8 +261,9 @@ class ContextMemory:
         return self.full_until is not None and self.n_local != self.cfg.n_local
 
     def plan(self, total_tokens: int) -> None:
-        """A request brings the conversation to `total_tokens`: past full_attention_tokens the window narrows
-        now, so the whole prompt reads with the configured window (as without the option)."""
+        """The conversation is about to reach `total_tokens`: past full_attention_tokens the window narrows now
+        (before a request's prefill, so the whole prompt reads with the configured window, as without the
+        option; before a call that crosses the limit, as a last resort)."""
         if self.wide and total_tokens > self.full_until:
             self._narrow()
 
@@ -275,8 +276,7 @@ class ContextMemory:
     def _prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
         """`process` of several tokens (a prompt chunk), or of one without the ops' single-query op."""
         length = q.shape[1]
-        if self.wide and self.seen + length > self.full_until:
-            self._narrow()
+        self.plan(self.seen + length)
         start, end = self.seen, self.seen + length
         self.tail.append(k, v)
         if self.rot_base is not None:  # the new keys' rotated copies, written in place
@@ -351,8 +351,7 @@ class ContextMemory:
         lookup as the general path, but both stages in one softmax whose window probabilities are the key
         scores, so no merge and no second pass (decoding a small model on a CPU is bound by op count)."""
         p = self.seen
-        if self.wide and p + 1 > self.full_until:
-            self._narrow()
+        self.plan(p + 1)
         self._retrieved, self._lookup, self._call_qvecs = [], None, None
         self.settle_copies()  # the step reads blocks from the store only
         window_start = max(p - self.n_local + 1, self.tail.first_pos)
