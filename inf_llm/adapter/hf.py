@@ -40,6 +40,7 @@ from inf_llm.memory import ContextMemory, LayerStats, RotaryTable
 from inf_llm.memory.block_cache import RingSlots
 from inf_llm.memory.context_memory import check_block_cache
 from inf_llm.memory.host_pool import HostBlockPool
+from inf_llm.memory.snapshot import LayerSnapshot
 
 log = logging.getLogger(__name__)
 
@@ -243,11 +244,14 @@ class InfLLMLayer(CacheLayerMixin):
         self.planned_tokens = 0  # the length the current request brings the conversation to (InfLLMCache.plan)
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.initialize(key_states.device, key_states.dtype)
+
+    def initialize(self, device: torch.device, dtype: torch.dtype) -> None:
+        """Make the layer's memory for keys of `dtype` on `device` (and apply a loaded state)."""
         state = self.patch_state
-        device = key_states.device
         self.memory = ContextMemory(
             state.cfg, state.rope_for(device), state.num_q_heads, state.num_kv_heads, state.head_dim,
-            key_states.dtype, device, get_backend(state.cfg.fattn, device.type),
+            dtype, device, get_backend(state.cfg.fattn, device.type),
             offload=self.offload, copy_stream=state.copy_stream_for(device), host_storage=self.host_storage,
             ring_slots=state.ring_slots_for,
         )
@@ -377,6 +381,34 @@ class InfLLMCache(Cache):
         twin.load_state_dict(self.state_dict())
         return twin
 
+    def materialize(self, model: nn.Module) -> None:
+        """Apply a loaded state now instead of at the next forward (a snapshot needs the layers' memories):
+        each layer on its weights' device, keys in the model's dtype."""
+        dtype = model.get_input_embeddings().weight.dtype
+        for layer, decoder_layer in zip(self.layers, _decoder(model).layers):
+            if layer.memory is None:
+                layer.initialize(next(decoder_layer.parameters()).device, dtype)
+
+    # --- prefix snapshots (inf_llm.memory.snapshot) ---------------------------------------------------
+    def snapshot(self, parent: "CacheSnapshot | None" = None) -> "CacheSnapshot":
+        """This cache's memory now, sharing its blocks and, with `parent` (an earlier snapshot of this cache
+        on the same conversation), the parent's window positions."""
+        if not self.is_consistent():
+            raise SessionStateError("the memory state is inconsistent (a cancelled forward); discard it")
+        if any(layer.memory is None for layer in self.layers):
+            raise SessionStateError("nothing to snapshot: the memory has not read any token yet")
+        inherited = parent.layers if parent is not None and parent.cache is self else (None,) * len(self.layers)
+        layers = tuple(layer.memory.snapshot(p) for layer, p in zip(self.layers, inherited))
+        return CacheSnapshot(self, layers)
+
+    def restore(self, snap: "CacheSnapshot") -> None:
+        """Continue from `snap`, a snapshot of this cache (its blocks are kept in place, not copied)."""
+        if snap.cache is not self:
+            raise ValueError("a snapshot can only be restored into the cache it was taken from")
+        for layer, layer_snap in zip(self.layers, snap.layers):
+            layer.memory.restore(layer_snap)
+        self.decode_graph = None  # a new runner re-plans (and on a GPU re-captures) from the restored state
+
     def save(self, path: str | Path) -> None:
         path = Path(path)
         tmp = path.with_suffix(path.suffix + ".tmp")
@@ -415,6 +447,41 @@ class InfLLMCache(Cache):
                 totals[span[0]] = totals.get(span[0], 0) + count
                 starts[span[0]] = span
         return sorted(((*starts[s], c) for s, c in totals.items()), key=lambda t: (-t[2], t[0]))
+
+
+@dataclass(frozen=True, eq=False)
+class CacheSnapshot:
+    """A cache's memory after `tokens` tokens, every layer's `LayerSnapshot`; restored with `cache.restore`.
+    Holds the cache (its blocks are read in place) but not its token ids (the engine keeps those)."""
+
+    cache: InfLLMCache = field(repr=False)
+    layers: tuple[LayerSnapshot, ...] = field(repr=False)
+
+    @property
+    def tokens(self) -> int:
+        return self.layers[0].seen
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor kept alive by this snapshot: its own, the blocks it shares, its cache's windows."""
+        out = [t for layer in self.layers for t in layer.tensors()]
+        for layer in self.cache.layers:
+            if layer.memory is not None:
+                out += layer.memory.tail.tensors()
+        return out
+
+    def state_dict(self) -> dict:
+        """What `cache.state_dict()` would have returned at this point (InfLLMCache.load_state_dict reads it)."""
+        return {"format": MEMORY_STATE_FORMAT, "fingerprint": self.cache.patch_state.fingerprint(),
+                "layers": [_to_cpu(layer.state()) for layer in self.layers]}
+
+
+def unique_bytes(tensors) -> int:
+    """Bytes of the distinct storages under `tensors` (views and shared tensors counted once)."""
+    seen: dict[tuple[str, int], int] = {}
+    for t in tensors:
+        storage = t.untyped_storage()
+        seen[(str(t.device), storage.data_ptr())] = storage.nbytes()
+    return sum(seen.values())
 
 
 def _to_cpu(obj):

@@ -5,10 +5,12 @@
   front is large, so memory stays bounded by what is live.
 - `BlockStore`: the memory blocks (K/V of `block_size` tokens each, plus one representative vector per
   block), in growing-by-doubling tensors, on the host when offloading (compressed with `offload_dtype`).
+- `BlockShare`: a prefix snapshot's claim on a store's first blocks (shared, copied only on divergence).
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -157,6 +159,9 @@ class TokenBuffer:
         self.first_pos += n
         self.length -= n
 
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.k, self.v, self.k_rot, self.score) if t is not None]
+
     def nbytes(self) -> int:
         total = self.k.nbytes + self.v.nbytes + self.k_rot.nbytes
         return total + (self.score.nbytes if self.score is not None else 0)
@@ -169,10 +174,17 @@ class TokenBuffer:
         return state
 
     def load_state(self, state: dict) -> None:
-        self.offset, self.length, self.first_pos = 0, 0, int(state["first_pos"])
-        self.append(state["k"].to(self.k.device, self.k.dtype), state["v"].to(self.v.device, self.v.dtype))
-        if self.score is not None and "score" in state:
-            self.score[:, : self.length].copy_(state["score"])
+        self.restore(int(state["first_pos"]), [(state["k"], state["v"])], state.get("score"))
+
+    def restore(self, first_pos: int, pieces: list[tuple[torch.Tensor, torch.Tensor]],
+                score: torch.Tensor | None) -> None:
+        """Hold positions [first_pos, ...) again: the K/V `pieces` in order (raw keys; the caller re-rotates)
+        and their scores."""
+        self.offset, self.length, self.first_pos = 0, 0, first_pos
+        for k, v in pieces:
+            self.append(k.to(self.k.device, self.k.dtype), v.to(self.v.device, self.v.dtype))
+        if self.score is not None and score is not None:
+            self.score[:, : self.length].copy_(score)
 
 
 @dataclass(frozen=True)
@@ -239,6 +251,7 @@ class BlockStore:
         self.repr = torch.zeros(cap, repr_width, dtype=representative_dtype(dtype), device=compute_device)
         self.start_pos: list[int] = []  # absolute position of each block's first token
         self.count = 0
+        self._shares: weakref.WeakSet[BlockShare] = weakref.WeakSet()  # prefix snapshots reading these blocks
 
     def _tensors(self) -> list[str]:
         return ["k", "v", "repr"] + (["k_scale", "v_scale"] if self.codec is not None else [])
@@ -313,6 +326,47 @@ class BlockStore:
             storage += self.k_scale.nbytes + self.v_scale.nbytes
         return storage, self.repr.nbytes
 
+    # --- prefix snapshots -------------------------------------------------------------------------------
+    def share(self) -> "BlockShare":
+        """The blocks stored now, for a snapshot: no copy while this store keeps them (see `rewind`)."""
+        share = BlockShare(self, self.count)
+        self._shares.add(share)
+        return share
+
+    def rewind(self, share: "BlockShare") -> None:
+        """Continue from `share`'s blocks: drop the blocks after its shared part (every other share that reads
+        them first gets a private copy of just those), then append its private blocks. Blocks never change
+        once stored, so the shared part needs no copy at all."""
+        if share.store is not self:
+            raise ValueError("a block share can only rewind the store it was taken from")
+        n = share.count
+        for other in list(self._shares):
+            if other is not share and other.count > n:
+                other.keep_private(n)
+        self.count = n
+        del self.start_pos[n:]
+        for chunk in share.private:
+            self.append_raw(chunk)
+        share.private, share.count = [], self.count
+
+    def raw(self, first: int, last: int) -> dict:
+        """Copies of blocks [first, last) as stored (codes and scales with a codec) plus their positions."""
+        _wait_for_device_access(self.k)  # pending copies of the latest blocks into the store
+        chunk = {name: getattr(self, name)[first:last].clone() for name in self._tensors()}
+        chunk["start_pos"] = list(self.start_pos[first:last])
+        return chunk
+
+    def append_raw(self, chunk: dict) -> None:
+        """Append blocks copied by `raw` (exactly as they were: no re-encoding)."""
+        new = self.claim(len(chunk["start_pos"]), chunk["start_pos"])
+        _wait_for_device_access(self.k)
+        for name in self._tensors():
+            getattr(self, name)[new].copy_(chunk[name])
+
+    def storages(self) -> list[torch.Tensor]:
+        """The tensors holding this store's bytes (for byte accounting shared between snapshots)."""
+        return [getattr(self, name) for name in self._tensors()]
+
     def state(self) -> dict:
         """Saved in the model dtype, whatever the codec: a saved session loads under any offload setting."""
         _wait_for_device_access(self.k)  # pending device-to-host copies of the latest blocks
@@ -322,6 +376,51 @@ class BlockStore:
 
     def load_state(self, state: dict) -> None:
         _wait_for_device_access(self.k)  # queued device reads and writes of the old blocks end first
+        for other in list(self._shares):  # snapshots of the blocks about to be replaced keep their own copy
+            if other.count > 0:
+                other.keep_private(0)
         self.count = 0
         self.start_pos = []
         self.add_many(state["k"], state["v"], state["repr"].to(self.repr.device), list(state["start_pos"]))
+
+
+class BlockShare:
+    """A prefix snapshot's blocks: the first `count` blocks of `store` (read in place) followed by `private`
+    copies (chunks of `BlockStore.raw`) of blocks the store no longer holds because it was rewound below them."""
+
+    def __init__(self, store: BlockStore, count: int):
+        self.store, self.count = store, count
+        self.private: list[dict] = []
+
+    @property
+    def blocks(self) -> int:
+        return self.count + sum(len(chunk["start_pos"]) for chunk in self.private)
+
+    def keep_private(self, n: int) -> None:
+        """The store is about to drop its blocks from `n` on: copy the ones this share reads."""
+        self.private.insert(0, self.store.raw(n, self.count))
+        self.count = n
+
+    def private_tensors(self) -> list[torch.Tensor]:
+        return [t for chunk in self.private for name, t in chunk.items() if name != "start_pos"]
+
+    def read_all(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
+        """(k, v, representatives, start_pos) of every block, K/V in the model dtype (to save a snapshot)."""
+        store = self.store
+        _wait_for_device_access(store.k)
+        k, v = store.read(0, self.count)
+        ks, vs, reprs = [k.clone()], [v.clone()], [store.repr[: self.count].clone()]
+        starts = list(store.start_pos[: self.count])
+        for chunk in self.private:
+            if store.codec is None:
+                ck, cv = chunk["k"], chunk["v"]
+            else:
+                ck = torch.empty(chunk["k"].shape, dtype=store.dtype, device=chunk["k"].device)
+                cv = torch.empty_like(ck)
+                store.codec.decode_into(ck, chunk["k"], chunk["k_scale"])
+                store.codec.decode_into(cv, chunk["v"], chunk["v_scale"])
+            ks.append(ck)
+            vs.append(cv)
+            reprs.append(chunk["repr"])
+            starts.extend(chunk["start_pos"])
+        return torch.cat(ks), torch.cat(vs), torch.cat(reprs), starts

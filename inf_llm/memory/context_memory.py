@@ -34,6 +34,8 @@ from inf_llm.memory.block_cache import BlockCache, DeviceBlockCache, FormationRi
 from inf_llm.memory.buffers import BlockStore, StorageSpec, TokenBuffer, representative_dtype
 from inf_llm.memory.compression import BlockCodec
 from inf_llm.memory.rope import RotaryTable
+from inf_llm.memory.snapshot import LayerSnapshot
+from inf_llm.memory.snapshot import take as take_snapshot
 
 if TYPE_CHECKING:
     from inf_llm.memory.static_step import StaticDecodeStep
@@ -966,31 +968,61 @@ class ContextMemory:
 
     def load_state(self, state: dict) -> None:
         self.settle_copies()  # no copy of an old block may land in the store after it is replaced
-        self._staged_init, self._staged_blocks = -1, []
         self.seen = int(state["seen"])
         if state.get("n_local") is not None:  # wide or narrowed (full_attention_tokens)
             self.n_local = int(state["n_local"])
-        self.init_len = state["init_k"].shape[1]
-        self.init_k[:, : self.init_len].copy_(state["init_k"])
-        self.init_v[:, : self.init_len].copy_(state["init_v"])
+        self._set_sinks(state["init_k"], state["init_v"])
         self.tail.load_state(state["tail"])
-        # rotated keys are not saved: re-rotate them to the same base (so the continuation is bit-identical)
-        self.rot_base = None
-        if state.get("rot_base") is not None:
-            self._rebase_rotation(int(state["rot_base"]))
         if self.store is not None:
             self.store.load_state(state["store"])
-            if self.cache is not None:
-                self.cache.clear()
-            if self.device_cache is not None:
-                self.device_cache.clear()
-            if self.ring is not None:
-                self.ring.clear()
-            if self._faiss_index is not None:
-                for index in self._faiss_index:
-                    index.reset()
-                for i in range(self.store.count):
-                    self._faiss_add(self.store.repr[i])
+        self._reloaded(state.get("rot_base"))
+
+    def snapshot(self, parent: LayerSnapshot | None = None) -> LayerSnapshot:
+        """This layer's memory now, sharing its blocks and `parent`'s window (see inf_llm.memory.snapshot)."""
+        self.settle_copies()  # the store's newest blocks may not have been copied yet
+        return take_snapshot(self.seen, self.n_local, self.rot_base, self.init_k[:, : self.init_len],
+                             self.init_v[:, : self.init_len], self.tail,
+                             self.store.share() if self.store is not None else None, parent)
+
+    def restore(self, snap: LayerSnapshot) -> None:
+        """Continue from `snap`, a snapshot of this layer: the store is rewound to its blocks in place."""
+        if (snap.blocks is None) != (self.store is None) or (snap.blocks is not None and snap.blocks.store is not self.store):
+            raise ValueError("a layer snapshot can only be restored into the memory it was taken from")
+        self.settle_copies()
+        self.seen = snap.seen
+        if snap.n_local is not None:
+            self.n_local = snap.n_local
+        self._set_sinks(snap.init_k, snap.init_v)
+        self.tail.restore(snap.tail_first_pos, [(p.k, p.v) for p in snap.pieces], snap.scores)
+        if self.store is not None:
+            self.store.rewind(snap.blocks)
+        self._reloaded(snap.rot_base)
+
+    def _set_sinks(self, init_k: torch.Tensor, init_v: torch.Tensor) -> None:
+        self.init_len = init_k.shape[1]
+        self.init_k[:, : self.init_len].copy_(init_k)
+        self.init_v[:, : self.init_len].copy_(init_v)
+
+    def _reloaded(self, rot_base: int | None) -> None:
+        """After the state was replaced: what derives from the old blocks goes (staged slots, caches, counts,
+        the faiss index is rebuilt), and the window's rotated keys are recomputed for the same base (so the
+        continuation is bit-identical to the uninterrupted one)."""
+        self._staged_init, self._staged_blocks = -1, []
+        self._lookup, self._call_qvecs, self._retrieved, self._resident_slots = None, None, [], None
+        self.reset_retrieval_counts()
+        self.rot_base = None
+        if rot_base is not None:
+            self._rebase_rotation(int(rot_base))
+        if self.store is None:
+            return
+        for cache in (self.cache, self.device_cache, self.ring):
+            if cache is not None:
+                cache.clear()
+        if self._faiss_index is not None:
+            for index in self._faiss_index:
+                index.reset()
+            for i in range(self.store.count):
+                self._faiss_add(self.store.repr[i])
 
 
 def _new_faiss_index(dim: int, count: int) -> list:
