@@ -1,4 +1,5 @@
-// Talks to the inf_llm server: GET /status, POST /chat (SSE over fetch), POST /tokenize.
+// Talks to the inf_llm server: GET /status, POST /chat (SSE over fetch), POST /tokenize, the document
+// library under /v1/contexts.
 // Knows nothing of the DOM. All URLs are relative to the page's root, so the UI also works behind a
 // reverse proxy that mounts the server under a path prefix.
 
@@ -71,16 +72,24 @@ export async function fetchStatus({ apiKey, signal, timeoutMs = 8000 } = {}) {
   }
 }
 
-/** POST /tokenize -> number of tokens of `text`. */
-export async function countTokens(text, { apiKey, signal } = {}) {
-  const res = await fetch(url("tokenize"), {
-    method: "POST",
-    headers: { "Content-Type": "application/json", ...authHeaders(apiKey) },
-    body: JSON.stringify({ text }),
+/** A JSON request; resolves to the parsed answer, rejects with an ApiError for a non-2xx answer. */
+async function requestJson(method, path, { body, apiKey, signal } = {}) {
+  const headers = authHeaders(apiKey);
+  if (body !== undefined) headers["Content-Type"] = "application/json";
+  const res = await fetch(url(path), {
+    method,
+    headers,
+    body: body === undefined ? undefined : JSON.stringify(body),
+    cache: "no-store",
     signal,
   });
   if (!res.ok) throw await errorFromResponse(res);
-  const body = await res.json();
+  return res.json();
+}
+
+/** POST /tokenize -> number of tokens of `text`. */
+export async function countTokens(text, { apiKey, signal } = {}) {
+  const body = await requestJson("POST", "tokenize", { body: { text }, apiKey, signal });
   return body.tokens;
 }
 
@@ -139,12 +148,12 @@ export class SSEParser {
 }
 
 /**
- * POST /chat and stream the reply. `handlers`: onToken(text), onProgress({processed, total}),
- * onDone(payload), onPing(). Resolves with the `done` payload; rejects with an ApiError (HTTP error
- * or `error` event) or an AbortError when `signal` aborts (aborting also cancels on the server).
+ * POSTs `body` to `path` and reads the SSE answer, calling `onEvent(name, payload)` with each event's parsed
+ * JSON and `onPing()` for comment lines. Resolves with the HTTP status once the stream ends; rejects with an
+ * ApiError (HTTP error or `error` event) or an AbortError when `signal` aborts (the server then cancels).
  */
-export async function streamChat(body, { apiKey, signal, handlers = {} } = {}) {
-  const res = await fetch(url("chat"), {
+async function postEvents(path, body, { apiKey, signal, onEvent, onPing = () => {} }) {
+  const res = await fetch(url(path), {
     method: "POST",
     headers: {
       "Content-Type": "application/json",
@@ -157,33 +166,24 @@ export async function streamChat(body, { apiKey, signal, handlers = {} } = {}) {
   if (!res.ok) throw await errorFromResponse(res);
   if (!res.body) throw new ApiError("the server sent no stream", { status: res.status });
 
-  let done = null;
   let streamError = null;
-  const parser = new SSEParser(
-    (name, data) => {
-      let payload;
-      try {
-        payload = JSON.parse(data);
-      } catch {
-        return; // A malformed event is skipped rather than ending a long generation.
-      }
-      if (name === "token") handlers.onToken?.(payload.text ?? "");
-      else if (name === "progress") handlers.onProgress?.(payload);
-      else if (name === "done") {
-        done = payload;
-        handlers.onDone?.(payload);
-      } else if (name === "error" || payload?.error) {
-        const err = payload.error || {};
-        streamError = new ApiError(err.message || "generation failed", {
-          status: res.status,
-          type: err.type,
-          code: err.code,
-          param: err.param,
-        });
-      }
-    },
-    () => handlers.onPing?.(),
-  );
+  const parser = new SSEParser((name, data) => {
+    let payload;
+    try {
+      payload = JSON.parse(data);
+    } catch {
+      return; // A malformed event is skipped rather than ending a long generation.
+    }
+    if (name === "error" || (name === "message" && payload?.error)) {
+      const err = payload.error || {};
+      streamError = new ApiError(err.message || "the server reported an error", {
+        status: res.status,
+        type: err.type,
+        code: err.code,
+        param: err.param,
+      });
+    } else onEvent(name, payload);
+  }, onPing);
 
   const reader = res.body.getReader();
   const decoder = new TextDecoder();
@@ -202,6 +202,62 @@ export async function streamChat(body, { apiKey, signal, handlers = {} } = {}) {
     parser.end();
   }
   if (streamError) throw streamError;
-  if (!done) throw new ApiError("the stream ended before the reply was complete", { status: res.status });
+  return res.status;
+}
+
+/**
+ * POST /chat and stream the reply. `handlers`: onToken(text), onProgress({processed, total}),
+ * onDone(payload), onPing(). Resolves with the `done` payload; rejects like postEvents, or when the stream
+ * ends without one.
+ */
+export async function streamChat(body, { apiKey, signal, handlers = {} } = {}) {
+  let done = null;
+  const status = await postEvents("chat", body, {
+    apiKey,
+    signal,
+    onPing: () => handlers.onPing?.(),
+    onEvent(name, payload) {
+      if (name === "token") handlers.onToken?.(payload.text ?? "");
+      else if (name === "progress") handlers.onProgress?.(payload);
+      else if (name === "done") {
+        done = payload;
+        handlers.onDone?.(payload);
+      }
+    },
+  });
+  if (!done) throw new ApiError("the stream ended before the reply was complete", { status });
   return done;
+}
+
+// ------------------------------------------------------------------------------- document library
+// A context is a document the server has read once and keeps the memory of (RAM, disk): a chat bound to
+// it (`context_id` in the /chat body) starts from that memory instead of reading the document again.
+
+/** GET /v1/contexts -> [info], info: {id, name, tokens, bytes, disk_bytes, where: ["ram"|"disk"], created}. */
+export async function listContexts({ apiKey, signal } = {}) {
+  const body = await requestJson("GET", "v1/contexts", { apiKey, signal });
+  return Array.isArray(body.data) ? body.data : [];
+}
+
+/**
+ * POST /v1/contexts?stream=true: the server reads `text` (prefill progress through `onProgress({processed,
+ * total})`) and keeps its memory. Resolves with the new context's info; rejects like postEvents.
+ */
+export async function createContext({ name, text, system = null }, { apiKey, signal, onProgress } = {}) {
+  let info = null;
+  const status = await postEvents("v1/contexts?stream=true", { name, text, system }, {
+    apiKey,
+    signal,
+    onEvent(event, payload) {
+      if (event === "progress") onProgress?.(payload);
+      else if (event === "context") info = payload;
+    },
+  });
+  if (!info) throw new ApiError("the stream ended before the document was read", { status });
+  return info;
+}
+
+/** DELETE /v1/contexts/{id}. */
+export function deleteContext(id, { apiKey, signal } = {}) {
+  return requestJson("DELETE", `v1/contexts/${encodeURIComponent(id)}`, { apiKey, signal });
 }

@@ -1,15 +1,15 @@
 // The chat page: wires the DOM to the server (api.js), the conversation store (store.js), the Markdown
-// renderer (markdown.js) and the memory inspector (inspector.js). All model and user text reaches the
+// renderer (markdown.js), the memory inspector (inspector.js) and the documents panel (documents.js). All model and user text reaches the
 // DOM through textContent or the sanitizing renderer, never as raw HTML.
 
 import { ApiError, countTokens, fetchStatus, streamChat } from "./api.js";
 import { buildChatRequest, deriveTitle } from "./compose.js";
+import { initDocuments, openDocuments } from "./documents.js";
 import { hydrateIcons, icon } from "./icons.js";
 import { formatScore, inspect, renderHighlighted } from "./inspector.js";
 import { setMarkdown } from "./markdown.js";
 import { ConversationStore, makeExport, newConversation, newId } from "./store.js";
-
-const $ = (id) => document.getElementById(id);
+import { $, confirmDialog, el, fmtInt, fmtWhen, iconButton, readTextFile, showToast } from "./ui.js";
 
 // Poll /status every second while the model loads, slower once it is up (only to notice it going away).
 const POLL_LOADING_MS = 1000;
@@ -17,11 +17,8 @@ const POLL_READY_MS = 15000;
 const POLL_UNREACHABLE_MS = 2000;
 // Pasted text longer than this becomes an attachment chip instead of filling the input box.
 const LONG_PASTE_CHARS = 2000;
-// Files larger than this are refused: the browser would struggle long before the model does.
-const MAX_FILE_BYTES = 64 * 1024 * 1024;
 // Stick to the bottom while streaming if the user is within this many pixels of it.
 const STICKY_SCROLL_PX = 120;
-const TOAST_MS = 2600;
 // A max_len this large means "no limit" (the served config uses 2**31 - 1): the memory holds any length.
 const UNLIMITED_LEN = 2 ** 30;
 
@@ -39,6 +36,7 @@ const state = {
   generating: null, // {convId, msgId, controller}
   pending: [], // attachments for the next message: {id, name, text, tokens, counting, error}
   editingId: null,
+  libraryIds: null, // ids of the server's documents at the last listing (null: not listed yet)
   settings: loadJson(LS_SETTINGS, {}),
   apiKey: localStorage.getItem(LS_API_KEY) || "",
 };
@@ -46,7 +44,6 @@ const state = {
 const views = new Map(); // message id -> {root, md, prefill, note, stats, actions}
 let pollTimer = null;
 let renderQueued = false;
-let toastTimer = null;
 
 // ---------------------------------------------------------------------------------------------- utils
 
@@ -59,62 +56,25 @@ function loadJson(key, fallback) {
   }
 }
 
-function el(tag, props = {}, children = []) {
-  const node = document.createElement(tag);
-  for (const [k, v] of Object.entries(props)) {
-    if (v === undefined || v === null || v === false) continue;
-    if (k === "class") node.className = v;
-    else if (k === "text") node.textContent = v;
-    else if (k === "html") node.innerHTML = v; // Only ever our own static markup (icons).
-    else if (k === "dataset") Object.assign(node.dataset, v);
-    else node.setAttribute(k, v === true ? "" : v);
-  }
-  for (const c of [].concat(children)) if (c) node.append(c);
-  return node;
-}
-
-function iconButton(action, label, iconName, extra = {}) {
-  return el("button", { type: "button", class: "icon-btn small", "aria-label": label, title: label, dataset: { action, ...extra }, html: icon(iconName) });
-}
-
-const nf = new Intl.NumberFormat();
-function fmtInt(n) {
-  return Number.isFinite(n) ? nf.format(Math.round(n)) : "–";
-}
 function fmtK(n) {
   if (!Number.isFinite(n)) return "–";
   if (n >= 1024 * 1024 && n % (1024 * 1024) === 0) return `${n / (1024 * 1024)}M`;
   if (n >= 1024 && n % 1024 === 0) return `${n / 1024}K`;
   if (n >= 10000) return `${(n / 1000).toFixed(n >= 100000 ? 0 : 1)}K`;
-  return nf.format(n);
+  return fmtInt(n);
 }
 function fmtRate(n) {
   if (!Number.isFinite(n)) return "–";
-  return n >= 100 ? nf.format(Math.round(n)) : n.toFixed(1);
+  return n >= 100 ? fmtInt(n) : n.toFixed(1);
 }
 function fmtMs(ms) {
   if (!Number.isFinite(ms)) return "–";
   return ms >= 10000 ? `${(ms / 1000).toFixed(1)} s` : ms >= 1000 ? `${(ms / 1000).toFixed(2)} s` : `${Math.round(ms)} ms`;
 }
-function fmtWhen(t) {
-  const d = new Date(t);
-  const now = new Date();
-  if (d.toDateString() === now.toDateString()) return d.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
-  return d.toLocaleDateString([], { month: "short", day: "numeric" });
-}
 function modelShortName(model) {
   if (!model) return "";
   const parts = String(model).split(/[\\/]/).filter(Boolean);
   return parts.length ? parts[parts.length - 1] : String(model);
-}
-
-function showToast(text, kind = "info") {
-  const t = $("toast");
-  t.textContent = text;
-  t.dataset.kind = kind;
-  t.hidden = false;
-  clearTimeout(toastTimer);
-  toastTimer = setTimeout(() => (t.hidden = true), TOAST_MS);
 }
 
 async function copyText(text) {
@@ -160,18 +120,6 @@ function slug(text) {
       .replace(/^-|-$/g, "")
       .slice(0, 40) || "chat"
   );
-}
-
-function confirmDialog(title, text, okLabel = "Delete") {
-  const dlg = $("confirm-dialog");
-  $("confirm-title").textContent = title;
-  $("confirm-text").textContent = text;
-  $("confirm-ok").textContent = okLabel;
-  dlg.returnValue = "";
-  dlg.showModal();
-  return new Promise((resolve) => {
-    dlg.addEventListener("close", () => resolve(dlg.returnValue === "ok"), { once: true });
-  });
 }
 
 // ------------------------------------------------------------------------------------------- settings
@@ -581,6 +529,42 @@ function renderSidebar() {
   }
   $("conv-title").textContent = current() ? current().title : "New chat";
   document.title = current() ? `${current().title} · InfLLM` : "InfLLM Chat";
+  renderContextChip();
+}
+
+/** The header's chip naming the library document the open conversation is bound to. */
+function renderContextChip() {
+  const ctx = current() && current().context;
+  const chip = $("context-chip");
+  chip.hidden = !ctx;
+  if (!ctx) return;
+  const missing = !!state.libraryIds && !state.libraryIds.has(ctx.id);
+  $("context-chip-name").textContent = ctx.name;
+  chip.dataset.missing = missing ? "true" : "false";
+  const tokens = Number.isFinite(ctx.tokens) ? ` (${fmtInt(ctx.tokens)} tokens)` : "";
+  chip.title = missing
+    ? `${ctx.name} is no longer on the server: this conversation cannot be continued`
+    : `On the document ${ctx.name}${tokens}, read from the server's memory`;
+  chip.setAttribute("aria-label", `Document: ${ctx.name}${missing ? " (no longer on the server)" : ""}`);
+}
+
+/** A new conversation bound to the library document `info`: every /chat of it carries its context_id. */
+async function startDocumentChat(info) {
+  const conv = newConversation(info);
+  state.convs.set(conv.id, conv);
+  await persist(conv);
+  selectConversation(conv.id);
+  $("input").focus();
+}
+
+function onLibraryListed(items) {
+  state.libraryIds = new Set(items.map((c) => c.id));
+  renderContextChip();
+}
+
+function openLibrary() {
+  closeSidebar();
+  openDocuments({ highlight: current()?.context?.id ?? null });
 }
 
 function startRename(li, conv) {
@@ -709,8 +693,19 @@ function renderThread() {
   const conv = current();
   const msgs = conv ? conv.messages : [];
   $("empty-state").hidden = msgs.length > 0;
+  renderEmptyDocument(conv);
   msgs.forEach((m, i) => thread.append(messageView(conv, m, i)));
   scrollToBottom(true);
+}
+
+/** The empty state of a conversation bound to a document says what it is about instead of how to attach one. */
+function renderEmptyDocument(conv) {
+  const ctx = conv && conv.context;
+  $("empty-text").hidden = !!ctx;
+  $("empty-doc").hidden = !ctx;
+  if (!ctx) return;
+  const tokens = Number.isFinite(ctx.tokens) ? ` (${fmtInt(ctx.tokens)} tokens)` : "";
+  $("empty-doc").textContent = `Ask anything about ${ctx.name}${tokens}. The server has read it already and keeps its memory: the answer starts at once.`;
 }
 
 function attachmentChip(a, { removable = false, msgId = null } = {}) {
@@ -1199,22 +1194,11 @@ async function addAttachment(name, text) {
 
 async function addFiles(files) {
   for (const file of files) {
-    if (file.size > MAX_FILE_BYTES) {
-      showToast(`${file.name} is too large (${fmtInt(file.size / 1048576)} MB)`, "error");
-      continue;
-    }
-    let text;
     try {
-      text = await file.text();
+      addAttachment(file.name, await readTextFile(file));
     } catch (e) {
-      showToast(`Could not read ${file.name}: ${e.message}`, "error");
-      continue;
+      showToast(e.message, "error");
     }
-    if (text.slice(0, 8192).includes("\u0000")) {
-      showToast(`${file.name} is not a text file`, "error");
-      continue;
-    }
-    addAttachment(file.name, text.replace(/\r\n?/g, "\n"));
   }
 }
 
@@ -1302,6 +1286,8 @@ function updateContextMeter() {
         break;
       }
     }
+    // Before the first answer of a chat on a library document, the document is what the context holds.
+    if (!used && conv.context && Number.isFinite(conv.context.tokens)) used = conv.context.tokens;
   }
   const pendingTokens = state.pending.reduce((s, a) => s + (Number.isFinite(a.tokens) ? a.tokens : 0), 0);
   const total = used + pendingTokens;
@@ -1357,6 +1343,14 @@ async function boot() {
   bindAttachments();
   bindComposer();
   $("model-chip").addEventListener("click", openModelDialog);
+  initDocuments({
+    getApiKey: () => state.apiKey,
+    onStartChat: startDocumentChat,
+    onAuthError: () => $("settings-btn").click(),
+    onListed: onLibraryListed,
+  });
+  $("documents-btn").addEventListener("click", openLibrary);
+  $("context-chip").addEventListener("click", openLibrary);
   // Re-check at once when the user comes back or the network returns, not at the next slow poll.
   window.addEventListener("focus", pollStatus);
   window.addEventListener("online", pollStatus);

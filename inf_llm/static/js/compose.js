@@ -49,6 +49,9 @@ export function buildChatRequest(conv, replyIndex, settings, numericKeys) {
     history: toWireMessages(before.slice(0, promptIndex)),
     session_id: conv.id,
   };
+  // A conversation on a library document: the server puts the document (its kept memory) before the first
+  // user message, so the page sends only the conversation itself, on every request (regenerate, edit too).
+  if (conv.context && conv.context.id) body.context_id = conv.context.id;
   if (typeof settings.system === "string") body.system = settings.system;
   for (const key of numericKeys) {
     const v = settings[key];

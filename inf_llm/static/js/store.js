@@ -2,7 +2,8 @@
 // quota), with localStorage as the fallback where IndexedDB is unavailable. Also owns the JSON
 // export/import format. Knows nothing of the DOM or the server.
 //
-// Conversation: {id, title, created, updated, messages: [Message]}
+// Conversation: {id, title, created, updated, messages: [Message], context?: ContextRef}
+// ContextRef: {id, name, tokens} of the server's library document the conversation is bound to
 // Message: {id, role: "user"|"assistant", content, attachments?: [{name, text, tokens}],
 //           done?: <the server's done payload>, error?: string, cancelled?: bool, created}
 
@@ -147,9 +148,19 @@ export class ConversationStore {
   }
 }
 
-export function newConversation() {
+/** A new conversation; `context` (a server context's info) binds it to that library document. */
+export function newConversation(context = null) {
   const now = Date.now();
-  return { id: newId(), title: "New chat", created: now, updated: now, messages: [] };
+  const conv = { id: newId(), title: "New chat", created: now, updated: now, messages: [] };
+  if (context) {
+    conv.context = contextRef(context);
+    conv.title = conv.context.name;
+  }
+  return conv;
+}
+
+function contextRef(c) {
+  return { id: c.id, name: str(c.name, c.id), tokens: Number.isFinite(c.tokens) ? c.tokens : null };
 }
 
 /** The export file's content for `conversations`. */
@@ -195,12 +206,14 @@ export function parseExport(data) {
   return list.map((c, i) => {
     if (!c || !Array.isArray(c.messages)) throw new Error(`conversation ${i + 1} has no messages`);
     const now = Date.now();
-    return {
+    const conv = {
       id: str(c.id) || newId(),
       title: str(c.title, "Imported chat").slice(0, 200) || "Imported chat",
       created: Number(c.created) || now,
       updated: Number(c.updated) || now,
       messages: c.messages.map(cleanMessage),
     };
+    if (c.context && typeof c.context.id === "string" && c.context.id) conv.context = contextRef(c.context);
+    return conv;
   });
 }
