@@ -1,4 +1,5 @@
-"""Triton attention ops (`inf_llm.kernels.triton_attn`) against the torch reference, which is the spec.
+"""Triton attention ops (`inf_llm.kernels.triton`, imported through its old path `triton_attn`) against the
+torch reference, which is the spec.
 
 Without a GPU the kernels run on CPU tensors under the Triton interpreter (`tests/triton_interpreter.py`:
 `TRITON_INTERPRET=1` set only around the import of triton_attn and while this module's tests run; nothing
@@ -13,6 +14,7 @@ torch reference's own error at the same precision (plus a small floor for when t
 
 from __future__ import annotations
 
+import importlib
 import math
 
 import pytest
@@ -22,6 +24,9 @@ from inf_llm.kernels import reference
 from tests.triton_interpreter import DEVICE, INTERPRET, import_kernels, triton_interpreter_env  # noqa: F401
 
 triton_attn = import_kernels("inf_llm.kernels.triton_attn")
+# the package's modules, built by that import (under the interpreter on CPU), for their private entry points
+attention = importlib.import_module("inf_llm.kernels.triton.attention")
+common = importlib.import_module("inf_llm.kernels.triton.common")
 
 # Floors under the 2x-reference rule: float32 is checked near 1e-5 absolute; 16-bit outputs against their
 # rounding (ulp(1) is 2**-10 for fp16 and 2**-7 for bf16).
@@ -107,9 +112,9 @@ def test_windowed_attention_split_keys(num_splits, dtype):
     5 key tiles leaves some splits empty (their partial must count as nothing)."""
     q, k, v = _qkv(1, 2, 4, 2, 75, 64, dtype, seed=num_splits)
     kw = dict(scale=0.125, q_offset=73, window=60)
-    window = triton_attn._check_window(73, 60, 2)[1]
-    got = triton_attn._attention(
-        q, k, v, scale=0.125, mode=triton_attn._MODE_WINDOW, q_offset=73, window=window, num_splits=num_splits
+    window = common.check_window(73, 60, 2)[1]
+    got = attention._attention(
+        q, k, v, scale=0.125, mode=attention._MODE_WINDOW, q_offset=73, window=window, num_splits=num_splits
     )
     _check_attention(got, reference.windowed_attention(q, k, v, **kw),
                      reference.windowed_attention(*_f32(q, k, v), **kw), dtype)
@@ -190,7 +195,7 @@ def test_prefix_attention_int32_visible_and_splits():
     """int32 counts are accepted; the split path clamps counts the same way."""
     q, k, v = _qkv(1, 2, 4, 3, 70, 64, torch.float32, seed=5)
     visible = torch.tensor([70, 0, 41], dtype=torch.int32, device=DEVICE)
-    got = triton_attn._attention(q, k, v, scale=0.125, mode=triton_attn._MODE_PREFIX, visible=visible, num_splits=3)
+    got = attention._attention(q, k, v, scale=0.125, mode=attention._MODE_PREFIX, visible=visible, num_splits=3)
     gold = reference.prefix_attention(q, k, v, scale=0.125, visible=visible.long())
     _check_attention(got, gold, gold, torch.float32)
 

@@ -5,6 +5,7 @@ turn (two compiled variants of one kernel)."""
 
 from __future__ import annotations
 
+import importlib
 import itertools
 
 import pytest
@@ -16,6 +17,7 @@ from inf_llm.kernels.launcher import launch_hooks_installed, specialisation_key
 from tests.triton_interpreter import INTERPRET, import_kernels, triton_interpreter_env  # noqa: F401
 
 triton_elementwise = import_kernels("inf_llm.kernels.triton_elementwise")
+elementwise = importlib.import_module("inf_llm.kernels.triton.elementwise")  # built by that import
 
 _BASE = torch.zeros(64, dtype=torch.float32)
 ARGS = [
@@ -74,7 +76,7 @@ def test_direct_launches_match_triton_launches_on_unaligned_and_aligned_tensors(
     """silu_mul on an unaligned view (its own compiled variant) and on aligned tensors, each twice: the first
     call goes through Triton, the second is a direct launch of the kernel it kept; both give the same bits,
     and the torch expression's values."""
-    launcher = triton_elementwise._silu_mul
+    launcher = elementwise._silu_mul
     launcher._kernels.clear()
     gen = torch.Generator().manual_seed(0)
     base = torch.randn(2, 10_001, generator=gen).cuda().bfloat16()

@@ -21,7 +21,7 @@ SILU_CLASSES = frozenset({"SiLUActivation", "SiLU"})
 
 def _norm_forward(self: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
     if hidden_states.is_cuda:
-        from inf_llm.kernels.triton_elementwise import rms_norm
+        from inf_llm.kernels.triton.elementwise import rms_norm
 
         return rms_norm(hidden_states, self.weight, self.variance_epsilon)
     return type(self).forward(self, hidden_states)
@@ -29,7 +29,7 @@ def _norm_forward(self: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
 
 def _mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if x.is_cuda:
-        from inf_llm.kernels.triton_elementwise import silu_mul
+        from inf_llm.kernels.triton.elementwise import silu_mul
 
         return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x)))
     return type(self).forward(self, x)

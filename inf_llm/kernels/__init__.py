@@ -1,5 +1,6 @@
 """Attention ops with one signature per op and two implementations: `reference` (torch; runs anywhere and
-is the specification) and `triton_attn` (fused GPU kernels, selected by `fattn: true`).
+is the specification) and `triton` (a package of fused GPU kernels, one module per op family, selected by
+`fattn: true`).
 
 `get_backend(name)` resolves the implementation once; callers keep the returned object.
 """
@@ -28,8 +29,8 @@ def get_backend(fattn: bool, device_type: str) -> ModuleType:
             f"fattn: true needs a CUDA device (the model is on {device_type!r}); set model.fattn=false"
         )
     try:
-        from inf_llm.kernels import triton_attn
+        from inf_llm.kernels import triton
     except ImportError as exc:
         raise MissingDependencyError(f"fattn: true needs triton: {exc}") from exc
     log.info("attention backend: triton")
-    return triton_attn
+    return triton
