@@ -1,6 +1,6 @@
-"""Attention ops with one signature per op and two implementations: `reference` (torch; runs anywhere and
-is the specification) and `triton` (a package of fused GPU kernels, one module per op family, selected by
-`fattn: true`).
+"""Attention ops with one signature per op (the protocol `inf_llm.kernels.ops.Ops`) and two implementations:
+`reference` (torch; runs anywhere and is the specification) and `triton` (a package of fused GPU kernels,
+one module per op family, selected by `fattn: true`).
 
 `get_backend(name)` resolves the implementation once; callers keep the returned object.
 """
@@ -8,14 +8,14 @@ is the specification) and `triton` (a package of fused GPU kernels, one module p
 from __future__ import annotations
 
 import logging
-from types import ModuleType
 
 from inf_llm.errors import MissingDependencyError
+from inf_llm.kernels.ops import Ops
 
 log = logging.getLogger(__name__)
 
 
-def get_backend(fattn: bool, device_type: str) -> ModuleType:
+def get_backend(fattn: bool, device_type: str) -> Ops:
     """The ops module for this memory: Triton when `fattn` is requested, torch reference otherwise.
 
     An explicitly requested Triton backend that cannot run raises with the reason (no silent fallback).

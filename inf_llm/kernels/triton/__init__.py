@@ -1,5 +1,5 @@
-"""The Triton backend: fused GPU versions of `inf_llm.kernels.reference`, the same ops with the same
-signatures and semantics (every op returns what its namesake there returns, up to
+"""The Triton backend: fused GPU versions of `inf_llm.kernels.reference`, the ops of `inf_llm.kernels.ops.Ops`
+with the same signatures and semantics (every op returns what its namesake there returns, up to
 floating-point rounding). Which backend a memory uses is `inf_llm.kernels.get_backend`'s choice.
 
 One module per op family, each with its kernels and their validate-allocate-launch wrappers:
