@@ -38,9 +38,17 @@ def _stub_kernels(triton_attn) -> None:
         def __getitem__(self, grid):
             return lambda *args, **kwargs: None
 
-    for name in dir(triton_attn):
-        if isinstance(getattr(triton_attn, name), (InterpretedFunction, Autotuner, DirectLauncher)):
-            setattr(triton_attn, name, _NoLaunch())
+    import importlib
+    import pkgutil
+
+    from inf_llm.kernels import triton as package
+
+    # the ops look their launchers up in their family's module (inf_llm.kernels.triton.*), not in this one
+    families = [importlib.import_module(f"{package.__name__}.{m.name}") for m in pkgutil.iter_modules(package.__path__)]
+    for module in (triton_attn, *families):
+        for name in dir(module):
+            if isinstance(getattr(module, name), (InterpretedFunction, Autotuner, DirectLauncher)):
+                setattr(module, name, _NoLaunch())
     refine = triton_attn.refine_topk
 
     def refine_returning_the_batch(values, indices, query, reprs, first, k, **kwargs):

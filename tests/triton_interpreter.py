@@ -9,6 +9,7 @@ while that module's tests run). Nothing leaks into other test modules. On a GPU 
 from __future__ import annotations
 
 import importlib
+import sys
 from types import ModuleType
 
 import pytest
@@ -21,17 +22,16 @@ _INTERPRET_ENV = "TRITON_INTERPRET"
 
 
 def import_kernels(name: str) -> ModuleType:
-    """Import the kernel module `name`; on CPU with TRITON_INTERPRET=1 set for the import. triton_attn (whose
-    helpers the other kernel modules use) and `name` are reloaded if an earlier import in this process built
-    them without the interpreter."""
+    """Import the kernel module `name`; on CPU with TRITON_INTERPRET=1 set for the import. If an earlier import
+    in this process built the kernels without the interpreter, the whole kernel package is imported again."""
     if not INTERPRET:
         return importlib.import_module(name)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv(_INTERPRET_ENV, "1")
-        for module_name in dict.fromkeys(("inf_llm.kernels.triton_attn", name)):
-            module = importlib.import_module(module_name)
-            if not module._INTERPRETED:
-                module = importlib.reload(module)
+        if not importlib.import_module("inf_llm.kernels.triton_attn")._INTERPRETED:
+            for loaded in [m for m in sys.modules if m.startswith("inf_llm.kernels.triton")]:
+                del sys.modules[loaded]
+        module = importlib.import_module(name)
     return module
 
 
