@@ -221,6 +221,27 @@ class ServerConfig(_Strict):
     )
 
 
+class ContextsConfig(_Strict):
+    """`contexts:` section: prefix snapshots in RAM and saved document memories on disk."""
+
+    snapshots: bool = Field(
+        True, description="keep the memory at prompt boundaries (end of the system part, of the history, before the "
+        "last paragraph, of the prefill, of the answer) so that a later prompt starting the same way continues from "
+        "there (regenerate, an edited message, a new chat on the same document)",
+    )
+    ram_mib: int = Field(
+        4096, ge=0, description="memory for kept snapshots beyond the live conversation's own, MiB (least recently "
+        "used out first); documents evicted from RAM stay on disk",
+    )
+    dir: str | None = Field(
+        None, description="folder of saved document memories (POST /v1/contexts); null: $INFLLM_CACHE_DIR/contexts "
+        "or ~/.cache/inf_llm/contexts",
+    )
+    disk_mib: int = Field(65536, ge=0, description="total size of saved document memories, MiB (0: never saved)")
+    max_tokens: int | None = Field(None, ge=1, description="tokens of one document; null: server.max_prompt_tokens")
+    max_count: int = Field(256, ge=1, description="saved documents at most")
+
+
 class InfLLMConfig(_Strict):
     """A whole config file."""
 
@@ -233,6 +254,7 @@ class InfLLMConfig(_Strict):
     )
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     server: ServerConfig = Field(default_factory=ServerConfig)
+    contexts: ContextsConfig = Field(default_factory=ContextsConfig)
 
     @model_validator(mode="after")
     def _cross_field_rules(self) -> "InfLLMConfig":

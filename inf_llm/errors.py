@@ -94,3 +94,17 @@ class SessionStateError(InfLLMError):
 
     http_status = 400
     error_type = "session_state_error"
+
+
+class ContextNotFoundError(InfLLMError):
+    """No document memory (context) with that id."""
+
+    http_status = 404
+    error_type = "context_not_found"
+
+
+class ContextStorageError(InfLLMError):
+    """A document memory cannot be kept: the disk budget or the disk is full, or a saved file is unreadable."""
+
+    http_status = 507
+    error_type = "insufficient_storage"

@@ -154,7 +154,7 @@ def test_multi_turn_reuse_equals_fresh_state(engine):
     second = greedy(engine, build_messages("And of Germany?", history))
     # The memory held the first prompt and the answer except its last (end-of-turn) token.
     assert second.usage.cached_tokens == first.usage.prompt_tokens + first.usage.completion_tokens - 1
-    engine.generator.reset()
+    engine.generator.reset(snapshots=True)
     fresh = greedy(engine, build_messages("And of Germany?", history))
     assert fresh.usage.cached_tokens == 0
     assert fresh.text == second.text and "Berlin" in fresh.text

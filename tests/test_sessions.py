@@ -78,7 +78,8 @@ def test_fork_then_restore_regenerates_the_same_answer(engine):
     for _ in range(2):  # a fork restores as often as asked: each restore installs a fresh copy
         engine.restore(fork).result(FUTURE_TIMEOUT)
         again = greedy(engine, build_messages(FOLLOW_UP, history))
-        assert again.text == first.text and again.usage.cached_tokens == len(fork.held)
+        # the fork's tokens at least (the snapshot kept at the end of the first prefill covers more)
+        assert again.text == first.text and again.usage.cached_tokens >= len(fork.held)
 
 
 def test_reset_empties_the_state(engine, tmp_path: Path):

@@ -13,11 +13,15 @@ import pytest
 import torch
 
 from inf_llm.adapter import InfLLMCache, cache_kwargs
-from inf_llm.adapter.hf import unique_bytes
+from inf_llm.adapter.hf import storage_sizes
 from tests.models import build_tiny_model
 from tests.test_adapter import SMALL, patched
 
 TYPES = ["inf-llm", "stream-llm", "infinite-lm", "origin"]
+
+
+def unique_bytes(tensors) -> int:
+    return sum(storage_sizes(tensors).values())
 
 
 def ids_of(n: int, seed: int) -> torch.Tensor:

@@ -51,7 +51,7 @@ MEMORY_STATE_FORMAT = 1
 
 # The layer whose update() ran last in this thread/context. A ContextVar, not a global: each worker
 # thread sees its own value, so two sequences in two threads never see each other's layers.
-_ACTIVE_LAYER: contextvars.ContextVar["InfLLMLayer | None"] = contextvars.ContextVar("infllm_layer", default=None)
+_ACTIVE_LAYER: contextvars.ContextVar[InfLLMLayer | None] = contextvars.ContextVar("infllm_layer", default=None)
 
 
 class IdentityRotary(nn.Module):
@@ -229,7 +229,7 @@ class InfLLMLayer(CacheLayerMixin):
     is_compileable = False
     is_croppable = False
 
-    def __init__(self, cache: "InfLLMCache", layer_idx: int):
+    def __init__(self, cache: InfLLMCache, layer_idx: int):
         super().__init__()
         # What the layer needs of its cache, not the cache itself: a layer -> cache reference would make a
         # reference cycle, and Python frees cycles only when its collector runs, which it does by object
@@ -371,7 +371,7 @@ class InfLLMCache(Cache):
             layer.reset()
             layer.pending_state = layer_state  # applied at the next update, on the layer's device
 
-    def clone(self) -> "InfLLMCache":
+    def clone(self) -> InfLLMCache:
         """An independent copy (e.g. a document read once, then several conversations branch from it)."""
         twin = InfLLMCache.__new__(InfLLMCache)
         twin.patch_state, twin.offload, twin.should_stop = self.patch_state, self.offload, None
@@ -390,7 +390,17 @@ class InfLLMCache(Cache):
                 layer.initialize(next(decoder_layer.parameters()).device, dtype)
 
     # --- prefix snapshots (inf_llm.memory.snapshot) ---------------------------------------------------
-    def snapshot(self, parent: "CacheSnapshot | None" = None) -> "CacheSnapshot":
+    def tensors(self) -> list[torch.Tensor]:
+        """The tensors of the current memory: every layer's window and block store."""
+        out = []
+        for layer in self.layers:
+            if layer.memory is not None:
+                out += layer.memory.tail.tensors()
+                if layer.memory.store is not None:
+                    out += layer.memory.store.storages()
+        return out
+
+    def snapshot(self, parent: CacheSnapshot | None = None) -> CacheSnapshot:
         """This cache's memory now, sharing its blocks and, with `parent` (an earlier snapshot of this cache
         on the same conversation), the parent's window positions."""
         if not self.is_consistent():
@@ -401,7 +411,7 @@ class InfLLMCache(Cache):
         layers = tuple(layer.memory.snapshot(p) for layer, p in zip(self.layers, inherited))
         return CacheSnapshot(self, layers)
 
-    def restore(self, snap: "CacheSnapshot") -> None:
+    def restore(self, snap: CacheSnapshot) -> None:
         """Continue from `snap`, a snapshot of this cache (its blocks are kept in place, not copied)."""
         if snap.cache is not self:
             raise ValueError("a snapshot can only be restored into the cache it was taken from")
@@ -416,7 +426,7 @@ class InfLLMCache(Cache):
         tmp.replace(path)  # atomic: a crash never leaves half a file under the real name
 
     @classmethod
-    def load(cls, path: str | Path, model: nn.Module, offload: bool | None = None) -> "InfLLMCache":
+    def load(cls, path: str | Path, model: nn.Module, offload: bool | None = None) -> InfLLMCache:
         try:
             state = torch.load(Path(path), map_location="cpu", weights_only=True)
         except (OSError, RuntimeError, EOFError) as exc:
@@ -463,11 +473,7 @@ class CacheSnapshot:
 
     def tensors(self) -> list[torch.Tensor]:
         """Every tensor kept alive by this snapshot: its own, the blocks it shares, its cache's windows."""
-        out = [t for layer in self.layers for t in layer.tensors()]
-        for layer in self.cache.layers:
-            if layer.memory is not None:
-                out += layer.memory.tail.tensors()
-        return out
+        return [t for layer in self.layers for t in layer.tensors()] + self.cache.tensors()
 
     def state_dict(self) -> dict:
         """What `cache.state_dict()` would have returned at this point (InfLLMCache.load_state_dict reads it)."""
@@ -475,13 +481,13 @@ class CacheSnapshot:
                 "layers": [_to_cpu(layer.state()) for layer in self.layers]}
 
 
-def unique_bytes(tensors) -> int:
-    """Bytes of the distinct storages under `tensors` (views and shared tensors counted once)."""
-    seen: dict[tuple[str, int], int] = {}
+def storage_sizes(tensors) -> dict[tuple[str, int], int]:
+    """The distinct storages under `tensors` (views and shared tensors once): (device, address) -> bytes."""
+    found: dict[tuple[str, int], int] = {}
     for t in tensors:
         storage = t.untyped_storage()
-        seen[(str(t.device), storage.data_ptr())] = storage.nbytes()
-    return sum(seen.values())
+        found[(str(t.device), storage.data_ptr())] = storage.nbytes()
+    return found
 
 
 def _to_cpu(obj):

@@ -17,8 +17,8 @@ from inf_llm.engine.events import (
     Usage,
 )
 from inf_llm.engine.loading import LoadedModel, ResolvedModel, load_model, resolve_model_path
-from inf_llm.engine.templates import Message, build_messages, render_chat
 from inf_llm.engine.sessions import SavedSession, SessionInfo, SessionState
+from inf_llm.engine.templates import Message, build_messages, render_chat
 from inf_llm.engine.worker import Engine, EngineInfo, Job, SessionJob, ShuttingDownError, load_engine
 
 __all__ = [

@@ -40,6 +40,10 @@ class PreparedPrompt:
     ids: tuple[int, ...]
     truncated: Truncated | None = None
     extra_stop: tuple[str, ...] = ()  # stop strings implied by a fallback chat template
+    # token counts after which the memory is worth keeping as a prefix snapshot (the end of the system part,
+    # of the history, of an attached document): later prompts likely start the same way
+    boundaries: tuple[int, ...] = ()
+    context_id: str | None = None  # the document memory this prompt starts with (POST /v1/contexts)
 
     @property
     def tokens(self) -> int:
@@ -129,7 +133,7 @@ class Error:
     param: str | None = None
 
     @classmethod
-    def of(cls, exc: BaseException) -> "Error":
+    def of(cls, exc: BaseException) -> Error:
         if isinstance(exc, InfLLMError):
             return cls(message=str(exc) or type(exc).__name__, type=exc.error_type, status=exc.http_status)
         return cls(message=f"internal error ({type(exc).__name__})", type="internal_error", status=500)

@@ -12,6 +12,7 @@ internally). Tensors: prompt ids are (1, T) int64 on the model's input device.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -21,6 +22,7 @@ import torch
 from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList, TextStreamer
 
 from inf_llm.adapter import InfLLMCache, cache_kwargs
+from inf_llm.adapter.hf import CacheSnapshot
 from inf_llm.config import GenerationConfig, InfLLMConfig, MemoryType, Truncation
 from inf_llm.engine.events import (
     Done,
@@ -37,6 +39,7 @@ from inf_llm.engine.events import (
 )
 from inf_llm.engine.pacing import ChunkPacer
 from inf_llm.engine.penalties import GeneratedTokenPenalties
+from inf_llm.engine.prefix_cache import PrefixCache, PrefixEntry, common_prefix
 from inf_llm.engine.templates import Message, encode_chat
 from inf_llm.errors import GenerationCancelled, PromptTooLongError, RequestError
 
@@ -51,6 +54,12 @@ RETRIEVAL_SPANS = 8
 # Tokens decoded at each step to look for a stop string, on top of the longest stop string's length in
 # characters (every non-special token is at least one byte of text, partial UTF-8 sequences aside).
 STOP_WINDOW_SLACK = 8
+# Prompts shorter than this get no boundary snapshots inside them (reading them again is cheap); their
+# prefill end and answer end are still kept.
+BOUNDARY_MIN_TOKENS = 1024
+# A last paragraph of the last user message becomes a boundary when the text before it is this long
+# (characters): "document ... \n\n question" is the shape of a question about a document.
+PARAGRAPH_MIN_CHARS = 2000
 
 
 def sampling_params(defaults: GenerationConfig, **overrides) -> SamplingParams:
@@ -82,7 +91,32 @@ def prepare_chat(tokenizer, cfg: InfLLMConfig, messages: Sequence[Message]) -> P
     """Chat template + tokenization (control tokens typed into a message encoded as text, see `encode_chat`)
     + max_len. Raises RequestError / PromptTooLongError."""
     encoded = encode_chat(tokenizer, messages, cfg.conv_type)
-    return _finish(encoded.ids, cfg, encoded.stop)
+    prompt = _finish(encoded.ids, cfg, encoded.stop)
+    if cfg.contexts.snapshots and prompt.truncated is None and prompt.tokens >= BOUNDARY_MIN_TOKENS:
+        prompt = dataclasses.replace(prompt, boundaries=chat_boundaries(tokenizer, cfg, messages, prompt.ids))
+    return prompt
+
+
+def chat_boundaries(tokenizer, cfg: InfLLMConfig, messages: Sequence[Message], ids: Sequence[int]) -> tuple[int, ...]:
+    """Where a later prompt likely diverges from this one: after the system part, after the history (before
+    the last user message), and before the last paragraph of a long last user message (a question after a
+    document). Each found as the tokens this prompt shares with the shorter conversation's encoding."""
+    shorter: list[list[Message]] = []
+    if len(messages) > 1 and messages[0].role == "system":
+        shorter.append(list(messages[:1]))
+    if len(messages) > 2:
+        shorter.append(list(messages[:-1]))
+    last = messages[-1]
+    cut = last.content.rfind("\n\n") if last.role == "user" else -1
+    if cut >= PARAGRAPH_MIN_CHARS:
+        shorter.append([*messages[:-1], Message(last.role, last.content[:cut])])
+    out = set()
+    for part in shorter:
+        try:
+            out.add(common_prefix(ids, encode_chat(tokenizer, part, cfg.conv_type).ids))
+        except RequestError:  # a template that refuses the shorter conversation (e.g. a system turn alone)
+            continue
+    return tuple(sorted(b for b in out if 0 < b < len(ids)))
 
 
 def prepare_text(tokenizer, cfg: InfLLMConfig, prompt: str) -> PreparedPrompt:
@@ -200,6 +234,18 @@ class Generator:
         self.device = model.get_input_embeddings().weight.device
         self.cache: InfLLMCache | None = None
         self.held: list[int] = []  # token ids the cache has processed, exactly cache.get_seq_length() of them
+        # prefix snapshots of earlier prompts (contexts.snapshots), and the latest one of the held conversation
+        # (a new snapshot shares its window positions)
+        self.prefix_cache = PrefixCache(cfg.contexts.ram_mib << 20) if cfg.contexts.snapshots else None
+        self._lineage: CacheSnapshot | None = None
+        patched = model.infllm.cfg  # full_attention_tokens resolved by patch_model
+        windowed = MemoryType(patched.type) is not MemoryType.ORIGIN
+        # Snapshots inside a prompt sit at multiples of exc_block_size: a lookup serves one execution block, and
+        # a prefill split elsewhere would look up differently from a prefill of the whole prompt.
+        self._align = patched.exc_block_size if windowed else 1
+        full = patched.full_attention_tokens
+        self._full_until = full if windowed and isinstance(full, int) and full > patched.n_local else None
+        self._n_local = patched.n_local
         gen_cfg = model.generation_config
         eos = gen_cfg.eos_token_id if gen_cfg is not None else None
         eos = eos if eos is not None else tokenizer.eos_token_id
@@ -207,24 +253,75 @@ class Generator:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (self.eos_ids or [0])[0]
 
     # --- memory state -----------------------------------------------------------------------------
-    def reset(self) -> None:
-        """Forget the held sequence (the next request prefills from scratch)."""
-        self.cache, self.held = None, []
+    def reset(self, snapshots: bool = False) -> None:
+        """Forget the held sequence (the next request prefills from scratch, or from a kept snapshot; with
+        `snapshots`, the kept snapshots go too)."""
+        self.cache, self.held, self._lineage = None, [], None
+        if snapshots and self.prefix_cache is not None:
+            self.prefix_cache.clear()
 
     def adopt(self, cache: InfLLMCache | None, held: Sequence[int]) -> None:
         """Continue from `cache` holding `held` (a restored session); the worker thread calls it between jobs."""
         if (cache is None) != (not held) or (cache is not None and cache.get_seq_length() != len(held)):
             raise ValueError(f"a memory of {cache and cache.get_seq_length()} tokens cannot hold {len(held)} ids")
-        self.cache, self.held = cache, list(held)
+        self.cache, self.held, self._lineage = cache, list(held), None
 
-    def _state_for(self, ids: Sequence[int]) -> tuple[InfLLMCache, int]:
-        """The cache to continue from and how many of `ids` it already holds. Reuse needs the held ids to be a
-        prefix of `ids` leaving at least one token to feed (generate() needs logits of the last one)."""
+    def _state_for(self, ids: Sequence[int], leave: int = 1) -> tuple[InfLLMCache, int]:
+        """The cache to continue from and how many of `ids` it already holds: the held conversation or the
+        longest kept snapshot that `ids` extends, whichever covers more. Reuse leaves at least `leave` tokens
+        to feed (generate() needs the logits of the last one)."""
         n = len(self.held)
-        if self.cache is not None and 0 < n < len(ids) and list(ids[:n]) == self.held:
+        held = self.cache is not None and 0 < n <= len(ids) - leave and list(ids[:n]) == self.held
+        entry = None
+        if self.prefix_cache is not None:
+            entry = self.prefix_cache.longest(tuple(ids), lambda e: self._usable(e, len(ids)), leave)
+        if entry is not None and (not held or entry.tokens > n):
+            return self._continue_from(entry), entry.tokens
+        if held:
             return self.cache, n
         self.reset()
         return InfLLMCache(self.model), 0
+
+    def _usable(self, entry: PrefixEntry, total: int) -> bool:
+        """A snapshot read with the whole conversation in the window (full_attention_tokens) continues only a
+        prompt that stays within it, and a narrowed one only a prompt past it: as a fresh prefill would read.
+        A document's memory continues any prompt (its answers are those of the document read first)."""
+        return self._full_until is None or entry.context_id is not None or entry.wide == (total <= self._full_until)
+
+    def _continue_from(self, entry: PrefixEntry) -> InfLLMCache:
+        cache = entry.snapshot.cache
+        cache.restore(entry.snapshot)
+        self.prefix_cache.touch(entry)
+        self.cache, self.held, self._lineage = cache, list(entry.ids), entry.snapshot
+        return cache
+
+    def keep_snapshot(self, cache: InfLLMCache, ids: Sequence[int], context_id: str | None = None
+                      ) -> PrefixEntry | None:
+        """Snapshot `cache` (holding `ids`) into the prefix cache, sharing with the held conversation's latest
+        snapshot when `cache` is the held one."""
+        if self.prefix_cache is None or not ids:
+            return None
+        parent = self._lineage if self._lineage is not None and self._lineage.cache is cache else None
+        snapshot = cache.snapshot(parent)
+        if parent is not None or self._lineage is None or cache is self.cache:
+            self._lineage = snapshot
+        wide = self._full_until is not None and snapshot.layers[0].n_local != self._n_local
+        return self.prefix_cache.add(ids, snapshot, wide, context_id)
+
+    def _snapshot_points(self, prompt: PreparedPrompt, ids: list[int], cached: int) -> list[int]:
+        """Prefill positions after which to keep a snapshot: the prompt's boundaries and where an earlier
+        prompt diverged from this one (aligned down to execution blocks), and the end of the prefill."""
+        if self.prefix_cache is None:
+            return []
+        end = len(ids) - 1
+        marks = set(prompt.boundaries)
+        if len(ids) >= BOUNDARY_MIN_TOKENS:
+            marks.add(self.prefix_cache.longest_shared(tuple(ids)))
+        points = {m // self._align * self._align for m in marks}
+        points = {p for p in points if cached < p < end}
+        if end > cached:
+            points.add(end)
+        return sorted(points)
 
     def _keep(self, cache: InfLLMCache, ids: Sequence[int]) -> None:
         """Remember what `cache` holds after a (possibly interrupted) run; discard an inconsistent one."""
@@ -234,6 +331,31 @@ class Generator:
             self.reset()
             return
         self.cache, self.held = cache, list(ids[:seen])
+
+    def read_document(self, ids: Sequence[int], context_id: str, emit: Callable[[Event], None],
+                      cancel: threading.Event) -> PrefixEntry:
+        """Read `ids` (a document's prefix of a conversation) into a memory kept as the context `context_id`
+        (continuing from a kept snapshot when one covers a part of it)."""
+        if self.prefix_cache is None:
+            raise RequestError("document memories need contexts.snapshots: true")
+        ids = list(ids)
+        with torch.inference_mode():
+            cache, cached = self._state_for(ids, leave=0)
+        cache.plan(len(ids))
+        cache.should_stop = cancel.is_set
+        try:
+            with torch.inference_mode():
+                if cached < len(ids):
+                    self._prefill(cache, ids, cached, emit, end=len(ids))
+        finally:
+            cache.should_stop = None
+            self._keep(cache, ids)
+        if self.cache is not cache or len(self.held) != len(ids):
+            raise GenerationCancelled("cancelled while reading the document")
+        with torch.inference_mode():
+            entry = self.keep_snapshot(cache, ids, context_id)
+        self.prefix_cache.evict(live=cache, keep=entry)
+        return entry
 
     # --- one request ------------------------------------------------------------------------------
     def run(
@@ -250,7 +372,8 @@ class Generator:
         submitted_at = submitted_at if submitted_at is not None else started
         ids = list(prompt.ids)
         total = len(ids)
-        cache, cached = self._state_for(ids)
+        with torch.inference_mode():  # a restored snapshot writes the memory's (inference) tensors
+            cache, cached = self._state_for(ids)
         cache.plan(total)  # full_attention_tokens: a prompt past it reads with the configured window throughout
         cache.should_stop = cancel.is_set  # checked before every layer: a cancel lands within one layer
         stops = tuple(params.stop) + tuple(prompt.extra_stop)
@@ -268,9 +391,10 @@ class Generator:
         fed_before = total - 1
         finish = "cancelled"
         retrieval = None
+        points = self._snapshot_points(prompt, ids, cached)
         try:
             with torch.inference_mode():
-                self._prefill(cache, ids, cached, emit)
+                self._prefill(cache, ids, cached, emit, points)
                 if cancel.is_set():
                     raise GenerationCancelled("cancelled before decoding")
                 if MemoryType(self.cfg.model.type) is MemoryType.INF_LLM:
@@ -287,6 +411,11 @@ class Generator:
         finally:
             cache.should_stop = None
             self._keep(cache, ids + streamer.token_ids)
+            if self.cache is cache and len(self.held) > fed_before:  # the end of the answer, for a follow-up
+                with torch.inference_mode():
+                    kept = self.keep_snapshot(cache, self.held)
+                if kept is not None:
+                    self.prefix_cache.evict(live=cache, keep=kept)
         if finish != "cancelled" and self.cache is cache:
             retrieval = self._retrieval(cache, ids, cache.get_seq_length() - fed_before)
         if finish == "cancelled" and not text_filter.stopped:
@@ -305,10 +434,11 @@ class Generator:
             retrieval=retrieval,
         )
 
-    def _prefill(self, cache: InfLLMCache, ids: list[int], start: int, emit: Callable[[Event], None]) -> None:
-        """Feed ids[start : -1] in chunks aligned to multiples of chunk_size (the last prompt token is left
-        for generate(), which needs its logits)."""
-        end = len(ids) - 1
+    def _prefill(self, cache: InfLLMCache, ids: list[int], start: int, emit: Callable[[Event], None],
+                 points: Sequence[int] = (), end: int | None = None) -> None:
+        """Feed ids[start : end] (default: all but the last, which generate() feeds: it needs its logits) in
+        chunks aligned to multiples of chunk_size, split at `points`, after each of which a snapshot is kept."""
+        end = len(ids) - 1 if end is None else end
         if end <= start:
             return
         chunk = self.cfg.chunk_size
@@ -321,9 +451,12 @@ class Generator:
         pacer = ChunkPacer(self.device)
         kwargs = cache_kwargs(self.model, cache)
         a = start
+        marks = [p for p in points if start < p <= end]
         while a < end:
-            b = min(end, (a // chunk + 1) * chunk)
+            b = min(end, (a // chunk + 1) * chunk, *(p for p in marks if p > a))
             self.model(x[:, a - start : b - start], **kwargs, use_cache=True, logits_to_keep=1)
+            if b in marks:
+                self.keep_snapshot(cache, ids[:b])
             a = b
             done = pacer.issued(b)
             if report and done is not None:

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from jinja2.exceptions import TemplateError
+
 try:  # newer transformers: control tokens typed into a message can be encoded as text
     from transformers.utils.chat_template_utils import mark_control_tokens
 except ImportError:  # older (the GPU machine's 5.17): _can_sanitize is False there, such messages are refused

@@ -18,6 +18,14 @@ wrap it with asyncio.wrap_future); its result or its SessionStateError/QueueFull
     engine.restore(path).result()                     # -> SavedSession; or restore(a SessionState from fork())
     state = engine.fork().result()                    # -> SessionState: a private copy of the conversation
     engine.reset().result(); engine.session_info().result()   # -> None; SessionInfo (tokens held, stats)
+
+Document memories (engine.library, inf_llm/engine/library.py): a document read once and kept in RAM and on
+disk; prompts that start with it continue from its memory:
+
+    doc = engine.library.prepare(name, text, system)      # any thread (tokenizes)
+    info = engine.read_document(doc, emit).result()       # -> ContextInfo; a job of the worker
+    prompt = engine.library.prepare_chat(info.id, messages)
+    engine.library.list(); engine.library.delete(info.id)  # any thread
 """
 
 from __future__ import annotations
@@ -39,8 +47,10 @@ import torch
 
 from inf_llm.adapter import patch_model
 from inf_llm.config import InfLLMConfig
+from inf_llm.engine.contexts import ContextInfo
 from inf_llm.engine.events import Done, Error, Event, PreparedPrompt, SamplingParams, Timings, Usage
 from inf_llm.engine.generation import Generator, prepare_chat, prepare_text, sampling_params
+from inf_llm.engine.library import Document, DocumentLibrary
 from inf_llm.engine.sessions import SavedSession, SessionInfo, SessionState, read_session, write_session
 from inf_llm.engine.templates import Message, encode_text
 from inf_llm.errors import InfLLMError, NotReadyError, QueueFullError
@@ -230,9 +240,10 @@ class Engine:
         self._current: Job | None = None
         self._thread = threading.Thread(target=self._run, name="inf_llm-worker", daemon=True)
         self.on_finished: Callable[[Job], None] | None = None  # metrics hook, called in the worker thread
+        self.library = DocumentLibrary(cfg, self.generator, self.info.model_name)
 
     # --- lifecycle --------------------------------------------------------------------------------
-    def start(self) -> "Engine":
+    def start(self) -> Engine:
         self._thread.start()
         return self
 
@@ -343,6 +354,14 @@ class Engine:
             return SessionInfo(len(gen.held), gen.cache.stats() if gen.cache is not None else [])
         return self._session_job("info", step)
 
+    # --- document memories (inf_llm/engine/library.py) --------------------------------------------
+    def read_document(self, doc: Document, emit: Callable[[Event], None] | None = None,
+                      cancel: threading.Event | None = None) -> Future[ContextInfo]:
+        """Read a document (library.prepare) into a kept memory, saved to disk; a job of the worker thread.
+        `emit` gets its Progress events (in the worker thread); setting `cancel` stops the reading."""
+        cancel = cancel or threading.Event()
+        return self._session_job("context", lambda gen: self.library.read(doc, emit or (lambda e: None), cancel))
+
     def generate(self, prompt: PreparedPrompt, params: SamplingParams) -> Done:
         """Blocking convenience: submit and wait. Raises the job's error as an exception."""
         job = self.submit(prompt, params)
@@ -383,6 +402,7 @@ class Engine:
             job.emit(self._cancelled_before_start(job))
             return
         try:
+            self.library.ensure_loaded(job.prompt)  # a saved document it starts with, back into RAM
             done = self.generator.run(job.prompt, job.params, job.emit, job.cancel_event, job.submitted_at)
         except InfLLMError as exc:
             log.warning("job %s failed: %s", job.id, exc)

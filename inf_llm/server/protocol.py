@@ -144,7 +144,43 @@ ChatRequest = create_model(
     system=(str | None, Field(None, description="system prompt; default: the config's generation.system_prompt")),
     **sampling.request_fields(Surface.CHAT),
     session_id=(str | None, Field(None, max_length=200, description="client conversation id (logging only)")),
+    context_id=(str | None, Field(None, max_length=64, description="a document memory (POST /v1/contexts): the "
+                                  "document starts the first user message and its memory is not read again")),
 )
+
+
+class ContextRequest(_Body, _Strict):
+    """POST /v1/contexts: a document to read once and keep."""
+
+    name: str = Field(min_length=1, max_length=200, description="shown in listings; part of what the model reads")
+    text: str = Field(min_length=1, description="the document")
+    system: str | None = Field(None, description="system prompt of the chats on it; default: the config's")
+
+
+class ContextBody(BaseModel):
+    """A document memory."""
+
+    id: str
+    object: Literal["context"] = "context"
+    name: str
+    tokens: int
+    bytes: int | None = Field(description="memory it takes in RAM (null: on disk only)")
+    disk_bytes: int | None = Field(description="size of its saved file (null: not saved)")
+    where: list[Literal["ram", "disk"]]
+    created: int
+    system: str | None = None
+    disk_error: str | None = Field(None, description="why it could not be saved (it is then kept in RAM only)")
+
+
+class ContextList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ContextBody]
+
+
+class ContextDeleted(BaseModel):
+    id: str
+    object: Literal["context.deleted"] = "context.deleted"
+    deleted: bool
 
 
 class TokenizeRequest(_Body, _Strict):
@@ -343,10 +379,15 @@ _OpenAISampling = create_model(
 )
 
 
+ContextId = Field(None, max_length=64, description="a document memory (POST /v1/contexts) the prompt starts with "
+                  "(an extra field of this server)")
+
+
 class ChatCompletionRequest(_OpenAISampling):
     messages: list[OpenAIMessage] = Field(min_length=1)
     max_tokens: MaxNewTokens | None = None
     max_completion_tokens: MaxNewTokens | None = None
+    context_id: str | None = ContextId
 
     unsupported: ClassVar[dict[str, tuple[Any, ...]]] = UNSUPPORTED_CHAT
 
@@ -355,6 +396,7 @@ class CompletionRequest(_OpenAISampling):
     prompt: str | list[str]
     max_tokens: MaxNewTokens | None = None
     echo: bool = False
+    context_id: str | None = ContextId
 
     unsupported: ClassVar[dict[str, tuple[Any, ...]]] = UNSUPPORTED_COMPLETION
 

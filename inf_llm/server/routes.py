@@ -14,6 +14,10 @@ from inf_llm.server.protocol import (
     ChatResponse,
     Completion,
     CompletionRequest,
+    ContextBody,
+    ContextDeleted,
+    ContextList,
+    ContextRequest,
     ErrorBody,
     ModelList,
     PublicStatus,
@@ -83,6 +87,28 @@ def build_routes(app: FastAPI, state: ServerState, static_dir: Path) -> None:
     async def completions(request: Request, body: CompletionRequest) -> Response:
         """Raw prompt, no chat template (what evaluation harnesses use)."""
         return await serving.completions(request, body)
+
+    @router.post("/v1/contexts", tags=["contexts"], response_model=ContextBody, status_code=201,
+                 responses={**_ERRORS, 201: {"content": _SSE, "description": "JSON, or SSE with stream=true"}})
+    async def create_context(request: Request, body: ContextRequest,
+                             stream: bool = Query(False, description="true: SSE progress while it is read")) -> Response:
+        """Read a document once and keep its memory (RAM and disk): chats that name its id (`context_id`)
+        continue from it. SSE events: `progress` {processed, total}, then `context` (the info) or `error`."""
+        return await serving.create_context(request, body, stream)
+
+    @router.get("/v1/contexts", tags=["contexts"], response_model=ContextList, responses={401: _ERRORS[401]})
+    async def list_contexts() -> dict:
+        """The document memories: in RAM, on disk (saved by this or an earlier run of the server), or both."""
+        return serving.list_contexts()
+
+    @router.get("/v1/contexts/{context_id}", tags=["contexts"], response_model=ContextBody, responses=_ERRORS)
+    async def get_context(context_id: str) -> dict:
+        return serving.get_context(context_id)
+
+    @router.delete("/v1/contexts/{context_id}", tags=["contexts"], response_model=ContextDeleted, responses=_ERRORS)
+    async def delete_context(context_id: str) -> dict:
+        """Forget a document memory, in RAM and on disk."""
+        return serving.delete_context(context_id)
 
     @router.get("/v1/models", tags=["openai"], response_model=ModelList, responses={401: _ERRORS[401]})
     async def models() -> dict:

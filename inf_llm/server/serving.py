@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -25,10 +26,11 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.concurrency import run_in_threadpool
 
 from inf_llm import sampling
+from inf_llm.engine.contexts import ContextInfo
 from inf_llm.engine.events import Done, Error, PreparedPrompt, Progress, TextDelta
 from inf_llm.engine.templates import Message, build_messages
 from inf_llm.engine.worker import Engine, Job
-from inf_llm.errors import QueueFullError
+from inf_llm.errors import ContextNotFoundError, QueueFullError
 from inf_llm.sampling import Surface
 from inf_llm.server import errors as http_errors
 from inf_llm.server.errors import ModelNameError, RequestFieldError, error_payload
@@ -36,6 +38,7 @@ from inf_llm.server.protocol import (
     ChatCompletionRequest,
     ChatRequest,
     CompletionRequest,
+    ContextRequest,
 )
 from inf_llm.server.state import ServerState
 
@@ -170,8 +173,8 @@ class Serving:
     async def chat(self, request: Request, body: ChatRequest, stream: bool) -> Response:
         system = body.system if body.system is not None else self.state.cfg.generation.system_prompt
         history = [Message(t.role, t.content) for t in body.history]
-        messages = build_messages(body.prompt, history, system)
-        job = await self._submit(request, lambda engine: engine.prepare_chat(messages), "prompt",
+        messages = build_messages(body.prompt, history, system if body.context_id is None else body.system)
+        job = await self._submit(request, self._chat_prompt(messages, body.context_id), "prompt",
                                  body.max_new_tokens, "max_new_tokens", **self._sampling(body))
         if body.session_id:
             log.info("request %s: session %s", job.id, body.session_id)
@@ -198,6 +201,73 @@ class Serving:
         finally:
             job.cancel()  # the client went away (or the stream ended): stop the worker
 
+    @staticmethod
+    def _chat_prompt(messages: list[Message], context_id: str | None) -> Callable[[Engine], PreparedPrompt]:
+        """The prompt builder for `_submit`: on a document memory when `context_id` names one."""
+        if context_id is None:
+            return lambda engine: engine.prepare_chat(messages)
+        return lambda engine: engine.library.prepare_chat(context_id, messages)
+
+    # --- /v1/contexts -----------------------------------------------------------------------------
+    async def create_context(self, request: Request, body: ContextRequest, stream: bool) -> Response:
+        """Read a document into a kept memory. Everything that can fail before reading (limits, the queue)
+        is a status code; while it is read, SSE `progress` events, then `context` (or one `error`)."""
+        engine = self.state.engine_or_raise()
+        async with self._admitted(engine):
+            doc = await run_in_threadpool(engine.library.prepare, body.name, body.text, body.system)
+        loop = asyncio.get_running_loop()
+        progress: asyncio.Queue = asyncio.Queue()
+        cancel = threading.Event()
+
+        def emit(event) -> None:
+            if isinstance(event, Progress):
+                loop.call_soon_threadsafe(progress.put_nowait, event)
+
+        future = asyncio.wrap_future(engine.read_document(doc, emit, cancel))
+        log.info("request %s: reading document %r, %d tokens", request_id(request), body.name, len(doc.ids))
+        if not stream:
+            try:
+                info = await asyncio.shield(future)
+            except asyncio.CancelledError:
+                cancel.set()
+                raise
+            return JSONResponse(context_body(info), status_code=201)
+
+        async def events() -> AsyncIterator[ServerSentEvent]:
+            try:
+                while not future.done():
+                    waiter = asyncio.ensure_future(progress.get())
+                    await asyncio.wait({waiter, future}, return_when=asyncio.FIRST_COMPLETED)
+                    if waiter.done():
+                        yield ServerSentEvent(event="progress", data=_json(asdict(waiter.result())))
+                    else:
+                        waiter.cancel()
+                if future.exception() is not None:
+                    exc = future.exception()
+                    status, kind = getattr(exc, "http_status", 500), getattr(exc, "error_type", "internal_error")
+                    yield ServerSentEvent(event="error", data=_json(error_payload(str(exc), kind, status, None)))
+                else:
+                    yield ServerSentEvent(event="context", data=_json(context_body(future.result())))
+            finally:
+                if not future.done():  # the client went away: stop reading
+                    cancel.set()
+
+        return EventSourceResponse(events(), ping=self.state.cfg.server.keepalive_seconds, sep=SSE_SEPARATOR,
+                                   ping_message_factory=lambda: ServerSentEvent(comment="ping", sep=SSE_SEPARATOR),
+                                   headers={"Cache-Control": "no-cache"}, status_code=201)
+
+    def list_contexts(self) -> dict:
+        engine = self.state.engine_or_raise()
+        return {"object": "list", "data": [context_body(info) for info in engine.library.list()]}
+
+    def get_context(self, context_id: str) -> dict:
+        return context_body(self.state.engine_or_raise().library.info(context_id))
+
+    def delete_context(self, context_id: str) -> dict:
+        if not self.state.engine_or_raise().library.delete(context_id):
+            raise ContextNotFoundError(f"no document memory with id {context_id!r}")
+        return {"id": context_id, "object": "context.deleted", "deleted": True}
+
     # --- POST /tokenize ---------------------------------------------------------------------------
     async def tokenize(self, text: str) -> dict:
         """Counted as a waiting request while it runs (the tokenizer's thread pool is not free either)."""
@@ -206,18 +276,20 @@ class Serving:
             return {"tokens": await run_in_threadpool(engine.count_tokens, text)}
 
     # --- OpenAI -----------------------------------------------------------------------------------
-    def _openai_messages(self, body: ChatCompletionRequest) -> list[Message]:
+    def _openai_messages(self, body: ChatCompletionRequest, on_document: bool = False) -> list[Message]:
+        """The request's messages; the config's system prompt unless they bring one (on a document: the
+        document's own system prompt, which the library adds)."""
         messages = [Message("system" if m.role == "developer" else m.role, m.text()) for m in body.messages]
         default = self.state.cfg.generation.system_prompt
-        if default and not any(m.role == "system" for m in messages):
+        if default and not on_document and not any(m.role == "system" for m in messages):
             messages.insert(0, Message("system", default))
         return messages
 
     async def chat_completions(self, request: Request, body: ChatCompletionRequest) -> Response:
         self._check_model(body.model)
-        messages = self._openai_messages(body)
+        messages = self._openai_messages(body, on_document=body.context_id is not None)
         max_param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
-        job = await self._submit(request, lambda engine: engine.prepare_chat(messages), "messages",
+        job = await self._submit(request, self._chat_prompt(messages, body.context_id), "messages",
                                  body.max_completion_tokens or body.max_tokens, max_param,
                                  **self._openai_sampling(body))
         meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": self.state.model_name}
@@ -236,8 +308,10 @@ class Serving:
 
     async def completions(self, request: Request, body: CompletionRequest) -> Response:
         self._check_model(body.model)
-        prompt_text = body.text()
-        job = await self._submit(request, lambda engine: engine.prepare_text(prompt_text), "prompt",
+        prompt_text, context_id = body.text(), body.context_id
+        prepare = ((lambda engine: engine.prepare_text(prompt_text)) if context_id is None
+                   else (lambda engine: engine.library.prepare_text(context_id, prompt_text)))
+        job = await self._submit(request, prepare, "prompt",
                                  body.max_tokens, "max_tokens", **self._openai_sampling(body))
         meta = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": self.state.model_name}
         prefix = prompt_text if body.echo else ""
@@ -293,6 +367,12 @@ class Serving:
                     yield ServerSentEvent(data="[DONE]")
         finally:
             job.cancel()
+
+
+def context_body(info: ContextInfo) -> dict:
+    return {"id": info.id, "object": "context", "name": info.name, "tokens": info.tokens, "bytes": info.ram_bytes,
+            "disk_bytes": info.disk_bytes, "where": info.where, "created": info.created, "system": info.system,
+            "disk_error": info.disk_error}
 
 
 def _openai_finish(done: Done) -> str:

@@ -1,0 +1,138 @@
+"""Prefix snapshots kept in RAM: the memory after chosen prefixes of earlier prompts, so that a request which
+starts with one continues from there (regenerate, an edited last message, a new chat on the same document).
+
+Owns: the entries (token ids -> CacheSnapshot), the longest-prefix match, the byte budget
+(`contexts.ram_mib`, least recently used out first) and the accounting behind it. Snapshots of one
+conversation share its memory blocks and most of its window (inf_llm/memory/snapshot.py), so the budget
+counts distinct storage, and only what the live conversation does not hold anyway.
+Must not know: threads (the worker thread alone calls it), HTTP, files.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+from inf_llm.adapter import InfLLMCache
+from inf_llm.adapter.hf import CacheSnapshot, storage_sizes
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class PrefixEntry:
+    """One kept snapshot: the memory after `ids`. `context_id`: a document's (kept until it is deleted or
+    evicted; it can be loaded again from disk). `wide`: read with the whole conversation in the window
+    (full_attention_tokens), which only a prompt that stays within it may continue."""
+
+    ids: tuple[int, ...]
+    snapshot: CacheSnapshot = field(repr=False)
+    wide: bool
+    context_id: str | None = None
+    last_used: int = 0
+
+    @property
+    def tokens(self) -> int:
+        return len(self.ids)
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the longest common prefix (binary search over slice comparisons, which run in C)."""
+    lo, hi = 0, min(len(a), len(b))
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+class PrefixCache:
+    """Snapshots by token prefix, under `budget_bytes` of memory beyond the live conversation's."""
+
+    def __init__(self, budget_bytes: int):
+        self.budget_bytes = budget_bytes
+        self.entries: list[PrefixEntry] = []
+        self._clock = itertools.count(1)
+        self.hits = 0
+        self.evicted = 0
+        # the worker changes the entries; a listing or a deletion from another thread takes this lock too
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def longest(self, ids: tuple[int, ...], usable: Callable[[PrefixEntry], bool], leave: int = 1
+                ) -> PrefixEntry | None:
+        """The longest usable entry whose ids are a prefix of `ids` leaving at least `leave` tokens to feed."""
+        best = None
+        with self._lock:
+            for entry in self.entries:
+                n = entry.tokens
+                if n <= len(ids) - leave and (best is None or n > best.tokens) and ids[:n] == entry.ids and usable(entry):
+                    best = entry
+        return best
+
+    def of_context(self, context_id: str) -> PrefixEntry | None:
+        with self._lock:
+            return next((e for e in self.entries if e.context_id == context_id), None)
+
+    def snapshot_entries(self) -> list[PrefixEntry]:
+        """A copy of the entries (another thread may list them while the worker changes them)."""
+        with self._lock:
+            return list(self.entries)
+
+    def longest_shared(self, ids: tuple[int, ...]) -> int:
+        """The longest prefix `ids` shares with any entry (where an earlier prompt diverged from this one)."""
+        return max((common_prefix(ids, e.ids) for e in self.snapshot_entries()), default=0)
+
+    def add(self, ids: Sequence[int], snapshot: CacheSnapshot, wide: bool, context_id: str | None = None
+            ) -> PrefixEntry:
+        """Keep `snapshot` as the memory after `ids` (replacing an entry with the same ids)."""
+        ids = tuple(ids)
+        with self._lock:
+            for old in [e for e in self.entries if e.ids == ids]:
+                context_id = context_id or old.context_id
+                self.entries.remove(old)
+            entry = PrefixEntry(ids, snapshot, wide, context_id, next(self._clock))
+            self.entries.append(entry)
+        return entry
+
+    def touch(self, entry: PrefixEntry) -> None:
+        entry.last_used = next(self._clock)
+        self.hits += 1
+
+    def remove(self, predicate: Callable[[PrefixEntry], bool]) -> int:
+        with self._lock:
+            gone = [e for e in self.entries if predicate(e)]
+            for entry in gone:
+                self.entries.remove(entry)
+        return len(gone)
+
+    def clear(self) -> None:
+        with self._lock:
+            self.entries.clear()
+
+    # --- bytes ------------------------------------------------------------------------------------
+    def nbytes(self, live: InfLLMCache | None = None, entries: Iterable[PrefixEntry] | None = None) -> int:
+        """Distinct bytes the entries keep alive, not counting storage the live cache holds anyway."""
+        own = storage_sizes(live.tensors()) if live is not None else {}
+        entries = self.snapshot_entries() if entries is None else entries
+        kept = storage_sizes(t for e in entries for t in e.snapshot.tensors())
+        return sum(n for key, n in kept.items() if key not in own)
+
+    def evict(self, live: InfLLMCache | None = None, keep: PrefixEntry | None = None) -> None:
+        """Least recently used entries out until the rest fit the budget (`keep` stays)."""
+        while self.entries and self.nbytes(live) > self.budget_bytes:
+            candidates = [e for e in self.snapshot_entries() if e is not keep]
+            if not candidates:
+                return
+            victim = min(candidates, key=lambda e: e.last_used)
+            self.remove(victim.__eq__)
+            self.evicted += 1
+            log.info("prefix cache: dropped the snapshot of %d tokens (budget %d MiB)", victim.tokens,
+                     self.budget_bytes >> 20)
