@@ -998,7 +998,7 @@ async function generate(conv, reply) {
   state.generating = { convId: conv.id, msgId: reply.id, controller };
   reply.streaming = true;
   reply.model = state.status && state.status.model;
-  reply.system = typeof body.system === "string" ? body.system : defaults().system_prompt ?? null;
+  reply.system = conv.context ? conv.context.system : typeof body.system === "string" ? body.system : defaults().system_prompt ?? null;
   delete reply.error;
   delete reply.cancelled;
   delete reply.done;
@@ -1345,6 +1345,8 @@ async function boot() {
   $("model-chip").addEventListener("click", openModelDialog);
   initDocuments({
     getApiKey: () => state.apiKey,
+    // Read with the system prompt the user's chats have, so that a chat on it begins with the same tokens.
+    getSystem: () => (typeof state.settings.system === "string" ? state.settings.system : null),
     onStartChat: startDocumentChat,
     onAuthError: () => $("settings-btn").click(),
     onListed: onLibraryListed,

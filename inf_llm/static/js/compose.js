@@ -51,8 +51,9 @@ export function buildChatRequest(conv, replyIndex, settings, numericKeys) {
   };
   // A conversation on a library document: the server puts the document (its kept memory) before the first
   // user message, so the page sends only the conversation itself, on every request (regenerate, edit too).
+  // The system prompt is the one the document was read with: another one would make the server read it again.
   if (conv.context && conv.context.id) body.context_id = conv.context.id;
-  if (typeof settings.system === "string") body.system = settings.system;
+  else if (typeof settings.system === "string") body.system = settings.system;
   for (const key of numericKeys) {
     const v = settings[key];
     if (typeof v === "number" && Number.isFinite(v)) body[key] = v;

@@ -12,6 +12,7 @@ const MAX_NAME_CHARS = 200;
 const FLASH_MS = 2400;
 
 const WHERE_LABELS = { ram: "RAM", disk: "Disk" };
+const NOT_SAVED = "not saved";
 
 const panel = {
   items: [], // the server's context infos, newest first
@@ -21,17 +22,19 @@ const panel = {
   adding: null, // {controller, name, progress}
   highlight: null, // the id to mark in the list (the open conversation's document, or the new one)
   getApiKey: () => "",
+  getSystem: () => null,
   onStartChat: () => {},
   onAuthError: () => {},
   onListed: () => {},
 };
 
 /**
- * Binds the panel. `getApiKey()`: the key to send; `onStartChat(info)`: a chat on that context;
- * `onAuthError()`: a 401 (the page asks for the key); `onListed(items)`: every list the server answered.
+ * Binds the panel. `getApiKey()`: the key to send; `getSystem()`: the system prompt a new document is read with
+ * (null: the server's); `onStartChat(info)`: a chat on that context; `onAuthError()`: a 401 (the page asks for
+ * the key); `onListed(items)`: every list the server answered.
  */
-export function initDocuments({ getApiKey, onStartChat, onAuthError, onListed }) {
-  Object.assign(panel, { getApiKey, onStartChat, onAuthError, onListed });
+export function initDocuments({ getApiKey, getSystem, onStartChat, onAuthError, onListed }) {
+  Object.assign(panel, { getApiKey, getSystem, onStartChat, onAuthError, onListed });
   $("lib-pick").addEventListener("click", () => $("lib-file").click());
   $("lib-file").addEventListener("change", async (e) => {
     const [file] = e.target.files;
@@ -121,13 +124,16 @@ function itemView(info) {
   const badges = where
     .filter((w) => w in WHERE_LABELS)
     .map((w) => el("span", { class: "badge", dataset: { where: w }, title: whereTitle(info, w), text: WHERE_LABELS[w] }));
+  if (info.disk_error) badges.push(el("span", { class: "badge", dataset: { where: "error" }, title: `Kept in RAM only: ${info.disk_error}`, text: NOT_SAVED }));
+  // Memory on disk only (not loaded since the server started): the saved file's size is what there is.
+  const size = Number.isFinite(info.bytes) ? info.bytes : info.disk_bytes;
   const li = el("li", { class: `lib-item${info.id === panel.highlight ? " current" : ""}`, dataset: { id: info.id } }, [
     el("span", { class: "chip-icon", html: icon("file") }),
     el("div", { class: "lib-main" }, [
       el("span", { class: "lib-name", text: info.name, title: info.name }),
       el("span", { class: "lib-meta" }, [
         el("span", { class: "lib-tokens", text: `${fmtInt(info.tokens)} tokens` }),
-        el("span", { class: "lib-bytes", title: "Size of the kept memory", text: fmtBytes(info.bytes) }),
+        el("span", { class: "lib-bytes", title: "Size of the kept memory", text: fmtBytes(size) }),
         ...badges,
         Number.isFinite(info.created) ? el("span", { class: "lib-when", text: fmtWhen(info.created * 1000) }) : null,
       ]),
@@ -223,7 +229,8 @@ function renderProgress() {
   bar.classList.toggle("indeterminate", f === null);
   if (f === null) {
     bar.removeAttribute("aria-valuenow");
-    $("lib-progress-text").textContent = `Sending "${a.name}"…`;
+    // Until the first progress event: still on its way, tokenized, or too short for the server to report.
+    $("lib-progress-text").textContent = `Reading "${a.name}"…`;
     return;
   }
   $("lib-progress-fill").style.width = `${(f * 100).toFixed(1)}%`;
@@ -241,7 +248,7 @@ async function addDocument() {
   renderForm();
   try {
     const info = await createContext(
-      { name, text, system: null },
+      { name, text, system: panel.getSystem() },
       {
         apiKey: panel.getApiKey(),
         signal: controller.signal,
@@ -255,7 +262,8 @@ async function addDocument() {
     panel.listed = true;
     panel.onListed(panel.items);
     clearForm();
-    showToast(`Added "${info.name}" · ${fmtInt(info.tokens)} tokens`);
+    if (info.disk_error) showToast(`Added "${info.name}" · ${fmtInt(info.tokens)} tokens, in RAM only: ${info.disk_error}`, "error");
+    else showToast(`Added "${info.name}" · ${fmtInt(info.tokens)} tokens`);
     flash(info.id);
   } catch (e) {
     if (e.name === "AbortError") showToast(`Stopped reading "${name}"`);

@@ -3,7 +3,7 @@
 // export/import format. Knows nothing of the DOM or the server.
 //
 // Conversation: {id, title, created, updated, messages: [Message], context?: ContextRef}
-// ContextRef: {id, name, tokens} of the server's library document the conversation is bound to
+// ContextRef: {id, name, tokens, system} of the server's library document the conversation is bound to
 // Message: {id, role: "user"|"assistant", content, attachments?: [{name, text, tokens}],
 //           done?: <the server's done payload>, error?: string, cancelled?: bool, created}
 
@@ -160,7 +160,12 @@ export function newConversation(context = null) {
 }
 
 function contextRef(c) {
-  return { id: c.id, name: str(c.name, c.id), tokens: Number.isFinite(c.tokens) ? c.tokens : null };
+  return {
+    id: c.id,
+    name: str(c.name, c.id),
+    tokens: Number.isFinite(c.tokens) ? c.tokens : null,
+    system: typeof c.system === "string" ? c.system : null,
+  };
 }
 
 /** The export file's content for `conversations`. */
