@@ -114,7 +114,7 @@ def test_score_decay_with_default_strategy_is_accepted_as_in_the_original(tmp_pa
 BAD_CONFIGS = {
     "unknown top-level key": (
         "foo: 1\n",
-        ["unknown key 'foo'", "valid keys: chunk_size, conv_type, generation, max_len, model, server, truncation"],
+        ["unknown key 'foo'", "valid keys: chunk_size, contexts, conv_type, generation, max_len, model, server, truncation"],
     ),
     "unknown model key": (
         "model:\n  topkk: 3\n",

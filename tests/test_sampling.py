@@ -24,8 +24,8 @@ from inf_llm.server.state import ServerState
 
 STATIC = Path(__file__).resolve().parent.parent / "inf_llm" / "static"
 # What the bodies hold besides the sampling fields.
-CHAT_OWN = {"prompt", "history", "system", "session_id"}
-OPENAI_OWN = {"model", "n", "stream", "stream_options"}
+CHAT_OWN = {"prompt", "history", "system", "session_id", "context_id"}
+OPENAI_OWN = {"model", "n", "stream", "stream_options", "context_id"}
 CHAT_COMPLETION_OWN = OPENAI_OWN | {"messages", "max_completion_tokens"}
 COMPLETION_OWN = OPENAI_OWN | {"prompt", "echo"}
 

@@ -138,8 +138,9 @@ def chat_body(prompt: str = QUESTION, **kw) -> dict:
 
 @contextmanager
 def served(log_dir: Path, *overrides: str) -> Iterator[ServerProcess]:
-    """`python -m inf_llm.serve` with the default config and `overrides`, ready; stopped on exit."""
-    srv = ServerProcess(serve_argv(*overrides), log_dir / "server.log").start()
+    """`python -m inf_llm.serve` with the default config and `overrides`, ready; stopped on exit. Saved document
+    memories go to `log_dir`/contexts unless the overrides say where (a test never writes to the home folder)."""
+    srv = ServerProcess(serve_argv(f"contexts.dir={log_dir / 'contexts'}", *overrides), log_dir / "server.log").start()
     try:
         srv.wait_ready()
         yield srv
