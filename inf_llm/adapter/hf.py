@@ -352,7 +352,8 @@ class InfLLMCache(Cache):
         return {"format": MEMORY_STATE_FORMAT, "fingerprint": self.patch_state.fingerprint(), "layers": layers}
 
     def load_state_dict(self, state: dict) -> None:
-        """Raises SessionStateError when `state` is not a state_dict() of this model and config."""
+        """Raises SessionStateError when `state` is not a state_dict() of this model and config. The state's block
+        tensors may be taken over by the memory (no copy): load a state once."""
         if not isinstance(state, dict) or state.get("format") != MEMORY_STATE_FORMAT:
             found = state.get("format") if isinstance(state, dict) else type(state).__name__
             raise SessionStateError(f"saved memory has format {found!r}, expected {MEMORY_STATE_FORMAT}")

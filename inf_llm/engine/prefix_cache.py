@@ -10,11 +10,14 @@ Must not know: threads (the worker thread alone calls it), HTTP, files.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from inf_llm.adapter import InfLLMCache
 from inf_llm.adapter.hf import CacheSnapshot, storage_sizes
@@ -38,17 +41,18 @@ class PrefixEntry:
     def tokens(self) -> int:
         return len(self.ids)
 
+    @functools.cached_property
+    def array(self) -> np.ndarray:
+        return np.asarray(self.ids, dtype=np.int64)
+
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    """Length of the longest common prefix (binary search over slice comparisons, which run in C)."""
-    lo, hi = 0, min(len(a), len(b))
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if a[:mid] == b[:mid]:
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo
+    """Length of the longest common prefix (vectorized: prompts are tens of thousands of tokens)."""
+    n = min(len(a), len(b))
+    if n == 0:
+        return 0
+    diff = np.flatnonzero(np.asarray(a[:n], dtype=np.int64) != np.asarray(b[:n], dtype=np.int64))
+    return int(diff[0]) if diff.size else n
 
 
 class PrefixCache:
@@ -73,7 +77,9 @@ class PrefixCache:
         with self._lock:
             for entry in self.entries:
                 n = entry.tokens
-                if n <= len(ids) - leave and (best is None or n > best.tokens) and ids[:n] == entry.ids and usable(entry):
+                # the last token first: a cheap test that rules out most entries before comparing all of them
+                if (0 < n <= len(ids) - leave and (best is None or n > best.tokens) and ids[n - 1] == entry.ids[-1]
+                        and ids[:n] == entry.ids and usable(entry)):
                     best = entry
         return best
 
@@ -88,7 +94,11 @@ class PrefixCache:
 
     def longest_shared(self, ids: tuple[int, ...]) -> int:
         """The longest prefix `ids` shares with any entry (where an earlier prompt diverged from this one)."""
-        return max((common_prefix(ids, e.ids) for e in self.snapshot_entries()), default=0)
+        entries = self.snapshot_entries()
+        if not entries:
+            return 0
+        mine = np.asarray(ids, dtype=np.int64)
+        return max(common_prefix(mine, e.array) for e in entries)
 
     def add(self, ids: Sequence[int], snapshot: CacheSnapshot, wide: bool, context_id: str | None = None
             ) -> PrefixEntry:

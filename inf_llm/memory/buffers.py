@@ -243,6 +243,7 @@ class BlockStore:
         self.dtype, self.codec = dtype, codec
         spec = StorageSpec(num_heads, block_size, head_dim, dtype, storage_device, pin, codec)
         lent = host_storage is not None and storage_device.type == "cpu"
+        self._lent = lent  # tensors of a host pool: always written in place, never replaced
         tensors = host_storage(spec) if lent else spec.allocate(MIN_CAPACITY // 8)
         self.k, self.v = tensors["k"], tensors["v"]
         self.k_scale, self.v_scale = tensors.get("k_scale"), tensors.get("v_scale")
@@ -381,7 +382,16 @@ class BlockStore:
                 other.keep_private(0)
         self.count = 0
         self.start_pos = []
-        self.add_many(state["k"], state["v"], state["repr"].to(self.repr.device), list(state["start_pos"]))
+        k, v, reprs = state["k"], state["v"], state["repr"]
+        if (self.codec is None and not self._lent and not self.k.is_pinned() and k.dtype == self.k.dtype
+                and k.device == self.k.device and k.is_contiguous() and v.is_contiguous() and k.shape[1:] == self.k.shape[1:]
+                and reprs.dtype == self.repr.dtype and reprs.device == self.repr.device):
+            # the loaded tensors become the store (no second copy of a document read from disk); full, so the
+            # next block grows the store into new tensors and never writes into what the caller handed over
+            self.k, self.v, self.repr = k, v, reprs.contiguous()
+            self.count, self.start_pos = k.shape[0], list(state["start_pos"])
+            return
+        self.add_many(k, v, reprs.to(self.repr.device), list(state["start_pos"]))
 
 
 class BlockShare:
