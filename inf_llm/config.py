@@ -175,6 +175,20 @@ class ModelConfig(_Strict):
             return value
         raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {value!r}")
 
+    @field_validator("offload_access")
+    @classmethod
+    def _check_eviction(cls, value: str, info) -> str:
+        # offload_access: direct bookkeeps its device cache in the kernel (ops.cache_blocks), which evicts LRU;
+        # cache_strategy is declared first, so info.data holds it (unless it was invalid itself)
+        strategy = info.data.get("cache_strategy", CacheStrategy.LRU)
+        if value == "direct" and strategy is not CacheStrategy.LRU:
+            raise ValueError(
+                f"model.cache_strategy: {strategy.value} is not honoured by model.offload_access: direct (its "
+                f"device-bookkept cache always evicts least recently used blocks); set cache_strategy: lru, or "
+                f"offload_access: cache to keep {strategy.value}"
+            )
+        return value
+
     @property
     def effective_score_decay(self) -> float:
         return 0.1 if self.score_decay is None else self.score_decay

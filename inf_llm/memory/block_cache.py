@@ -3,7 +3,7 @@ each lookup's selected blocks are made resident (copied from the `BlockStore` in
 and the global stage reads them from the slots.
 
 - `BlockCache` (offload_access: cache): bookkept on the host (the block ids come to the host once per
-  lookup), with LRU, FIFO or LRU-S eviction.
+  lookup), evicting by a strategy of `inf_llm.memory.eviction` (LRU, FIFO or LRU-S).
 - `DeviceBlockCache` (offload_access: direct): bookkept on the device by the ops' `cache_blocks` (LRU), so
   the ids never leave the GPU and decode steps can be replayed as CUDA graphs.
 - `FormationRing` (offload_access: direct with a side stream): a prefill call's new blocks, formed on the
@@ -20,8 +20,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from inf_llm.config import CacheStrategy
+from inf_llm.config import CacheStrategy, MemoryType, ModelConfig
 from inf_llm.errors import ConfigError
+from inf_llm.memory.eviction import eviction_of
 
 if TYPE_CHECKING:
     from inf_llm.memory.buffers import BlockStore
@@ -42,20 +43,16 @@ class BlockCache:
     ):
         self.capacity = capacity
         self.strategy = strategy
-        self.score_decay = score_decay
+        self.eviction = eviction_of(strategy, score_decay)
         self.k = torch.zeros(capacity, *block_shape, dtype=dtype, device=device)
         self.v = torch.zeros_like(self.k)
         self.copy_stream = copy_stream
         self.slot_of: dict[int, int] = {}
-        self.priority: dict[int, float] = {}  # lru: last use tick; fifo: load tick; lru-s: decayed score
+        self.priority: dict[int, float] = {}  # per resident block, as `eviction` sets it (lowest evicted)
         self.free = list(range(capacity - 1, -1, -1))
         self.tick = 0
         self.hits = 0
         self.misses = 0
-
-    def _victim(self, protected: set[int]) -> int:
-        candidates = [b for b in self.slot_of if b not in protected]
-        return min(candidates, key=lambda b: (self.priority[b], b))
 
     def fetch(self, block_ids: list[int], store: "BlockStore") -> list[int]:
         """Make `block_ids` resident and return their slot indices (host ints: no device round trip)."""
@@ -74,18 +71,14 @@ class BlockCache:
                 if self.free:
                     slot = self.free.pop()
                 else:
-                    evicted = self._victim(wanted)
+                    evicted = self.eviction.victim(self.priority, wanted)
                     slot = self.slot_of.pop(evicted)
                     del self.priority[evicted]
                 self._load(slot, block, store)
                 self.slot_of[block] = slot
-                self.priority[block] = self.tick if self.strategy is not CacheStrategy.LRU_S else 0.0
             else:
                 self.hits += 1
-            if self.strategy is CacheStrategy.LRU:
-                self.priority[block] = self.tick
-            elif self.strategy is CacheStrategy.LRU_S:
-                self.priority[block] = 0.0  # a selected block's score restarts from what it receives now
+            self.priority[block] = self.eviction.selected(self.priority.get(block), self.tick)
             slots.append(slot)
         return slots
 
@@ -103,15 +96,15 @@ class BlockCache:
         if self.copy_stream is not None:
             torch.cuda.current_stream(self.k.device).wait_stream(self.copy_stream)
 
+    @property
+    def uses_scores(self) -> bool:
+        """The strategy wants the attention each selected block received (`add_scores`; LRU-S)."""
+        return self.eviction.uses_scores
+
     def add_scores(self, block_ids: list[int], received: list[float]) -> None:
-        """LRU-S: decay every cached score by `score_decay`, then add the probability each used block got."""
-        if self.strategy is not CacheStrategy.LRU_S:
-            return
-        for block in self.priority:
-            self.priority[block] *= self.score_decay
-        for block, score in zip(block_ids, received):
-            if block in self.priority:
-                self.priority[block] += score
+        """The attention probability each of `block_ids` received in one execution block, to the strategy."""
+        if self.eviction.uses_scores:
+            self.eviction.received(self.priority, block_ids, received)
 
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes
@@ -120,6 +113,25 @@ class BlockCache:
         self.slot_of.clear()
         self.priority.clear()
         self.free = list(range(self.capacity - 1, -1, -1))
+
+
+def check_block_cache(cfg: ModelConfig, num_q_heads: int, num_kv_heads: int, offload: bool) -> None:
+    """Refuse an offloaded memory with the block cache (`offload_access: cache`) whose lookups can select more
+    distinct blocks than the cache holds: with `perhead` each KV head (each query head with `lookup_heads:
+    query`) retrieves its own `topk`, up to heads * topk blocks per lookup (the cache would otherwise fail at
+    the first lookup that spreads that far, part-way through a request). Needs the model's head counts:
+    called when a model is patched and when a memory is made."""
+    if cfg.type is not MemoryType.INF_LLM or not cfg.perhead or not offload or cfg.offload_access != "cache":
+        return
+    heads, kind = (num_q_heads, "query") if cfg.lookup_heads == "query" else (num_kv_heads, "KV")
+    needed = heads * cfg.topk
+    if cfg.max_cached_block < needed:
+        raise ConfigError(
+            f"model.perhead: true retrieves model.topk ({cfg.topk}) blocks for each of the model's "
+            f"{heads} {kind} heads: up to {needed} distinct blocks per lookup must fit in the block cache, "
+            f"but model.max_cached_block is {cfg.max_cached_block}; raise max_cached_block to {needed}, lower "
+            f"topk, keep the blocks on the device (offload: false) or set perhead: false"
+        )
 
 
 class DeviceBlockCache:

@@ -30,7 +30,7 @@ from inf_llm.config import CacheStrategy, MemoryType, ModelConfig
 from inf_llm.errors import ConfigError, MissingDependencyError
 from inf_llm.kernels import reference as _torch_ops
 from inf_llm.kernels.reference import block_representatives
-from inf_llm.memory.block_cache import BlockCache, DeviceBlockCache, FormationRing, RingSlots
+from inf_llm.memory.block_cache import BlockCache, DeviceBlockCache, FormationRing, RingSlots, check_block_cache
 from inf_llm.memory.buffers import BlockStore, StorageSpec, TokenBuffer, representative_dtype
 from inf_llm.memory.compression import BlockCodec
 from inf_llm.memory.rope import RotaryTable
@@ -377,8 +377,7 @@ class ContextMemory:
             q_glb[:, 0], k_glb, v_glb, scale=scale,
             received_into=self.tail.scores(window_start, p + 1) if per_query else None,
         )
-        if self.cache is not None and selected and self.cfg.cache_strategy == CacheStrategy.LRU_S:
-            self._update_block_scores(q_glb, k_glb[:, self.init_len :], lse[:, None], selected, scale)
+        self._report_received(q_glb, k_glb[:, self.init_len :], lse[:, None], selected, scale)
         if self.policy.keeps_blocks and not per_query:
             self.tail.scores(window_start, p + 1).add_(received)
         self.seen = p + 1
@@ -478,8 +477,7 @@ class ContextMemory:
         merged, merged_lse = self.ops.merge_partials(out[None], lse[None], out_g, lse_g)
         out.copy_(merged[0])
         lse.copy_(merged_lse[0])
-        if self.cache is not None and selected and self.cfg.cache_strategy == CacheStrategy.LRU_S:
-            self._update_block_scores(q_glb, k_glb[:, self.init_len :], lse, selected, scale)
+        self._report_received(q_glb, k_glb[:, self.init_len :], lse, selected, scale)
 
     def _attend_global_in_place(self, qb, q_glb, out, lse, s: int, e: int, index: int, scale: float) -> None:
         """Device path (inf-llm; blocks on the compute device, or fetched from pinned host memory first with
@@ -884,8 +882,11 @@ class ContextMemory:
             result.append(sorted(int(i) for i in ids[0]))
         return result
 
-    def _update_block_scores(self, q_glb, k_glb, lse, selected: list[int], scale: float) -> None:
-        """LRU-S: attention probability each selected block received in this execution block."""
+    def _report_received(self, q_glb, k_glb, lse, selected: list[int], scale: float) -> None:
+        """The attention probability each selected block received in this execution block, to the block
+        cache's eviction strategy when it uses them (LRU-S); k_glb (Hkv, n, D) starts at the selected blocks."""
+        if self.cache is None or not selected or not self.cache.uses_scores:
+            return
         n = len(selected) * self.cfg.block_size
         kk = k_glb[:, :n].repeat_interleave(self.group, dim=0).float()  # (Hq, n, D)
         probs = torch.exp(q_glb.float() @ kk.transpose(-1, -2) * scale - lse.unsqueeze(-1))  # (Hq, Lq, n)
@@ -1033,22 +1034,3 @@ def _new_faiss_index(dim: int, count: int) -> list:
             "model.faiss: true needs the faiss package (pip install faiss-cpu), or set model.faiss=false"
         ) from exc
     return [faiss.IndexFlatIP(dim) for _ in range(count)]
-
-
-def check_block_cache(cfg: ModelConfig, num_q_heads: int, num_kv_heads: int, offload: bool) -> None:
-    """Refuse an offloaded memory with the block cache (`offload_access: cache`) whose lookups can select more
-    distinct blocks than the cache holds: with `perhead` each KV head (each query head with `lookup_heads:
-    query`) retrieves its own `topk`, up to heads * topk blocks per lookup (the cache would otherwise fail at
-    the first lookup that spreads that far, part-way through a request). Needs the model's head counts:
-    called when a model is patched and when a memory is made."""
-    if cfg.type is not MemoryType.INF_LLM or not cfg.perhead or not offload or cfg.offload_access != "cache":
-        return
-    heads, kind = (num_q_heads, "query") if cfg.lookup_heads == "query" else (num_kv_heads, "KV")
-    needed = heads * cfg.topk
-    if cfg.max_cached_block < needed:
-        raise ConfigError(
-            f"model.perhead: true retrieves model.topk ({cfg.topk}) blocks for each of the model's "
-            f"{heads} {kind} heads: up to {needed} distinct blocks per lookup must fit in the block cache, "
-            f"but model.max_cached_block is {cfg.max_cached_block}; raise max_cached_block to {needed}, lower "
-            f"topk, keep the blocks on the device (offload: false) or set perhead: false"
-        )
