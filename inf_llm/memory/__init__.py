@@ -3,7 +3,8 @@
 Knows nothing of transformers: the adapter feeds it un-rotated q/k/v of new tokens.
 """
 
-from inf_llm.memory.context_memory import ContextMemory, LayerStats, MemoryPolicy
+from inf_llm.memory.context_memory import ContextMemory, LayerStats
+from inf_llm.memory.policy import MemoryPolicy
 from inf_llm.memory.rope import RotaryTable
 
 __all__ = ["ContextMemory", "LayerStats", "MemoryPolicy", "RotaryTable"]

@@ -13,7 +13,11 @@ For an execution block of queries at positions [s, e) (blocks split at multiples
   formation     tokens behind the window fill the sinks once, then become blocks of `block_size`
                 (inf-llm; representative = mean of the `repr_topk` best-scored keys per head) or are
                 dropped (stream-llm, infinite-lm).
-Knows nothing of transformers.
+Owns the stages, formation, the eager decode step, where blocks are read from (staging, the block caches,
+direct fetches) and the layer's state. Which blocks a lookup selects is `inf_llm.memory.lookup`'s (one
+`BlockLookup`, chosen here once), what a type keeps `inf_llm.memory.policy`'s, which cached block is evicted
+`inf_llm.memory.eviction`'s. Knows nothing of transformers, nor of the static decode step that may replace
+its single-token calls (`static_step`, a `DecodeStep`).
 """
 
 from __future__ import annotations
@@ -22,57 +26,33 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 
-from inf_llm.config import CacheStrategy, MemoryType, ModelConfig
-from inf_llm.errors import ConfigError, MissingDependencyError
+from inf_llm.config import CacheStrategy, ModelConfig
+from inf_llm.errors import ConfigError
 from inf_llm.kernels import reference as _torch_ops
 from inf_llm.kernels.reference import block_representatives
 from inf_llm.memory.block_cache import BlockCache, DeviceBlockCache, FormationRing, RingSlots, check_block_cache
 from inf_llm.memory.buffers import BlockStore, StorageSpec, TokenBuffer, representative_dtype
 from inf_llm.memory.compression import BlockCodec
+from inf_llm.memory.lookup import BlockLookup, lookup_for
+from inf_llm.memory.policy import MemoryPolicy
 from inf_llm.memory.rope import RotaryTable
 from inf_llm.memory.snapshot import LayerSnapshot
 from inf_llm.memory.snapshot import take as take_snapshot
-
-if TYPE_CHECKING:
-    from inf_llm.memory.static_step import StaticDecodeStep
 
 log = logging.getLogger(__name__)
 
 # Execution blocks the rotation base may lag behind before the window is re-rotated: bounds the largest
 # RoPE angle used (n_local + this many blocks) while re-rotating rarely during decoding.
 ROTATION_SLACK = 4
-# Device-path lookups whose selections are added to the retrieval counts together (see
-# _count_device_selections).
-COUNT_BATCH = 64
 # Queries of one local-stage call when the ops do not say (`ops.LOCAL_STAGE_ROWS`: the Triton kernels take
 # a whole prefill chunk, the torch ops one execution block) and there are no execution blocks (origin):
 # bounds the explicit (rows x keys) scores of the torch ops (8192 queries x 12K keys x 32 heads of fp32 took
 # 12 GiB on a GPU).
 LOCAL_STAGE_ROWS = 2048
-
-
-@dataclass(frozen=True)
-class MemoryPolicy:
-    """What a memory type keeps and where it puts positions."""
-
-    windowed: bool  # False: plain full attention over everything (origin)
-    keeps_blocks: bool  # evicted tokens become retrievable blocks (inf-llm) instead of being dropped
-    sink_positions: bool  # sinks rotated at 0..n_init-1 (stream-llm) instead of un-rotated
-    global_query_pos: int  # the fixed angle of global-stage queries
-
-    @staticmethod
-    def of(cfg: ModelConfig) -> "MemoryPolicy":
-        t = MemoryType(cfg.type)
-        if t is MemoryType.ORIGIN:
-            return MemoryPolicy(windowed=False, keeps_blocks=False, sink_positions=False, global_query_pos=0)
-        if t is MemoryType.STREAM_LLM:
-            return MemoryPolicy(True, False, True, cfg.n_init + cfg.n_local - 1)
-        # inf-llm and infinite-lm: memory keys sit at distance ~n_local (code: row n_local - 1).
-        return MemoryPolicy(True, t is MemoryType.INF_LLM, False, cfg.n_local - 1)
 
 
 @dataclass
@@ -91,17 +71,10 @@ class LayerStats:
     cache_prefetched: int = 0  # offload_access: direct: blocks read ahead of the lookups (async_global_stream)
 
 
-@dataclass
-class _Lookup:
-    """Batched lookups of several execution blocks (chunk_topk_calc): top-k over the blocks existing when
-    the batch was scored; blocks formed later are scored individually and merged (exact)."""
+class DecodeStep(Protocol):
+    """A replacement for single-token `process` calls (`inf_llm.memory.static_step.StaticDecodeStep`)."""
 
-    first_block: int  # index of the first execution block of the batch
-    known_blocks: int  # blocks that existed when scored
-    values: torch.Tensor  # (n_exec, Hsel, k) scores of the top-k among known blocks
-    indices: torch.Tensor  # (n_exec, Hsel, k)
-    query_vectors: torch.Tensor  # (n_exec, Hsel, Hr*D or D): to score blocks formed later
-    rows: tuple | None = None  # device path: (values, indices, query_vectors) unbound per execution block
+    def run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor: ...
 
 
 class ContextMemory:
@@ -167,21 +140,12 @@ class ContextMemory:
         self.init_k = torch.zeros(num_kv_heads, self.n_init, head_dim, dtype=dtype, device=device)
         self.init_v = torch.zeros_like(self.init_k)
         self.init_len = 0
-        # Lookups of the last forward, as selected: host lists (host paths) or device id tensors (device path);
-        # read through `retrieved_last` / `retrieval_counts`, which convert once, when asked.
-        self._retrieved: list = []
-        self._counts: dict[int, int] = {}  # block id -> execution blocks that selected it (host paths)
-        self._device_counts: torch.Tensor | None = None  # the same, counted on the device (device path)
-        self._uncounted: list[torch.Tensor] = []  # device path: selections not yet added to _device_counts
-        self._lookup: _Lookup | None = None
-        self._call_qvecs: torch.Tensor | None = None
         self._staging_k: torch.Tensor | None = None  # (Hkv, cap, D): [sinks | blocks | remainder]
         self._staging_v: torch.Tensor | None = None
         self._staged_init = -1  # sink count currently staged
         self._staged_blocks: list[int] = []  # block id of each staged block slot
         self.store: BlockStore | None = None
         self.cache: BlockCache | None = None
-        self._faiss_index = None
         if self.policy.keeps_blocks:
             offload = device.type != "cpu" if offload is None else offload
             if cfg.offload_dtype is not None and not offload:
@@ -199,9 +163,6 @@ class ContextMemory:
                     cfg.max_cached_block, CacheStrategy(cfg.cache_strategy), cfg.effective_score_decay,
                     (num_kv_heads, cfg.block_size, head_dim), dtype, device, copy_stream,
                 )
-            if cfg.faiss:
-                self._faiss_index = _new_faiss_index(num_kv_heads * head_dim if not cfg.perhead else head_dim,
-                                                     num_kv_heads if cfg.perhead else 1)
         # Device path: blocks live on the compute device, or in pinned host memory read by the GPU by id
         # (offload_access: direct), and lookups stay on the device (top-k ids are never read by the host, so
         # a forward pass makes no host sync). Host paths: the block cache (it needs the ids on the host) or
@@ -210,9 +171,14 @@ class ContextMemory:
         # (device_lookup=True forces the device path, for tests).
         # offload_access: direct: the selected blocks are fetched into device slots before each global stage
         self._direct = self.store is not None and offload and cfg.offload_access == "direct"
-        possible = self.store is not None and self.cache is None and self._faiss_index is None
+        possible = self.store is not None and self.cache is None and not cfg.faiss
         self.device_lookup = possible and (
             (device.type != "cpu" or self._direct) if device_lookup is None else device_lookup
+        )
+        # the block selection of this memory's path, and the record of what it selected
+        self.lookup: BlockLookup = lookup_for(
+            cfg, self.store, self.device_lookup, self._refine, rope, (num_q_heads, num_kv_heads, self.score_heads),
+            head_dim, self.repr_dtype, self.policy.global_query_pos, self.exc, device,
         )
         self._fetched: tuple[torch.Tensor, torch.Tensor] | None = None  # direct with perhead: fetched blocks
         self._slot_ids: torch.Tensor | None = None  # direct with perhead: 0..topk-1, the fetched blocks' slots
@@ -233,7 +199,7 @@ class ContextMemory:
         self._check_ops = device.type != "cuda"
         # Set by a caller that replays decode steps as a CUDA graph (adapter.decode_graph): single-token calls
         # then run its fixed-shape step, and the caller plans and advances the host state around them.
-        self.static_step: StaticDecodeStep | None = None
+        self.static_step: DecodeStep | None = None
 
     # ------------------------------------------------------------------------------------------ public
     def process(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
@@ -247,7 +213,7 @@ class ContextMemory:
             k, v = k.repeat_interleave(self._kv_repeat, dim=0), v.repeat_interleave(self._kv_repeat, dim=0)
         if length == 1 and self.static_step is not None:
             return self.static_step.run(q, k, v, scale)
-        if length == 1 and self.policy.windowed and hasattr(self.ops, "decode_attention"):
+        if length == 1 and self.policy.windowed:
             return self._decode_step(q, k, v, scale)
         if self.ring is not None:  # the store's blocks of the last call are read below: their copies first
             self.ring.settle()
@@ -261,6 +227,11 @@ class ContextMemory:
     def wide(self) -> bool:
         """The window still holds the whole conversation (full_attention_tokens)."""
         return self.full_until is not None and self.n_local != self.cfg.n_local
+
+    @property
+    def direct_access(self) -> bool:
+        """offload_access: direct: blocks are read by id from pinned host memory into the device cache."""
+        return self._direct
 
     def plan(self, total_tokens: int) -> None:
         """The conversation is about to reach `total_tokens`: past full_attention_tokens the window narrows now
@@ -283,10 +254,8 @@ class ContextMemory:
         self.tail.append(k, v)
         if self.rot_base is not None:  # the new keys' rotated copies, written in place
             self._rotate(k, start - self.rot_base, out=self.tail.rotated_keys(start, end))
-        self._retrieved = []
+        self.lookup.start()
         bounds = self._exec_bounds(start, end)
-        self._lookup = None
-        self._call_qvecs = None
         # global-stage queries: all rows at one angle, rotated once for the call
         has_global = self.n_local is not None and end - 1 - self.n_local >= 0
         q_glb = self._rotate(q, self.policy.global_query_pos, one_angle=True) if has_global else None
@@ -295,7 +264,7 @@ class ContextMemory:
         if has_global and self.policy.keeps_blocks and len(bounds) > 1 and (
             self.device_lookup or self.cfg.chunk_topk_calc
         ):
-            self._call_qvecs = self._query_vectors(q_glb, bounds, start)
+            self.lookup.prepare(q_glb, bounds, start)
             if self._overlapped:
                 self._prefetch_blocks()  # on a CPU (tests) inline: no stream to overlap with
         # Local stage of every query of the call in one launch: it depends on nothing the execution blocks
@@ -306,7 +275,7 @@ class ContextMemory:
         ):
             self._rebase_rotation(kv_start)
         q_loc = self._rotate(q, start - self.rot_base)
-        piece = getattr(self.ops, "LOCAL_STAGE_ROWS", None) or self.exc or LOCAL_STAGE_ROWS
+        piece = self.ops.LOCAL_STAGE_ROWS or self.exc or LOCAL_STAGE_ROWS
         out = lse = None
         a = start
         while a < end:  # pieces aligned to multiples of `piece` positions, as execution blocks are
@@ -345,7 +314,7 @@ class ContextMemory:
                 )
             self.seen = e
             self._form_memory(e, into_ring=True)
-        self._count_device_selections()
+        self.lookup.flush_counts()
         return out
 
     def _decode_step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
@@ -354,10 +323,10 @@ class ContextMemory:
         scores, so no merge and no second pass (decoding a small model on a CPU is bound by op count)."""
         p = self.seen
         self.plan(p + 1)
-        self._retrieved, self._lookup, self._call_qvecs = [], None, None
+        self.lookup.start()
         self.settle_copies()  # the step reads blocks from the store only
         window_start = max(p - self.n_local + 1, self.tail.first_pos)
-        if self._rebase_due(p):
+        if self.rebase_due(p):
             self._rebase_rotation(window_start)  # the live keys; the new one is rotated at the new base below
         # query and key at the same local position: one rotation of both (the ops' rotation, as the static step)
         qk_loc = self._rotate(torch.cat((q, k)), p - self.rot_base)
@@ -382,32 +351,21 @@ class ContextMemory:
             self.tail.scores(window_start, p + 1).add_(received)
         self.seen = p + 1
         self._form_memory(p + 1)
-        self._count_device_selections()
+        self.lookup.flush_counts()
         return out[:, None]
 
     @property
     def retrieved_last(self) -> list[list[int]]:
         """Block ids selected by each execution block of the last forward (sorted, heads merged)."""
-        return [ids if isinstance(ids, list) else sorted(set(ids.flatten().tolist())) for ids in self._retrieved]
+        return self.lookup.retrieved_last
 
     @property
     def retrieval_counts(self) -> dict[int, int]:
         """Block id -> execution blocks that selected it, since the last `reset_retrieval_counts`."""
-        counts = dict(self._counts)
-        # counts made by forwards in inference mode are inference tensors: updated in that mode only
-        with torch.inference_mode(self._device_counts is not None and self._device_counts.is_inference()):
-            self._count_device_selections(force=True)
-        if self._device_counts is not None:
-            hits = self._device_counts[: self.store.count].tolist()  # host copy, only when asked
-            for block, n in enumerate(hits):
-                if n:
-                    counts[block] = counts.get(block, 0) + int(n)
-        return counts
+        return self.lookup.retrieval_counts()
 
     def reset_retrieval_counts(self) -> None:
-        self._counts.clear()
-        self._device_counts = None
-        self._uncounted.clear()
+        self.lookup.reset_counts()
 
     def stats(self) -> LayerStats:
         device_bytes = self.tail.nbytes() + self.init_k.nbytes * 2
@@ -484,10 +442,10 @@ class ContextMemory:
         offload_access: direct): one `global_stage_into` per execution block reads sinks, the selected blocks
         (ids stay on the device) and the remainder where they lie; no staging copies, no `visible` tensor,
         no separate merge (host launches bound this path on a GPU)."""
-        ids = self._select_blocks(qb, index)
+        ids = self.lookup.select(qb, index)
         if ids is None:
             ids = torch.empty(1, 0, dtype=torch.int64, device=self.device)
-        store_k, store_v, ids = self._resident(ids, from_ring=True)
+        store_k, store_v, ids = self.resident_blocks(ids, from_ring=True)
         tail_first = self.tail.first_pos
         tail_end = max(e - self.n_local, tail_first)  # positions <= e - 1 - n_local: seen by some query here
         self.ops.global_stage_into(
@@ -524,7 +482,7 @@ class ContextMemory:
         Returns k (Hkv, Lg, D), v (Hkv, Lg, D), visible (Lq,) int64, and the staged block ids in order.
         """
         n_local = self.n_local
-        ids_per_head = self._select_blocks(qb, index, q_rotated) if self.policy.keeps_blocks else None
+        ids_per_head = self.lookup.select(qb, index, q_rotated) if self.policy.keeps_blocks else None
         # tail tokens usable in the global stage: all (inf-llm) or only sink positions still in the tail
         tail_first = self.tail.first_pos
         tail_end = e - n_local  # positions <= e - 1 - n_local can be visible to some query here
@@ -568,10 +526,10 @@ class ContextMemory:
         bs, n = self.cfg.block_size, ids.shape[1] * self.cfg.block_size
         dst_k = k_glb[:, at : at + n].view(self.hkv, ids.shape[1], bs, self.d).transpose(0, 1)  # (k, Hkv, bs, D)
         dst_v = v_glb[:, at : at + n].view(self.hkv, ids.shape[1], bs, self.d).transpose(0, 1)
-        self.ops.gather_blocks(*self._resident(ids), dst_k, dst_v)
+        self.ops.gather_blocks(*self.resident_blocks(ids), dst_k, dst_v)
         self._staged_blocks = []  # the host path's slot bookkeeping no longer matches the staging buffer
 
-    def _resident(self, ids: torch.Tensor, from_ring: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def resident_blocks(self, ids: torch.Tensor, from_ring: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Device path: where the selected blocks (ids (Hsel, k) on the device) can be read on the device:
         (K, V, ids) in the store's layout, for `global_stage_into` or `gather_blocks`. The store itself
         when it is on the device; with offload_access: direct, the device cache's slots (only blocks not
@@ -674,128 +632,16 @@ class ContextMemory:
             self._staged_init, self._staged_blocks = -1, []
         return self._staging_k, self._staging_v
 
-    # ------------------------------------------------------------------------------------------ lookup
-    def _query_vector(self, qb: torch.Tensor, q_rotated: torch.Tensor | None = None) -> torch.Tensor:
-        """Lookup vector of an execution block: the mean of its un-rotated queries rotated to the global
-        angle (rotation is linear), heads of each KV group summed (lookup_heads: kv) or one per query head
-        (query). (1, Hr*D) (Hr = score_heads), or (Hkv, D) with perhead.
-        `q_rotated`: one query already rotated to the global angle in the representatives' dtype."""
-        if q_rotated is None:
-            q_mean = qb.to(self.repr_dtype)
-            q_rotated = self.rope.rotate_at(q_mean if qb.shape[1] == 1 else q_mean.mean(dim=1, keepdim=True),
-                                            self.policy.global_query_pos)
-        per_head = q_rotated[:, 0]  # (Hq, D)
-        if self.score_heads == self.hkv:
-            per_head = per_head.view(self.hkv, self.group, self.d).sum(dim=1)  # (Hkv, D)
-        return per_head if self.cfg.perhead else per_head.reshape(1, -1)
-
-    def _query_vectors(self, q_glb: torch.Tensor, bounds: list[tuple[int, int]], start: int) -> torch.Tensor:
-        """`_query_vector` of every execution block of a call, (n, Hsel, X), in a few ops, from the call's
-        queries already rotated to the global angle (rotation is linear: the mean of rotated queries is the
-        rotated mean, up to their rounding, as the original averages its rotated global queries). Means in
-        the representatives' precision, read straight from the contiguous q_glb: converting q first cost a
-        full float32 copy of it per layer. Runs of full blocks by one reshaped mean, a partial first or last
-        block by its own."""
-        means, k = [], 0
-        while k < len(bounds):
-            j = k
-            while j < len(bounds) and bounds[j][1] - bounds[j][0] == self.exc:
-                j += 1
-            if j > k:  # blocks k..j-1 are full: (Hq, j-k, D)
-                rows = q_glb[:, bounds[k][0] - start : bounds[j - 1][1] - start]
-                means.append(rows.unflatten(1, (j - k, self.exc)).mean(dim=2, dtype=self.repr_dtype))
-                k = j
-            else:
-                s, e = bounds[k]
-                means.append(q_glb[:, s - start : e - start].mean(dim=1, keepdim=True, dtype=self.repr_dtype))
-                k += 1
-        mean = means[0] if len(means) == 1 else torch.cat(means, dim=1)  # (Hq, n, D)
-        if self.score_heads == self.hkv:
-            mean = mean.view(self.hkv, self.group, len(bounds), self.d).sum(dim=1)  # (Hkv, n, D)
-        per_head = mean.transpose(0, 1)  # (n, Hr, D)
-        return per_head if self.cfg.perhead else per_head.reshape(len(bounds), 1, -1)
-
-    def _block_scores(self, qvec: torch.Tensor, first: int, last: int) -> torch.Tensor:
-        """Scores (..., Hsel, last-first) of blocks [first, last) for query vectors qvec (..., Hsel, X)."""
-        reprs = self.store.representatives()[first:last]  # (N, Hr*D), float32 (float64 in float64 tests)
-        if self.cfg.perhead:
-            return torch.einsum("...hd,nhd->...hn", qvec, reprs.view(-1, self.hkv, self.d))
-        # (N, X) @ (X, Hsel): a GEMV for cuBLAS (as qvec @ reprs.T, an m=1 GEMM, it took 56 us on an H200);
-        # one lookup vector through torch.mv, which dispatches in less host time than matmul
-        if qvec.dim() == 2:
-            return torch.mv(reprs, qvec[0]).unsqueeze(0)  # (1, N)
-        return (reprs @ qvec.mT).mT  # (..., 1, N)
-
-    def _select_blocks(self, qb: torch.Tensor, index: int, q_rotated: torch.Tensor | None = None
-                       ) -> list[list[int]] | torch.Tensor | None:
-        """Top-k block ids for this execution block: one list, or Hkv lists with perhead; on the device
-        path a (1 or Hkv, k) int64 tensor of ids on the device instead (in score order: the kernels do not
-        care about the order, and a sort cost a launch per lookup)."""
-        n_blocks = self.store.count
-        if n_blocks == 0:
-            return None
-        topk = self.cfg.topk
-        heads = self.hkv if self.cfg.perhead else 1
-        if self.device_lookup and topk > 0:
-            return self._device_select(qb, n_blocks, heads, q_rotated, index)
-        if n_blocks <= topk or (self.cfg.dense_decoding and qb.shape[1] == 1):
-            ids = [list(range(n_blocks))] * heads
-        elif topk == 0:
-            self._record([[]])
-            return None
-        elif self._call_qvecs is not None:
-            ids = self._batched_select(index)
-        else:
-            qvec = self._query_vector(qb, q_rotated)
-            if self._faiss_index is not None:
-                ids = self._faiss_search(qvec, topk)
-            else:
-                scores = self._block_scores(qvec, 0, n_blocks)  # (Hsel, N)
-                ids = scores.topk(topk, dim=-1).indices.sort(dim=-1).values.tolist()  # host sync: ids drive the gather
-        self._record(ids)
-        return ids
-
-    def _device_select(self, qb: torch.Tensor, n_blocks: int, heads: int, q_rotated: torch.Tensor | None = None,
-                       index: int = 0) -> torch.Tensor:
-        if n_blocks <= self.cfg.topk or (self.cfg.dense_decoding and qb.shape[1] == 1):
-            ids = torch.arange(n_blocks, device=self.store.repr.device).expand(heads, -1)
-        elif self._call_qvecs is not None:
-            ids = self._device_batched_select(index, n_blocks)
-        else:
-            qvec = self._query_vector(qb, q_rotated)
-            ids = self._block_scores(qvec, 0, n_blocks).topk(self.cfg.topk, dim=-1).indices  # (Hsel, k)
-        self._retrieved.append(ids)
-        self._uncounted.append(ids)  # counted in batches by _count_device_selections
-        return ids
-
-    def _device_batched_select(self, index: int, n_blocks: int) -> torch.Tensor:
-        """Device path, execution block `index` of a call: the call's lookups score the blocks that exist
-        at its first lookup in one matmul and one top-k; each execution block then refines its row with
-        the blocks formed since (`ops.refine_topk`, one launch; exact, as in _batched_select). A lookup per
-        execution block was a GEMV and a top-k of several launches each, in every layer."""
-        topk, batch = self.cfg.topk, self._lookup
-        if batch is None:
-            batch = self._batch_lookup(n_blocks)
-        values, indices, query = (part[index] for part in batch.rows)
-        if n_blocks == batch.known_blocks:
-            return indices
-        reprs = self.store.representatives()
+    def _refine(self, values: torch.Tensor, indices: torch.Tensor, query: torch.Tensor, reprs: torch.Tensor,
+                first: int, k: int) -> torch.Tensor:
+        """The device lookup's refinement of a batch row with blocks [first, ...) (see `lookup.Refine`)."""
         if self._direct and not self.cfg.perhead:  # the lookup makes its blocks resident in the same program
             ids, slots = self.block_cache_on_device().fetch_refined(
-                self.ops, self.store, values, indices, query, reprs, batch.known_blocks, topk,
-                self._ring_blocks(),
+                self.ops, self.store, values, indices, query, reprs, first, k, self._ring_blocks(),
             )
             self._resident_slots = (ids, slots)
             return ids
-        return self.ops.refine_topk(values, indices, query, reprs, batch.known_blocks, topk, check=self._check_ops)
-
-    def _batch_lookup(self, n_blocks: int) -> _Lookup:
-        """The call's lookups over the blocks existing now: one matmul and one top-k (device path)."""
-        scores = self._block_scores(self._call_qvecs, 0, n_blocks)  # (n_exec, Hsel, N)
-        values, indices = scores.topk(self.cfg.topk, dim=-1)
-        rows = (values.unbind(0), indices.unbind(0), self._call_qvecs.unbind(0))  # views in three calls
-        self._lookup = _Lookup(0, n_blocks, values, indices, self._call_qvecs, rows)
-        return self._lookup
+        return self.ops.refine_topk(values, indices, query, reprs, first, k, check=self._check_ops)
 
     def _prefetch_blocks(self) -> None:
         """offload_access: direct with async_global_stream: the blocks the call's lookups select among those
@@ -806,81 +652,13 @@ class ContextMemory:
         n_blocks = self.store.count
         if n_blocks <= self.cfg.topk:
             return
-        batch = self._batch_lookup(n_blocks)
+        batch = self.lookup.batch_topk(n_blocks)
         self.block_cache_on_device().prefetch(self.ops, self.store, batch.indices.view(1, -1), self.copy_stream,
                                               self._ring_blocks())
 
-    def _count_device_selections(self, force: bool = False) -> None:
-        """Device path: add the pending selections to the per-block counts, on the device (a block counts
-        once per execution block, whatever the heads), a few ops per COUNT_BATCH selections (or when the
-        counts are read): decoding would otherwise pay three launches per layer and step."""
-        if len(self._uncounted) < COUNT_BATCH and not (force and self._uncounted):
-            return
-        selections, self._uncounted = self._uncounted, []
-        n_blocks = self.store.count
-        if self._device_counts is None or self._device_counts.shape[0] < n_blocks:
-            self._grow_device_counts(max(2 * n_blocks, 64))
-        if all(ids.shape[0] == 1 for ids in selections):  # one id list per execution block: no duplicates
-            flat = torch.cat([ids[0] for ids in selections])
-            # index_add_ (atomic adds): index_put_(accumulate=True) sorts the indices and waits for the device
-            # (a sync that cost the prefill its overlap of host and GPU, every 64 lookups of every layer)
-            ones = torch.ones(flat.shape, dtype=torch.int32, device=flat.device)
-            self._device_counts.index_add_(0, flat, ones)
-            return
-        for ids in selections:  # perhead: a block selected by several heads counts once
-            hit = torch.zeros(n_blocks, dtype=torch.int32, device=ids.device).index_fill_(0, ids.flatten(), 1)
-            self._device_counts[:n_blocks] += hit
-
-    def _grow_device_counts(self, size: int) -> None:
-        """The device path's per-block counts with room for `size` blocks, the counts so far kept."""
-        grown = torch.zeros(size, dtype=torch.int32, device=self.device)
-        if self._device_counts is not None:
-            grown[: self._device_counts.shape[0]] = self._device_counts
-        self._device_counts = grown
-
-    def _rebase_due(self, p: int) -> bool:
+    def rebase_due(self, p: int) -> bool:
         """A decode step at position p re-rotates the window first (angles would exceed n_local + the slack)."""
         return self.rot_base is None or p - self.rot_base > self.n_local + ROTATION_SLACK * self.exc
-
-    def _batched_select(self, index: int) -> list[list[int]]:
-        """chunk_topk_calc: score the execution blocks of `chunk_topk_calc` tokens in one matmul and one host
-        sync. Blocks formed after the batch was scored are merged in exactly (the overall top-k is inside
-        old top-k plus new blocks), so the selection equals the per-block lookup."""
-        topk, n_blocks = self.cfg.topk, self.store.count
-        batch = self._lookup
-        if batch is None or index >= batch.first_block + batch.values.shape[0]:
-            per_batch = max(1, self.cfg.chunk_topk_calc // self.cfg.exc_block_size)
-            qvecs = self._call_qvecs[index : index + per_batch]  # (n, Hsel, X)
-            scores = self._block_scores(qvecs, 0, n_blocks)  # (n, Hsel, N)
-            values, indices = scores.topk(min(topk, n_blocks), dim=-1)
-            # host sync: once per batch of execution blocks
-            batch = _Lookup(index, n_blocks, values.cpu(), indices.cpu(), qvecs)
-            self._lookup = batch
-        j = index - batch.first_block
-        values, ids = batch.values[j], batch.indices[j]  # (Hsel, k)
-        if n_blocks > batch.known_blocks:
-            fresh = self._block_scores(batch.query_vectors[j], batch.known_blocks, n_blocks).cpu()  # host sync
-            fresh_ids = torch.arange(batch.known_blocks, n_blocks).expand(fresh.shape[0], -1)
-            values, ids = torch.cat([values, fresh], dim=-1), torch.cat([ids, fresh_ids], dim=-1)
-            ids = ids.gather(-1, values.topk(topk, dim=-1).indices)
-        return ids.sort(dim=-1).values.tolist()
-
-    def _record(self, ids_per_head: list[list[int]]) -> None:
-        flat = sorted({i for ids in ids_per_head for i in ids})
-        self._retrieved.append(flat)
-        for i in flat:
-            self._counts[i] = self._counts.get(i, 0) + 1
-
-    def _faiss_search(self, qvec: torch.Tensor, topk: int) -> list[list[int]]:
-        import numpy as np
-
-        indexes = self._faiss_index
-        result = []
-        for h, index in enumerate(indexes):
-            query = np.ascontiguousarray(qvec[h : h + 1].detach().cpu().numpy().astype("float32"))  # host sync
-            _, ids = index.search(query, topk)
-            result.append(sorted(int(i) for i in ids[0]))
-        return result
 
     def _report_received(self, q_glb, k_glb, lse, selected: list[int], scale: float) -> None:
         """The attention probability each selected block received in this execution block, to the block
@@ -937,9 +715,7 @@ class ContextMemory:
         else:  # to the host (cache access, compressed or not): representatives here, K/V copied asynchronously
             representatives = block_representatives(keys, scores, self.cfg.repr_topk, self.repr_dtype)
             store.add_many(keys.transpose(0, 1), values.transpose(0, 1), representatives, starts)
-        if self._faiss_index is not None:
-            for representative in store.repr[store.count - n : store.count]:
-                self._faiss_add(representative)
+        self.lookup.added(n)
         self.tail.drop_front(n * bs)
 
     def _formation_ring(self) -> FormationRing:
@@ -948,14 +724,6 @@ class ContextMemory:
             slots = self._ring_slots((self.hkv, self.cfg.block_size, self.d), self.dtype, self.device)
             self.ring = FormationRing(slots, self.copy_stream, self._check_ops)
         return self.ring
-
-    def _faiss_add(self, representative: torch.Tensor) -> None:
-        vec = representative.float().detach().cpu().numpy()  # host sync: faiss lives on the host
-        if self.cfg.perhead:
-            for h, index in enumerate(self._faiss_index):
-                index.add(vec[None, h * self.d : (h + 1) * self.d])
-        else:
-            self._faiss_index[0].add(vec[None])
 
     # ---------------------------------------------------------------------------------------- sessions
     def state(self) -> dict:
@@ -1009,8 +777,8 @@ class ContextMemory:
         the faiss index is rebuilt), and the window's rotated keys are recomputed for the same base (so the
         continuation is bit-identical to the uninterrupted one)."""
         self._staged_init, self._staged_blocks = -1, []
-        self._lookup, self._call_qvecs, self._retrieved, self._resident_slots = None, None, [], None
-        self.reset_retrieval_counts()
+        self.lookup.reset()
+        self._resident_slots = None
         self.rot_base = None
         if rot_base is not None:
             self._rebase_rotation(int(rot_base))
@@ -1019,18 +787,3 @@ class ContextMemory:
         for cache in (self.cache, self.device_cache, self.ring):
             if cache is not None:
                 cache.clear()
-        if self._faiss_index is not None:
-            for index in self._faiss_index:
-                index.reset()
-            for i in range(self.store.count):
-                self._faiss_add(self.store.repr[i])
-
-
-def _new_faiss_index(dim: int, count: int) -> list:
-    try:
-        import faiss
-    except ImportError as exc:
-        raise MissingDependencyError(
-            "model.faiss: true needs the faiss package (pip install faiss-cpu), or set model.faiss=false"
-        ) from exc
-    return [faiss.IndexFlatIP(dim) for _ in range(count)]

@@ -13,7 +13,8 @@ The caller fills `args` with `plan()`'s values, runs (or replays) `run`, then ca
 host bookkeeping the graph cannot do. Steps that change the layout (a block forms, the window is
 re-rotated, sinks are still filling) are refused by `plan()` and take the ordinary path; `layout()` names
 every buffer address a graph bakes in, so the caller re-captures when one moved (a buffer grew).
-Knows nothing of transformers or CUDA graphs.
+Reads the memory through its public members only (`ContextMemory.lookup`, `resident_blocks`, `rebase_due`,
+the buffers); the memory does not import this module. Knows nothing of transformers or CUDA graphs.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ class StaticDecodeStep:
     def supports(memory: ContextMemory) -> bool:
         cfg = memory.cfg
         return (memory.policy.keeps_blocks and memory.device_lookup and cfg.topk > 0 and not cfg.perhead
-                and not cfg.dense_decoding and hasattr(memory.ops, "decode_attention"))
+                and not cfg.dense_decoding)
 
     def plan(self) -> list[int] | None:
         """`args` for the next step, or None when it must take the ordinary path (it forms a block, re-rotates
@@ -54,18 +55,19 @@ class StaticDecodeStep:
         m, cfg = self.memory, self.memory.cfg
         p, tail = m.seen, m.tail
         remainder_len = p - m.n_local + 1 - tail.first_pos  # tokens behind the window, not yet a block
-        if (m.init_len < m.n_init or m._rebase_due(p) or not 0 <= remainder_len < cfg.block_size
+        if (m.init_len < m.n_init or m.rebase_due(p) or not 0 <= remainder_len < cfg.block_size
                 or m.store.count < cfg.topk
                 or tail.offset + tail.length >= tail.k.shape[1]):
             return None
         m.rope.cos_sin(0, self.rotation_rows, m.dtype)
-        if m._direct:  # allocated (and emptied) here, a prefill's prefetch and copies waited for: not in a capture
+        if m.direct_access:  # allocated (and emptied) here, a prefill's prefetch and copies waited for: not in a capture
             m.block_cache_on_device().settle()
             m.settle_copies()
-        m._count_device_selections(force=True)  # the ordinary steps' pending selections
+        lookup = m.lookup
+        lookup.flush_counts(force=True)  # the ordinary steps' pending selections
         capacity = m.store.repr.shape[0]
-        if m._device_counts is None or m._device_counts.shape[0] < capacity:
-            m._grow_device_counts(capacity)
+        if lookup.device_counts is None or lookup.device_counts.shape[0] < capacity:
+            lookup.grow_counts(capacity)
         if self.store_slots.shape[0] != capacity:  # slot numbers of the store, for the lookup's mask
             self.store_slots = torch.arange(capacity, device=m.device)
         return [tail.offset + tail.length, tail.offset + remainder_len, tail.offset, remainder_len,
@@ -76,7 +78,7 @@ class StaticDecodeStep:
         m = self.memory
         cos, sin = m.rope.cos_sin(0, self.rotation_rows, m.dtype)
         tensors = (m.tail.k, m.tail.v, m.tail.k_rot, m.tail.score, m.store.k, m.store.v, m.store.repr,
-                   m._device_counts, m.init_k, m.init_v, cos, sin, self.args, self.store_slots)
+                   m.lookup.device_counts, m.init_k, m.init_v, cos, sin, self.args, self.store_slots)
         if m.device_cache is not None:
             tensors += (m.device_cache.k, m.device_cache.v, m.device_cache.tags, m.device_cache.stamps,
                         m.device_cache.counters)
@@ -94,7 +96,7 @@ class StaticDecodeStep:
         q_loc = m.ops.decode_prologue(q, k, v, cos, sin, a[4:5], a[0:1], tail.k, tail.v, tail.k_rot, tail.score)
         # lookup: the shared top-k over every store slot, slots past the block count never chosen
         q_glb = m.rope.rotate_at(q.to(m.repr_dtype), m.policy.global_query_pos)
-        qvec = m._query_vector(q, q_glb)  # (1, Hkv * D)
+        qvec = m.lookup.query_vector(q, q_glb)  # (1, Hkv * D)
         scores = torch.mv(store.repr, qvec[0]).unsqueeze(0)  # (1, capacity)
         ids = torch.where(self.store_slots < a[5], scores, self.neg_inf).topk(cfg.topk, dim=-1).indices  # (1, topk)
         # every key read where it lies, no staging copies (they were ~10 kernels and 24 MB of copies per
@@ -103,10 +105,10 @@ class StaticDecodeStep:
         # window at a[1], whose keys' received probabilities are added to their scores in place
         out, _, _ = m.ops.decode_attention(
             q_loc[:, 0], tail.k_rot, tail.v, q_glb[:, 0], m.init_k, m.init_v, scale=scale,
-            window=(a[1:2], m.n_local), received_into=tail.score, blocks=m._resident(ids),
+            window=(a[1:2], m.n_local), received_into=tail.score, blocks=m.resident_blocks(ids),
             remainder=(tail.k, tail.v, a[2:3], cfg.block_size, a[3:4]),
         )
-        m._device_counts.index_add_(0, ids[0], self.ones)
+        m.lookup.device_counts.index_add_(0, ids[0], self.ones)
         self.block_ids = ids
         return out[:, None]
 
@@ -115,4 +117,5 @@ class StaticDecodeStep:
         m = self.memory
         m.tail.length += 1
         m.seen += 1
-        m._retrieved, m._lookup, m._call_qvecs = [self.block_ids], None, None
+        m.lookup.start()
+        m.lookup.retrieved.append(self.block_ids)
