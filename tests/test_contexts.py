@@ -158,3 +158,17 @@ def test_a_full_disk_budget_keeps_the_document_in_ram_and_says_why(tmp_path):
         doc = c.post("/v1/contexts", json={"name": "harbour.txt", "text": DOCUMENT}).json()
         assert doc["where"] == ["ram"] and "contexts.disk_mib" in doc["disk_error"]
         assert ask(c, doc["id"])["usage"]["cached_tokens"] >= doc["tokens"]
+
+
+def test_a_full_ram_budget_moves_a_document_to_disk_and_it_comes_back(tmp_path):
+    """contexts.ram_mib too small for a second memory: the next answer's snapshot pushes the document out of
+    RAM (it stays listed, on disk), and the next question on it loads it back instead of reading it again."""
+    with served(tmp_path, *OVERRIDES, f"contexts.dir={tmp_path / 'c'}", "contexts.ram_mib=1") as srv, \
+            httpx.Client(base_url=srv.url, headers=AUTH, timeout=REQUEST_TIMEOUT) as c:
+        doc = c.post("/v1/contexts", json={"name": "harbour.txt", "text": DOCUMENT}).json()
+        assert doc["where"] == ["ram", "disk"]  # the newest memory stays, whatever the budget
+        first = ask(c, doc["id"])
+        ask(c, None, "Name a color.")  # another conversation's snapshots take the budget
+        assert c.get(f"/v1/contexts/{doc['id']}").json()["where"] == ["disk"]
+        again = ask(c, doc["id"])
+        assert again["usage"]["cached_tokens"] >= doc["tokens"] and again["response"] == first["response"]

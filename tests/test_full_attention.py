@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -64,7 +66,9 @@ def test_a_session_saved_while_wide_continues_identically_across_the_limit():
     rest = [1] * 30 + [50]
     torch.testing.assert_close(feed(a, q[:, 80:], k[:, 80:], v[:, 80:], rest),
                                feed(b, q[:, 80:], k[:, 80:], v[:, 80:], rest), rtol=0, atol=0)
-    assert not b.wide and b.stats() == a.stats()
+    # the same state; the bytes may differ (a loaded store is sized to its blocks, a grown one doubled)
+    same = [dataclasses.replace(m.stats(), host_bytes=0, device_bytes=0) for m in (a, b)]
+    assert not b.wide and same[0] == same[1]
 
 
 def test_a_limit_within_the_window_changes_nothing():

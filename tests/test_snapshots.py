@@ -170,3 +170,20 @@ def test_restore_refuses_a_snapshot_of_another_cache():
         feed(model, b, ids_of(100, 17))
         with pytest.raises(ValueError, match="cache it was taken from"):
             b.restore(a.snapshot())
+
+
+def test_trim_gives_back_unused_block_capacity_and_the_memory_continues_identically():
+    model = build_tiny_model("llama", seed=9)
+    doc, q = ids_of(1200, 18), ids_of(40, 19)
+    with torch.no_grad(), patched(model, type="inf-llm", **SMALL):
+        reference = InfLLMCache(model)
+        feed(model, reference, doc)
+        expected = feed(model, reference, q)
+        cache = InfLLMCache(model)
+        feed(model, cache, doc)
+        store = cache.layers[0].memory.store
+        before = store.k.shape[0]
+        cache.trim(spare_blocks=4)
+        assert store.k.shape[0] == store.count + 4 < before
+        got = feed(model, cache, q)
+    assert torch.equal(got, expected)

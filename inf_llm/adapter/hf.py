@@ -401,6 +401,12 @@ class InfLLMCache(Cache):
                     out += layer.memory.store.storages()
         return out
 
+    def trim(self, spare_blocks: int = 64) -> None:
+        """Give back the block stores' unused capacity beyond `spare_blocks` each (a kept document)."""
+        for layer in self.layers:
+            if layer.memory is not None and layer.memory.store is not None:
+                layer.memory.store.trim(spare_blocks)
+
     def snapshot(self, parent: CacheSnapshot | None = None) -> CacheSnapshot:
         """This cache's memory now, sharing its blocks and, with `parent` (an earlier snapshot of this cache
         on the same conversation), the parent's window positions."""

@@ -353,6 +353,7 @@ class Generator:
         if self.cache is not cache or len(self.held) != len(ids):
             raise GenerationCancelled("cancelled while reading the document")
         with torch.inference_mode():
+            cache.trim()  # kept for many questions: not twice its blocks' bytes
             entry = self.keep_snapshot(cache, ids, context_id)
         self.prefix_cache.evict(live=cache, keep=entry)
         return entry

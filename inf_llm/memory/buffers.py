@@ -261,10 +261,10 @@ class BlockStore:
         """(k_scale, v_scale) of a store of codes, for the ops' `scales` argument; None without a codec."""
         return (self.k_scale, self.v_scale) if self.codec is not None else None
 
-    def _reserve(self, extra: int) -> None:
-        if self.count + extra <= self.k.shape[0]:
+    def _reserve(self, extra: int, exact: bool = False) -> None:
+        if self.count + extra <= self.k.shape[0] and not exact:
             return
-        cap = max(2 * self.k.shape[0], self.count + extra)
+        cap = self.count + extra if exact else max(2 * self.k.shape[0], self.count + extra)
         used = slice(0, self.count)
         pinned = self.k.is_pinned()
         _wait_for_device_access(self.k)  # the host copies the old buffers: let queued writes and reads end
@@ -326,6 +326,12 @@ class BlockStore:
         if self.codec is not None:
             storage += self.k_scale.nbytes + self.v_scale.nbytes
         return storage, self.repr.nbytes
+
+    def trim(self, spare: int) -> None:
+        """Capacity for `spare` more blocks only (a document kept for many questions: growth by doubling left
+        up to twice its blocks allocated). Not for host-pool or pinned storage, which is reused as it is."""
+        if not self._lent and not self.k.is_pinned() and self.k.shape[0] > self.count + spare:
+            self._reserve(spare, exact=True)
 
     # --- prefix snapshots -------------------------------------------------------------------------------
     def share(self) -> "BlockShare":
