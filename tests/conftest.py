@@ -28,6 +28,9 @@ from inf_llm.config import DEFAULT_CONFIG_NAME, InfLLMConfig, load_config
 from inf_llm.engine.loading import LoadedModel, load_model
 from tests.models import build_tiny_model
 
+# The page tests' one Chromium and server, shared by every module that uses them.
+pytest_plugins = ["tests.webui_session"]
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 NO_BF16_SITE = REPO_ROOT / "tests" / "no_bf16_site"
 

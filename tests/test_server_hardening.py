@@ -592,31 +592,25 @@ def test_a_bug_is_a_500_and_the_connection_stays_open(failed_server, monkeypatch
 
 
 # --------------------------------------------------------------------------------------------- the page
-def test_the_page_asks_for_the_key_and_shows_the_rest_with_it(server):
+def test_the_page_asks_for_the_key_and_shows_the_rest_with_it(server, browser):
     """The page in Chromium on the keyed server: without the key it shows no model and no system prompt (the
     server did not send them) and asks for the key; with the key, /status gives it both."""
-    playwright = pytest.importorskip("playwright.sync_api")
     from playwright.sync_api import expect
 
-    from tests.test_webui import CHROMIUM, CHROMIUM_ARGS
-
-    if not os.path.exists(CHROMIUM):
-        pytest.skip(f"{CHROMIUM} not installed")
-    with playwright.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page()
-            page.goto(server.url + "/")
-            expect(page.locator("#status-dot")).to_have_attribute("data-state", "ready", timeout=30_000)
-            expect(page.locator("#banner")).to_contain_text("requires an API key")
-            expect(page.locator("#model-name")).not_to_contain_text(MODEL_NAME)
-            page.get_by_role("button", name="Settings", exact=True).click()
-            expect(page.locator("#set-system")).not_to_have_value(re.compile(SECRET))
-            page.locator("#set-api-key").fill(API_KEY)
-            expect(page.locator("#model-name")).to_have_text(MODEL_NAME, timeout=10_000)
-            page.get_by_role("button", name="Done").click()
-            page.get_by_role("button", name="Settings", exact=True).click()
-            expect(page.locator("#set-system")).to_have_value(re.compile(SECRET))
-            expect(page.locator("#set-max_new_tokens")).to_have_attribute("max", str(MAX_NEW_TOKENS_LIMIT))
-        finally:
-            browser.close()
+    context = browser.new_context()
+    try:
+        page = context.new_page()
+        page.goto(server.url + "/")
+        expect(page.locator("#status-dot")).to_have_attribute("data-state", "ready", timeout=30_000)
+        expect(page.locator("#banner")).to_contain_text("requires an API key")
+        expect(page.locator("#model-name")).not_to_contain_text(MODEL_NAME)
+        page.get_by_role("button", name="Settings", exact=True).click()
+        expect(page.locator("#set-system")).not_to_have_value(re.compile(SECRET))
+        page.locator("#set-api-key").fill(API_KEY)
+        expect(page.locator("#model-name")).to_have_text(MODEL_NAME, timeout=10_000)
+        page.get_by_role("button", name="Done").click()
+        page.get_by_role("button", name="Settings", exact=True).click()
+        expect(page.locator("#set-system")).to_have_value(re.compile(SECRET))
+        expect(page.locator("#set-max_new_tokens")).to_have_attribute("max", str(MAX_NEW_TOKENS_LIMIT))
+    finally:
+        context.close()

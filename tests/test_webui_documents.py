@@ -1,8 +1,9 @@
 """End-to-end tests of the page's documents panel (inf_llm/static/js/documents.js) in real headless Chromium.
 
-The same session as tests/test_webui.py: the real server (`python -m inf_llm.serve`, SmolLM2-135M on CPU) on a
-free loopback port, or INF_LLM_WEBUI_URL. Each test deletes the documents it made and (but for the screenshots)
-names them uniquely, so it also runs against a server whose library holds documents of its own.
+The session's Chromium and real server (`python -m inf_llm.serve`, SmolLM2-135M on CPU, documents in a
+session folder) from tests/webui_session.py, or INF_LLM_WEBUI_URL. Each test deletes the documents it made
+and (but for the screenshots) names them uniquely, so it also runs against a server whose library holds
+documents of its own.
 
 Screenshots of the panel go to artifacts/screenshots/; with INF_LLM_DOC_FIGURES=1 also to docs/figures/
 (page-documents-light.png, -dark.png, -phone.png), the figures the docs show.
@@ -21,31 +22,11 @@ from pathlib import Path
 
 import pytest
 
-from tests import test_webui
-from tests.test_webui import (
-    REPO_ROOT,
-    PageErrors,
-    Server,
-    _new_page,
-    chat_body,
-    configure,
-    last_reply,
-    open_ready,
-    send,
-    wait_reply,
-    watch_streaming,
-)
+pytest.importorskip("playwright.sync_api")
+from playwright.sync_api import Browser, Page, expect
 
-from playwright.sync_api import Browser, Page, expect  # isort: skip (after test_webui's importorskip)
-
-# test_webui's fixtures (the session's Chromium and server, a fresh page): pytest finds them by name here.
-browser, server, page, page_errors, screenshots = (
-    test_webui.browser,
-    test_webui.server,
-    test_webui.page,
-    test_webui.page_errors,
-    test_webui.screenshots,
-)
+from tests.test_webui import chat_body, configure, last_reply, send, wait_reply, watch_streaming
+from tests.webui_session import REPO_ROOT, PageErrors, Server, _new_page, open_ready
 
 DOC_FIGURES = REPO_ROOT / "docs" / "figures"
 WRITE_DOC_FIGURES = os.environ.get("INF_LLM_DOC_FIGURES") == "1"
@@ -56,22 +37,6 @@ READ_TIMEOUT_MS = 120_000
 
 
 # --------------------------------------------------------------------------------------------- server
-
-
-@pytest.fixture(scope="session", autouse=True)
-def library_folder(tmp_path_factory: pytest.TempPathFactory) -> Iterator[pytest.MonkeyPatch]:
-    """The server saves documents under $INFLLM_CACHE_DIR/contexts: a session folder, not the user's
-    ~/.cache/inf_llm. Set before the server starts (autouse comes first), unset once it has (ready_server)."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("INFLLM_CACHE_DIR", str(tmp_path_factory.mktemp("library")))
-        yield mp
-
-
-@pytest.fixture(scope="session")
-def ready_server(server: Server, library_folder: pytest.MonkeyPatch) -> Server:
-    library_folder.undo()  # the server process has its copy: the rest of the session does not see it
-    server.wait_ready()
-    return server
 
 
 def api(base_url: str, method: str, path: str, body: dict | None = None) -> tuple[int, dict]:
