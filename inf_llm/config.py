@@ -34,6 +34,11 @@ UNLIMITED_LEN = 2147483647
 # offload_access: direct bookkeeps its block cache in one GPU program, which holds every slot's tag in
 # registers (the bound inf_llm.kernels.triton_attn.cache_blocks enforces too)
 MAX_DEVICE_CACHED_BLOCKS = 2048
+# The value of a key that inf_llm.auto_config resolves from the machine and the model when the model is loaded.
+AUTO = "auto"
+# The memory's placement keys whose default is auto: where the blocks live and how they reach the attention.
+AUTO_KEYS = ("fattn", "offload", "offload_access", "pin_memory", "host_pool_tokens", "max_cached_block",
+             "async_global_stream")
 
 
 class MemoryType(str, Enum):
@@ -72,7 +77,9 @@ class ModelConfig(_Strict):
     )
     gguf_file: str | None = Field(None, description="GGUF file name inside `path` (a folder or hub repo)")
     tokenizer_path: str | None = Field(None, description="tokenizer location if not the model's own")
-    fattn: bool = Field(False, description="use the fused Triton kernels (GPU only)")
+    fattn: bool | Literal["auto"] = Field(
+        AUTO, description="the fused Triton kernels (CUDA only); auto: on a CUDA GPU with triton"
+    )
     base: float | None = Field(None, gt=0, description="RoPE base override (e.g. NTK-style 1e7); None: model's")
     distance_scale: float = Field(1.0, gt=0, description="position interpolation factor (0.25 = PI x4)")
     n_init: int = Field(128, ge=0, description="initial 'sink' tokens every query attends to")
@@ -80,11 +87,16 @@ class ModelConfig(_Strict):
     topk: int = Field(16, ge=0, description="memory blocks retrieved per execution block")
     repr_topk: int = Field(4, ge=1, description="highest-scoring tokens averaged into a block's representative")
     block_size: int = Field(128, ge=1, description="tokens per memory block")
-    max_cached_block: int = Field(32, ge=0, description="memory blocks resident on the accelerator")
+    max_cached_block: Annotated[int, Field(ge=0)] | Literal["auto"] = Field(
+        AUTO, description="memory blocks resident on the accelerator; auto: 192 with offload_access: direct (less "
+        "if the free GPU memory is short), else 32 (the original's), at least topk"
+    )
     exc_block_size: int = Field(512, ge=1, description="queries processed per lookup (execution block)")
     cache_strategy: CacheStrategy = Field(CacheStrategy.LRU, description="accelerator block cache eviction")
     score_decay: float | None = Field(None, gt=0, le=1, description="lru-s decay per step (default 0.1)")
-    async_global_stream: bool = Field(False, description="overlap lookup/loading on a side CUDA stream")
+    async_global_stream: bool | Literal["auto"] = Field(
+        AUTO, description="overlap lookup/loading on a side CUDA stream; auto: with offloaded blocks on a GPU"
+    )
     faiss: bool = Field(False, description="exact inner-product lookup with faiss on the host")
     perhead: bool = Field(
         False,
@@ -108,7 +120,9 @@ class ModelConfig(_Strict):
         "early queries also see, un-rotated, keys their local window holds). Decode steps are the same",
     )
     chunk_topk_calc: int | None = Field(None, ge=1, description="execution blocks whose lookups run together")
-    pin_memory: bool = Field(False, description="page-locked host memory for offloaded blocks")
+    pin_memory: bool | Literal["auto"] = Field(
+        AUTO, description="page-locked host memory for offloaded blocks; auto: with offloaded blocks on a GPU"
+    )
     dense_decoding: bool = Field(False, description="decode with all memory blocks instead of the top-k")
     full_attention_tokens: Annotated[int, Field(ge=1)] | Literal["auto"] | None = Field(
         None,
@@ -124,25 +138,28 @@ class ModelConfig(_Strict):
     )
     device_map: str | dict[str, Any] | None = Field(None, description="accelerate device map, e.g. auto")
     max_gpu_memory: str | None = Field(None, description="per-GPU memory limit with device_map, e.g. 10GiB")
-    offload: bool | None = Field(
-        None,
-        description="memory blocks in host memory with a bounded device cache of max_cached_block blocks "
-        "(null: when the model is on a GPU); false keeps them on the device, where lookups never sync the host",
+    offload: bool | Literal["auto"] = Field(
+        AUTO,
+        description="memory blocks in host memory with a bounded device cache of max_cached_block blocks; false "
+        "keeps them on the device, where lookups never sync the host. auto (null too): on a GPU, false when a "
+        "whole conversation's blocks fit in half its free memory, else true; on a CPU false",
     )
     offload_dtype: Literal["fp8", "int8"] | None = Field(None, description="compress host-side memory blocks")
-    offload_access: Literal["cache", "direct"] = Field(
-        "cache",
+    offload_access: Literal["cache", "direct", "auto"] = Field(
+        AUTO,
         description="how offloaded blocks reach the GPU: cache (a device cache of max_cached_block blocks, "
         "the block ids read by the host once per execution block) or direct (the GPU reads the selected "
         "blocks it does not hold from pinned host memory by id, into a device LRU cache of max_cached_block "
         "blocks bookkept on the GPU: no host sync; needs pin_memory; with offload_dtype the codes are decoded "
-        "on the way into that cache)",
+        "on the way into that cache). auto: direct for offloaded blocks on a GPU where its rules allow, else cache",
     )
-    host_pool_tokens: int | None = Field(
-        None, ge=1,
+    host_pool_tokens: Annotated[int, Field(ge=1)] | Literal["auto"] | None = Field(
+        AUTO,
         description="offloaded blocks: host memory for this many tokens per layer is allocated (pinned) once "
         "and lent to each conversation in turn, so long requests do not page-lock memory as they grow "
-        "(as vLLM's swap space); beyond it a store grows as usual. null: allocate as the store grows",
+        "(as vLLM's swap space); beyond it a store grows as usual. null: allocate as the store grows. auto: with "
+        "offloaded blocks on a GPU, the longest conversation (max_len or server.max_prompt_tokens, plus "
+        "server.max_new_tokens_limit) or half the available host memory, whichever is less",
     )
     decode_graph: bool | None = Field(
         None,
@@ -174,6 +191,11 @@ class ModelConfig(_Strict):
         if value in ("auto", "cpu", "cuda") or (value.startswith("cuda:") and value[5:].isdigit()):
             return value
         raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {value!r}")
+
+    @field_validator("offload", mode="before")
+    @classmethod
+    def _null_offload_is_auto(cls, value):
+        return AUTO if value is None else value  # null was auto before auto had its name
 
     @field_validator("offload_access")
     @classmethod
@@ -287,7 +309,7 @@ class InfLLMConfig(_Strict):
                 f"a query's local window must cover its whole execution block; lower exc_block_size"
             )
         if m.type is MemoryType.INF_LLM:
-            if m.max_cached_block < m.topk:
+            if m.max_cached_block != AUTO and m.max_cached_block < m.topk:
                 raise ValueError(
                     f"model.max_cached_block ({m.max_cached_block}) must be >= model.topk ({m.topk}): "
                     f"the blocks of one lookup must fit in the accelerator cache"
@@ -302,7 +324,7 @@ class InfLLMConfig(_Strict):
                     "faiss": "the faiss index holds per-KV-head representatives",
                 }
                 for key, reason in unsupported.items():
-                    if getattr(m, key):
+                    if getattr(m, key) is True:
                         raise ValueError(
                             f"model.lookup_heads: query does not work with model.{key}: true yet ({reason}); "
                             f"set lookup_heads: kv or {key}: false"
@@ -322,16 +344,17 @@ class InfLLMConfig(_Strict):
                     m.score_decay,
                 )
         if m.offload_access == "direct":
-            if m.type is MemoryType.INF_LLM and m.max_cached_block > MAX_DEVICE_CACHED_BLOCKS:
+            cached = m.max_cached_block
+            if m.type is MemoryType.INF_LLM and cached != AUTO and cached > MAX_DEVICE_CACHED_BLOCKS:
                 raise ValueError(
                     f"model.max_cached_block ({m.max_cached_block}) is above {MAX_DEVICE_CACHED_BLOCKS}, the "
                     f"most the device-bookkept cache of offload_access: direct holds; lower it, or keep the "
                     f"blocks on the GPU (offload: false)"
                 )
-            if m.offload is False or m.faiss or not m.pin_memory:
+            if m.offload is False or m.faiss or m.pin_memory is False:
                 raise ValueError(
                     "model.offload_access: direct reads offloaded blocks from pinned host memory on the GPU: it "
-                    "needs model.pin_memory: true and offloading (offload true or null), and works without "
+                    "needs model.pin_memory: true (or auto) and offloading (offload true or auto), and works without "
                     "faiss; set offload_access: cache otherwise"
                 )
             if m.offload_dtype is not None and m.perhead:
@@ -401,8 +424,10 @@ def parse_overrides(overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
         raise ConfigError(f"bad override {list(overrides)}: {' '.join(str(exc).split())}") from None
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> InfLLMConfig:
-    """Load a YAML config file (or the defaults when `path` is None) and apply dotlist overrides."""
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = (),
+                updates: dict[str, Any] | None = None) -> InfLLMConfig:
+    """Load a YAML config file (or the defaults when `path` is None), merge `updates` (nested values, e.g. the
+    serve CLI's --model preset) over it, then apply dotlist overrides."""
     source = str(path) if path is not None else "<defaults>"
     base = OmegaConf.create({})
     if path is not None:
@@ -415,7 +440,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
             raise ConfigError(f"{source}: not valid YAML: {exc}") from None
         if not OmegaConf.is_dict(base):
             raise ConfigError(f"{source}: the top level must be a mapping of keys, got {type(base).__name__}")
-    merged = OmegaConf.merge(base, OmegaConf.create(parse_overrides(overrides)))
+    merged = OmegaConf.merge(base, OmegaConf.create(updates or {}), OmegaConf.create(parse_overrides(overrides)))
     try:
         raw = OmegaConf.to_container(merged, resolve=True)
     except OmegaConfBaseException as exc:

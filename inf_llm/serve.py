@@ -2,6 +2,7 @@
 
     uvicorn inf_llm.serve:app                    # config from $INFLLM_CONFIG or the default served config
     python -m inf_llm.serve --config PATH --host 127.0.0.1 --port 8000 model.topk=32 server.api_key=...
+    python -m inf_llm.serve --model PATH                # no YAML: the architecture's preset, the rest auto
 
 `app` is created on first access (module __getattr__), so importing this module loads no config; a bad
 config then fails with one clear message. The CLI exits with status 2 and a message (no traceback) on bad
@@ -21,7 +22,7 @@ from inf_llm import openmp  # noqa: E402  (before torch: bounded OpenMP spinning
 openmp.configure()
 
 from inf_llm.config import CONFIG_ENV_VAR, default_config_path, load_config  # noqa: E402
-from inf_llm.errors import ConfigError  # noqa: E402
+from inf_llm.errors import InfLLMError  # noqa: E402
 
 log = logging.getLogger("inf_llm.serve")
 
@@ -59,7 +60,15 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m inf_llm.serve",
         description="Serve an InfLLM-patched model: web chat at /, /chat (SSE), OpenAI-compatible /v1/*.",
     )
-    parser.add_argument("--config", help=f"YAML config (default: ${CONFIG_ENV_VAR} or {default_config_path()})")
+    parser.add_argument("--config", help=f"YAML config (default: ${CONFIG_ENV_VAR} or {default_config_path()}, "
+                        f"unless --model is given)")
+    parser.add_argument(
+        "--model", metavar="ID_OR_PATH",
+        help="serve this model without a YAML file: a local model folder, a .gguf file, or a hub id already in "
+        "the Hugging Face cache; the memory preset of its architecture (Mistral, Llama, Qwen2, Qwen3: the "
+        "paper's settings), the chat template from its tokenizer, everything else auto. With --config: that "
+        "config's values with the model replaced",
+    )
     parser.add_argument("--host", help="bind address (default: server.host, 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port (default: server.port, 8000)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -76,10 +85,10 @@ def main(argv: list[str] | None = None) -> int:
         overrides.append(f"server.host={args.host}")
     if args.port is not None:
         overrides.append(f"server.port={args.port}")
-    path = args.config if args.config is not None else default_config_path()
+    path = args.config if args.config is not None else None if args.model else default_config_path()
     try:
-        cfg = load_config(path, overrides)
-    except ConfigError as exc:
+        cfg = load_config(path, overrides, _model_updates(args.model, with_preset=path is None))
+    except InfLLMError as exc:  # a bad config, or a --model that is not a local model of a known architecture
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
@@ -89,13 +98,22 @@ def main(argv: list[str] | None = None) -> int:
 
     logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT)
     app = create_app(cfg)
-    log.info("config %s; listening on http://%s:%d", path, cfg.server.host, cfg.server.port)
+    log.info("config %s; listening on http://%s:%d", path or f"--model {args.model}", cfg.server.host, cfg.server.port)
     server = uvicorn.Server(uvicorn.Config(
         app, host=cfg.server.host, port=cfg.server.port, log_config=None, log_level=args.log_level,
         access_log=False, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
     ))
     server.run()
     return 0 if server.started else 1
+
+
+def _model_updates(model: str | None, with_preset: bool) -> dict | None:
+    """The config values of --model: its architecture's preset without a config, else only its name."""
+    if model is None:
+        return None
+    from inf_llm.engine import presets  # transformers: only for --model
+
+    return presets.preset(model) if with_preset else presets.model_updates(model)
 
 
 if __name__ == "__main__":

@@ -150,7 +150,7 @@ BAD_CONFIGS = {
         ["model.score_decay=1.5 is invalid", "less than or equal to 1"],
     ),
     "direct offload access without pinned memory": (
-        "model:\n  offload_access: direct\n",
+        "model:\n  offload_access: direct\n  pin_memory: false\n",
         ["model.offload_access: direct", "model.pin_memory: true", "offload_access: cache"],
     ),
     "direct with a device cache beyond its kernel": (
@@ -223,7 +223,7 @@ def test_overrides_without_a_file() -> None:
 
 def test_overrides_are_validated_like_the_file() -> None:
     with pytest.raises(ConfigError, match=r"model\.max_cached_block \(32\) must be >= model\.topk \(64\)"):
-        load_config(None, ["model.topk=64"])
+        load_config(None, ["model.topk=64", "model.max_cached_block=32"])
     with pytest.raises(ConfigError, match="unknown key 'model.nope'"):
         load_config(None, ["model.nope=1"])
 

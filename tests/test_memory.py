@@ -24,8 +24,9 @@ D = 16
 
 def make_memory(kind: str, hq=6, hkv=2, dtype=torch.float64, offload=False, device_lookup=None,
                 **overrides) -> ContextMemory:
+    # a memory made directly gets no auto resolution (patch_model's): its placement keys are set here
     params = dict(type=kind, n_init=4, n_local=32, block_size=8, topk=3, repr_topk=2, exc_block_size=8,
-                  max_cached_block=6)
+                  max_cached_block=6, offload_access="cache", pin_memory=False)
     params.update(overrides)
     cfg = ModelConfig(**params)
     rope = RotaryTable(default_inv_freq(D), D)

@@ -33,6 +33,7 @@ from torch import nn
 from transformers import AttentionInterface
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from inf_llm.auto_config import resolve_for
 from inf_llm.config import MemoryType, ModelConfig
 from inf_llm.errors import GenerationCancelled, SessionStateError, UnsupportedModelError
 from inf_llm.kernels import get_backend
@@ -157,8 +158,10 @@ def _decoder(model: nn.Module) -> nn.Module:
 
 
 def patch_model(model: nn.Module, cfg: ModelConfig) -> nn.Module:
-    """Route attention through the context memory. Idempotent; the weights are untouched."""
+    """Route attention through the context memory. Idempotent; the weights are untouched. `cfg`'s auto keys
+    are resolved for the model's machine here unless the caller resolved them (inf_llm.auto_config)."""
     inner = _decoder(model)
+    cfg = resolve_for(model, cfg)
     text_cfg = model.config.get_text_config(decoder=True)
     rotary = inner.rotary_emb.real if isinstance(inner.rotary_emb, IdentityRotary) else inner.rotary_emb
     if not hasattr(rotary, "inv_freq"):

@@ -40,13 +40,14 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from inf_llm.adapter import patch_model
-from inf_llm.config import InfLLMConfig
+from inf_llm.auto_config import ModelShape, describe_machine, resolve_config
+from inf_llm.config import InfLLMConfig, MemoryType
 from inf_llm.engine.contexts import ContextInfo
 from inf_llm.engine.events import Done, Error, Event, PreparedPrompt, SamplingParams, Timings, Usage
 from inf_llm.engine.generation import Generator, prepare_chat, prepare_text, sampling_params
@@ -61,6 +62,8 @@ log = logging.getLogger(__name__)
 IDLE_POLL_SECONDS = 0.5
 # Seconds a client should wait before retrying after a 429 (one short answer's worth on a CPU).
 RETRY_AFTER_SECONDS = 2
+# Decode steps of the warm-up: the first captures the decode step's CUDA graph, the next ones replay it.
+WARMUP_DECODE_STEPS = 4
 
 
 class ShuttingDownError(NotReadyError):
@@ -77,6 +80,8 @@ class EngineInfo:
     device: str
     dtype: str
     load_seconds: float
+    auto: dict | None = None  # each auto key's value and reason (inf_llm.auto_config.Resolution.as_status)
+    warmup_seconds: float | None = None  # the kernels' warm-up before ready (None: none ran)
 
 
 class _Channel:
@@ -362,6 +367,11 @@ class Engine:
         cancel = cancel or threading.Event()
         return self._session_job("context", lambda gen: self.library.read(doc, emit or (lambda e: None), cancel))
 
+    def warm_up(self) -> Future[float]:
+        """Run requests' kernels once (compiling the Triton ones) and forget them; a job of the worker thread.
+        The result is its seconds."""
+        return self._session_job("warmup", warm_up)
+
     def generate(self, prompt: PreparedPrompt, params: SamplingParams) -> Done:
         """Blocking convenience: submit and wait. Raises the job's error as an exception."""
         job = self.submit(prompt, params)
@@ -453,8 +463,54 @@ def freeze_long_lived_objects() -> None:
     gc.freeze()
 
 
-def load_engine(cfg: InfLLMConfig, progress: Callable[[str, float], None] | None = None, start: bool = True) -> Engine:
-    """Load the configured model, patch it with InfLLM attention and start the worker.
+def warmup_lengths(cfg: InfLLMConfig) -> list[int]:
+    """Prompt lengths whose prefill and decode run every kernel shape a request does: a full chunk and a partial
+    one, past enough tokens to fill the sinks, the window and a whole top-k of blocks; with full_attention_tokens
+    (an int once patched) also a prompt within it, read with the whole conversation in the window."""
+    m = cfg.model
+    exc = m.exc_block_size
+    blocks = m.n_init + m.n_local + (m.topk + 1) * m.block_size if m.type is not MemoryType.ORIGIN else 0
+    long = max(blocks, cfg.chunk_size) + 2 * exc
+    full = m.full_attention_tokens
+    if isinstance(full, int) and m.type is not MemoryType.ORIGIN:
+        return [min(full, cfg.chunk_size + exc), max(long, full + exc)]
+    return [long]
+
+
+def warm_up(gen: Generator) -> float:
+    """Prefill and decode prompts of `warmup_lengths` (ids cycling through the vocabulary, greedy, end of
+    sequence ignored so every decode step runs), then forget the memory and its snapshots. Returns seconds."""
+    start = time.perf_counter()
+    vocab = gen.model.get_output_embeddings().weight.shape[0]
+    params = sampling_params(gen.cfg.generation, temperature=0.0, max_new_tokens=WARMUP_DECODE_STEPS,
+                             repetition_penalty=1.0, frequency_penalty=0.0, presence_penalty=0.0, stop=[])
+    eos, gen.eos_ids = gen.eos_ids, []
+    try:
+        for length in warmup_lengths(_patched_config(gen)):
+            prompt = PreparedPrompt(tuple((i * 7919 + 11) % vocab for i in range(length)))
+            gen.run(prompt, params, lambda event: None, threading.Event())
+            gen.reset(snapshots=True)  # a new prompt each time: no reuse
+    finally:
+        gen.eos_ids = eos
+        gen.reset(snapshots=True)
+    return time.perf_counter() - start
+
+
+def _patched_config(gen: Generator) -> InfLLMConfig:
+    """The generator's config with the model section as patched (full_attention_tokens an int)."""
+    return gen.cfg.model_copy(update={"model": gen.model.infllm.cfg})
+
+
+def wants_warm_up(cfg: InfLLMConfig, device) -> bool:
+    """Compiling the Triton kernels takes tens of seconds at a GPU's first request: warm up on CUDA with fattn.
+    A CPU has nothing to compile (a warm-up forward gained nothing there)."""
+    return torch.device(device).type == "cuda" and cfg.model.fattn is True
+
+
+def load_engine(cfg: InfLLMConfig, progress: Callable[[str, float], None] | None = None, start: bool = True,
+                warm: bool | None = None) -> Engine:
+    """Load the configured model, resolve its auto keys (inf_llm.auto_config), patch it with InfLLM attention,
+    start the worker and (`warm`; None: `wants_warm_up`) warm its kernels up before returning.
 
     Loading runs in a short-lived thread of its own, so the calling thread (a server's event loop, a
     benchmark's or the terminal chat's main thread) never starts an OpenMP thread pool: the worker's must be
@@ -464,15 +520,26 @@ def load_engine(cfg: InfLLMConfig, progress: Callable[[str, float], None] | None
 
     def load():
         loaded = load_model(cfg, progress=progress)
-        return loaded, patch_model(loaded.model, cfg.model)
+        resolved, resolution = resolve_config(cfg, describe_machine(loaded.model), ModelShape.of(loaded.model))
+        resolution.log()
+        return loaded, resolved, resolution, patch_model(loaded.model, resolved.model)
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="inf_llm-load") as pool:  # its thread ends at exit
-        loaded, model = pool.submit(load).result()
+        loaded, resolved, resolution, model = pool.submit(load).result()
     info = EngineInfo(
         model_name=cfg.server.model_name or str(loaded.source.origin or loaded.source),
         device=str(loaded.device), dtype=str(loaded.dtype).removeprefix("torch."),
-        load_seconds=round(loaded.load_seconds, 2),
+        load_seconds=round(loaded.load_seconds, 2), auto=resolution.as_status(),
     )
-    engine = Engine(cfg, model, loaded.tokenizer, info)
+    engine = Engine(resolved, model, loaded.tokenizer, info)
     freeze_long_lived_objects()
-    return engine.start() if start else engine
+    if not start:
+        return engine
+    engine.start()
+    if warm if warm is not None else wants_warm_up(resolved, loaded.device):
+        if progress is not None:
+            progress("warmup", 1.0)
+        seconds = engine.warm_up().result()
+        engine.info = replace(engine.info, warmup_seconds=round(seconds, 2))
+        log.info("warm-up (kernels compiled, memory reset): %.1f s", seconds)
+    return engine

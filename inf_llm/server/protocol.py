@@ -260,7 +260,7 @@ class MemorySettings(BaseModel):
     n_local: int
     block_size: int
     topk: int
-    max_cached_block: int
+    max_cached_block: int | Literal["auto"]  # auto until the model is loaded
     exc_block_size: int
     repr_topk: int
 
@@ -294,6 +294,14 @@ class ServerLimits(BaseModel):
     max_client_requests: int
 
 
+class AutoChoice(BaseModel):
+    """A model key's value once loaded: chosen by its auto default (`auto`), or set in the config."""
+
+    value: Any
+    auto: bool
+    reason: str
+
+
 class PublicStatus(BaseModel):
     """What /status tells a client without the API key (when the server has one): what a health check needs."""
 
@@ -315,6 +323,11 @@ class StatusResponse(PublicStatus):
     limits: ServerLimits
     generation_defaults: GenerationDefaults
     generation_fields: list[GenerationField] = Field(description="every field a /chat request may set")
+    auto: dict[str, AutoChoice] | None = Field(
+        description="each auto key of the model section (fattn, offload, offload_access, pin_memory, "
+        "host_pool_tokens, max_cached_block, async_global_stream): its value and why; null until loaded"
+    )
+    warmup_s: float | None = Field(description="seconds the kernels' warm-up took before ready; null: none ran")
 
 
 # ------------------------------------------------------------------------------------------ OpenAI API

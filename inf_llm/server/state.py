@@ -94,7 +94,9 @@ class ServerState:
     def status(self, full: bool = True) -> dict:
         """The /status body; without `full` only what a health check needs (an API key guards the rest: the
         system prompt, a load error's text)."""
-        cfg, m, g, srv = self.cfg, self.cfg.model, self.cfg.generation, self.cfg.server
+        engine = self.engine
+        cfg = engine.cfg if engine is not None else self.cfg  # once loaded, with the auto keys resolved
+        m, g, srv = cfg.model, cfg.generation, cfg.server
         public = {
             "ready": self.state == "ready" and not self.closing,
             "state": self.state,
@@ -118,6 +120,8 @@ class ServerState:
             "generation_defaults": {**{f.name: getattr(g, f.name) for f in sampling.on(Surface.STATUS)},
                                     "system_prompt": g.system_prompt},
             "generation_fields": self.generation_fields(),
+            "auto": engine.info.auto if engine is not None else None,
+            "warmup_s": engine.info.warmup_seconds if engine is not None else None,
         }
 
     def generation_fields(self) -> list[dict]:
