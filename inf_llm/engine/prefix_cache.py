@@ -14,6 +14,7 @@ import functools
 import itertools
 import logging
 import threading
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -136,13 +137,25 @@ class PrefixCache:
         return sum(n for key, n in kept.items() if key not in own)
 
     def evict(self, live: InfLLMCache | None = None, keep: PrefixEntry | None = None) -> None:
-        """Least recently used entries out until the rest fit the budget (`keep` stays)."""
-        while self.entries and self.nbytes(live) > self.budget_bytes:
-            candidates = [e for e in self.snapshot_entries() if e is not keep]
-            if not candidates:
-                return
-            victim = min(candidates, key=lambda e: e.last_used)
-            self.remove(victim.__eq__)
-            self.evicted += 1
+        """Least recently used entries out until the rest fit the budget (`keep` stays). Each entry's storage is
+        measured once and counted per user, so dropping one subtracts what only it kept alive."""
+        own = storage_sizes(live.tensors()) if live is not None else {}
+        entries = self.snapshot_entries()
+        sizes = {id(e): storage_sizes(e.snapshot.tensors()) for e in entries}
+        users: Counter = Counter(key for each in sizes.values() for key in each if key not in own)
+        nbytes = {key: n for each in sizes.values() for key, n in each.items()}
+        total = sum(nbytes[key] for key in users)
+        gone = set()
+        for victim in sorted((e for e in entries if e is not keep), key=lambda e: e.last_used):
+            if total <= self.budget_bytes:
+                break
+            gone.add(victim)
+            for key in sizes[id(victim)]:
+                if key in users:
+                    users[key] -= 1
+                    if users[key] == 0:
+                        total -= nbytes[key]
             log.info("prefix cache: dropped the snapshot of %d tokens (budget %d MiB)", victim.tokens,
                      self.budget_bytes >> 20)
+        if gone:
+            self.evicted += self.remove(lambda e: e in gone)
