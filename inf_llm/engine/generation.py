@@ -301,9 +301,12 @@ class Generator:
         snapshot when `cache` is the held one."""
         if self.prefix_cache is None or not ids:
             return None
-        parent = self._lineage if self._lineage is not None and self._lineage.cache is cache else None
-        snapshot = cache.snapshot(parent)
-        if parent is not None or self._lineage is None or cache is self.cache:
+        lineage = self._lineage
+        ours = lineage is not None and lineage.cache is cache
+        snapshot = cache.snapshot(lineage if ours else None)
+        # the lineage follows the held conversation; another cache's snapshot (a loaded document) starts
+        # one only when there is none
+        if ours or lineage is None or cache is self.cache:
             self._lineage = snapshot
         wide = self._full_until is not None and snapshot.layers[0].n_local != self._n_local
         return self.prefix_cache.add(ids, snapshot, wide, context_id)
