@@ -6,10 +6,12 @@ the context file format (CONTEXT_FORMAT), the folder and its byte budget.
 
 A context is one file, `ctx-<12 hex>.safetensors`: the tensors of the memory's state (InfLLMCache's
 state_dict, flattened: `layers.<i>.init_k`, `layers.<i>.tail.k`, `layers.<i>.store.repr`, ...) and `ids`
-(the document's token ids); its header metadata holds the kind, format, model name, the memory's
+(the document's token ids) and `text`; its header metadata holds the kind, format, model name, the memory's
 fingerprint (model shape and every memory setting), the document's name and system prompt, the per-layer
 scalars and a SHA-256 of the ids. Nothing is unpickled: safetensors holds tensors and strings only. A file of
 another model or memory config, of another format, or damaged, is refused with an error naming it.
+A file is read through one private memory map: its tensors are views of the mapping, so loading a document
+copies nothing up front and the pages a question never touches (most blocks) are never read.
 Must not know: threads (the worker calls the engine side), HTTP.
 """
 
@@ -20,13 +22,13 @@ import json
 import logging
 import os
 import secrets
+import struct
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from inf_llm.engine.templates import Message
@@ -35,14 +37,25 @@ from inf_llm.errors import ContextNotFoundError, ContextStorageError, RequestErr
 log = logging.getLogger(__name__)
 
 CONTEXT_KIND = "inf_llm context"
-# Bumped when the file layout changes; a file of another format is refused with both numbers.
-CONTEXT_FORMAT = 1
+# Bumped when the file layout changes; a file of a format not in READABLE_FORMATS is refused with both numbers.
+# 2: each layer's store tensors hold unused rows for SPARE_TOKENS after its blocks.
+CONTEXT_FORMAT = 2
+READABLE_FORMATS = ("1", "2")
+# Tokens of blocks saved unused after a document's: the store loaded in place grows into them (questions and
+# answers) instead of copying every block into new tensors at its first new block; 6% of the file at 32K.
+SPARE_TOKENS = 2048
 SUFFIX = ".safetensors"
 ID_PREFIX = "ctx-"
 ID_HEX = 12
 # Layer scalars kept in the header (the tensors hold the rest of a layer's state).
 _SCALARS = ("seen", "rot_base", "n_local")
 MAX_NAME_CHARS = 200
+# safetensors' dtype names of the tensors a context file holds
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
+# a header longer than this is not one we wrote (it lists a few tensors per layer)
+_MAX_HEADER_BYTES = 64 << 20
 
 
 def document_text(name: str, text: str) -> str:
@@ -106,27 +119,107 @@ def _flatten(state: dict) -> tuple[dict[str, torch.Tensor], list[dict]]:
                 tensors[f"layers.{i}.tail.{key}"] = layer["tail"][key]
         if "store" in layer:
             store = layer["store"]
+            spare = -(-SPARE_TOKENS // store["k"].shape[2])  # k: (N, Hkv, block_size, D)
             for key in ("k", "v", "repr"):
-                tensors[f"layers.{i}.store.{key}"] = store[key]
+                t = store[key]
+                tensors[f"layers.{i}.store.{key}"] = torch.cat([t, t.new_zeros((spare, *t.shape[1:]))])
             tensors[f"layers.{i}.store.start_pos"] = torch.tensor(store["start_pos"], dtype=torch.int64)
     return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, scalars
 
 
-def _unflatten(f, scalars: list[dict], fingerprint: dict, state_format: int) -> dict:
-    names = set(f.keys())
+def _unflatten(f: _File, scalars: list[dict], fingerprint: dict, state_format: int) -> dict:
     layers = []
     for i, sc in enumerate(scalars):
         p = f"layers.{i}."
-        tail = {"first_pos": int(sc["tail_first_pos"]), "k": f.get_tensor(p + "tail.k"), "v": f.get_tensor(p + "tail.v")}
-        if p + "tail.score" in names:
-            tail["score"] = f.get_tensor(p + "tail.score")
+        tail = {"first_pos": int(sc["tail_first_pos"]), "k": f.tensor(p + "tail.k"), "v": f.tensor(p + "tail.v")}
+        if p + "tail.score" in f.index:
+            tail["score"] = f.tensor(p + "tail.score")
         layer = {key: sc.get(key) for key in _SCALARS} | {
-            "init_k": f.get_tensor(p + "init_k"), "init_v": f.get_tensor(p + "init_v"), "tail": tail}
-        if p + "store.k" in names:
-            layer["store"] = {key: f.get_tensor(p + "store." + key) for key in ("k", "v", "repr")}
-            layer["store"]["start_pos"] = f.get_tensor(p + "store.start_pos").tolist()
+            "init_k": f.tensor(p + "init_k"), "init_v": f.tensor(p + "init_v"), "tail": tail}
+        if p + "store.k" in f.index:
+            layer["store"] = {key: f.tensor(p + "store." + key) for key in ("k", "v", "repr")}
+            layer["store"]["start_pos"] = f.tensor(p + "store.start_pos").tolist()
+            blocks = len(layer["store"]["start_pos"])
+            if any(layer["store"][key].shape[0] < blocks for key in ("k", "v", "repr")):
+                raise ContextStorageError(f"{f.path.name} is damaged: layer {i} has fewer blocks than positions")
         layers.append(layer)
     return {"format": state_format, "fingerprint": fingerprint, "layers": layers}
+
+
+@dataclass
+class _File:
+    """A context file: its header (metadata and the tensors' places), read once; `tensor` maps the data."""
+
+    path: Path
+    meta: dict[str, str]
+    index: dict[str, dict]  # name -> {"dtype", "shape", "data_offsets"}, offsets relative to `data_start`
+    data_start: int
+    size: int
+    _bytes: torch.Tensor | None = None  # (size,) uint8 over the whole file, mapped at the first tensor
+
+    @classmethod
+    def read(cls, path: Path) -> _File:
+        """The header of a safetensors file (8 bytes of little-endian length, then JSON), checked to be ours."""
+        try:
+            with open(path, "rb") as fh:
+                size = os.fstat(fh.fileno()).st_size
+                (n,) = struct.unpack("<Q", fh.read(8).ljust(8, b"\0"))
+                if not 2 <= n <= min(_MAX_HEADER_BYTES, size - 8):
+                    raise ValueError("no safetensors header")
+                index = json.loads(fh.read(n))
+        except (OSError, ValueError) as exc:
+            raise ContextStorageError(f"{path.name} is not a readable document memory: {exc}") from None
+        if not isinstance(index, dict):
+            raise ContextStorageError(f"{path.name} is not a readable document memory: its header is not a table")
+        meta = index.pop("__metadata__", None) or {}
+        if meta.get("kind") != CONTEXT_KIND:
+            raise ContextStorageError(f"{path.name} is not a document memory (no kind {CONTEXT_KIND!r})")
+        if meta.get("format") not in READABLE_FORMATS:
+            raise ContextStorageError(f"{path.name} has context format {meta.get('format')!r}; this version reads "
+                                      f"formats {', '.join(READABLE_FORMATS)}")
+        return cls(path, meta, index, 8 + n, size)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """The tensor `name`: a view of the file's private mapping (copy on write: the file never changes)."""
+        try:
+            entry = self.index[name]
+            dtype, shape = _DTYPES[entry["dtype"]], [int(d) for d in entry["shape"]]
+            begin, end = (self.data_start + int(o) for o in entry["data_offsets"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ContextStorageError(f"{self.path.name} is damaged: tensor {name!r}: {exc!r}") from None
+        width = torch.empty((), dtype=dtype).element_size()
+        count = 1
+        for d in shape:
+            count *= d
+        if not self.data_start <= begin <= end <= self.size or end - begin != count * width:
+            raise ContextStorageError(f"{self.path.name} is damaged: tensor {name!r} lies outside the file")
+        if self._bytes is None:
+            try:
+                storage = torch.UntypedStorage.from_file(str(self.path), shared=False, nbytes=self.size)
+            except RuntimeError as exc:
+                raise ContextStorageError(f"{self.path.name} cannot be read: {exc}") from None
+            self._bytes = torch.empty(0, dtype=torch.uint8).set_(storage)
+        raw = self._bytes[begin:end]
+        if begin % width:  # a view must be aligned to its element size; safetensors aligns, a copy if not
+            raw = raw.clone()
+        return raw.view(dtype).view(shape)
+
+    def ids(self) -> list[int]:
+        ids = self.tensor("ids").tolist()
+        if ids_digest(ids) != self.meta.get("ids_sha256") or len(ids) != int(self.meta.get("tokens", -1)):
+            raise ContextStorageError(f"{self.path.name} is damaged: its token ids do not match their checksum")
+        return ids
+
+    def text(self) -> str:
+        try:
+            return bytes(self.tensor("text").numpy()).decode("utf-8")
+        except UnicodeDecodeError:
+            raise ContextStorageError(f"{self.path.name} is damaged: its text is not UTF-8") from None
+
+    def info(self, context_id: str) -> ContextInfo:
+        meta = self.meta
+        return ContextInfo(context_id, meta.get("name", ""), meta.get("system") or None, int(meta.get("tokens", 0)),
+                           int(meta.get("created", 0)), disk_bytes=self.size)
 
 
 class ContextFolder:
@@ -140,11 +233,12 @@ class ContextFolder:
     def path(self, context_id: str) -> Path:
         return self.root / (check_id(context_id) + SUFFIX)
 
+    def _files(self) -> list[Path]:
+        return sorted(self.root.glob(f"{ID_PREFIX}*{SUFFIX}")) if self.root.is_dir() else []
+
     def list(self) -> list[ContextInfo]:
-        if not self.root.is_dir():
-            return []
         out = []
-        for path in sorted(self.root.glob(f"{ID_PREFIX}*{SUFFIX}")):
+        for path in self._files():
             try:
                 out.append(self.info(path.name[: -len(SUFFIX)]))
             except (ContextStorageError, ContextNotFoundError) as exc:
@@ -152,28 +246,17 @@ class ContextFolder:
         return out
 
     def used_bytes(self) -> int:
-        return sum(p.stat().st_size for p in self.root.glob(f"{ID_PREFIX}*{SUFFIX}")) if self.root.is_dir() else 0
+        return sum(p.stat().st_size for p in self._files())
 
-    def _header(self, path: Path) -> dict:
-        try:
-            with safe_open(path, framework="pt") as f:
-                meta = f.metadata() or {}
-        except (OSError, SafetensorError) as exc:
-            raise ContextStorageError(f"{path.name} is not a readable document memory: {exc}") from None
-        if meta.get("kind") != CONTEXT_KIND:
-            raise ContextStorageError(f"{path.name} is not a document memory (no kind {CONTEXT_KIND!r})")
-        if meta.get("format") != str(CONTEXT_FORMAT):
-            raise ContextStorageError(f"{path.name} has context format {meta.get('format')!r}; this version reads "
-                                      f"format {CONTEXT_FORMAT}")
-        return meta
-
-    def info(self, context_id: str) -> ContextInfo:
+    def open(self, context_id: str) -> _File:
+        """The context's file, its header read and checked (its tensors are mapped when first asked for)."""
         path = self.path(context_id)
         if not path.is_file():
             raise ContextNotFoundError(f"no document memory with id {context_id!r}")
-        meta = self._header(path)
-        return ContextInfo(context_id, meta.get("name", ""), meta.get("system") or None, int(meta.get("tokens", 0)),
-                           int(meta.get("created", 0)), disk_bytes=path.stat().st_size)
+        return _File.read(path)
+
+    def info(self, context_id: str) -> ContextInfo:
+        return self.open(context_id).info(context_id)
 
     def save(self, info: ContextInfo, ids: Sequence[int], state: dict, model_name: str, text: str) -> int:
         """Write the context's file atomically; returns its size. ContextStorageError when it does not fit the
@@ -184,15 +267,17 @@ class ContextFolder:
         size = sum(t.numel() * t.element_size() for t in tensors.values())
         if self.budget_bytes <= 0:
             raise ContextStorageError("saving document memories is off (contexts.disk_mib is 0)")
-        others = [c for c in self.list() if c.id != info.id]
+        # the files' sizes, not their headers: a damaged file takes its room on disk too
+        others = [p for p in self._files() if p.name != info.id + SUFFIX]
         if len(others) >= self.max_count:
             raise ContextStorageError(f"{len(others)} document memories are saved, the most this server keeps "
                                       f"(contexts.max_count); delete one first")
-        used = sum(c.disk_bytes or 0 for c in others)
+        used = sum(p.stat().st_size for p in others)
         if used + size > self.budget_bytes:
             raise ContextStorageError(
                 f"this document's memory takes {size / 2**20:.1f} MiB and {used / 2**20:.1f} of the "
-                f"{self.budget_bytes / 2**20:.0f} MiB for saved documents are used (contexts.disk_mib); delete one first")
+                f"{self.budget_bytes / 2**20:.0f} MiB for saved documents are used (contexts.disk_mib); "
+                f"delete one first")
         meta = {"kind": CONTEXT_KIND, "format": str(CONTEXT_FORMAT), "model": model_name,
                 "fingerprint": json.dumps(state["fingerprint"], sort_keys=True), "state_format": str(state["format"]),
                 "name": info.name, "system": info.system or "", "tokens": str(len(ids)), "created": str(info.created),
@@ -202,55 +287,48 @@ class ContextFolder:
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             save_file(tensors, tmp, metadata=meta)
-            tmp.replace(path)  # atomic: a crash never leaves half a file under the real name
+            tmp.replace(path)  # atomic: no half file under the real name, and a mapped old file stays intact
         except OSError as exc:
             tmp.unlink(missing_ok=True)
             raise ContextStorageError(f"cannot save the document memory: {exc.strerror or exc}") from None
         return path.stat().st_size
 
     def load(self, context_id: str, model_name: str, fingerprint: dict) -> tuple[ContextInfo, list[int], dict]:
-        """(info, ids, InfLLMCache state dict) of a saved context, checked against this model and config."""
-        info = self.info(context_id)
-        path = self.path(context_id)
-        meta = self._header(path)
+        """(info, ids, InfLLMCache state dict) of a saved context, checked against this model and config. The
+        state's tensors are views of the file's mapping (see the module docstring)."""
+        f = self.open(context_id)
+        meta, name = f.meta, f.path.name
         if meta.get("model") != model_name:
-            raise ContextStorageError(f"{path.name} was saved by model {meta.get('model')!r}, not {model_name!r}")
-        saved = json.loads(meta.get("fingerprint", "{}"))
-        diff = {k: (saved.get(k), v) for k, v in fingerprint.items() if saved.get(k) != v}
-        if diff:
-            raise ContextStorageError(f"{path.name} was saved with other memory settings: {diff} (saved, current); "
-                                      f"read the document again")
+            raise ContextStorageError(f"{name} was saved by model {meta.get('model')!r}, not {model_name!r}")
         try:
-            with safe_open(path, framework="pt") as f:
-                ids = f.get_tensor("ids").tolist()
-                if ids_digest(ids) != meta.get("ids_sha256") or len(ids) != info.tokens:
-                    raise ContextStorageError(f"{path.name} is damaged: its token ids do not match their checksum")
-                state = _unflatten(f, json.loads(meta["layers"]), saved, int(meta["state_format"]))
-        except (OSError, SafetensorError, KeyError, ValueError, TypeError) as exc:
-            raise ContextStorageError(f"{path.name} is damaged: {type(exc).__name__}: {exc}") from None
+            saved = json.loads(meta.get("fingerprint", "{}"))
+            diff = {k: (saved.get(k), v) for k, v in fingerprint.items() if saved.get(k) != v}
+            if diff:
+                raise ContextStorageError(f"{name} was saved with other memory settings: {diff} (saved, current); "
+                                          f"read the document again")
+            ids = f.ids()
+            state = _unflatten(f, json.loads(meta["layers"]), saved, int(meta["state_format"]))
+        except (KeyError, ValueError, TypeError, AttributeError) as exc:
+            raise ContextStorageError(f"{name} is damaged: {type(exc).__name__}: {exc}") from None
         if any(layer["seen"] != len(ids) for layer in state["layers"]):
-            raise ContextStorageError(f"{path.name} is damaged: its memory does not hold its {len(ids)} tokens")
-        return info, ids, state
+            raise ContextStorageError(f"{name} is damaged: its memory does not hold its {len(ids)} tokens")
+        return f.info(context_id), ids, state
 
-    def load_ids(self, context_id: str) -> list[int]:
-        return self._tensor(context_id, "ids").tolist()
+    def saved_ids(self) -> dict[str, list[int]]:
+        """Every readable saved context's token ids (a damaged file is skipped with a warning)."""
+        out = {}
+        for path in self._files():
+            context_id = path.name[: -len(SUFFIX)]
+            try:
+                out[context_id] = self.open(context_id).ids()
+            except (ContextStorageError, ContextNotFoundError) as exc:
+                log.warning("skipping saved context %s: %s", context_id, exc)
+        return out
 
-    def load_text(self, context_id: str) -> str:
-        try:
-            return bytes(self._tensor(context_id, "text").numpy()).decode("utf-8")
-        except UnicodeDecodeError:
-            raise ContextStorageError(f"{self.path(context_id).name} is damaged: its text is not UTF-8") from None
-
-    def _tensor(self, context_id: str, name: str) -> torch.Tensor:
-        path = self.path(context_id)
-        if not path.is_file():
-            raise ContextNotFoundError(f"no document memory with id {context_id!r}")
-        self._header(path)
-        try:
-            with safe_open(path, framework="pt") as f:
-                return f.get_tensor(name)
-        except (OSError, SafetensorError) as exc:
-            raise ContextStorageError(f"{path.name} is damaged: {exc}") from None
+    def load_document(self, context_id: str) -> tuple[ContextInfo, list[int], str]:
+        """(info, ids, text) of a saved context, from one reading of its header."""
+        f = self.open(context_id)
+        return f.info(context_id), f.ids(), f.text()
 
     def delete(self, context_id: str) -> bool:
         path = self.path(context_id)

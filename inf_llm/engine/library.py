@@ -117,28 +117,39 @@ class DocumentLibrary:
         return doc
 
     def list(self) -> list[ContextInfo]:
-        cache = self.generator.prefix_cache
-        found: dict[str, ContextInfo] = {}
-        for info in self.folder.list() if self.folder is not None else []:
-            found[info.id] = info
+        found = {info.id: info for info in self.folder.list()} if self.folder is not None else {}
         with self._lock:
             documents = dict(self._documents)
         for cid, doc in documents.items():
-            entry = cache.of_context(cid) if cache is not None else None
-            info = found.get(cid) or ContextInfo(cid, doc.name, doc.system, len(doc.ids), doc.created)
-            if entry is not None:
-                info.ram_bytes = entry_bytes(entry)
-            found[cid] = info
+            found[cid] = self._described(cid, doc, found.get(cid))
         return sorted(found.values(), key=lambda i: i.created)
 
     def info(self, context_id: str) -> ContextInfo:
+        """One document's listing: its own file's header only."""
         check_id(context_id)
-        for info in self.list():
-            if info.id == context_id:
-                return info
+        with self._lock:
+            doc = self._documents.get(context_id)
+        saved = None
         if self.folder is not None:
-            self.folder.info(context_id)  # a damaged file raises its own error (the listing skips it)
-        raise ContextNotFoundError(f"no document memory with id {context_id!r}")
+            try:
+                saved = self.folder.info(context_id)
+            except (ContextStorageError, ContextNotFoundError):
+                if doc is None:  # a damaged file raises its own error (the listing skips it)
+                    raise
+        if doc is None:
+            if saved is None:
+                raise ContextNotFoundError(f"no document memory with id {context_id!r}")
+            return saved
+        return self._described(context_id, doc, saved)
+
+    def _described(self, context_id: str, doc: Document, saved: ContextInfo | None) -> ContextInfo:
+        """A document of this process as listed: its file's info when saved, and the RAM its memory takes."""
+        info = saved or ContextInfo(context_id, doc.name, doc.system, len(doc.ids), doc.created)
+        cache = self.generator.prefix_cache
+        entry = cache.of_context(context_id) if cache is not None else None
+        if entry is not None:
+            info.ram_bytes = entry_bytes(entry)
+        return info
 
     def delete(self, context_id: str) -> bool:
         check_id(context_id)
@@ -146,7 +157,8 @@ class DocumentLibrary:
             known = self._documents.pop(context_id, None) is not None
             if self._disk_ids is not None:
                 self._disk_ids.pop(context_id, None)
-        removed = self.generator.prefix_cache.remove(lambda e: e.context_id == context_id) if self.generator.prefix_cache else 0
+        cache = self.generator.prefix_cache
+        removed = cache.remove(lambda e: e.context_id == context_id) if cache is not None else 0
         on_disk = self.folder.delete(context_id) if self.folder is not None else False
         return known or removed > 0 or on_disk
 
@@ -198,20 +210,14 @@ class DocumentLibrary:
     def _saved_ids(self) -> dict[str, tuple[int, ...]]:
         with self._lock:
             if self._disk_ids is None:
-                self._disk_ids = {}
-                for info in self.folder.list():
-                    try:
-                        self._disk_ids[info.id] = tuple(self.folder.load_ids(info.id))
-                    except ContextStorageError as exc:
-                        log.warning("skipping saved context %s: %s", info.id, exc)
+                self._disk_ids = {cid: tuple(ids) for cid, ids in self.folder.saved_ids().items()}
             return dict(self._disk_ids)
 
     def _load_document(self, context_id: str) -> Document:
         if self.folder is None:
             raise ContextNotFoundError(f"no document memory with id {context_id!r}")
-        info = self.folder.info(context_id)
-        text = self.folder.load_text(context_id)
-        doc = Document(info.name, text, info.system, tuple(self.folder.load_ids(context_id)), info.created)
+        info, ids, text = self.folder.load_document(context_id)
+        doc = Document(info.name, text, info.system, tuple(ids), info.created)
         with self._lock:
             self._documents[context_id] = doc
         return doc

@@ -389,15 +389,18 @@ class BlockStore:
         self.count = 0
         self.start_pos = []
         k, v, reprs = state["k"], state["v"], state["repr"]
+        n = len(state["start_pos"])
         if (self.codec is None and not self._lent and not self.k.is_pinned() and k.dtype == self.k.dtype
-                and k.device == self.k.device and k.is_contiguous() and v.is_contiguous() and k.shape[1:] == self.k.shape[1:]
+                and k.device == self.k.device and k.is_contiguous() and v.is_contiguous()
+                and k.shape[1:] == self.k.shape[1:]
                 and reprs.dtype == self.repr.dtype and reprs.device == self.repr.device):
-            # the loaded tensors become the store (no second copy of a document read from disk); full, so the
-            # next block grows the store into new tensors and never writes into what the caller handed over
+            # the loaded tensors become the store (no second copy of a document read from disk). Rows past its
+            # n blocks are room the caller handed over to grow into in place; without them the store is full,
+            # and the next block grows it into new tensors, never writing into what the caller holds
             self.k, self.v, self.repr = k, v, reprs.contiguous()
-            self.count, self.start_pos = k.shape[0], list(state["start_pos"])
+            self.count, self.start_pos = n, list(state["start_pos"])
             return
-        self.add_many(k, v, reprs.to(self.repr.device), list(state["start_pos"]))
+        self.add_many(k[:n], v[:n], reprs[:n].to(self.repr.device), list(state["start_pos"]))
 
 
 class BlockShare:
