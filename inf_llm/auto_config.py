@@ -186,10 +186,10 @@ def resolve_model(
         offload = decide("offload", False, f"type {m.type.value} keeps no memory blocks")
     elif m.offload_dtype is not None:
         offload = decide("offload", True, f"offload_dtype: {m.offload_dtype} stores blocks in host memory")
-    elif not cuda:
-        offload = decide("offload", False, "on a CPU the blocks are in host memory already")
     elif m.offload_access == "direct":
         offload = decide("offload", True, "offload_access: direct reads blocks from host memory")
+    elif not cuda:
+        offload = decide("offload", False, "on a CPU the blocks are in host memory already")
     else:
         need = None if tokens is None else -(-tokens // m.block_size) * block_bytes + kept_bytes
         room = DEVICE_BLOCKS_SHARE * machine.gpu_free_bytes
@@ -237,10 +237,15 @@ def resolve_model(
         access = decide("offload_access", "direct", "the GPU reads the blocks it lacks from pinned host memory")
     direct = offloaded and access == "direct"
 
+    pinned = direct or (offloaded and cuda)
     decide(
         "pin_memory",
-        offloaded and cuda,
-        "offloaded blocks copied to a CUDA GPU" if offloaded and cuda else "nothing copies to a GPU",
+        pinned,
+        "offload_access: direct reads pinned memory"
+        if direct
+        else "offloaded blocks copied to a CUDA GPU"
+        if pinned
+        else "nothing copies to a GPU",
     )
     decide(
         "async_global_stream",
@@ -255,7 +260,8 @@ def resolve_model(
     if m.perhead and offloaded and not direct:
         floor = m.topk * (shape.q_heads if m.lookup_heads == "query" else shape.kv_heads)  # every head's own topk
     if direct and not m.perhead:
-        fit = int(DEVICE_CACHE_SHARE * machine.gpu_free_bytes // max(block_bytes, 1))
+        # on a CPU (direct runs inline there, for the tests) the "device" slots are host memory too
+        fit = int(DEVICE_CACHE_SHARE * machine.gpu_free_bytes // max(block_bytes, 1)) if cuda else FLAT_CACHED_BLOCKS
         slots = max(floor, min(FLAT_CACHED_BLOCKS, MAX_DEVICE_CACHED_BLOCKS, fit))
         why = (
             f"the flat configuration's {FLAT_CACHED_BLOCKS} slots"

@@ -69,6 +69,13 @@ def test_cpu_gets_the_cpu_values():
     assert resolved(CPU, "model.topk=64")["max_cached_block"] == 64  # auto keeps max_cached_block >= topk
 
 
+def test_explicit_direct_offloads_and_pins_on_any_machine():
+    """offload_access: direct alone (it runs inline on a CPU, as the tests use it) brings what it needs."""
+    for machine in (CPU, SMALL_GPU):
+        got = resolved(machine, "model.offload_access=direct")
+        assert got["offload"] is True and got["pin_memory"] is True and got["max_cached_block"] >= 16
+
+
 def test_gpu_without_triton_uses_the_torch_ops():
     assert resolved(Machine("cuda", False, 64 * GIB, 500 * GIB))["fattn"] is False
 
