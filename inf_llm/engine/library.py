@@ -233,6 +233,9 @@ class DocumentLibrary:
         self.document(context_id)
         with torch.inference_mode():
             entry = gen.keep_snapshot(cache, ids, context_id)
+        # the next prompt continues the loaded memory as it is: restoring the snapshot just taken of it would
+        # copy its window back and rotate it a second time
+        gen.adopt(cache, ids)
         gen.prefix_cache.evict(live=gen.cache, keep=entry)
         log.info("context %s (%d tokens) loaded from %s", context_id, len(ids), self.folder.root)
         return entry
