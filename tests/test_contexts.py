@@ -12,8 +12,11 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+import torch
 
-from tests.test_server import AUTH, API_KEY, REQUEST_TIMEOUT, parse_sse, served
+from inf_llm.engine.contexts import SPARE_TOKENS, ContextFolder, ContextInfo
+from inf_llm.errors import ContextStorageError
+from tests.test_server import API_KEY, AUTH, REQUEST_TIMEOUT, parse_sse, served
 
 # ~1.3K tokens of varied prose with one fact to find.
 DOCUMENT = " ".join(
@@ -68,6 +71,12 @@ def test_a_document_is_read_once_listed_and_saved(client, document, contexts_dir
     assert [c["id"] for c in listed["data"]] == [document["id"]]
     assert client.get(f"/v1/contexts/{document['id']}").json()["tokens"] == document["tokens"]
     assert (contexts_dir / f"{document['id']}.safetensors").is_file()
+
+
+def test_a_documents_text_is_served_as_it_was_read(client, document):
+    body = client.get(f"/v1/contexts/{document['id']}/text").json()
+    assert body == {"id": document["id"], "object": "context.text", "name": "harbour.txt", "text": DOCUMENT}
+    assert client.get("/v1/contexts/ctx-000000000000/text").status_code == 404
 
 
 def test_chats_on_a_document_do_not_read_it_again(client, document):
@@ -145,6 +154,7 @@ def test_a_saved_document_answers_after_a_restart_and_a_damaged_file_is_refused(
             httpx.Client(base_url=srv.url, headers=AUTH, timeout=REQUEST_TIMEOUT) as c:
         listed = {x["id"]: x for x in c.get("/v1/contexts").json()["data"]}
         assert listed[doc["id"]]["where"] == ["disk"] and broken["id"] not in listed
+        assert c.get(f"/v1/contexts/{doc['id']}/text").json()["text"] == DOCUMENT
         after = ask(c, doc["id"])
         assert after["usage"]["cached_tokens"] >= doc["tokens"] and after["response"] == before["response"]
         assert c.get(f"/v1/contexts/{doc['id']}").json()["where"] == ["ram", "disk"]
@@ -172,3 +182,49 @@ def test_a_full_ram_budget_moves_a_document_to_disk_and_it_comes_back(tmp_path):
         assert c.get(f"/v1/contexts/{doc['id']}").json()["where"] == ["disk"]
         again = ask(c, doc["id"])
         assert again["usage"]["cached_tokens"] >= doc["tokens"] and again["response"] == first["response"]
+
+
+def _tiny_state(blocks: int, block_size: int = 4) -> dict:
+    g = torch.Generator().manual_seed(0)
+    kv = (blocks, 2, block_size, 8)  # (N, Hkv, block_size, D)
+    layer = {"seen": blocks * block_size + 6, "rot_base": 2, "n_local": None,
+             "init_k": torch.randn(2, 2, 8, generator=g), "init_v": torch.randn(2, 2, 8, generator=g),
+             "tail": {"first_pos": blocks * block_size + 2, "k": torch.randn(2, 4, 8, generator=g),
+                      "v": torch.randn(2, 4, 8, generator=g)},
+             "store": {"k": torch.randn(kv, generator=g), "v": torch.randn(kv, generator=g),
+                       "repr": torch.randn(blocks, 16, generator=g),
+                       "start_pos": [2 + i * block_size for i in range(blocks)]}}
+    return {"format": 1, "fingerprint": {"layers": 1}, "layers": [layer]}
+
+
+def test_a_saved_memory_loads_as_views_of_its_file_with_room_to_grow(tmp_path):
+    """The loaded store's tensors are views of the file's one mapping (nothing copied at load), hold the saved
+    blocks then SPARE_TOKENS of unused rows, and writing into them leaves the file as it was."""
+    folder = ContextFolder(tmp_path, 1 << 30, 8)
+    state = _tiny_state(blocks=3)
+    ids = list(range(state["layers"][0]["seen"]))
+    info = ContextInfo("ctx-0123456789ab", "doc", None, len(ids), 0)
+    size = folder.save(info, ids, state, "m", "text")
+    before = folder.path(info.id).read_bytes()
+    _, loaded_ids, loaded = folder.load(info.id, "m", {"layers": 1})
+    store = loaded["layers"][0]["store"]
+    assert loaded_ids == ids and store["start_pos"] == state["layers"][0]["store"]["start_pos"]
+    assert store["k"].shape[0] == 3 + SPARE_TOKENS // 4
+    assert torch.equal(store["k"][:3], state["layers"][0]["store"]["k"])
+    assert store["k"].untyped_storage().nbytes() == size  # one mapping of the whole file
+    assert store["k"].untyped_storage().data_ptr() == store["repr"].untyped_storage().data_ptr()
+    store["k"][3:].fill_(1.0)  # a new block written into the room: private pages, not the file
+    assert folder.path(info.id).read_bytes() == before
+    assert folder.load_document(info.id)[2] == "text"
+
+
+def test_a_truncated_memory_file_is_refused_as_damaged(tmp_path):
+    folder = ContextFolder(tmp_path, 1 << 30, 8)
+    state = _tiny_state(blocks=2)
+    ids = list(range(state["layers"][0]["seen"]))
+    info = ContextInfo("ctx-0123456789ab", "doc", None, len(ids), 0)
+    folder.save(info, ids, state, "m", "text")
+    path = folder.path(info.id)
+    path.write_bytes(path.read_bytes()[:-64])
+    with pytest.raises(ContextStorageError, match="damaged"):
+        folder.load(info.id, "m", {"layers": 1})

@@ -177,6 +177,15 @@ class ContextList(BaseModel):
     data: list[ContextBody]
 
 
+class ContextText(BaseModel):
+    """A document memory's text, as it was read."""
+
+    id: str
+    object: Literal["context.text"] = "context.text"
+    name: str
+    text: str
+
+
 class ContextDeleted(BaseModel):
     id: str
     object: Literal["context.deleted"] = "context.deleted"

@@ -18,6 +18,7 @@ from inf_llm.server.protocol import (
     ContextDeleted,
     ContextList,
     ContextRequest,
+    ContextText,
     ErrorBody,
     ModelList,
     PublicStatus,
@@ -91,7 +92,8 @@ def build_routes(app: FastAPI, state: ServerState, static_dir: Path) -> None:
     @router.post("/v1/contexts", tags=["contexts"], response_model=ContextBody, status_code=201,
                  responses={**_ERRORS, 201: {"content": _SSE, "description": "JSON, or SSE with stream=true"}})
     async def create_context(request: Request, body: ContextRequest,
-                             stream: bool = Query(False, description="true: SSE progress while it is read")) -> Response:
+                             stream: bool = Query(False, description="true: SSE progress while it is read")
+                             ) -> Response:
         """Read a document once and keep its memory (RAM and disk): chats that name its id (`context_id`)
         continue from it. SSE events: `progress` {processed, total}, then `context` (the info) or `error`."""
         return await serving.create_context(request, body, stream)
@@ -104,6 +106,11 @@ def build_routes(app: FastAPI, state: ServerState, static_dir: Path) -> None:
     @router.get("/v1/contexts/{context_id}", tags=["contexts"], response_model=ContextBody, responses=_ERRORS)
     async def get_context(context_id: str) -> dict:
         return serving.get_context(context_id)
+
+    @router.get("/v1/contexts/{context_id}/text", tags=["contexts"], response_model=ContextText, responses=_ERRORS)
+    async def get_context_text(context_id: str) -> dict:
+        """The document's text, as it was read (what the model reads of it)."""
+        return serving.get_context_text(context_id)
 
     @router.delete("/v1/contexts/{context_id}", tags=["contexts"], response_model=ContextDeleted, responses=_ERRORS)
     async def delete_context(context_id: str) -> dict:

@@ -263,6 +263,10 @@ class Serving:
     def get_context(self, context_id: str) -> dict:
         return context_body(self.state.engine_or_raise().library.info(context_id))
 
+    def get_context_text(self, context_id: str) -> dict:
+        doc = self.state.engine_or_raise().library.document(context_id)
+        return {"id": context_id, "object": "context.text", "name": doc.name, "text": doc.text}
+
     def delete_context(self, context_id: str) -> dict:
         if not self.state.engine_or_raise().library.delete(context_id):
             raise ContextNotFoundError(f"no document memory with id {context_id!r}")
