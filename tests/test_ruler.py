@@ -95,3 +95,29 @@ def test_suite_runs_through_the_engine_into_json_table_and_heatmap(tmp_path, smo
     # a rerun resumes: nothing is recomputed
     again = subprocess.run(proc.args, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0 and json.loads(out.read_text())["results"] == results
+
+
+def test_retrieval_probe_ranks_the_needle_and_forces_it_in(tmp_path, smollm2_cache_dir):
+    """benchmark/retrieval_probe.py on SmolLM2 at 1K: every layer's lookup ranks the needle's block, a block
+    is selected exactly when it ranks within topk, and the oracle run is recorded beside the plain one."""
+    out = tmp_path / "probe.json"
+    overrides = (f"model.device=cpu,model.dtype=float32,model.weights_cache_dir={smollm2_cache_dir},"
+                 "model.full_attention_tokens=null,model.n_init=32,model.n_local=256,model.block_size=32,"
+                 "model.topk=2,model.exc_block_size=64,chunk_size=256")
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmark.retrieval_probe", "--lengths", "1024", "--cases", "2", "--sources",
+         SOURCES[0], "--oracle", "all", "--variant", f"small={overrides}", "--out", str(out)],
+        check=False, cwd=ROOT, capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(out.read_text())["results"]
+    assert [(r["variant"], r["case"]) for r in results] == [
+        ("small", 0), ("small+oracle-all", 0), ("small", 1), ("small+oracle-all", 1)]
+    for r in results:
+        s, e = r["needle"]
+        assert 0 < s < e <= r["prompt_tokens"]
+        ranks = r["question_ranks"]
+        assert len(ranks) == 30  # SmolLM2's layers, each looked up for the question
+        if r["variant"] == "small" and all(k is not None for k in ranks):
+            assert r["question_hit"] == round(sum(k < 2 for k in ranks) / len(ranks), 3)
+    assert "| small+oracle-all | 1K | " in out.with_suffix(".md").read_text()

@@ -1,0 +1,235 @@
+"""Why a needle is missed: is its memory block not retrieved, or retrieved and not used?
+
+Runs RULER's single-needle cases (benchmark/ruler.py, natural-text haystacks) in-process and watches every
+block lookup of every layer (the host lookup paths: CPU, or a GPU with host lookups). Per case it records
+where the needle's blocks ranked among all blocks for the question's own lookup (the last execution block of
+the prefill, which holds the question) and for each decode step, and whether the answer was right. With
+`--oracle all` the lookups are also made to include the needle's blocks (in place of the lowest-scored selected
+ones): the answer a perfect retrieval would give with the same memory, positions and attention; with
+`--oracle question` only the lookups of the question's own execution block and of the decode steps are.
+
+    python -m benchmark.retrieval_probe --lengths 4k --cases 10 \\
+        --variant memory=model.full_attention_tokens=null --oracle all --out benchmark/results/probe.json
+
+Columns: `found` answers right; `question hit` the share of layers whose question lookup selected a needle
+block; `decode hit` the same over the first decode steps' lookups; `rank` the needle block's best rank (over
+heads) in those lookups (0 = the highest score), each case's median, averaged over cases. A low hit with a right oracle answer means retrieval
+is what fails; a high hit (or the oracle) still wrong means the model does not use what it is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import statistics
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as `python benchmark/retrieval_probe.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmark import haystacks, ruler
+
+TASK = "niah_single_number"
+DECODE_STEPS = 8  # decode lookups counted per layer: the answer's first tokens carry the digits
+
+
+@dataclass
+class Lookup:
+    layer: int
+    queries: int  # queries of the looked-up execution block (1: a decode step)
+    rank: int | None  # best rank of a needle block over heads (None: no needle block formed yet)
+    hit: bool  # a needle block was selected
+
+
+@dataclass
+class Probe:
+    """Watches BlockLookup.select: the lookups of one generation, and (oracle) forces the needle's blocks in."""
+
+    needle: tuple[int, int] = (0, 0)  # token positions [start, end) of the needle sentence
+    oracle: bool = False
+    # "all": every lookup once the needle's blocks exist; "question": only the question's own execution
+    # block (the one ending the prompt) and the decode steps
+    scope: str = "all"
+    prompt_tokens: int = 0
+    lookups: list[Lookup] = field(default_factory=list)
+    layers: dict[int, int] = field(default_factory=dict)  # id(lookup) -> layer index, by first use
+    seen: dict[int, int] = field(default_factory=dict)  # layer -> queries looked up so far
+
+    def needle_blocks(self, lookup) -> list[int]:
+        store, size = lookup.store, lookup.cfg.block_size
+        s, e = self.needle
+        return [b for b in range(store.count) if store.start_pos[b] < e and store.start_pos[b] + size > s]
+
+    def observe(self, lookup, qb, index: int, q_rotated, ids):
+        layer = self.layers.setdefault(id(lookup), len(self.layers))
+        self.seen[layer] = self.seen.get(layer, 0) + qb.shape[1]
+        in_question = qb.shape[1] == 1 or self.seen[layer] == self.prompt_tokens
+        if not isinstance(ids, list) or len(ids[0]) >= lookup.store.count:
+            return ids  # no lookup made (every block taken) or a device path
+        blocks = self.needle_blocks(lookup)
+        if not blocks:
+            self.lookups.append(Lookup(layer, qb.shape[1], None, False))
+            return ids
+        qvec = lookup.call_qvecs[index] if lookup.call_qvecs is not None else lookup.query_vector(qb, q_rotated)
+        scores = lookup.block_scores(qvec, 0, lookup.store.count)  # (Hsel, N)
+        order = scores.argsort(dim=-1, descending=True).tolist()
+        rank = min(row.index(b) for row in order for b in blocks)
+        hit = any(b in head for head in ids for b in blocks)
+        self.lookups.append(Lookup(layer, qb.shape[1], rank, hit))
+        if not self.oracle or (self.scope == "question" and not in_question):
+            return ids
+        keep = lookup.cfg.topk - len(blocks)
+        return [sorted(blocks + [b for b in row if b not in blocks][:keep]) for row in order]
+
+    def summary(self) -> dict:
+        """The question's lookup (the last prefill lookup of each layer) and the first decode lookups."""
+        question: dict[int, Lookup] = {}
+        decode: list[Lookup] = []
+        steps: dict[int, int] = {}
+        for lk in self.lookups:
+            if lk.queries > 1:
+                question[lk.layer] = lk
+            elif steps.get(lk.layer, 0) < DECODE_STEPS:
+                steps[lk.layer] = steps.get(lk.layer, 0) + 1
+                decode.append(lk)
+
+        def share(items: list[Lookup]) -> float | None:
+            ranked = [lk for lk in items if lk.rank is not None]
+            return round(sum(lk.hit for lk in ranked) / len(ranked), 3) if ranked else None
+
+        def median_rank(items: list[Lookup]) -> float | None:
+            ranks = [lk.rank for lk in items if lk.rank is not None]
+            return statistics.median(ranks) if ranks else None
+
+        q = list(question.values())
+        by_layer: dict[int, list[int]] = {}
+        for lk in decode:
+            if lk.rank is not None:
+                by_layer.setdefault(lk.layer, []).append(lk.rank)
+        return {"question_hit": share(q), "decode_hit": share(decode), "question_rank": median_rank(q),
+                "decode_rank": median_rank(decode),
+                # per layer: the needle's rank in the question's lookup, and its median over the decode steps
+                "question_ranks": [question[i].rank if i in question else None for i in range(len(self.layers))],
+                "decode_ranks": [statistics.median(by_layer[i]) if i in by_layer else None
+                                 for i in range(len(self.layers))]}
+
+
+@contextlib.contextmanager
+def watching(probe: Probe) -> Iterator[Probe]:
+    from inf_llm.memory.lookup import BlockLookup
+
+    original = BlockLookup.select
+
+    def select(self, qb, index, q_rotated=None):
+        return probe.observe(self, qb, index, q_rotated, original(self, qb, index, q_rotated))
+
+    BlockLookup.select = select
+    try:
+        yield probe
+    finally:
+        BlockLookup.select = original
+
+
+def needle_span(tokenizer, text: str, case: ruler.Case) -> tuple[int, int]:
+    """Token positions [start, end) of the needle sentence holding the case's answer, as the engine tokenizes."""
+    value = case.answers[0]
+    end_char = text.index(f"is: {value}.") + len(f"is: {value}.")
+    start_char = text.rindex("One of the special magic", 0, end_char)
+    offsets = tokenizer(text, return_offsets_mapping=True)["offset_mapping"]
+    tokens = [i for i, (s, e) in enumerate(offsets) if s < end_char and e > start_char]
+    return tokens[0], tokens[-1] + 1
+
+
+def run(name: str, overrides: list[str], oracle: str | None, lengths: list[int], cases: int, sources: list[str],
+        config: str | None, results: list[dict], save) -> None:
+    tokenizer, conv_type, generate, engine = ruler.engine_runner(config, overrides)
+    done = {(r["variant"], r["length"], r["case"]) for r in results}
+    try:
+        for length in lengths:
+            for i in range(cases):
+                modes = [(name, None)] + ([(f"{name}+oracle-{oracle}", oracle)] if oracle else [])
+                for variant, forced in modes:
+                    if (variant, length, i) in done:
+                        continue
+                    case = ruler.make_case(TASK, length, i, tokenizer, sources)
+                    text = ruler.prompt_text(tokenizer, case, conv_type)
+                    ids = tokenizer(text)["input_ids"]
+                    probe = Probe(needle=needle_span(tokenizer, text, case), oracle=forced is not None,
+                                  scope=forced or "all", prompt_tokens=len(ids))
+                    # no held state or snapshot: every lookup of the prompt is made
+                    engine.generator.reset(snapshots=True)
+                    start = time.perf_counter()
+                    with watching(probe):
+                        answer, prompt_tokens = generate(text, ruler.MAX_NEW_TOKENS[TASK])
+                    results.append({"variant": variant, "length": length, "case": i, "source": case.source,
+                                    "depth": case.depth, "prompt_tokens": prompt_tokens, "needle": probe.needle,
+                                    "answer": case.answers[0], "prediction": answer,
+                                    "found": ruler.score(case, answer), **probe.summary(),
+                                    "seconds": round(time.perf_counter() - start, 2)})
+                    save()
+                    r = results[-1]
+                    print(f"{variant:>18} {length:>6} #{i:<2} depth {case.depth:.1f} found {r['found']:.0f} "
+                          f"q-hit {r['question_hit']} d-hit {r['decode_hit']} q-rank {r['question_rank']} "
+                          f"{answer[:40]!r}", flush=True)
+    finally:
+        engine.shutdown()
+
+
+def table(results: list[dict]) -> str:
+    rows: dict[tuple[str, int], list[dict]] = {}
+    for r in results:
+        rows.setdefault((r["variant"], r["length"]), []).append(r)
+
+    def mean(items: list, key: str) -> str:
+        vals = [x[key] for x in items if x[key] is not None]
+        return f"{statistics.mean(vals):.2f}" if vals else "-"
+
+    # ranks: each case's median over layers (question) or layers and steps (decode), averaged over cases
+    lines = ["| variant | length | found | question hit | decode hit | question rank | decode rank |",
+             "|---|---|---|---|---|---|---|"]
+    for (variant, length), items in rows.items():
+        found = sum(x["found"] for x in items)
+        lines.append(f"| {variant} | {ruler._short(length)} | {found:.0f}/{len(items)} | {mean(items, 'question_hit')} "
+                     f"| {mean(items, 'decode_hit')} | {mean(items, 'question_rank')} | {mean(items, 'decode_rank')} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description="retrieval of the needle's blocks, and what a perfect one would give")
+    p.add_argument("--config", default=None, help="config file (default: the served config)")
+    p.add_argument("--variant", action="append", default=[], help="NAME=OVERRIDE,OVERRIDE... (config dotlist)")
+    p.add_argument("--oracle", choices=("all", "question"), default=None,
+                   help="also run each case with the needle's blocks forced into every lookup once they exist "
+                   "(all), or into the question's execution block and the decode steps only (question)")
+    p.add_argument("--lengths", default="4k")
+    p.add_argument("--cases", type=int, default=10)
+    p.add_argument("--sources", default=None, help="haystack sources (default: as benchmark/ruler.py)")
+    p.add_argument("--out", default="benchmark/results/retrieval-probe.json")
+    args = p.parse_args(argv)
+    lengths = [ruler._length(n) for n in args.lengths.split(",") if n]
+    available = haystacks.available_sources()
+    sources = args.sources.split(",") if args.sources else [
+        s for s in available if s != "pydoc-topics" or len(available) < 5]
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    results = json.loads(out.read_text())["results"] if out.is_file() else []
+
+    def save() -> None:
+        out.write_text(json.dumps({"sources": sources, "results": results}, indent=1))
+
+    for spec in args.variant or ["memory=model.full_attention_tokens=null"]:
+        name, _, overrides = spec.partition("=")
+        run(name, [o for o in overrides.split(",") if o], args.oracle, lengths, args.cases, sources, args.config,
+            results, save)
+    report = table(results)
+    out.with_suffix(".md").write_text(report)
+    print(report)
+
+
+if __name__ == "__main__":
+    main()
