@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import statistics
 import sys
 import time
@@ -32,7 +31,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as `python benchmark/retrieval_probe.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmark import haystacks, ruler
+from benchmark import ruler
 
 TASK = "niah_single_number"
 DECODE_STEPS = 8  # decode lookups counted per layer: the answer's first tokens carry the digits
@@ -212,15 +211,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default="benchmark/results/retrieval-probe.json")
     args = p.parse_args(argv)
     lengths = [ruler._length(n) for n in args.lengths.split(",") if n]
-    available = haystacks.available_sources()
-    sources = args.sources.split(",") if args.sources else [
-        s for s in available if s != "pydoc-topics" or len(available) < 5]
+    sources = ruler.pick_sources(args.sources)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    results = json.loads(out.read_text())["results"] if out.is_file() else []
-
-    def save() -> None:
-        out.write_text(json.dumps({"sources": sources, "results": results}, indent=1))
+    results, save = ruler.resumable(out, sources)
 
     for spec in args.variant or ["memory=model.full_attention_tokens=null"]:
         name, _, overrides = spec.partition("=")

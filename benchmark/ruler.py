@@ -425,6 +425,25 @@ def write_report(out: Path, results: list[dict]) -> str:
     return table
 
 
+def pick_sources(given: str | None) -> list[str]:
+    """The haystack sources asked for, or every available one (pydoc-topics only while fewer than 5 others)."""
+    if given:
+        return given.split(",")
+    available = haystacks.available_sources()
+    return [s for s in available if s != "pydoc-topics" or len(available) < 5]
+
+
+def resumable(out: Path, sources: list[str]) -> tuple[list[dict], Callable[[], None]]:
+    """The results already in `out` (a rerun skips them) and a save() that rewrites the file with them all."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    results = json.loads(out.read_text())["results"] if out.is_file() else []
+
+    def save() -> None:
+        out.write_text(json.dumps({"sources": sources, "results": results}, indent=1))
+
+    return results, save
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="RULER-style suite on natural text (see the module docstring)")
     p.add_argument("--config", default=None, help="config file (default: the served config)")
@@ -443,14 +462,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     tasks = [t for t in args.tasks.split(",") if t]
     lengths = [_length(n) for n in args.lengths.split(",") if n]
-    sources = args.sources.split(",") if args.sources else [
-        s for s in haystacks.available_sources() if s != "pydoc-topics" or len(haystacks.available_sources()) < 5]
+    sources = pick_sources(args.sources)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    results = json.loads(out.read_text())["results"] if out.is_file() else []
-
-    def save() -> None:
-        out.write_text(json.dumps({"sources": sources, "results": results}, indent=1))
+    results, save = resumable(out, sources)
 
     for spec in args.variant or ["default="]:
         name, _, overrides = spec.partition("=")
