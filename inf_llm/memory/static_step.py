@@ -13,8 +13,8 @@ The caller fills `args` with `plan()`'s values, runs (or replays) `run`, then ca
 host bookkeeping the graph cannot do. Steps that change the layout (a block forms, the window is
 re-rotated, sinks are still filling) are refused by `plan()` and take the ordinary path; `layout()` names
 every buffer address a graph bakes in, so the caller re-captures when one moved (a buffer grew).
-Reads the memory through its public members only (`ContextMemory.lookup`, `resident_blocks`, `rebase_due`,
-the buffers); the memory does not import this module. Knows nothing of transformers or CUDA graphs.
+Reads the memory through its public members only (`ContextMemory.lookup`, `residency`, `rebase_due`, the
+buffers); the memory does not import this module. Knows nothing of transformers or CUDA graphs.
 """
 
 from __future__ import annotations
@@ -60,9 +60,7 @@ class StaticDecodeStep:
                 or tail.offset + tail.length >= tail.k.shape[1]):
             return None
         m.rope.cos_sin(0, self.rotation_rows, m.dtype)
-        if m.direct_access:  # allocated (and emptied) here, a prefill's prefetch and copies waited for: not in a capture
-            m.block_cache_on_device().settle()
-            m.settle_copies()
+        m.residency.ready_for_replay()  # direct: its device cache allocated, prefetches and copies waited for
         lookup = m.lookup
         lookup.flush_counts(force=True)  # the ordinary steps' pending selections
         capacity = m.store.repr.shape[0]
@@ -79,9 +77,7 @@ class StaticDecodeStep:
         cos, sin = m.rope.cos_sin(0, self.rotation_rows, m.dtype)
         tensors = (m.tail.k, m.tail.v, m.tail.k_rot, m.tail.score, m.store.k, m.store.v, m.store.repr,
                    m.lookup.device_counts, m.init_k, m.init_v, cos, sin, self.args, self.store_slots)
-        if m.device_cache is not None:
-            tensors += (m.device_cache.k, m.device_cache.v, m.device_cache.tags, m.device_cache.stamps,
-                        m.device_cache.counters)
+        tensors += m.residency.layout_tensors()  # direct: the device block cache
         tensors += m.store.scales() or ()  # a store of codes: the misses are decoded with these
         return tuple((t.data_ptr(), tuple(t.shape)) for t in tensors)
 
@@ -105,7 +101,7 @@ class StaticDecodeStep:
         # window at a[1], whose keys' received probabilities are added to their scores in place
         out, _, _ = m.ops.decode_attention(
             q_loc[:, 0], tail.k_rot, tail.v, q_glb[:, 0], m.init_k, m.init_v, scale=scale,
-            window=(a[1:2], m.n_local), received_into=tail.score, blocks=m.resident_blocks(ids),
+            window=(a[1:2], m.n_local), received_into=tail.score, blocks=m.residency.resident_blocks(ids),
             remainder=(tail.k, tail.v, a[2:3], cfg.block_size, a[3:4]),
         )
         m.lookup.device_counts.index_add_(0, ids[0], self.ones)
