@@ -232,26 +232,7 @@ class ContextMemory:
         ):
             self._rebase_rotation(kv_start)
         q_loc = self._rotate(q, start - self.rot_base)
-        piece = self.ops.LOCAL_STAGE_ROWS or self.exc or LOCAL_STAGE_ROWS
-        out = lse = None
-        a = start
-        while a < end:  # pieces aligned to multiples of `piece` positions, as execution blocks are
-            b = min((a // piece + 1) * piece, end)
-            k0 = self.tail.first_pos if self.n_local is None else max(a - self.n_local + 1, self.tail.first_pos)
-            one_piece = a == start and b == end
-            piece_out, piece_lse = self.ops.windowed_attention(
-                q_loc[None, :, a - start : b - start], self.tail.rotated_keys(k0, b)[None],
-                self.tail.values(k0, b)[None], scale=scale, q_offset=a - k0, window=self.n_local,
-                token_major_out=one_piece,  # the layout transformers reshapes the output from: no copy there
-            )
-            if one_piece:  # (the Triton ops): its result is the call's, no copy
-                out, lse = piece_out[0], piece_lse[0]  # (Hq, L, D), (Hq, L)
-            else:
-                if out is None:
-                    out = torch.empty_like(q)
-                    lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
-                out[:, a - start : b - start], lse[:, a - start : b - start] = piece_out[0], piece_lse[0]
-            a = b
+        out, lse = self._local_stage(q, q_loc, start, end, scale)
         # every execution block's rows as views made in one call per tensor (a slice per block and tensor
         # costs the host more than the rest of the loop's bookkeeping)
         sizes = [e - s for s, e in bounds]
@@ -273,6 +254,32 @@ class ContextMemory:
             self._form_memory(e, into_ring=True)
         self.lookup.flush_counts()
         return out
+
+    def _local_stage(self, q: torch.Tensor, q_loc: torch.Tensor, start: int, end: int, scale: float
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The windowed attention of queries start..end-1 (q_loc (Hq, L, D) rotated to the window's base) over
+        their window keys, in pieces of the ops' `LOCAL_STAGE_ROWS` queries: out (Hq, L, D), lse (Hq, L) fp32."""
+        piece = self.ops.LOCAL_STAGE_ROWS or self.exc or LOCAL_STAGE_ROWS
+        out = lse = None
+        a = start
+        while a < end:  # pieces aligned to multiples of `piece` positions, as execution blocks are
+            b = min((a // piece + 1) * piece, end)
+            k0 = self.tail.first_pos if self.n_local is None else max(a - self.n_local + 1, self.tail.first_pos)
+            one_piece = a == start and b == end
+            piece_out, piece_lse = self.ops.windowed_attention(
+                q_loc[None, :, a - start : b - start], self.tail.rotated_keys(k0, b)[None],
+                self.tail.values(k0, b)[None], scale=scale, q_offset=a - k0, window=self.n_local,
+                token_major_out=one_piece,  # the layout transformers reshapes the output from: no copy there
+            )
+            if one_piece:  # (the Triton ops): its result is the call's, no copy
+                out, lse = piece_out[0], piece_lse[0]  # (Hq, L, D), (Hq, L)
+            else:
+                if out is None:
+                    out = torch.empty_like(q)
+                    lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
+                out[:, a - start : b - start], lse[:, a - start : b - start] = piece_out[0], piece_lse[0]
+            a = b
+        return out, lse
 
     def _decode_step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
         """`process` for one query (decoding), through the ops' single-query op: the same keys, positions and
