@@ -248,7 +248,7 @@ class ContextMemory:
                 self.ops.window_key_scores(
                     q_loc_rows[i], self.tail.rotated_keys(w_start, e)[None], scale=scale,
                     q_offset=s - w_start, window=self.n_local, lse=lse_rows4[i],
-                    into=self.tail.scores(w_start, e)[None], check=self._check_ops,
+                    into=self.tail.scores(w_start, e)[None], check=self.residency.check,
                 )
             self.seen = e
             self._form_memory(e, into_ring=True)
@@ -401,7 +401,7 @@ class ContextMemory:
             self.tail.values(tail_first, tail_end),
             # query s+i sees remainder j iff j <= s+i - n_local (released: all of it, j <= e - 1 - n_local)
             rem_offset=tail_end - tail_first if self._whole_remainder else s - self.n_local - tail_first + 1,
-            scale=scale, check=self._check_ops,
+            scale=scale, check=self.residency.check,
         )
 
     def _rotate(self, x: torch.Tensor, start: int, one_angle: bool = False, out: torch.Tensor | None = None
