@@ -3,6 +3,7 @@
     uvicorn inf_llm.serve:app                    # config from $INFLLM_CONFIG or the default served config
     python -m inf_llm.serve --config PATH --host 127.0.0.1 --port 8000 model.topk=32 server.api_key=...
     python -m inf_llm.serve --model PATH                # no YAML: the architecture's preset, the rest auto
+    python -m inf_llm.serve --no-warmup                 # ready without compiling the kernels (INFLLM_WARMUP=0)
 
 `app` is created on first access (module __getattr__), so importing this module loads no config; a bad
 config then fails with one clear message. The CLI exits with status 2 and a message (no traceback) on bad
@@ -69,6 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
         "paper's settings), the chat template from its tokenizer, everything else auto. With --config: that "
         "config's values with the model replaced",
     )
+    parser.add_argument(
+        "--no-warmup", action="store_true",
+        help="skip the kernels' warm-up before ready (on a CUDA GPU with fattn it compiles the Triton kernels, so "
+        "that no request pays for it; off, the first requests do); the same as INFLLM_WARMUP=0",
+    )
     parser.add_argument("--host", help="bind address (default: server.host, 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port (default: server.port, 8000)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -89,6 +95,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(path, overrides, _model_updates(args.model, with_preset=path is None))
     except InfLLMError as exc:  # a bad config, or a --model that is not a local model of a known architecture
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+    if args.no_warmup:
+        os.environ["INFLLM_WARMUP"] = "0"  # read by inf_llm.engine.worker.wants_warm_up when the model is loaded
+    from inf_llm.engine.worker import warm_up_setting
+
+    try:
+        warm_up_setting()
+    except InfLLMError as exc:  # a bad INFLLM_WARMUP
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

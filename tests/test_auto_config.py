@@ -15,7 +15,7 @@ from inf_llm.auto_config import FLAT_CACHED_BLOCKS, Machine, ModelShape, describ
 from inf_llm.config import AUTO, AUTO_KEYS, load_config
 from inf_llm.engine import presets
 from inf_llm.engine.loading import resolve_path
-from inf_llm.engine.worker import load_engine
+from inf_llm.engine.worker import WARMUP_ENV_VAR, load_engine, wants_warm_up
 from inf_llm.errors import ConfigError
 from tests.conftest import DEFAULT_CONFIG, REPO_ROOT
 from tests.models import build_tiny_model, save_tiny_model
@@ -147,6 +147,36 @@ def test_warm_up_runs_and_leaves_no_state_behind(tmp_path):
         warmed.shutdown()
 
 
+def test_the_warm_up_switch(monkeypatch):
+    """INFLLM_WARMUP: unset or auto warms up on CUDA with fattn only; 0 never; 1 everywhere; anything else is a
+    ConfigError naming the variable (and serve exits with status 2, below)."""
+    cfg = load_config(None, ["model.fattn=true"])
+    monkeypatch.delenv(WARMUP_ENV_VAR, raising=False)
+    assert wants_warm_up(cfg, "cuda") and not wants_warm_up(cfg, "cpu")
+    assert not wants_warm_up(load_config(None, ["model.fattn=false"]), "cuda")
+    for value, cuda, cpu in (("auto", True, False), ("0", False, False), ("off", False, False),
+                             ("1", True, True), ("yes", True, True)):
+        monkeypatch.setenv(WARMUP_ENV_VAR, value)
+        assert (wants_warm_up(cfg, "cuda"), wants_warm_up(cfg, "cpu")) == (cuda, cpu), value
+    monkeypatch.setenv(WARMUP_ENV_VAR, "sometimes")
+    with pytest.raises(ConfigError, match=WARMUP_ENV_VAR):
+        wants_warm_up(cfg, "cuda")
+
+
+def test_the_warm_up_switch_reaches_load_engine(tmp_path, monkeypatch):
+    folder = save_tiny_model(tmp_path / "tiny", "qwen2", seed=3)
+    cfg = load_config(None, [f"model.path={folder}", *TINY_MEMORY])
+    monkeypatch.setenv(WARMUP_ENV_VAR, "1")
+    engine = load_engine(cfg)  # warm=None: the variable decides
+    try:
+        assert engine.info.warmup_seconds is not None and engine.generator.cache is None
+    finally:
+        engine.shutdown()
+    monkeypatch.setenv(WARMUP_ENV_VAR, "bad")
+    with pytest.raises(ConfigError, match=WARMUP_ENV_VAR):
+        load_engine(cfg)
+
+
 # ------------------------------------------------------------------------------------ serve --model
 def test_preset_by_architecture(tmp_path):
     folder = save_tiny_model(tmp_path / "tiny-qwen3", "qwen3")
@@ -192,6 +222,25 @@ def test_serve_model_folder_without_yaml(tmp_path):
 def _serve(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "inf_llm.serve", *args], check=False, cwd=REPO_ROOT,
                           capture_output=True, text=True, timeout=120, env=env)
+
+
+def test_serve_no_warmup_wins_over_the_variable(tmp_path):
+    """`--no-warmup` turns the warm-up off even where INFLLM_WARMUP=1 would force it (here on a CPU)."""
+    folder = save_tiny_model(tmp_path / "tiny-llama", "llama")
+    argv = [sys.executable, "-m", "inf_llm.serve", "--model", str(folder), "--port", "{port}",
+            f"contexts.dir={tmp_path / 'contexts'}"]
+    env = {WARMUP_ENV_VAR: "1"}
+    statuses = []
+    for extra in ([], ["--no-warmup"]):
+        srv = ServerProcess(argv + extra, tmp_path / f"server{len(extra)}.log", env=env).start()
+        try:
+            srv.wait_ready()
+            statuses.append(httpx.get(f"{srv.url}/status", timeout=10).json()["warmup_s"])
+        finally:
+            srv.stop()
+    assert statuses[0] is not None and statuses[1] is None
+    done = _serve("--model", str(folder), env={**os.environ, WARMUP_ENV_VAR: "often"})
+    assert done.returncode == 2 and WARMUP_ENV_VAR in done.stderr and "Traceback" not in done.stderr
 
 
 def test_serve_model_errors_exit_2(tmp_path):

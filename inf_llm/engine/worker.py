@@ -11,8 +11,9 @@ Must not know: HTTP. The server submits jobs and relays their events.
     job.cancel()                                       # takes effect within one decode step / one layer
 
 Sessions are jobs of the same queue (each takes a `server.max_queue` slot while it waits), so they wait for
-the generation before them and never touch the generator from another thread. Each returns a concurrent.futures.Future (from any thread; asyncio callers
-wrap it with asyncio.wrap_future); its result or its SessionStateError/QueueFullError/ShuttingDownError:
+the generation before them and never touch the generator from another thread. Each returns a
+concurrent.futures.Future (from any thread; asyncio callers wrap it with asyncio.wrap_future); its result or
+its SessionStateError/QueueFullError/ShuttingDownError:
 
     engine.save(path, metadata).result()              # -> SavedSession (NAME.pt + NAME.json, sessions.py)
     engine.restore(path).result()                     # -> SavedSession; or restore(a SessionState from fork())
@@ -34,6 +35,7 @@ import asyncio
 import gc
 import itertools
 import logging
+import os
 import queue
 import threading
 import time
@@ -54,7 +56,7 @@ from inf_llm.engine.generation import Generator, prepare_chat, prepare_text, sam
 from inf_llm.engine.library import Document, DocumentLibrary
 from inf_llm.engine.sessions import SavedSession, SessionInfo, SessionState, read_session, write_session
 from inf_llm.engine.templates import Message, encode_text
-from inf_llm.errors import InfLLMError, NotReadyError, QueueFullError
+from inf_llm.errors import ConfigError, InfLLMError, NotReadyError, QueueFullError
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +66,9 @@ IDLE_POLL_SECONDS = 0.5
 RETRY_AFTER_SECONDS = 2
 # Decode steps of the warm-up: the first captures the decode step's CUDA graph, the next ones replay it.
 WARMUP_DECODE_STEPS = 4
+# Environment variable that turns the warm-up off (0) or on everywhere (1); `python -m inf_llm.serve --no-warmup`
+# sets it to 0.
+WARMUP_ENV_VAR = "INFLLM_WARMUP"
 
 
 class ShuttingDownError(NotReadyError):
@@ -481,7 +486,7 @@ def warm_up(gen: Generator) -> float:
     """Prefill and decode prompts of `warmup_lengths` (ids cycling through the vocabulary, greedy, end of
     sequence ignored so every decode step runs), then forget the memory and its snapshots. Returns seconds."""
     start = time.perf_counter()
-    vocab = gen.model.get_output_embeddings().weight.shape[0]
+    vocab = gen.model.get_input_embeddings().weight.shape[0]  # (a CPU's packed lm_head has no .weight)
     params = sampling_params(gen.cfg.generation, temperature=0.0, max_new_tokens=WARMUP_DECODE_STEPS,
                              repetition_penalty=1.0, frequency_penalty=0.0, presence_penalty=0.0, stop=[])
     eos, gen.eos_ids = gen.eos_ids, []
@@ -501,22 +506,43 @@ def _patched_config(gen: Generator) -> InfLLMConfig:
     return gen.cfg.model_copy(update={"model": gen.model.infllm.cfg})
 
 
+def warm_up_setting() -> bool | None:
+    """`INFLLM_WARMUP`: 0/false/off/no never warms up, 1/true/on/yes always does (a CPU too), unset/empty/auto
+    leaves it to `wants_warm_up`. Anything else is a ConfigError naming the variable."""
+    value = os.environ.get(WARMUP_ENV_VAR, "").strip().lower()
+    if value in ("", "auto"):
+        return None
+    if value in ("0", "false", "off", "no"):
+        return False
+    if value in ("1", "true", "on", "yes"):
+        return True
+    raise ConfigError(f"{WARMUP_ENV_VAR}={os.environ[WARMUP_ENV_VAR]!r}: use 0 (no warm-up), 1 (always) or auto "
+                      f"(on CUDA with fattn)")
+
+
 def wants_warm_up(cfg: InfLLMConfig, device) -> bool:
-    """Compiling the Triton kernels takes tens of seconds at a GPU's first request: warm up on CUDA with fattn.
-    A CPU has nothing to compile (a warm-up forward gained nothing there)."""
+    """Compiling the Triton kernels takes tens of seconds at a GPU's first request: warm up on CUDA with fattn,
+    unless `INFLLM_WARMUP` says otherwise. A CPU has nothing to compile (a warm-up forward gained nothing there)."""
+    setting = warm_up_setting()
+    if setting is not None:
+        return setting
     return torch.device(device).type == "cuda" and cfg.model.fattn is True
 
 
 def load_engine(cfg: InfLLMConfig, progress: Callable[[str, float], None] | None = None, start: bool = True,
                 warm: bool | None = None) -> Engine:
     """Load the configured model, resolve its auto keys (inf_llm.auto_config), patch it with InfLLM attention,
-    start the worker and (`warm`; None: `wants_warm_up`) warm its kernels up before returning.
+    start the worker and (`warm`; None: `wants_warm_up`, which reads `INFLLM_WARMUP`) warm its kernels up before
+    returning.
 
     Loading runs in a short-lived thread of its own, so the calling thread (a server's event loop, a
     benchmark's or the terminal chat's main thread) never starts an OpenMP thread pool: the worker's must be
     the only live one, or libgomp throttles every pool's spinning (see inf_llm/openmp.py).
     """
     from inf_llm.engine.loading import load_model
+
+    if warm is None:
+        warm_up_setting()  # a bad INFLLM_WARMUP fails before minutes of loading, not after
 
     def load():
         loaded = load_model(cfg, progress=progress)
