@@ -112,6 +112,14 @@ class ModelConfig(_Strict):
         "perhead each query head retrieves its own blocks, K/V kept per query head as the released code "
         "does). The same without GQA. query: torch ops only (not fattn, not faiss)",
     )
+    block_score: Literal["representative", "attention"] = Field(
+        "representative",
+        description="how a lookup scores a memory block: representative (the paper's: the lookup vector against "
+        "the block's representative) or attention (the attention mass the block's keys take from the execution "
+        "block's mean query: per query head the log-sum-exp of its logits over the block's keys, summed over "
+        "query heads; reads every stored key per lookup, finds a fact in natural text the representatives "
+        "miss). attention: torch ops with the blocks on the compute device (not fattn, faiss or perhead)",
+    )
     remainder_visibility: Literal["exact", "released"] = Field(
         "exact",
         description="inf-llm's remainder (tokens behind the window not yet in a block) in the global stage: "
@@ -328,6 +336,24 @@ class InfLLMConfig(_Strict):
                         raise ValueError(
                             f"model.lookup_heads: query does not work with model.{key}: true yet ({reason}); "
                             f"set lookup_heads: kv or {key}: false"
+                        )
+            if m.block_score == "attention":
+                unsupported = {
+                    "fattn": "the Triton kernels score blocks by their representatives",
+                    "faiss": "the faiss index holds representatives, not keys",
+                    "perhead": "each head's own lookup is scored by representatives",
+                }
+                if m.offload_access == "direct":
+                    raise ValueError(
+                        "model.block_score: attention does not work with model.offload_access: direct (a lookup "
+                        "reads every stored key; direct keeps them across the bus and new ones in its formation "
+                        "ring): set offload_access: cache, offload: false, or block_score: representative"
+                    )
+                for key, reason in unsupported.items():
+                    if getattr(m, key) is True:
+                        raise ValueError(
+                            f"model.block_score: attention does not work with model.{key}: true yet ({reason}); "
+                            f"set block_score: representative or {key}: false"
                         )
             if m.score_decay is not None and m.cache_strategy is not CacheStrategy.LRU_S:
                 # The original presets (vicuna-inf-llm, mistral-inf-llm-12k) set score_decay and leave

@@ -41,7 +41,7 @@ def exec_blocks(call_sizes: list[int], exc: int | None) -> list[tuple[int, int]]
 
 
 def dense_layer(q, k, v, *, kind, n_init, n_local, block_size, topk, repr_topk, blocks, inv_freq, scale,
-                lookup_heads="kv", remainder_visibility="exact", perhead=False):
+                lookup_heads="kv", remainder_visibility="exact", perhead=False, block_score="representative"):
     """q (Hq, N, D), k/v (Hkv, N, D) un-rotated. kind: inf-llm | stream-llm | infinite-lm | origin.
 
     inf-llm's retrieval options, as `ModelConfig` names them:
@@ -55,6 +55,8 @@ def dense_layer(q, k, v, *, kind, n_init, n_local, block_size, topk, repr_topk, 
       offset is the whole remainder's length), its own window's among them, un-rotated, besides their local
       copies.
     - perhead: each score head retrieves its own top-k; the query heads attend their score head's blocks.
+    - block_score "attention": a block's score is sum_h logsumexp_t(mean_q_h . k_t * scale) over query heads h
+      and the block's (un-rotated) keys t of h's KV head, instead of its representative's.
 
     Returns (out (Hq, N, D) float64, selections: list per exec block of selected block indices, heads merged).
     """
@@ -87,7 +89,11 @@ def dense_layer(q, k, v, *, kind, n_init, n_local, block_size, topk, repr_topk, 
         if kind == "inf-llm" and len(formed) > topk:
             qm = rotate(q[:, s:e].mean(1, keepdim=True), inv_freq, gpos)[:, 0]  # (Hq, D)
             qvec = qm if per_query else qm.view(hkv, g, d).sum(1)  # (Hs, D)
-            if perhead:
+            if block_score == "attention":
+                block_scores = torch.stack([
+                    sum(torch.logsumexp(k[h // g, a:b] @ qm[h] * scale, dim=0) for h in range(hq)) for a, b in formed])
+                chosen = [sorted(block_scores.topk(topk).indices.tolist())] * hs
+            elif perhead:
                 chosen = [sorted(torch.stack([qvec[r] @ rep[r] for rep in reprs]).topk(topk).indices.tolist())
                           for r in range(hs)]
             else:

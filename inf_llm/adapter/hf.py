@@ -138,7 +138,7 @@ class PatchState:
     def fingerprint(self) -> dict:
         memory_keys = ("type", "n_init", "n_local", "topk", "repr_topk", "block_size", "exc_block_size",
                        "base", "distance_scale", "perhead", "dense_decoding", "full_attention_tokens", "lookup_heads",
-                       "remainder_visibility")
+                       "remainder_visibility", "block_score")
         return {"layers": self.num_layers, "q_heads": self.num_q_heads, "kv_heads": self.num_kv_heads,
                 "head_dim": self.head_dim, **{k: _plain(getattr(self.cfg, k)) for k in memory_keys}}
 

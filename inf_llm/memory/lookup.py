@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from inf_llm.config import ModelConfig
-from inf_llm.errors import MissingDependencyError
+from inf_llm.errors import ConfigError, MissingDependencyError
 from inf_llm.memory.buffers import BlockStore
 from inf_llm.memory.rope import RotaryTable
 
@@ -55,6 +55,13 @@ class BlockLookup:
         hq, self.hkv, self.score_heads = heads
         self.group, self.d = hq // self.hkv, head_dim
         self.repr_dtype, self.global_query_pos, self.exc, self.device = repr_dtype, global_query_pos, exc, device
+        # block_score: attention scores a block by its keys, each query head by its own mean query
+        self.by_attention = cfg.block_score == "attention"
+        self.sum_groups = self.score_heads == self.hkv and not self.by_attention
+        if self.by_attention and store is not None and store.k.device.type != torch.device(device).type:
+            raise ConfigError(f"model.block_score: attention reads every stored key per lookup, so the blocks must "
+                              f"be on the compute device ({device}), not offloaded to {store.k.device}: set "
+                              f"model.offload: false or block_score: representative")
         # Lookups of the last forward, as selected: host lists (host paths) or device id tensors (device path);
         # read through `retrieved_last` / `retrieval_counts`, which convert once, when asked.
         self.retrieved: list = []
@@ -142,14 +149,15 @@ class BlockLookup:
     def query_vector(self, qb: torch.Tensor, q_rotated: torch.Tensor | None = None) -> torch.Tensor:
         """Lookup vector of an execution block: the mean of its un-rotated queries rotated to the global
         angle (rotation is linear), heads of each KV group summed (lookup_heads: kv) or one per query head
-        (query). (1, Hr*D) (Hr = score_heads), or (Hkv, D) with perhead.
+        (query, or block_score: attention). (1, Hr*D) (Hr = score_heads, Hq with block_score: attention),
+        or (Hkv, D) with perhead.
         `q_rotated`: one query already rotated to the global angle in the representatives' dtype."""
         if q_rotated is None:
             q_mean = qb.to(self.repr_dtype)
             q_rotated = self.rope.rotate_at(q_mean if qb.shape[1] == 1 else q_mean.mean(dim=1, keepdim=True),
                                             self.global_query_pos)
         per_head = q_rotated[:, 0]  # (Hq, D)
-        if self.score_heads == self.hkv:
+        if self.sum_groups:
             per_head = per_head.view(self.hkv, self.group, self.d).sum(dim=1)  # (Hkv, D)
         return per_head if self.cfg.perhead else per_head.reshape(1, -1)
 
@@ -174,13 +182,15 @@ class BlockLookup:
                 means.append(q_glb[:, s - start : e - start].mean(dim=1, keepdim=True, dtype=self.repr_dtype))
                 k += 1
         mean = means[0] if len(means) == 1 else torch.cat(means, dim=1)  # (Hq, n, D)
-        if self.score_heads == self.hkv:
+        if self.sum_groups:
             mean = mean.view(self.hkv, self.group, len(bounds), self.d).sum(dim=1)  # (Hkv, n, D)
         per_head = mean.transpose(0, 1)  # (n, Hr, D)
         return per_head if self.cfg.perhead else per_head.reshape(len(bounds), 1, -1)
 
     def block_scores(self, qvec: torch.Tensor, first: int, last: int) -> torch.Tensor:
         """Scores (..., Hsel, last-first) of blocks [first, last) for query vectors qvec (..., Hsel, X)."""
+        if self.by_attention:
+            return self.attention_scores(qvec, first, last)
         reprs = self.store.representatives()[first:last]  # (N, Hr*D), float32 (float64 in float64 tests)
         if self.cfg.perhead:
             return torch.einsum("...hd,nhd->...hn", qvec, reprs.view(-1, self.hkv, self.d))
@@ -189,6 +199,31 @@ class BlockLookup:
         if qvec.dim() == 2:
             return torch.mv(reprs, qvec[0]).unsqueeze(0)  # (1, N)
         return (reprs @ qvec.mT).mT  # (..., 1, N)
+
+    def attention_scores(self, qvec: torch.Tensor, first: int, last: int) -> torch.Tensor:
+        """block_score: attention: (..., 1, last-first) the attention mass blocks [first, last) would take from
+        per-query-head lookup vectors qvec (..., 1, Hq*D): per query head the log-sum-exp of its scaled logits
+        over the block's keys (stored un-rotated: the global stage's angle), summed over query heads. A fact
+        stated once in natural text is a few keys of one block; the mean of a block's 4 most-attended keys
+        (the representative) dilutes them among ~500 blocks of similar prose, the exact mass does not."""
+        return self._attention(qvec, self.store.read(first, last)[0])
+
+    def slot_scores(self, qvec: torch.Tensor) -> torch.Tensor:
+        """(1, capacity): one lookup vector's scores of every slot of the store, formed or not (the fixed-shape
+        decode step's lookup, which masks the slots past the block count itself)."""
+        if self.by_attention:
+            keys = self.store.k if self.store.codec is None else self.store.read(0, self.store.k.shape[0])[0]
+            return self._attention(qvec, keys)
+        return torch.mv(self.store.repr, qvec[0]).unsqueeze(0)
+
+    def _attention(self, qvec: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """`attention_scores` of the blocks whose keys are `keys` (N, Hkv, bs, D)."""
+        lead = qvec.shape[:-2]
+        q = qvec.reshape(-1, 1, self.hkv, self.group, self.d).to(keys.dtype)  # (B, 1, Hkv, g, D)
+        # (1, N, Hkv, bs, D) @ (B, 1, Hkv, D, g): per block and KV head one small product, no copy of the keys
+        logits = torch.matmul(keys.unsqueeze(0), q.transpose(-1, -2))  # (B, N, Hkv, bs, g)
+        lse = logits.to(self.repr_dtype).mul_(self.d**-0.5).logsumexp(dim=3)  # (B, N, Hkv, g), float32 at least
+        return lse.sum(dim=(2, 3)).reshape(*lead, 1, -1)
 
     def batch_topk(self, n_blocks: int) -> LookupBatch:
         """The call's lookups over the blocks existing now: one matmul and one top-k (device path)."""
@@ -347,7 +382,16 @@ class DeviceLookup(BlockLookup):
         values, indices, query = (part[index] for part in batch.rows)
         if n_blocks == batch.known_blocks:
             return indices
-        return self.refine(values, indices, query, self.store.representatives(), batch.known_blocks, topk)
+        if self.by_attention:  # the ops' refine scores representatives: the fresh blocks are merged here, and
+            # refine only takes the result (no blocks left to score; with direct it makes them resident)
+            fresh = self.attention_scores(query, batch.known_blocks, n_blocks)  # (1, fresh)
+            fresh_ids = torch.arange(batch.known_blocks, n_blocks, device=indices.device).expand_as(fresh)
+            values, indices = torch.cat([values, fresh], dim=-1), torch.cat([indices, fresh_ids], dim=-1)
+            values, best = values.topk(topk, dim=-1)
+            indices, batch_end = indices.gather(-1, best), n_blocks
+        else:
+            batch_end = batch.known_blocks
+        return self.refine(values, indices, query, self.store.representatives(), batch_end, topk)
 
 
 def lookup_for(cfg: ModelConfig, store: BlockStore | None, on_device: bool, refine: Refine, *args) -> BlockLookup:

@@ -92,8 +92,8 @@ class StaticDecodeStep:
         q_loc = m.ops.decode_prologue(q, k, v, cos, sin, a[4:5], a[0:1], tail.k, tail.v, tail.k_rot, tail.score)
         # lookup: the shared top-k over every store slot, slots past the block count never chosen
         q_glb = m.rope.rotate_at(q.to(m.repr_dtype), m.policy.global_query_pos)
-        qvec = m.lookup.query_vector(q, q_glb)  # (1, Hkv * D)
-        scores = torch.mv(store.repr, qvec[0]).unsqueeze(0)  # (1, capacity)
+        qvec = m.lookup.query_vector(q, q_glb)  # (1, Hkv * D), or (1, Hq * D)
+        scores = m.lookup.slot_scores(qvec)  # (1, capacity)
         ids = torch.where(self.store_slots < a[5], scores, self.neg_inf).topk(cfg.topk, dim=-1).indices  # (1, topk)
         # every key read where it lies, no staging copies (they were ~10 kernels and 24 MB of copies per
         # Mistral-7B layer and step): the sinks; the selected blocks by id (direct: in the device cache, its
