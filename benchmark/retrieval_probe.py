@@ -43,6 +43,45 @@ class Lookup:
     queries: int  # queries of the looked-up execution block (1: a decode step)
     rank: int | None  # best rank of a needle block over heads (None: no needle block formed yet)
     hit: bool  # a needle block was selected
+    alt: dict[str, int] = field(default_factory=dict)  # --alt-scores: the needle's rank under each other score
+
+
+def alternative_scores(lookup, qb) -> dict[str, "torch.Tensor"]:
+    """Block scores (N,) other than the served one, for the same lookup: which score would rank the needle
+    first? Queries rotated to the global angle against the stored (un-rotated) keys, as the attention sees
+    them; each query head against its KV head, summed over query heads.
+    - `max-key`: a block's highest logit over all its keys for the mean query (the exact max, not 4 keys' mean)
+    - `lse-key`: the attention mass the block would take (log-sum-exp of its logits) for the mean query
+    - `bound`: Quest's upper bound from the block's per-channel key minimum and maximum, mean query
+    - `mass-sum` / `mass-max`: the share of a head's attention over all blocks that the block would take
+      (mean query), summed / the largest over query heads (a few sharp heads outvote many flat ones)
+    - `last-query`: `max-key` for the block's last query alone (the token the answer follows)
+    - `max-query`: each query's `max-key`, the highest over the execution block's queries
+    - `lse-query`: each query's `lse-key`, the highest over the execution block's queries"""
+    import torch
+
+    store = lookup.store
+    n = store.count
+    keys, _ = store.read(0, n)  # (N, Hkv, bs, D)
+    keys = keys.float().repeat_interleave(lookup.group, dim=1)  # (N, Hq, bs, D)
+    q = lookup.rope.rotate_at(qb.float(), lookup.global_query_pos)  # (Hq, Lq, D)
+    scale = lookup.d ** -0.5
+
+    def max_key(qv):  # qv (Hq, D) -> (N,)
+        return torch.einsum("hd,nhtd->nht", qv, keys).amax(dim=-1).sum(dim=-1)
+
+    qm = q.mean(dim=1)
+    logits = torch.einsum("hd,nhtd->nht", qm, keys)
+    bound = torch.maximum(qm[None] * keys.amin(dim=2), qm[None] * keys.amax(dim=2)).sum(dim=(1, 2))
+    lse = (logits * scale).logsumexp(dim=-1)  # (N, Hq)
+    mass = (lse - lse.logsumexp(dim=0, keepdim=True)).exp()  # (N, Hq): each head's attention share per block
+    scores = {"max-key": logits.amax(dim=-1).sum(dim=-1), "lse-key": lse.sum(dim=-1), "bound": bound,
+              "mass-sum": mass.sum(dim=-1), "mass-max": mass.amax(dim=-1), "last-query": max_key(q[:, -1])}
+    if q.shape[1] > 1:
+        per_query = torch.einsum("hld,nhtd->lnht", q, keys)  # (Lq, N, Hq, bs)
+        scores["max-query"] = per_query.amax(dim=-1).sum(dim=-1).amax(dim=0)
+        scores["lse-query"] = (per_query * scale).logsumexp(dim=-1).sum(dim=-1).amax(dim=0)
+    return scores
 
 
 @dataclass
@@ -51,13 +90,15 @@ class Probe:
 
     needle: tuple[int, int] = (0, 0)  # token positions [start, end) of the needle sentence
     oracle: bool = False
+    alt_scores: bool = False  # also rank the needle under `alternative_scores`
+    topk: int = 0  # the lookups' topk (a rank below it is selected)
     # "all": every lookup once the needle's blocks exist; "question": only the question's own execution
     # block (the one ending the prompt) and the decode steps
     scope: str = "all"
     prompt_tokens: int = 0
     lookups: list[Lookup] = field(default_factory=list)
     layers: dict[int, int] = field(default_factory=dict)  # id(lookup) -> layer index, by first use
-    seen: dict[int, int] = field(default_factory=dict)  # layer -> queries looked up so far
+    block_end: int = 0  # end position of the execution block being looked up (set by `watching`)
 
     def needle_blocks(self, lookup) -> list[int]:
         store, size = lookup.store, lookup.cfg.block_size
@@ -66,8 +107,8 @@ class Probe:
 
     def observe(self, lookup, qb, index: int, q_rotated, ids):
         layer = self.layers.setdefault(id(lookup), len(self.layers))
-        self.seen[layer] = self.seen.get(layer, 0) + qb.shape[1]
-        in_question = qb.shape[1] == 1 or self.seen[layer] == self.prompt_tokens
+        # the prefill stops one token short: the last prompt token is the first decode step
+        in_question = qb.shape[1] == 1 or self.block_end >= self.prompt_tokens - 1
         if not isinstance(ids, list) or len(ids[0]) >= lookup.store.count:
             return ids  # no lookup made (every block taken) or a device path
         blocks = self.needle_blocks(lookup)
@@ -79,7 +120,13 @@ class Probe:
         order = scores.argsort(dim=-1, descending=True).tolist()
         rank = min(row.index(b) for row in order for b in blocks)
         hit = any(b in head for head in ids for b in blocks)
-        self.lookups.append(Lookup(layer, qb.shape[1], rank, hit))
+        alt = {}
+        if self.alt_scores and in_question:  # the question's and decode steps' lookups only: it reads every key
+            for name, score in alternative_scores(lookup, qb).items():
+                order_alt = score.argsort(descending=True).tolist()
+                alt[name] = min(order_alt.index(b) for b in blocks)
+        self.topk = lookup.cfg.topk
+        self.lookups.append(Lookup(layer, qb.shape[1], rank, hit, alt))
         if not self.oracle or (self.scope == "question" and not in_question):
             return ids
         keep = lookup.cfg.topk - len(blocks)
@@ -110,7 +157,17 @@ class Probe:
         for lk in decode:
             if lk.rank is not None:
                 by_layer.setdefault(lk.layer, []).append(lk.rank)
-        return {"question_hit": share(q), "decode_hit": share(decode), "question_rank": median_rank(q),
+        alt = {}
+        for name in sorted({n for lk in q + decode for n in lk.alt}):
+            def ranks(items):
+                return [lk.alt[name] for lk in items if name in lk.alt]
+
+            qr, dr = ranks(q), ranks(decode)
+            alt[name] = {"question_rank": statistics.median(qr) if qr else None,
+                         "decode_rank": statistics.median(dr) if dr else None,
+                         "question_hit": round(sum(r < self.topk for r in qr) / len(qr), 3) if qr else None,
+                         "decode_hit": round(sum(r < self.topk for r in dr) / len(dr), 3) if dr else None}
+        return {"alt": alt, "question_hit": share(q), "decode_hit": share(decode), "question_rank": median_rank(q),
                 "decode_rank": median_rank(decode),
                 # per layer: the needle's rank in the question's lookup, and its median over the decode steps
                 "question_ranks": [question[i].rank if i in question else None for i in range(len(self.layers))],
@@ -120,18 +177,23 @@ class Probe:
 
 @contextlib.contextmanager
 def watching(probe: Probe) -> Iterator[Probe]:
+    from inf_llm.memory.context_memory import ContextMemory
     from inf_llm.memory.lookup import BlockLookup
 
-    original = BlockLookup.select
+    original, global_keys = BlockLookup.select, ContextMemory._global_keys
 
     def select(self, qb, index, q_rotated=None):
         return probe.observe(self, qb, index, q_rotated, original(self, qb, index, q_rotated))
 
-    BlockLookup.select = select
+    def watched_global_keys(self, qb, s, e, *args, **kwargs):  # the execution block [s, e) about to look up
+        probe.block_end = e
+        return global_keys(self, qb, s, e, *args, **kwargs)
+
+    BlockLookup.select, ContextMemory._global_keys = select, watched_global_keys
     try:
         yield probe
     finally:
-        BlockLookup.select = original
+        BlockLookup.select, ContextMemory._global_keys = original, global_keys
 
 
 def needle_span(tokenizer, text: str, case: ruler.Case) -> tuple[int, int]:
@@ -145,7 +207,7 @@ def needle_span(tokenizer, text: str, case: ruler.Case) -> tuple[int, int]:
 
 
 def run(name: str, overrides: list[str], oracle: str | None, lengths: list[int], cases: int, sources: list[str],
-        config: str | None, results: list[dict], save) -> None:
+        config: str | None, results: list[dict], save, alt_scores: bool = False) -> None:
     tokenizer, conv_type, generate, engine = ruler.engine_runner(config, overrides)
     done = {(r["variant"], r["length"], r["case"]) for r in results}
     try:
@@ -159,7 +221,7 @@ def run(name: str, overrides: list[str], oracle: str | None, lengths: list[int],
                     text = ruler.prompt_text(tokenizer, case, conv_type)
                     ids = tokenizer(text)["input_ids"]
                     probe = Probe(needle=needle_span(tokenizer, text, case), oracle=forced is not None,
-                                  scope=forced or "all", prompt_tokens=len(ids))
+                                  scope=forced or "all", prompt_tokens=len(ids), alt_scores=alt_scores)
                     # no held state or snapshot: every lookup of the prompt is made
                     engine.generator.reset(snapshots=True)
                     start = time.perf_counter()
@@ -195,6 +257,16 @@ def table(results: list[dict]) -> str:
         found = sum(x["found"] for x in items)
         lines.append(f"| {variant} | {ruler._short(length)} | {found:.0f}/{len(items)} | {mean(items, 'question_hit')} "
                      f"| {mean(items, 'decode_hit')} | {mean(items, 'question_rank')} | {mean(items, 'decode_rank')} |")
+    alts = sorted({a for r in results for a in r.get("alt", {})})
+    if alts:  # the needle's rank and hit under the other scores, for the same lookups
+        lines += ["", "| variant | length | score | question hit | decode hit | question rank | decode rank |",
+                  "|---|---|---|---|---|---|---|"]
+        for (variant, length), items in rows.items():
+            for a in ["served"] + alts:
+                got = [x if a == "served" else x["alt"][a] for x in items if a == "served" or a in x.get("alt", {})]
+                if got:
+                    lines.append(f"| {variant} | {ruler._short(length)} | {a} | {mean(got, 'question_hit')} | "
+                                 f"{mean(got, 'decode_hit')} | {mean(got, 'question_rank')} | {mean(got, 'decode_rank')} |")
     return "\n".join(lines) + "\n"
 
 
@@ -205,6 +277,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--oracle", choices=("all", "question"), default=None,
                    help="also run each case with the needle's blocks forced into every lookup once they exist "
                    "(all), or into the question's execution block and the decode steps only (question)")
+    p.add_argument("--alt-scores", action="store_true",
+                   help="also rank the needle under other block scores (see alternative_scores) in the question's "
+                   "and the decode steps' lookups")
     p.add_argument("--lengths", default="4k")
     p.add_argument("--cases", type=int, default=10)
     p.add_argument("--sources", default=None, help="haystack sources (default: as benchmark/ruler.py)")
@@ -218,7 +293,7 @@ def main(argv: list[str] | None = None) -> None:
     for spec in args.variant or ["memory=model.full_attention_tokens=null"]:
         name, _, overrides = spec.partition("=")
         run(name, [o for o in overrides.split(",") if o], args.oracle, lengths, args.cases, sources, args.config,
-            results, save)
+            results, save, args.alt_scores)
     report = table(results)
     out.with_suffix(".md").write_text(report)
     print(report)
