@@ -46,7 +46,7 @@ class Lookup:
     alt: dict[str, int] = field(default_factory=dict)  # --alt-scores: the needle's rank under each other score
 
 
-def alternative_scores(lookup, qb) -> dict[str, "torch.Tensor"]:
+def alternative_scores(lookup, qb) -> dict:
     """Block scores (N,) other than the served one, for the same lookup: which score would rank the needle
     first? Queries rotated to the global angle against the stored (un-rotated) keys, as the attention sees
     them; each query head against its KV head, summed over query heads.
@@ -159,10 +159,7 @@ class Probe:
                 by_layer.setdefault(lk.layer, []).append(lk.rank)
         alt = {}
         for name in sorted({n for lk in q + decode for n in lk.alt}):
-            def ranks(items):
-                return [lk.alt[name] for lk in items if name in lk.alt]
-
-            qr, dr = ranks(q), ranks(decode)
+            qr, dr = ([lk.alt[name] for lk in items if name in lk.alt] for items in (q, decode))
             alt[name] = {"question_rank": statistics.median(qr) if qr else None,
                          "decode_rank": statistics.median(dr) if dr else None,
                          "question_hit": round(sum(r < self.topk for r in qr) / len(qr), 3) if qr else None,

@@ -18,7 +18,7 @@ from tests.dense_reference import default_scale
 from tests.models import build_tiny_model
 from tests.test_adapter import SMALL, forward, patched
 from tests.test_memory import D, make_memory, random_qkv
-from tests.test_released_retrieval import CALLS, EXC, HKV, HQ, N, PATHS, reference_run, run
+from tests.test_released_retrieval import CALLS, EXC, HKV, HQ, PATHS, N, reference_run, run
 
 
 @pytest.mark.parametrize("lookup_heads", ["kv", "query"])
@@ -28,7 +28,7 @@ def test_every_path_matches_the_dense_reference(path, lookup_heads):
     path (batched and refined lookups included), calls ending mid execution block, decode steps between."""
     q, k, v = random_qkv(N, hq=HQ, hkv=HKV, seed=41)
     sizes = CALLS["odd_calls"]
-    options = dict(block_score="attention", lookup_heads=lookup_heads)
+    options = {"block_score": "attention", "lookup_heads": lookup_heads}
     memory = make_memory("inf-llm", hq=HQ, hkv=HKV, exc_block_size=EXC, **PATHS[path], **options)
     got, selections = run(memory, q, k, v, sizes)
     want, want_selections = reference_run(q, k, v, sizes, **options)
