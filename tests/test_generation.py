@@ -294,3 +294,73 @@ def test_shutdown_ends_running_and_queued_jobs(cfg, loaded, engine):
     with pytest.raises(Exception, match="shutting down"):
         other.submit(long, params)
 
+
+
+# ------------------------------------------------------------------- tiny random models: follow-ups, host pool
+# A memory small enough for a few hundred bytes (the tiny tokenizer: one token per byte) to form blocks.
+TINY_WINDOW = ["model.device=cpu", "model.dtype=float32", "model.n_init=4", "model.n_local=64", "model.block_size=8",
+               "model.topk=2", "model.repr_topk=2", "model.exc_block_size=16", "chunk_size=64",
+               "generation.repetition_penalty=1.0"]
+
+
+def tiny_engine(tmp_path, *overrides: str) -> Engine:
+    from inf_llm.engine import load_engine
+    from tests.models import save_tiny_model
+
+    folder = tmp_path / "tiny"
+    if not folder.exists():
+        save_tiny_model(folder, "llama", seed=5)
+    return load_engine(load_config(None, [f"model.path={folder}", *TINY_WINDOW, *overrides]))
+
+
+def test_a_text_follow_up_continues_the_held_memory(tmp_path):
+    """/v1/completions style: the previous prompt's text, the completion's text, a new question. A random model's
+    answer is bytes that do not round-trip through text (invalid UTF-8 comes back as U+FFFD), so the follow-up's
+    own tokenization leaves the held conversation after the prompt; it is read as the held ids plus the rest,
+    and the whole held conversation is reused (before: only the prompt, from its snapshot)."""
+    engine = tiny_engine(tmp_path)
+    try:
+        tok, gen = engine.tokenizer, engine.generator
+        text = DOCUMENT[:400]
+        first = engine.generate(engine.prepare_text(text), engine.sampling(temperature=0, max_new_tokens=12))
+        held = list(gen.held)
+        assert len(held) == first.usage.prompt_tokens + first.usage.completion_tokens - 1
+        follow = text + first.text + "\nQuestion: and then?\nAnswer:"
+        prompt = engine.prepare_text(follow)
+        assert list(prompt.ids[: len(held)]) != held  # the case this is about: the text does not round-trip
+        again = engine.generate(prompt, engine.sampling(temperature=0, max_new_tokens=4))
+        assert again.usage.cached_tokens == len(held)
+        aligned = gen.tokenized_for_reuse(prompt)
+        assert list(aligned.ids[: len(held)]) == held and again.usage.prompt_tokens == aligned.tokens
+        assert tok.decode(list(aligned.ids)) == tok.decode(list(prompt.ids))  # the same text
+        # a prompt that extends only the earlier prompt's text keeps at least that prompt's ids
+        other = engine.prepare_text(text + "Something else entirely.")
+        assert gen.tokenized_for_reuse(other).ids[: first.usage.prompt_tokens] == prompt.ids[: first.usage.prompt_tokens]
+        # an unrelated prompt is tokenized as usual
+        unrelated = engine.prepare_text("Unrelated text.")
+        assert gen.tokenized_for_reuse(unrelated) is unrelated
+    finally:
+        engine.shutdown()
+
+
+@pytest.mark.parametrize("ram_mib,pool_back", [(1, True), (64, False)])
+def test_a_new_conversation_takes_the_host_pool_back(tmp_path, ram_mib, pool_back):
+    """host_pool_tokens (8 MiB here) is lent to one cache at a time. The first conversation's kept snapshots keep
+    its cache, and so the pool, alive; a new conversation then had to allocate host memory of its own (page-locked
+    on a GPU: seconds). When those snapshots are over contexts.ram_mib anyway they go and the new conversation gets
+    the pool; within the budget they stay (the earlier conversation is still reused)."""
+    engine = tiny_engine(tmp_path, "model.offload_access=direct", "model.host_pool_tokens=16384",
+                         f"contexts.ram_mib={ram_mib}")
+    try:
+        gen = engine.generator
+        a = engine.prepare_text(DOCUMENT[:900])
+        b = engine.prepare_text(DOCUMENT[900:1800])
+        params = engine.sampling(temperature=0, max_new_tokens=2)
+        engine.generate(a, params)
+        assert gen.cache.host_lease is not None
+        engine.generate(b, params)
+        assert (gen.cache.host_lease is not None) == pool_back
+        again = engine.generate(a, params)
+        assert (again.usage.cached_tokens == 0) == pool_back
+    finally:
+        engine.shutdown()

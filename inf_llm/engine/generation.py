@@ -13,6 +13,7 @@ internally). Tensors: prompt ids are (1, T) int64 on the model's input device.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
 import threading
 import time
@@ -60,6 +61,11 @@ BOUNDARY_MIN_TOKENS = 1024
 # A last paragraph of the last user message becomes a boundary when the text before it is this long
 # (characters): "document ... \n\n question" is the shape of a question about a document.
 PARAGRAPH_MIN_CHARS = 2000
+# Raw prompts whose text and ids are remembered (`TextPrompt`): the last few prompts and what the memory held
+# after each, so that a follow-up's text extending one is tokenized as the memory read it.
+TEXT_ANCHORS = 8
+# Tokens of context decoded around a text boundary (byte-level and most BPE tokenizers decode locally).
+DECODE_CONTEXT = 8
 
 
 def sampling_params(defaults: GenerationConfig, **overrides) -> SamplingParams:
@@ -119,6 +125,17 @@ def chat_boundaries(tokenizer, cfg: InfLLMConfig, messages: Sequence[Message], i
     return tuple(sorted(b for b in out if 0 < b < len(ids)))
 
 
+@dataclasses.dataclass(frozen=True)
+class TextPrompt(PreparedPrompt):
+    """A raw prompt with its text. The worker may tokenize it again so that it starts with the exact ids of an
+    earlier prompt and answer whose text it extends (`Generator.tokenized_for_reuse`): an OpenAI-style follow-up
+    (the previous prompt, the completion returned, a new question) then continues the memory that read them,
+    however the tokenizer would split that text by itself (an answer's tokens need not be the ones its text
+    encodes to, and the prompt's last token can merge with the answer's first)."""
+
+    text: str = ""
+
+
 def prepare_text(tokenizer, cfg: InfLLMConfig, prompt: str) -> PreparedPrompt:
     """A raw prompt (no chat template), tokenized as the tokenizer does by default (BOS if it adds one)."""
     ids = tokenizer(prompt)["input_ids"]
@@ -126,7 +143,10 @@ def prepare_text(tokenizer, cfg: InfLLMConfig, prompt: str) -> PreparedPrompt:
         if tokenizer.bos_token_id is None:
             raise RequestError("the prompt is empty")
         ids = [tokenizer.bos_token_id]
-    return _finish(ids, cfg, ())
+    prepared = _finish(ids, cfg, ())
+    if prepared.truncated is not None:  # the ids no longer stand for the text
+        return prepared
+    return TextPrompt(ids=prepared.ids, extra_stop=prepared.extra_stop, text=prompt)
 
 
 def _finish(ids: list[int], cfg: InfLLMConfig, extra_stop: tuple[str, ...]) -> PreparedPrompt:
@@ -238,6 +258,9 @@ class Generator:
         # (a new snapshot shares its window positions)
         self.prefix_cache = PrefixCache(cfg.contexts.ram_mib << 20) if cfg.contexts.snapshots else None
         self._lineage: CacheSnapshot | None = None
+        # (ids, text) of recent raw prompts and of what the memory held after each (newest first): a later
+        # prompt's text that extends one is tokenized as those ids plus the rest (tokenized_for_reuse)
+        self._anchors: list[tuple[tuple[int, ...], str]] = []
         patched = model.infllm.cfg  # full_attention_tokens resolved by patch_model
         windowed = MemoryType(patched.type) is not MemoryType.ORIGIN
         # Snapshots inside a prompt sit at multiples of exc_block_size: a lookup serves one execution block, and
@@ -257,14 +280,79 @@ class Generator:
         """Forget the held sequence (the next request prefills from scratch, or from a kept snapshot; with
         `snapshots`, the kept snapshots go too)."""
         self.cache, self.held, self._lineage = None, [], None
-        if snapshots and self.prefix_cache is not None:
-            self.prefix_cache.clear()
+        if snapshots:
+            self._anchors = []
+            if self.prefix_cache is not None:
+                self.prefix_cache.clear()
 
     def adopt(self, cache: InfLLMCache | None, held: Sequence[int]) -> None:
         """Continue from `cache` holding `held` (a restored session); the worker thread calls it between jobs."""
         if (cache is None) != (not held) or (cache is not None and cache.get_seq_length() != len(held)):
             raise ValueError(f"a memory of {cache and cache.get_seq_length()} tokens cannot hold {len(held)} ids")
         self.cache, self.held, self._lineage = cache, list(held), None
+
+    def reusable(self, ids: Sequence[int], leave: int = 1) -> int:
+        """How many of `ids` the memory would continue from (the held conversation or a kept snapshot), as
+        `_state_for` decides, without changing anything."""
+        n = len(self.held)
+        held = n if self.cache is not None and 0 < n <= len(ids) - leave and list(ids[:n]) == self.held else 0
+        entry = None
+        if self.prefix_cache is not None:
+            entry = self.prefix_cache.longest(tuple(ids), lambda e: self._usable(e, len(ids)), leave)
+        return max(held, entry.tokens if entry is not None else 0)
+
+    def tokenized_for_reuse(self, prompt: PreparedPrompt) -> PreparedPrompt:
+        """`prompt` (a TextPrompt), tokenized as an earlier prompt or answer its text extends (their ids, then
+        the rest of the text) when the memory then continues from more of it than from its own tokenization.
+        The ids decode to the same text; anything else is returned unchanged."""
+        if not isinstance(prompt, TextPrompt) or not self._anchors:
+            return prompt
+        ids = prompt.ids
+        best, best_reuse = prompt, self.reusable(ids)
+        for anchor_ids, anchor_text in self._anchors:
+            if len(anchor_ids) <= best_reuse or not prompt.text.startswith(anchor_text):
+                continue
+            tail = self._continuation(anchor_ids, prompt.text[len(anchor_text):])
+            if tail is None:
+                continue
+            candidate = anchor_ids + tail
+            reuse = self.reusable(candidate)
+            if reuse > best_reuse:
+                shared = common_prefix(candidate, ids)
+                best, best_reuse = dataclasses.replace(
+                    prompt, ids=candidate, boundaries=tuple(b for b in prompt.boundaries if b <= shared)), reuse
+        if best is not prompt:
+            log.info("prompt of %d tokens read as %d: it extends the text of %d tokens the memory holds",
+                     prompt.tokens, best.tokens, best_reuse)
+        return best
+
+    def _continuation(self, ids: Sequence[int], rest: str) -> tuple[int, ...] | None:
+        """Token ids of `rest` following `ids`, or None when they would not decode to `ids`' text then `rest`
+        (a tokenizer that marks a text's start, such as a sentencepiece prefix space)."""
+        if not rest:
+            return ()
+        tail = tuple(self.tokenizer(rest, add_special_tokens=False)["input_ids"])
+        context = list(ids[-DECODE_CONTEXT:])
+        before = self.tokenizer.decode(context, skip_special_tokens=True)
+        if not tail or self.tokenizer.decode(context + list(tail), skip_special_tokens=True) != before + rest:
+            return None
+        return tail
+
+    def _remember_text(self, prompt: PreparedPrompt) -> None:
+        """After a raw prompt's run: its (ids, text), and the held conversation's when it extends the prompt
+        (the answer's text as the client received it: special tokens skipped)."""
+        if not isinstance(prompt, TextPrompt) or self.cache is None:
+            return
+        anchors = [(prompt.ids, prompt.text)]
+        n = len(prompt.ids)
+        if len(self.held) > n and tuple(self.held[:n]) == prompt.ids:
+            context = list(prompt.ids[-DECODE_CONTEXT:])
+            before = self.tokenizer.decode(context, skip_special_tokens=True)
+            after = self.tokenizer.decode(context + self.held[n:], skip_special_tokens=True)
+            if after.startswith(before):
+                anchors.insert(0, (tuple(self.held), prompt.text + after[len(before):]))
+        ids = {a for a, _ in anchors}
+        self._anchors = (anchors + [a for a in self._anchors if a[0] not in ids])[:TEXT_ANCHORS]
 
     def _state_for(self, ids: Sequence[int], leave: int = 1) -> tuple[InfLLMCache, int]:
         """The cache to continue from and how many of `ids` it already holds: the held conversation or the
@@ -280,7 +368,36 @@ class Generator:
         if held:
             return self.cache, n
         self.reset()
-        return InfLLMCache(self.model), 0
+        return self._new_cache(len(ids)), 0
+
+    def _new_cache(self, total: int) -> InfLLMCache:
+        """A fresh memory for a new conversation of `total` tokens. With a host pool (model.host_pool_tokens)
+        still lent to a past conversation whose cache only kept snapshots keep alive, the new conversation would
+        page-lock host memory of its own as its blocks grow (~1.6 GB/s: seconds for a long prompt). When those
+        snapshots keep more than `contexts.ram_mib` beyond the new conversation's memory (the pool alone usually
+        does), the next eviction drops them anyway: they go now (documents' excepted) and the pool comes back."""
+        cache = InfLLMCache(self.model)
+        if cache.host_lease is not None or self.model.infllm.host_pool is None or self.prefix_cache is None:
+            return cache
+        entries = self.prefix_cache.snapshot_entries()
+        documents = {id(e.snapshot.cache) for e in entries if e.context_id is not None}
+        holders = {id(e.snapshot.cache) for e in entries if id(e.snapshot.cache) not in documents
+                   and getattr(e.snapshot.cache, "host_lease", None) is not None}
+        held = [e for e in entries if id(e.snapshot.cache) in holders]
+        entries = None
+        if not held or self.prefix_cache.nbytes(entries=held) <= self.prefix_cache.budget_bytes:
+            return cache
+        held = None
+        dropped = self.prefix_cache.remove(lambda e: id(e.snapshot.cache) in holders)
+        del cache
+        cache = InfLLMCache(self.model)
+        if cache.host_lease is None:  # a reference cycle kept the old cache: collect it
+            gc.collect()
+            cache = InfLLMCache(self.model)
+        log.info("host pool %s for a new conversation of %d tokens (%d snapshots of a past conversation, over "
+                 "contexts.ram_mib, dropped)", "taken back" if cache.host_lease is not None else "still lent",
+                 total, dropped)
+        return cache
 
     def _usable(self, entry: PrefixEntry, total: int) -> bool:
         """A snapshot read with the whole conversation in the window (full_attention_tokens) continues only a
@@ -374,6 +491,7 @@ class Generator:
         events; returns the final Done (finish_reason cancelled when `cancel` was set)."""
         started = time.perf_counter()
         submitted_at = submitted_at if submitted_at is not None else started
+        prompt = self.tokenized_for_reuse(prompt)
         ids = list(prompt.ids)
         total = len(ids)
         with torch.inference_mode():  # a restored snapshot writes the memory's (inference) tensors
@@ -420,6 +538,7 @@ class Generator:
                     kept = self.keep_snapshot(cache, self.held)
                 if kept is not None:
                     self.prefix_cache.evict(live=cache, keep=kept)
+            self._remember_text(prompt)
         if finish != "cancelled" and self.cache is cache:
             retrieval = self._retrieval(cache, ids, cache.get_seq_length() - fed_before)
         if finish == "cancelled" and not text_filter.stopped:
