@@ -4,6 +4,12 @@ the CLI rejects bad input with a message and exit status 2.
 
 The in-process tests run the real app (TestClient runs its lifespan) over the real SmolLM2 model; loading is
 held back by a gate so the loading state is observed deterministically.
+
+Over a loopback server of a tiny random model (`python -m inf_llm.serve --model FOLDER`): a follow-up that
+extends a conversation (the previous prompt, the answer returned, a new question) continues the memory on
+/v1/completions, /v1/chat/completions and /chat, and a client that disconnects in the middle of a long prefill
+(streaming or not) frees the worker at once: the next request's first token comes long before the rest of the
+cancelled prompt could have been read.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from inf_llm.config import load_config
 from inf_llm.engine import load_engine
 from inf_llm.server import create_app
 from tests.conftest import DEFAULT_CONFIG, REPO_ROOT
+from tests.models import save_tiny_model
 from tests.test_server import QUESTION, ServerProcess, parse_sse
 
 GATE_TIMEOUT = 120
@@ -161,3 +168,107 @@ def test_cli_rejects_bad_input_with_exit_2(args, message):
                           text=True, timeout=60)
     assert done.returncode == 2
     assert message in done.stderr and "Traceback" not in done.stderr
+
+
+# ------------------------------------------------------------------ a tiny random model: follow-ups, disconnects
+# The paper's preset (a 4096-token window, blocks of 128) with chunks of 1024 tokens: a chunk past the window
+# takes ~0.5 s on 2 CPU cores, so a 40K-token prompt (one token per byte) is ~20 s of prefill.
+TINY_CHUNK = 1024
+LONG_PROMPT_BYTES = 40_000
+
+
+def _text(n: int) -> str:
+    line = " ".join(f"Entry {i} of the archive tells of a quiet village by the sea." for i in range(60))
+    return (line * (n // len(line) + 1))[:n]
+
+
+@pytest.fixture(scope="module")
+def tiny_server(tmp_path_factory) -> Iterator[ServerProcess]:
+    root = tmp_path_factory.mktemp("tiny-server")
+    folder = save_tiny_model(root / "tiny-llama", "llama", seed=5)
+    srv = ServerProcess([sys.executable, "-m", "inf_llm.serve", "--model", str(folder), "--port", "{port}",
+                         f"chunk_size={TINY_CHUNK}", f"contexts.dir={root / 'contexts'}", "model.device=cpu"],
+                        root / "server.log").start()
+    try:
+        srv.wait_ready()
+        yield srv
+    finally:
+        srv.stop()
+
+
+def _completion_stream(url: str, prompt: str, max_tokens: int) -> tuple[str, dict, float]:
+    """(text, usage, seconds to the first text) of a streamed /v1/completions request."""
+    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
+    start, first, pieces, usage = time.perf_counter(), None, [], None
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=120) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if not line.startswith("data:") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[5:])
+            if chunk["choices"] and chunk["choices"][0]["text"]:
+                first = first if first is not None else time.perf_counter() - start
+                pieces.append(chunk["choices"][0]["text"])
+            usage = chunk.get("usage") or usage
+    return "".join(pieces), usage, first
+
+
+def test_a_follow_up_continues_the_conversation_on_every_route(tiny_server):
+    """The random model's answer is bytes that do not round-trip through text. /v1/completions: the follow-up is
+    the earlier prompt, the completion and a question; the whole held conversation is reused (before: only the
+    prompt). The chat routes re-render the answer through the template: at least the whole first prompt."""
+    url, doc = tiny_server.url, _text(6000)  # past the 4096-token window: memory blocks
+    text, usage, _ = _completion_stream(url, doc, 12)
+    assert usage["completion_tokens"] == 12
+    _, again, _ = _completion_stream(url, doc + text + "\nQuestion: and then?\nAnswer:", 2)
+    assert again["prompt_tokens_details"]["cached_tokens"] == usage["prompt_tokens"] + 12 - 1
+    messages = [{"role": "user", "content": doc + "\n\nWhat is this?"}]
+    first = httpx.post(f"{url}/v1/chat/completions", json={"messages": messages, "max_tokens": 8, "temperature": 0},
+                       timeout=120).json()
+    answer = first["choices"][0]["message"]["content"]
+    follow = messages + [{"role": "assistant", "content": answer}, {"role": "user", "content": "And then?"}]
+    second = httpx.post(f"{url}/v1/chat/completions", json={"messages": follow, "max_tokens": 2, "temperature": 0},
+                        timeout=120).json()
+    assert second["usage"]["prompt_tokens_details"]["cached_tokens"] >= first["usage"]["prompt_tokens"] - 1
+    question = doc + "\n\nWhat else?"
+    first = httpx.post(f"{url}/chat?stream=false", json={"prompt": question, "max_new_tokens": 8, "temperature": 0},
+                       timeout=120).json()
+    history = [{"role": "user", "content": question}, {"role": "bot", "content": first["response"]}]
+    second = httpx.post(f"{url}/chat?stream=false", json={"prompt": "And then?", "history": history,
+                                                          "max_new_tokens": 2, "temperature": 0}, timeout=120).json()
+    assert second["usage"]["cached_tokens"] >= first["usage"]["prompt_tokens"] - 1
+
+
+@pytest.mark.parametrize("streaming", [True, False])
+def test_a_client_gone_mid_prefill_frees_the_worker_at_once(tiny_server, streaming):
+    """A 40-chunk prefill is cancelled after a few chunks (the stream closed, or a non-streaming client's read
+    timeout); the next request's first token comes within about a chunk, long before the ~30 chunks left of the
+    cancelled prompt could have run."""
+    url, prompt = tiny_server.url, _text(LONG_PROMPT_BYTES) + " Question?"
+    chunks = LONG_PROMPT_BYTES // TINY_CHUNK
+    body = {"prompt": prompt, "max_tokens": 2, "temperature": 0, "stream": streaming}
+    start = time.perf_counter()
+    if streaming:
+        marks: list[float] = []
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=120) as r:
+            for line in r.iter_lines():
+                if line.startswith(": prefill"):  # one comment per chunk read
+                    marks.append(time.perf_counter())
+                    if len(marks) == 8:
+                        break  # closes the connection
+        chunk = (marks[-1] - marks[2]) / 5  # past the first chunks, which read less than a full window
+        left = chunks - (len(marks) - 1)
+    else:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{url}/v1/completions", json=body, timeout=httpx.Timeout(120, read=4.0))
+        chunk = 0.5  # ~0.5 s a chunk past the window on 2 cores (the streaming case measures it)
+        left = chunks - int((time.perf_counter() - start) / (chunk / 2))  # at most twice as fast as that
+    gone = time.perf_counter()
+    _, usage, ttft = _completion_stream(url, "Hello", 2)
+    print(f"streaming={streaming}: next request's first token {ttft * 1000:.0f} ms after the client left; "
+          f"a chunk {chunk * 1000:.0f} ms, {left} chunks left")
+    assert usage["completion_tokens"] == 2 and ttft is not None
+    assert ttft < left * chunk / 4, (ttft, left, chunk)
+    assert ttft < 2 * chunk + 1.0, (ttft, chunk)
+    assert time.perf_counter() - gone < 2 * chunk + 2.0
