@@ -66,6 +66,8 @@ IDLE_POLL_SECONDS = 0.5
 RETRY_AFTER_SECONDS = 2
 # Decode steps of the warm-up: the first captures the decode step's CUDA graph, the next ones replay it.
 WARMUP_DECODE_STEPS = 4
+# Short prompts of the warm-up: a one-token prefill (a 2-token request) and an odd few tokens.
+SHORT_WARMUP_LENGTHS = (2, 5)
 # Environment variable that turns the warm-up off (0) or on everywhere (1); `python -m inf_llm.serve --no-warmup`
 # sets it to 0.
 WARMUP_ENV_VAR = "INFLLM_WARMUP"
@@ -469,17 +471,19 @@ def freeze_long_lived_objects() -> None:
 
 
 def warmup_lengths(cfg: InfLLMConfig) -> list[int]:
-    """Prompt lengths whose prefill and decode run every kernel shape a request does: a full chunk and a partial
-    one, past enough tokens to fill the sinks, the window and a whole top-k of blocks; with full_attention_tokens
-    (an int once patched) also a prompt within it, read with the whole conversation in the window."""
+    """Prompt lengths whose prefill and decode run every kernel shape a request does: a short prompt or two (their
+    decode steps run while the sinks still fill, the ordinary path, which a long prompt's decode never takes), a
+    full chunk and a partial one, past enough tokens to fill the sinks, the window and a whole top-k of blocks;
+    with full_attention_tokens (an int once patched) also a prompt within it, read with the whole conversation in
+    the window."""
     m = cfg.model
     exc = m.exc_block_size
     blocks = m.n_init + m.n_local + (m.topk + 1) * m.block_size if m.type is not MemoryType.ORIGIN else 0
     long = max(blocks, cfg.chunk_size) + 2 * exc
     full = m.full_attention_tokens
     if isinstance(full, int) and m.type is not MemoryType.ORIGIN:
-        return [min(full, cfg.chunk_size + exc), max(long, full + exc)]
-    return [long]
+        return [*SHORT_WARMUP_LENGTHS, min(full, cfg.chunk_size + exc), max(long, full + exc)]
+    return [*SHORT_WARMUP_LENGTHS, long]
 
 
 def warm_up(gen: Generator) -> float:
