@@ -120,6 +120,12 @@ class ModelConfig(_Strict):
         "query heads; reads every stored key per lookup, finds a fact in natural text the representatives "
         "miss). attention: torch ops with the blocks on the compute device (not fattn, faiss or perhead)",
     )
+    block_score_refresh: int = Field(
+        16, ge=1,
+        description="block_score: attention while decoding: a step scores every block once per this many steps; "
+        "the steps between score only the 4 * topk best blocks of that scoring and the blocks formed since (a "
+        "decode step would otherwise read every stored key of every layer). 1: every step scores every block",
+    )
     remainder_visibility: Literal["exact", "released"] = Field(
         "exact",
         description="inf-llm's remainder (tokens behind the window not yet in a block) in the global stage: "

@@ -29,7 +29,8 @@ def test_every_path_matches_the_dense_reference(path, lookup_heads):
     q, k, v = random_qkv(N, hq=HQ, hkv=HKV, seed=41)
     sizes = CALLS["odd_calls"]
     options = {"block_score": "attention", "lookup_heads": lookup_heads}
-    memory = make_memory("inf-llm", hq=HQ, hkv=HKV, exc_block_size=EXC, **PATHS[path], **options)
+    memory = make_memory("inf-llm", hq=HQ, hkv=HKV, exc_block_size=EXC, block_score_refresh=1, **PATHS[path],
+                         **options)
     got, selections = run(memory, q, k, v, sizes)
     want, want_selections = reference_run(q, k, v, sizes, **options)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-6)
@@ -70,6 +71,40 @@ def test_a_block_with_one_key_the_query_seeks_is_found():
     assert scores[0].argmax().item() == block, start
 
 
+@pytest.mark.parametrize("path", ["host", "device"])
+def test_decode_steps_between_refreshes_score_the_candidates_only(path):
+    """block_score_refresh 4: every 4th decode step selects what scoring every block selects; the steps
+    between select the top-k, by the same scores, among the 4 * topk best blocks of the last full scoring and
+    the blocks formed since."""
+    n, prefill, refresh = 400, 120, 4
+    q, k, v = random_qkv(n, hq=HQ, hkv=HKV, seed=45)
+    scale = default_scale(D)
+    options = {"hq": HQ, "hkv": HKV, "block_score": "attention", **PATHS[path]}
+    memory = make_memory("inf-llm", block_score_refresh=refresh, **options)
+    exact = make_memory("inf-llm", block_score_refresh=1, **options)
+    for m in (memory, exact):
+        m.process(q[:, :prefill], k[:, :prefill], v[:, :prefill], scale)
+    topk = exact.cfg.topk
+    pool, cover, differed = [], 0, 0
+    for step, p in enumerate(range(prefill, n)):
+        token = (q[:, p : p + 1], k[:, p : p + 1], v[:, p : p + 1])
+        lookup = exact.lookup
+        count = exact.store.count  # the blocks this step's lookup sees
+        scores = lookup.block_scores(lookup.query_vector(token[0]), 0, count)[0]
+        memory.process(*token, scale)
+        exact.process(*token, scale)
+        got, want = memory.retrieved_last[-1], exact.retrieved_last[-1]
+        if step % refresh == 0:
+            assert got == want
+            pool, cover = scores.topk(min(count, 4 * topk)).indices.tolist(), count
+        else:
+            pool, cover = pool + list(range(cover, count)), count
+            assert sorted(memory.lookup.candidates.tolist()) == sorted(pool)
+            assert got == sorted(torch.tensor(pool)[scores[pool].topk(topk).indices].tolist())
+            differed += got != want
+    assert differed > 0  # the candidates are not every block
+
+
 def test_static_decode_step_looks_up_as_the_ordinary_step():
     """The fixed-shape decode step (CUDA graphs; eager on a CPU) selects and attends what the ordinary one does."""
     n, prefill = 260, 100
@@ -77,7 +112,8 @@ def test_static_decode_step_looks_up_as_the_ordinary_step():
     scale = default_scale(D)
 
     def decode(static: bool):
-        memory = make_memory("inf-llm", hq=HQ, hkv=HKV, device_lookup=True, block_score="attention")
+        memory = make_memory("inf-llm", hq=HQ, hkv=HKV, device_lookup=True, block_score="attention",
+                             block_score_refresh=1)
         step = StaticDecodeStep(memory) if static else None
         memory.process(q[:, :prefill], k[:, :prefill], v[:, :prefill], scale)
         outs, lookups, planned = [], [], 0

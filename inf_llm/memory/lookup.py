@@ -28,6 +28,8 @@ from inf_llm.memory.rope import RotaryTable
 
 # Device-path lookups whose selections are added to the retrieval counts together (see flush_counts).
 COUNT_BATCH = 64
+# block_score: attention while decoding: the blocks a full scoring keeps as the next steps' candidates, per topk
+DECODE_CANDIDATES_PER_TOPK = 4
 
 
 @dataclass
@@ -70,6 +72,10 @@ class BlockLookup:
         self.uncounted: list[torch.Tensor] = []  # device path: selections not yet added to device_counts
         self.batch: LookupBatch | None = None
         self.call_qvecs: torch.Tensor | None = None  # (n_exec, Hsel, X): the call's lookup vectors, if batched
+        # block_score: attention while decoding (block_score_refresh): the last full scoring's best blocks and
+        # the blocks formed since, the block count they cover, and the steps scored since the full scoring
+        self.candidates: torch.Tensor | None = None
+        self.candidates_cover, self.steps_since_full = 0, 0
 
     def start(self) -> None:
         """A forward pass begins: its lookups are recorded afresh, no batch is scored yet."""
@@ -87,6 +93,28 @@ class BlockLookup:
         """The store's contents were replaced (a session loaded): nothing selected or counted before holds."""
         self.start()
         self.reset_counts()
+        self.candidates = None
+
+    def decode_attention_topk(self, qvec: torch.Tensor, n_blocks: int) -> torch.Tensor:
+        """block_score: attention, one decode step's top-k ids (1, k) in score order: every block scored once
+        per `block_score_refresh` steps, which keeps its 4 * topk best as candidates; the steps between score
+        the candidates and the blocks formed since. Consecutive steps of an answer seek the same few blocks,
+        and a step reading 64 candidate blocks instead of all of them keeps decoding the cost it was."""
+        topk, refresh = self.cfg.topk, self.cfg.block_score_refresh
+        if self.candidates is None or self.steps_since_full >= refresh:
+            scores = self.block_scores(qvec, 0, n_blocks)  # (1, N)
+            keep = min(n_blocks, DECODE_CANDIDATES_PER_TOPK * topk)
+            self.candidates = scores.topk(keep, dim=-1).indices[0]
+            self.candidates_cover, self.steps_since_full = n_blocks, 1
+            return scores.topk(topk, dim=-1).indices
+        if n_blocks > self.candidates_cover:  # blocks formed since are candidates too
+            fresh = torch.arange(self.candidates_cover, n_blocks, device=self.candidates.device)
+            self.candidates = torch.cat([self.candidates, fresh])
+            self.candidates_cover = n_blocks
+        self.steps_since_full += 1
+        keys = self.store.read(0, n_blocks)[0] if self.store.codec is not None else self.store.k
+        scores = self._attention(qvec, keys.index_select(0, self.candidates.to(keys.device)))  # (1, M)
+        return self.candidates[scores.topk(topk, dim=-1).indices.to(self.candidates.device)]
 
     def select(self, qb: torch.Tensor, index: int, q_rotated: torch.Tensor | None = None
                ) -> list[list[int]] | torch.Tensor | None:
@@ -95,6 +123,8 @@ class BlockLookup:
         device path a (1 or Hkv, k) int64 tensor of ids on the device instead (in score order: the kernels
         do not care about the order, and a sort cost a launch per lookup)."""
         n_blocks = self.store.count
+        if qb.shape[1] > 1:
+            self.candidates = None  # a prompt: the next decode step scores every block
         if n_blocks == 0:
             return None
         topk = self.cfg.topk
@@ -106,6 +136,8 @@ class BlockLookup:
             return None
         elif self.call_qvecs is not None:
             ids = self._batched_select(index)
+        elif self.by_attention and qb.shape[1] == 1:
+            ids = self.decode_attention_topk(self.query_vector(qb, q_rotated), n_blocks).sort(dim=-1).values.tolist()
         else:
             ids = self._exact(self.query_vector(qb, q_rotated), n_blocks)
         self._record(ids)
@@ -356,6 +388,8 @@ class DeviceLookup(BlockLookup):
         n_blocks = self.store.count
         if n_blocks == 0 or self.cfg.topk == 0:  # nothing to select: as the host path
             return super().select(qb, index, q_rotated)
+        if qb.shape[1] > 1:
+            self.candidates = None  # a prompt: the next decode step scores every block
         return self._select_on_device(qb, n_blocks, self.hkv if self.cfg.perhead else 1, q_rotated, index)
 
     def _select_on_device(self, qb: torch.Tensor, n_blocks: int, heads: int, q_rotated: torch.Tensor | None = None,
@@ -364,6 +398,8 @@ class DeviceLookup(BlockLookup):
             ids = torch.arange(n_blocks, device=self.store.repr.device).expand(heads, -1)
         elif self.call_qvecs is not None:
             ids = self._batched_select_on_device(index, n_blocks)
+        elif self.by_attention and qb.shape[1] == 1:
+            ids = self.decode_attention_topk(self.query_vector(qb, q_rotated), n_blocks)
         else:
             qvec = self.query_vector(qb, q_rotated)
             ids = self.block_scores(qvec, 0, n_blocks).topk(self.cfg.topk, dim=-1).indices  # (Hsel, k)

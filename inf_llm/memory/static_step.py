@@ -45,8 +45,9 @@ class StaticDecodeStep:
     @staticmethod
     def supports(memory: ContextMemory) -> bool:
         cfg = memory.cfg
+        # block_score: attention with candidates (block_score_refresh > 1) keeps host-side state per step
         return (memory.policy.keeps_blocks and memory.device_lookup and cfg.topk > 0 and not cfg.perhead
-                and not cfg.dense_decoding)
+                and not cfg.dense_decoding and (cfg.block_score != "attention" or cfg.block_score_refresh == 1))
 
     def plan(self) -> list[int] | None:
         """`args` for the next step, or None when it must take the ordinary path (it forms a block, re-rotates
