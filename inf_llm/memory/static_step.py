@@ -86,7 +86,7 @@ class StaticDecodeStep:
         """The step for q (Hq, 1, D), k/v (Hkv, 1, D) un-rotated, as `ContextMemory.process` would compute it;
         device ops only (no host sync, no host-dependent shape). Returns (Hq, 1, D)."""
         m, cfg = self.memory, self.memory.cfg
-        a, tail, store = self.args, m.tail, m.store
+        a, tail = self.args, m.tail
         cos, sin = m.rope.cos_sin(0, self.rotation_rows, q.dtype)
         # q and k rotated to the local angle a[4], k, v and the rotated k written at the tail's column a[0],
         # its score zeroed: one kernel on a GPU (the torch ops are eight), bit-identical in 16-bit dtypes
