@@ -23,7 +23,8 @@ from inf_llm.errors import PromptTooLongError, QueueFullError, RequestError
 from tests.conftest import DEFAULT_CONFIG
 
 SMALL_WINDOW = [
-    "model.device=cpu", "model.full_attention_tokens=null", "model.n_init=32", "model.n_local=256", "model.block_size=32", "model.repr_topk=4",
+    "model.device=cpu", "model.full_attention_tokens=null", "model.n_init=32", "model.n_local=256",
+    "model.block_size=32", "model.repr_topk=4",
     "model.topk=4", "model.max_cached_block=8", "model.exc_block_size=64", "chunk_size=128",
     "server.max_queue=2", "generation.repetition_penalty=1.0",
 ]
@@ -335,11 +336,32 @@ def test_a_text_follow_up_continues_the_held_memory(tmp_path):
         assert tok.decode(list(aligned.ids)) == tok.decode(list(prompt.ids))  # the same text
         # a prompt that extends only the earlier prompt's text keeps at least that prompt's ids
         other = engine.prepare_text(text + "Something else entirely.")
-        assert gen.tokenized_for_reuse(other).ids[: first.usage.prompt_tokens] == prompt.ids[: first.usage.prompt_tokens]
+        n = first.usage.prompt_tokens
+        assert gen.tokenized_for_reuse(other).ids[:n] == prompt.ids[:n]
         # an unrelated prompt is tokenized as usual
         unrelated = engine.prepare_text("Unrelated text.")
         assert gen.tokenized_for_reuse(unrelated) is unrelated
     finally:
+        engine.shutdown()
+
+
+def test_the_answer_anchor_is_every_generated_token(tmp_path):
+    """The memory holds the answer but its last token, the client got the text of all of them: an answer whose
+    last token completes a character (byte tokens 0xC3 0xA9: "é") after one that does not round-trip (0xFF comes
+    back as U+FFFD) is still recognized in the follow-up's text."""
+    engine = tiny_engine(tmp_path)
+    try:
+        gen, tok = engine.generator, engine.tokenizer
+        prompt = engine.prepare_text("Un caf")
+        answer = [tok.convert_tokens_to_ids("ÿ"), *tok("é", add_special_tokens=False)["input_ids"]]
+        assert len(answer) == 3 and tok.decode(answer) == "\ufffdé"
+        gen.cache, gen.held = object(), [*prompt.ids, *answer[:-1]]  # as a run leaves them (no model call here)
+        gen._remember_text(prompt, answer)
+        follow = engine.prepare_text(prompt.text + tok.decode(answer) + " au lait")
+        assert follow.ids[: len(gen.held)] != tuple(gen.held)
+        assert gen.tokenized_for_reuse(follow).ids[: len(answer) + prompt.tokens] == (*prompt.ids, *answer)
+    finally:
+        engine.generator.reset(snapshots=True)
         engine.shutdown()
 
 

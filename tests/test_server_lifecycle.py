@@ -187,7 +187,8 @@ def tiny_server(tmp_path_factory) -> Iterator[ServerProcess]:
     root = tmp_path_factory.mktemp("tiny-server")
     folder = save_tiny_model(root / "tiny-llama", "llama", seed=5)
     srv = ServerProcess([sys.executable, "-m", "inf_llm.serve", "--model", str(folder), "--port", "{port}",
-                         f"chunk_size={TINY_CHUNK}", f"contexts.dir={root / 'contexts'}", "model.device=cpu"],
+                         f"chunk_size={TINY_CHUNK}", f"contexts.dir={root / 'contexts'}", "model.device=cpu",
+                         "model.dtype=float32"],
                         root / "server.log").start()
     try:
         srv.wait_ready()

@@ -338,19 +338,23 @@ class Generator:
             return None
         return tail
 
-    def _remember_text(self, prompt: PreparedPrompt) -> None:
-        """After a raw prompt's run: its (ids, text), and the held conversation's when it extends the prompt
-        (the answer's text as the client received it: special tokens skipped)."""
+    def _remember_text(self, prompt: PreparedPrompt, generated: Sequence[int]) -> None:
+        """After a raw prompt's run: its (ids, text), and the answer's: the prompt and every generated token (the
+        memory holds all but the last; a last special token, such as the end of sequence, left out), with the
+        text the client received (special tokens skipped)."""
         if not isinstance(prompt, TextPrompt) or self.cache is None:
             return
         anchors = [(prompt.ids, prompt.text)]
         n = len(prompt.ids)
-        if len(self.held) > n and tuple(self.held[:n]) == prompt.ids:
+        answer = list(generated)
+        if answer and answer[-1] in self.tokenizer.all_special_ids:
+            answer.pop()
+        if answer and tuple(self.held[:n]) == prompt.ids and self.held[n:] == answer[: len(self.held) - n]:
             context = list(prompt.ids[-DECODE_CONTEXT:])
             before = self.tokenizer.decode(context, skip_special_tokens=True)
-            after = self.tokenizer.decode(context + self.held[n:], skip_special_tokens=True)
+            after = self.tokenizer.decode(context + answer, skip_special_tokens=True)
             if after.startswith(before):
-                anchors.insert(0, (tuple(self.held), prompt.text + after[len(before):]))
+                anchors.insert(0, (prompt.ids + tuple(answer), prompt.text + after[len(before):]))
         ids = {a for a, _ in anchors}
         self._anchors = (anchors + [a for a in self._anchors if a[0] not in ids])[:TEXT_ANCHORS]
 
@@ -538,7 +542,7 @@ class Generator:
                     kept = self.keep_snapshot(cache, self.held)
                 if kept is not None:
                     self.prefix_cache.evict(live=cache, keep=kept)
-            self._remember_text(prompt)
+            self._remember_text(prompt, streamer.token_ids)
         if finish != "cancelled" and self.cache is cache:
             retrieval = self._retrieval(cache, ids, cache.get_seq_length() - fed_before)
         if finish == "cancelled" and not text_filter.stopped:
