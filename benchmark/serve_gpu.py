@@ -36,6 +36,7 @@ Knows nothing of the engine's internals: it talks HTTP to the server as any clie
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import os
 import random
@@ -168,19 +169,16 @@ class Server:
                                      cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT, env=env)
 
     def wait_ready(self, timeout: float) -> dict:
-        import httpx
-
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.tail()}")
             try:
-                r = httpx.get(f"{self.url}/status", timeout=5)
-            except httpx.TransportError:
+                status, body = request(self.port, "GET", "/status", None, 5.0)
+            except OSError:
                 time.sleep(0.1)
                 continue
-            body = r.json()
-            if r.status_code == 200:
+            if status == 200:
                 return body
             if body.get("state") == "error":
                 raise RuntimeError(f"model failed to load: {body.get('error')}\n{self.tail()}")
@@ -204,46 +202,73 @@ class Server:
 
 
 # ------------------------------------------------------------------------------------------------ client
-def stream(url: str, prompt: str, max_tokens: int, timeout: float, close_after: float | None = None) -> dict:
-    """One streamed /v1/completions request (greedy, usage included). With `close_after`, the client closes the
-    stream that many seconds after sending it (or at its first text, if sooner)."""
-    import httpx
+# The client is the standard library's (http.client): the GPU machine gets only the server's wheels.
+def request(port: int, method: str, path: str, body: dict | None, timeout: float) -> tuple[int, dict]:
+    """One JSON request on a new connection: (status, body)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        data = None if body is None else json.dumps(body).encode()
+        conn.request(method, path, body=data, headers={"Content-Type": "application/json"} if data else {})
+        r = conn.getresponse()
+        raw = r.read()
+        try:
+            parsed = json.loads(raw) if raw else {}
+        except ValueError:
+            parsed = {"raw": raw[:300].decode(errors="replace")}
+        if r.getheader("retry-after"):
+            parsed["_retry_after"] = r.getheader("retry-after")
+        return r.status, parsed
+    finally:
+        conn.close()
 
+
+def stream(port: int, prompt: str, max_tokens: int, timeout: float, close_after: float | None = None) -> dict:
+    """One streamed /v1/completions request (greedy, usage included). With `close_after`, the client hangs up
+    that many seconds after sending it: the socket shut down, as a client that goes away does (it also wakes
+    the read blocked on it)."""
     body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True}}
     out: dict = {"progress": 0}
-    start = time.perf_counter()
     first = last = None
     pieces: list[str] = []
-    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=httpx.Timeout(timeout)) as r:
-        out["status"] = r.status_code
-        if r.status_code != 200:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    start = time.perf_counter()
+    try:
+        conn.request("POST", "/v1/completions", body=json.dumps(body).encode(),
+                     headers={"Content-Type": "application/json"})
+        if close_after is not None:
+            threading.Timer(close_after, _hang_up, args=(conn,)).start()
+        r = conn.getresponse()
+        out["status"] = r.status
+        if r.status != 200:
             out["error"] = r.read().decode(errors="replace")[:500]
             return out
-        lines = r.iter_lines()
-        if close_after is not None:
-            threading.Timer(close_after, _hang_up, args=(r,)).start()
-        try:
-            for line in lines:
-                now = time.perf_counter()
-                if line.startswith(": prefill"):
-                    out["progress"] += 1
-                    out.setdefault("progress_at", []).append(round(now - start, 3))
-                if not line.startswith("data:") or line == "data: [DONE]":
-                    continue
-                chunk = json.loads(line[5:])
-                if chunk.get("choices") and chunk["choices"][0]["text"]:
-                    first = first if first is not None else now
-                    last = now
-                    pieces.append(chunk["choices"][0]["text"])
-                if chunk.get("usage"):
-                    out["usage"], out["timings"] = chunk["usage"], chunk.get("timings")
-                if "error" in chunk:
-                    out["error"] = chunk["error"]
-        except (httpx.HTTPError, RuntimeError) as exc:  # the stream closed by close_after
-            if close_after is None:
-                raise
-            out["closed"] = type(exc).__name__
+        while True:
+            raw = r.readline()
+            if not raw:
+                break
+            now = time.perf_counter()
+            line = raw.decode("utf-8", errors="replace").rstrip("\r\n")
+            if line.startswith(": prefill"):
+                out["progress"] += 1
+                out.setdefault("progress_at", []).append(round(now - start, 3))
+            if not line.startswith("data:") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[5:])
+            if chunk.get("choices") and chunk["choices"][0]["text"]:
+                first = first if first is not None else now
+                last = now
+                pieces.append(chunk["choices"][0]["text"])
+            if chunk.get("usage"):
+                out["usage"], out["timings"] = chunk["usage"], chunk.get("timings")
+            if "error" in chunk:
+                out["error"] = chunk["error"]
+    except (OSError, http.client.HTTPException, ValueError) as exc:
+        if close_after is None:
+            raise
+        out["closed"] = type(exc).__name__  # the read ended by the hang-up
+    finally:
+        conn.close()
     out["closed_at"] = round(time.perf_counter() - start, 3) if close_after is not None else None
     out["text"] = "".join(pieces)
     out["ttft_s"] = round(first - start, 3) if first is not None else None
@@ -251,15 +276,11 @@ def stream(url: str, prompt: str, max_tokens: int, timeout: float, close_after: 
     return out
 
 
-def _hang_up(response) -> None:
-    """Close the client's connection now, as a client that goes away does: shutting the socket down wakes the
-    read blocked on it and sends the FIN (closing the response alone waits for that read to return)."""
-    sock = response.extensions["network_stream"].get_extra_info("socket")
+def _hang_up(conn: http.client.HTTPConnection) -> None:
     try:
-        sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
+        conn.sock.shutdown(socket.SHUT_RDWR)
+    except (OSError, AttributeError):  # already closed
         pass
-    response.close()
 
 
 def summarize_long(r: dict) -> dict:
@@ -279,21 +300,18 @@ def summarize_long(r: dict) -> dict:
     }
 
 
-def concurrent(url: str, prompts: list[str], max_tokens: int, timeout: float) -> dict:
-    import httpx
-
+def concurrent(port: int, prompts: list[str], max_tokens: int, timeout: float) -> dict:
     results: list[dict] = [{} for _ in prompts]
 
     def one(i: int) -> None:
         start = time.perf_counter()
         try:
-            r = httpx.post(f"{url}/v1/completions", timeout=httpx.Timeout(timeout),
-                           json={"prompt": prompts[i], "max_tokens": max_tokens, "temperature": 0})
-            body = r.json()
-            results[i] = {"status": r.status_code, "seconds": round(time.perf_counter() - start, 3),
+            status, body = request(port, "POST", "/v1/completions",
+                                   {"prompt": prompts[i], "max_tokens": max_tokens, "temperature": 0}, timeout)
+            results[i] = {"status": status, "seconds": round(time.perf_counter() - start, 3),
                           "completion_tokens": (body.get("usage") or {}).get("completion_tokens"),
-                          "retry_after": r.headers.get("retry-after")}
-        except httpx.TimeoutException:
+                          "retry_after": body.get("_retry_after")}
+        except TimeoutError:
             results[i] = {"status": None, "hung": True, "seconds": round(time.perf_counter() - start, 3)}
 
     threads = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
@@ -328,25 +346,25 @@ def run_variant(name: str, args: argparse.Namespace, model_dir: Path, texts: Tex
             return deadline - time.monotonic()
 
         long_text = texts.make(args.tokens, seed=1) + QUESTION
-        first = stream(server.url, long_text, args.decode_tokens, timeout)
+        first = stream(server.port, long_text, args.decode_tokens, timeout)
         out["long"] = summarize_long(first)
         _say(f"{name}: long {out['long']}")
         if first.get("status") == 200 and left() > 30:
-            follow = stream(server.url, long_text + first["text"] + FOLLOW_UP, 8, timeout)
+            follow = stream(server.port, long_text + first["text"] + FOLLOW_UP, 8, timeout)
             out["follow_up"] = summarize_long(follow)
             _say(f"{name}: follow-up {out['follow_up']}")
         if left() > 60:
-            second = stream(server.url, texts.make(args.tokens, seed=2) + QUESTION, args.decode_tokens, timeout)
+            second = stream(server.port, texts.make(args.tokens, seed=2) + QUESTION, args.decode_tokens, timeout)
             out["second"] = summarize_long(second)
             if out["second"]["ttft_s"] and out["long"]["ttft_s"]:
                 out["second"]["first_over_second_ttft"] = round(out["long"]["ttft_s"] / out["second"]["ttft_s"], 3)
             _say(f"{name}: second {out['second']}")
         if first.get("ttft_s") and left() > 60:
             after = round(DISCONNECT_AT * first["ttft_s"], 3)
-            gone = stream(server.url, texts.make(args.tokens, seed=3) + QUESTION, args.decode_tokens, timeout,
+            gone = stream(server.port, texts.make(args.tokens, seed=3) + QUESTION, args.decode_tokens, timeout,
                           close_after=after)
             closed = time.perf_counter()
-            short = stream(server.url, "Hello", 2, timeout)
+            short = stream(server.port, "Hello", 2, timeout)
             waited = round(time.perf_counter() - closed, 3)
             cancelled = [line for line in server.tail(200).splitlines() if ": cancelled, prompt" in line]
             ticks = gone.get("progress_at") or []
@@ -363,7 +381,7 @@ def run_variant(name: str, args: argparse.Namespace, model_dir: Path, texts: Tex
         if left() > 30:
             n = min(args.concurrent_tokens, args.tokens)
             prompts = [texts.make(n, seed=10 + i) + QUESTION for i in range(args.clients)]
-            out["concurrent"] = concurrent(server.url, prompts, 16, min(timeout, max(10.0, left() - 10)))
+            out["concurrent"] = concurrent(server.port, prompts, 16, min(timeout, max(10.0, left() - 10)))
             _say(f"{name}: {args.clients} clients {out['concurrent']}")
     except Exception as exc:  # a failed variant is reported; the other still runs
         out["error"] = f"{type(exc).__name__}: {exc}"
