@@ -77,15 +77,43 @@ def load_tokenizer(path: str | None):
     from transformers import AutoTokenizer
 
     for folder in ([Path(path)] if path else [CARRIED_TOKENIZER]):
-        if (folder / "tokenizer.json").is_file() or (folder / "tokenizer_config.json").is_file():
-            return AutoTokenizer.from_pretrained(folder), str(folder)
+        if (folder / "tokenizer.json").is_file():
+            try:
+                return AutoTokenizer.from_pretrained(folder), str(folder)
+            except (OSError, ValueError, KeyError, AttributeError) as exc:  # a config of another transformers
+                _say(f"AutoTokenizer could not read {folder} ({type(exc).__name__}: {exc}); reading tokenizer.json")
+                return _fast_tokenizer(folder), str(folder)
         if path:
-            raise SystemExit(f"--tokenizer {path}: no tokenizer files there")
+            raise SystemExit(f"--tokenizer {path}: no tokenizer.json there")
     from inf_llm.config import DEFAULT_CONFIG_NAME, load_config
     from inf_llm.engine.loading import load_tokenizer as load_served
 
     cfg = load_config(REPO / "config" / "working" / DEFAULT_CONFIG_NAME)
     return load_served(cfg.model), f"{cfg.model.path} {cfg.model.gguf_file}"
+
+
+def _fast_tokenizer(folder: Path):
+    """The tokenizer of `folder` from its tokenizer.json, special tokens and chat template (any transformers)."""
+    from transformers import PreTrainedTokenizerFast
+
+    path = folder / "tokenizer_config.json"
+    config = json.loads(path.read_text()) if path.is_file() else {}
+    names = ("bos_token", "eos_token", "pad_token", "unk_token")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"),
+                                        **{k: config[k] for k in names if isinstance(config.get(k), str)})
+    template = folder / "chat_template.jinja"
+    if template.is_file():
+        tokenizer.chat_template = template.read_text()
+    return tokenizer
+
+
+def save_tokenizer(tokenizer, folder: Path) -> None:
+    """`tokenizer` saved into `folder`, its class named as every transformers version names it."""
+    tokenizer.save_pretrained(folder)
+    config_path = folder / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    config_path.write_text(json.dumps(config, indent=2))
 
 
 class Texts:
@@ -142,7 +170,7 @@ def build_model(shape: str, vocab: int, tokenizer, folder: Path, device: str, se
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    save_tokenizer(tokenizer, folder)
     marker.write_text(json.dumps(want))
     return {"built": True, "seconds": round(time.perf_counter() - start, 1)}
 
@@ -472,7 +500,7 @@ def main(argv: list[str] | None = None) -> int:
 
     tokenizer, tokenizer_from = load_tokenizer(args.tokenizer)
     if args.save_tokenizer is not None:
-        tokenizer.save_pretrained(args.save_tokenizer)
+        save_tokenizer(tokenizer, args.save_tokenizer)
         _say(f"tokenizer from {tokenizer_from} saved to {args.save_tokenizer}")
         return 0
     import torch
@@ -518,7 +546,7 @@ def _tokenizer_dir(args: argparse.Namespace, tokenizer, work: Path) -> str:
     if CARRIED_TOKENIZER.is_dir():
         return str(CARRIED_TOKENIZER)
     folder = work / "tokenizer"
-    tokenizer.save_pretrained(folder)
+    save_tokenizer(tokenizer, folder)
     return str(folder)
 
 
