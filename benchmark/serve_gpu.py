@@ -513,10 +513,9 @@ def main(argv: list[str] | None = None) -> int:
     # in a child process: the weights made on the GPU leave no CUDA context behind in this one
     build = subprocess.run([sys.executable, "-c", (
         "import json, sys; sys.path.insert(0, sys.argv[1]); from benchmark import serve_gpu as s; "
-        "from transformers import AutoTokenizer; t = AutoTokenizer.from_pretrained(sys.argv[2]) if sys.argv[2] else "
-        "s.load_tokenizer(None)[0]; print(json.dumps(s.build_model(sys.argv[3], len(t), t, s.Path(sys.argv[4]), "
-        "sys.argv[5], int(sys.argv[6]))))"), str(REPO), _tokenizer_dir(args, tokenizer, work), args.shape,
-        str(model_dir), device, str(args.seed)], capture_output=True, text=True, check=False)
+        "t = s.load_tokenizer(sys.argv[2])[0]; print(json.dumps(s.build_model(sys.argv[3], len(t), t, "
+        "s.Path(sys.argv[4]), sys.argv[5], int(sys.argv[6]))))"), str(REPO), _tokenizer_dir(args, tokenizer, work),
+        args.shape, str(model_dir), device, str(args.seed)], capture_output=True, text=True, check=False)
     if build.returncode != 0:
         print(build.stdout, build.stderr, file=sys.stderr)
         return 1
