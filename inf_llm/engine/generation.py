@@ -2,7 +2,9 @@
 through `model.generate`, stop strings, cancellation, timings and retrieval introspection.
 
 Owns: the memory state (`InfLLMCache`) of the single sequence being served and the exact token ids it has
-processed, so that the next request reuses it when its prompt extends them (a multi-turn chat).
+processed, so that the next request reuses it when its prompt extends them (a multi-turn chat); for raw prompts
+also their text and the answer's, so that a follow-up whose text extends them is read with the same ids
+(`TextPrompt`, `Generator.tokenized_for_reuse`).
 Must not know: threads and queues (worker.py), HTTP (inf_llm/server).
 
 `Generator.run` is called from one thread only (the worker). It emits events through a callback: zero or
