@@ -92,6 +92,7 @@ class Probe:
     oracle: bool = False
     alt_scores: bool = False  # also rank the needle under `alternative_scores`
     topk: int = 0  # the lookups' topk (a rank below it is selected)
+    masses: list = field(default_factory=list)  # (layer, queries, mass-sum scores, needle blocks) per lookup
     # "all": every lookup once the needle's blocks exist; "question": only the question's own execution
     # block (the one ending the prompt) and the decode steps
     scope: str = "all"
@@ -125,12 +126,48 @@ class Probe:
             for name, score in alternative_scores(lookup, qb).items():
                 order_alt = score.argsort(descending=True).tolist()
                 alt[name] = min(order_alt.index(b) for b in blocks)
+                if name == "mass-sum":  # for the layers' votes (see `layer_votes`)
+                    self.masses.append((layer, qb.shape[1], score, blocks))
         self.topk = lookup.cfg.topk
         self.lookups.append(Lookup(layer, qb.shape[1], rank, hit, alt))
         if not self.oracle or (self.scope == "question" and not in_question):
             return ids
         keep = lookup.cfg.topk - len(blocks)
         return [sorted(blocks + [b for b in row if b not in blocks][:keep]) for row in order]
+
+    def layer_votes(self, question: list[Lookup], decode: list[Lookup]) -> None:
+        """What one selection shared by the layers would rank, from every layer's `mass-sum` of the same lookup
+        (the question's block, or one decode step): `layers-mass` sums all 30 layers' (one rank per lookup,
+        given to each layer), `layers-causal` gives layer L the sum over layers 0..L (what a layer could use
+        without a second pass)."""
+        groups: dict[tuple[int, int], list] = {}  # (queries > 1, step) -> [(layer, scores, blocks)]
+        steps: dict[int, int] = {}
+        for layer, queries, score, blocks in self.masses:
+            if queries > 1:
+                key = (1, 0)
+            else:
+                key = (0, steps.get(layer, 0))
+                steps[layer] = key[1] + 1
+            groups.setdefault(key, []).append((layer, score, blocks))
+        by_layer = {(lk.layer, 1 if lk.queries > 1 else 0): [] for lk in question + decode}
+        for lk in question + decode:
+            by_layer[(lk.layer, 1 if lk.queries > 1 else 0)].append(lk)
+        for (is_question, step), members in groups.items():
+            members.sort(key=lambda m: m[0])
+            n = min(len(m[1]) for m in members)
+            total = sum(m[1][:n] for m in members)
+            blocks = [b for b in members[-1][2] if b < n]
+            if not blocks:
+                continue
+            full = min(total.argsort(descending=True).tolist().index(b) for b in blocks)
+            running = 0
+            for layer, score, _ in members:
+                running = running + score[:n]
+                causal = min(running.argsort(descending=True).tolist().index(b) for b in blocks)
+                items = by_layer.get((layer, is_question), [])
+                target = items[-1] if is_question and items else (items[step] if step < len(items) else None)
+                if target is not None:
+                    target.alt["layers-mass"], target.alt["layers-causal"] = full, causal
 
     def summary(self) -> dict:
         """The question's lookup (the last prefill lookup of each layer) and the first decode lookups."""
@@ -157,6 +194,7 @@ class Probe:
         for lk in decode:
             if lk.rank is not None:
                 by_layer.setdefault(lk.layer, []).append(lk.rank)
+        self.layer_votes(q, decode)
         alt = {}
         for name in sorted({n for lk in q + decode for n in lk.alt}):
             qr, dr = ([lk.alt[name] for lk in items if name in lk.alt] for items in (q, decode))
