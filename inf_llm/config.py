@@ -292,6 +292,14 @@ class ContextsConfig(_Strict):
     max_count: int = Field(256, ge=1, description="saved documents at most")
 
 
+def _refuse_switches(m: ModelConfig, option: str, instead: str, unsupported: dict[str, str]) -> None:
+    """`option` (e.g. "lookup_heads: query") set with a switch of `unsupported` (key -> why) forced true."""
+    for key, reason in unsupported.items():
+        if getattr(m, key) is True:
+            raise ValueError(f"model.{option} does not work with model.{key}: true yet ({reason}); "
+                             f"set {instead} or {key}: false")
+
+
 class InfLLMConfig(_Strict):
     """A whole config file."""
 
@@ -333,34 +341,22 @@ class InfLLMConfig(_Strict):
                     f"model.repr_topk ({m.repr_topk}) must be <= model.block_size ({m.block_size})"
                 )
             if m.lookup_heads == "query":
-                unsupported = {
+                _refuse_switches(m, "lookup_heads: query", "lookup_heads: kv", {
                     "fattn": "the Triton kernels score keys, form blocks and decode per KV head",
                     "faiss": "the faiss index holds per-KV-head representatives",
-                }
-                for key, reason in unsupported.items():
-                    if getattr(m, key) is True:
-                        raise ValueError(
-                            f"model.lookup_heads: query does not work with model.{key}: true yet ({reason}); "
-                            f"set lookup_heads: kv or {key}: false"
-                        )
+                })
             if m.block_score == "attention":
-                unsupported = {
-                    "fattn": "the Triton kernels score blocks by their representatives",
-                    "faiss": "the faiss index holds representatives, not keys",
-                    "perhead": "each head's own lookup is scored by representatives",
-                }
                 if m.offload_access == "direct":
                     raise ValueError(
                         "model.block_score: attention does not work with model.offload_access: direct (a lookup "
                         "reads every stored key; direct keeps them across the bus and new ones in its formation "
                         "ring): set offload_access: cache, offload: false, or block_score: representative"
                     )
-                for key, reason in unsupported.items():
-                    if getattr(m, key) is True:
-                        raise ValueError(
-                            f"model.block_score: attention does not work with model.{key}: true yet ({reason}); "
-                            f"set block_score: representative or {key}: false"
-                        )
+                _refuse_switches(m, "block_score: attention", "block_score: representative", {
+                    "fattn": "the Triton kernels score blocks by their representatives",
+                    "faiss": "the faiss index holds representatives, not keys",
+                    "perhead": "each head's own lookup is scored by representatives",
+                })
             if m.score_decay is not None and m.cache_strategy is not CacheStrategy.LRU_S:
                 # The original presets (vicuna-inf-llm, mistral-inf-llm-12k) set score_decay and leave
                 # cache_strategy at its default, where the original code ignores it: accept that verbatim.
