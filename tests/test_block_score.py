@@ -18,7 +18,7 @@ from tests.dense_reference import default_scale
 from tests.models import build_tiny_model
 from tests.test_adapter import SMALL, forward, patched
 from tests.test_memory import D, make_memory, random_qkv
-from tests.test_released_retrieval import CALLS, EXC, HKV, HQ, PATHS, N, reference_run, run
+from tests.test_released_retrieval import CALLS, EXC, HKV, HQ, PATHS, N, decode_tokens, reference_run, run
 
 
 @pytest.mark.parametrize("lookup_heads", ["kv", "query"])
@@ -114,20 +114,8 @@ def test_static_decode_step_looks_up_as_the_ordinary_step():
     def decode(static: bool):
         memory = make_memory("inf-llm", hq=HQ, hkv=HKV, device_lookup=True, block_score="attention",
                              block_score_refresh=1)
-        step = StaticDecodeStep(memory) if static else None
-        memory.process(q[:, :prefill], k[:, :prefill], v[:, :prefill], scale)
-        outs, lookups, planned = [], [], 0
-        for p in range(prefill, n):
-            token = (q[:, p : p + 1], k[:, p : p + 1], v[:, p : p + 1])
-            plan = step.plan() if step is not None else None
-            if plan is not None:
-                step.args.copy_(torch.tensor(plan))
-                outs.append(step.run(*token, scale))
-                step.advance()
-            else:
-                outs.append(memory.process(*token, scale))
-            planned += plan is not None
-            lookups.append(memory.retrieved_last)
+        outs, lookups, planned = decode_tokens(memory, StaticDecodeStep(memory) if static else None, q, k, v,
+                                               prefill, scale)
         return torch.cat(outs, 1), lookups, planned
 
     want, want_lookups, _ = decode(False)

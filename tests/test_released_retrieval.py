@@ -158,6 +158,26 @@ def test_session_state_with_per_query_head_scores_continues_identically():
     assert sel_a == sel_b
 
 
+def decode_tokens(memory: ContextMemory, step: StaticDecodeStep | None, q, k, v, prefill: int, scale: float
+                  ) -> tuple[list, list, int]:
+    """Prefill `prefill` tokens, then the rest one at a time: through `step` whenever it plans one (None:
+    never). Returns the outputs, each step's lookups, and how many steps the static step ran."""
+    memory.process(q[:, :prefill], k[:, :prefill], v[:, :prefill], scale)
+    outs, lookups, static = [], [], 0
+    for p in range(prefill, q.shape[1]):
+        token = (q[:, p : p + 1], k[:, p : p + 1], v[:, p : p + 1])
+        plan = step.plan() if step is not None else None
+        if plan is not None:
+            step.args.copy_(torch.tensor(plan))
+            outs.append(step.run(*token, scale))
+            step.advance()
+        else:
+            outs.append(memory.process(*token, scale))
+        static += plan is not None
+        lookups.append(memory.retrieved_last)
+    return outs, lookups, static
+
+
 def test_static_decode_step_with_per_query_head_scores():
     """The fixed-shape decode step (CUDA graphs; eager on a CPU) scores, looks up and adds each query head's
     received probabilities as the ordinary step does."""
@@ -166,23 +186,9 @@ def test_static_decode_step_with_per_query_head_scores():
     scale = default_scale(D)
 
     def decode(step: StaticDecodeStep | None) -> tuple[ContextMemory, list, list, int]:
-        """Prefill, then one token at a time: through `step` whenever it plans one (None: never)."""
         memory = step.memory if step is not None else make_memory("inf-llm", hq=HQ, hkv=HKV, device_lookup=True,
                                                                     lookup_heads="query")
-        memory.process(q[:, :prefill], k[:, :prefill], v[:, :prefill], scale)
-        outs, lookups, static = [], [], 0
-        for p in range(prefill, n):
-            token = (q[:, p : p + 1], k[:, p : p + 1], v[:, p : p + 1])
-            plan = step.plan() if step is not None else None
-            if plan is not None:
-                step.args.copy_(torch.tensor(plan))
-                outs.append(step.run(*token, scale))
-                step.advance()
-            else:
-                outs.append(memory.process(*token, scale))
-            static += plan is not None
-            lookups.append(memory.retrieved_last)
-        return memory, outs, lookups, static
+        return memory, *decode_tokens(memory, step, q, k, v, prefill, scale)
 
     ordinary, want, want_lookups, _ = decode(None)
     static, got, lookups, planned = decode(StaticDecodeStep(
