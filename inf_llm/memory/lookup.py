@@ -112,7 +112,7 @@ class BlockLookup:
             self.candidates = torch.cat([self.candidates, fresh])
             self.candidates_cover = n_blocks
         self.steps_since_full += 1
-        keys = self.store.read(0, n_blocks)[0] if self.store.codec is not None else self.store.k
+        keys = self.store.read(0, n_blocks)[0]  # a view, or every block decoded with a codec
         scores = self._attention(qvec, keys.index_select(0, self.candidates.to(keys.device)))  # (1, M)
         return self.candidates[scores.topk(topk, dim=-1).indices.to(self.candidates.device)]
 
@@ -244,8 +244,7 @@ class BlockLookup:
         """(1, capacity): one lookup vector's scores of every slot of the store, formed or not (the fixed-shape
         decode step's lookup, which masks the slots past the block count itself)."""
         if self.by_attention:
-            keys = self.store.k if self.store.codec is None else self.store.read(0, self.store.k.shape[0])[0]
-            return self._attention(qvec, keys)
+            return self._attention(qvec, self.store.read(0, self.store.k.shape[0])[0])
         return torch.mv(self.store.repr, qvec[0]).unsqueeze(0)
 
     def _attention(self, qvec: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
