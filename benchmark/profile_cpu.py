@@ -49,6 +49,9 @@ from inf_llm.kernels import reference  # noqa: E402
 CATEGORIES = ("linear", "attention", "memory", "norm", "mlp", "other ops", "python")
 # record_function scopes: module classes by the end of their name, and the memory's ops by name
 _SCOPE = {"Linear": "linear", "RMSNorm": "norm", "MLP": "mlp", "Attention": "layer attention"}
+# an op's category by its innermost scope (None: outside every scope)
+_CATEGORY_OF_SCOPE = {"linear": "linear", "norm": "norm", "mlp": "mlp", "attention op": "attention",
+                      "layer attention": "memory", None: "other ops"}
 
 
 def _scope_of(module) -> str | None:
@@ -106,29 +109,21 @@ def split(prof, wall_s: float, n_layers: int, units: int) -> dict:
     scopes = [e for e in events if e.name.startswith("scope::")]
     ops = [e for e in events if not e.name.startswith("scope::") and not e.name.startswith("ProfilerStep")]
 
-    def innermost(e):  # the innermost scope range enclosing an op, by time (one thread)
-        best = None
-        for s in scopes:
-            if s.time_range.start <= e.time_range.start and e.time_range.end <= s.time_range.end:
-                if best is None or s.time_range.elapsed_us() < best.time_range.elapsed_us():
-                    best = s
-        return best.name[len("scope::"):] if best else None
-
-    # only the outermost torch ops (an op's children are inside its own time)
-    ops.sort(key=lambda e: (e.time_range.start, -e.time_range.end))
-    top, end = [], -1
-    for e in ops:
-        if e.time_range.start >= end:
-            top.append(e)
-            end = e.time_range.end
-    op_us = 0.0
-    for e in top:
-        scope = innermost(e)
-        us = e.time_range.elapsed_us()
-        op_us += us
-        cat = {"linear": "linear", "norm": "norm", "mlp": "mlp", "attention op": "attention",
-               "layer attention": "memory", None: "other ops"}[scope]
-        totals[cat] += us
+    # one sweep in time order (one thread, ranges nest): the open scopes are a stack, and an op is timed
+    # only when no other op encloses it (its children are inside its own time)
+    timeline = sorted(scopes + ops, key=lambda e: (e.time_range.start, -e.time_range.end))
+    open_scopes, op_end, op_us = [], -1, 0.0
+    for e in timeline:
+        while open_scopes and open_scopes[-1].time_range.end <= e.time_range.start:
+            open_scopes.pop()
+        if e.name.startswith("scope::"):
+            open_scopes.append(e)
+        elif e.time_range.start >= op_end:
+            op_end = e.time_range.end
+            us = e.time_range.elapsed_us()
+            op_us += us
+            scope = open_scopes[-1].name[len("scope::"):] if open_scopes else None
+            totals[_CATEGORY_OF_SCOPE[scope]] += us
     totals["python"] = max(wall_s * 1e6 - op_us, 0.0)
     per_unit = {c: totals[c] / 1e3 / units for c in CATEGORIES}
     return {
@@ -147,15 +142,14 @@ def profile_context(model, tokenizer, cfg, n_tokens: int, steps: int) -> dict:
     last = max((n_tokens - 1) // cfg.chunk_size * cfg.chunk_size, 0)
     if last == n_tokens - 1:
         last -= cfg.chunk_size
-    prefill_chunks(model, cfg, cache, x, 0, last)
-    state = cache  # the memory before the last chunk, for the profiled chunk
+    prefill_chunks(model, cfg, cache, x, 0, last)  # the memory before the last chunk, for the profiled chunk
 
-    twin = state.clone()
+    prefilled = cache.clone()  # after the timed chunk: the state the decode steps start from
     t = time.perf_counter()
-    prefill_chunks(model, cfg, twin, x, last, n_tokens - 1)
+    prefill_chunks(model, cfg, prefilled, x, last, n_tokens - 1)
     chunk_s = time.perf_counter() - t
     chunk_tokens = n_tokens - 1 - last
-    twin = state.clone()
+    twin = cache.clone()
     with scoped(model), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         t = time.perf_counter()
         prefill_chunks(model, cfg, twin, x, last, n_tokens - 1)
@@ -172,8 +166,6 @@ def profile_context(model, tokenizer, cfg, n_tokens: int, steps: int) -> dict:
         model.generate(x, attention_mask=torch.ones_like(x), generation_config=gen, **cache_kwargs(model, c))
         return time.perf_counter() - t0
 
-    prefilled = state.clone()
-    prefill_chunks(model, cfg, prefilled, x, last, n_tokens - 1)
     # the first generate call feeds the prompt's last token: warm, then time whole calls of `steps` steps
     decode(prefilled.clone())
     decode_s = min(decode(prefilled.clone()) for _ in range(2))
@@ -210,6 +202,10 @@ def main(argv: list[str] | None = None) -> int:
         contexts = [int(c) for c in args.contexts.split(",")]
     except ValueError:
         p.error(f"--contexts must be comma-separated integers, got {args.contexts!r}")
+    if any(n < 2 for n in contexts):
+        p.error(f"--contexts must be at least 2 tokens each (a prefill chunk and a token to decode), got {contexts}")
+    if args.steps < 1:
+        p.error(f"--steps must be at least 1, got {args.steps}")
     model, tokenizer, cfg = load_for_eval(args.config, args.set)
     results = []
     for n in contexts:
