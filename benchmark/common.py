@@ -51,6 +51,29 @@ class GenerationStats:
         }
 
 
+@dataclass
+class Agreement:
+    """A variant's next-token distributions against a baseline's, accumulated position by position: mean KL
+    divergence (nats), top-1 agreement and the largest change of a log-probability."""
+
+    kl: float = 0.0
+    top1: int = 0
+    max_abs_logprob: float = 0.0
+    positions: int = 0
+
+    def add(self, base_logp: torch.Tensor, logp: torch.Tensor) -> None:
+        """base_logp / logp (positions, vocab) float32 log-softmax of the same positions."""
+        self.kl += float((base_logp.exp() * (base_logp - logp)).sum())  # host sync: one scalar per call
+        self.top1 += int((base_logp.argmax(-1) == logp.argmax(-1)).sum())
+        self.max_abs_logprob = max(self.max_abs_logprob, float((base_logp - logp).abs().max()))
+        self.positions += base_logp.shape[0]
+
+    def as_dict(self) -> dict:
+        n = max(self.positions, 1)
+        return {"mean_kl": self.kl / n, "top1_agreement": self.top1 / n,
+                "max_abs_logprob_diff": self.max_abs_logprob, "positions": self.positions}
+
+
 def torchrun_overrides(overrides: Sequence[str]) -> list[str]:
     """With torchrun (LOCAL_RANK set) and CUDA present, pin each process to its GPU unless the overrides
     already name a device."""

@@ -20,7 +20,7 @@ if __package__ in (None, ""):  # run as a file: make the repo importable
 
 import torch
 
-from benchmark.common import load_for_eval
+from benchmark.common import Agreement, load_for_eval
 from inf_llm.adapter import InfLLMCache, cache_kwargs
 
 REPO = Path(__file__).resolve().parent.parent
@@ -64,7 +64,7 @@ def compare(model, cfg, ids: torch.Tensor, codecs: list[str], score_from: int) -
         model(ids[:, :1], use_cache=True, logits_to_keep=1, **cache_kwargs(model, cache))  # makes the memory
         caches.append(cache)
     model.infllm.cfg = cfg.model
-    sums = {n: {"kl": 0.0, "top1": 0, "max_abs_logprob": 0.0, "positions": 0} for n in codecs}
+    sums = {n: Agreement() for n in codecs}
     a, total = 1, ids.shape[1]
     while a < total:
         b = min((a // cfg.chunk_size + 1) * cfg.chunk_size, total)
@@ -76,20 +76,14 @@ def compare(model, cfg, ids: torch.Tensor, codecs: list[str], score_from: int) -
         if keep:
             base = logps[0]
             for name, logp in zip(codecs, logps[1:]):
-                s = sums[name]
-                s["kl"] += float((base.exp() * (base - logp)).sum())  # host sync: one scalar per chunk
-                s["top1"] += int((base.argmax(-1) == logp.argmax(-1)).sum())
-                s["max_abs_logprob"] = max(s["max_abs_logprob"], float((base - logp).abs().max()))
-                s["positions"] += keep
+                sums[name].add(base, logp)
         a = b
     results = {}
     for name, cache in zip(names, caches):
         host = sum(st.host_bytes for st in cache.stats())
         row = {"host_bytes": host}
         if name in sums:
-            s = sums[name]
-            row.update(mean_kl=s["kl"] / s["positions"], top1_agreement=s["top1"] / s["positions"],
-                       max_abs_logprob_diff=s["max_abs_logprob"], positions=s["positions"])
+            row.update(sums[name].as_dict())
         results[name] = row
     return results
 

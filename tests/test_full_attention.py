@@ -9,7 +9,7 @@ import torch
 
 from inf_llm.adapter import InfLLMCache
 from inf_llm.errors import UnsupportedModelError
-from tests.dense_reference import default_scale
+from tests.dense_reference import default_inv_freq, default_scale, rotate
 from tests.models import build_tiny_model
 from tests.test_adapter import SMALL, forward, patched
 from tests.test_memory import CALL_PATTERNS, D, feed, make_memory, random_qkv
@@ -69,6 +69,27 @@ def test_a_session_saved_while_wide_continues_identically_across_the_limit():
     # the same state; the bytes may differ (a loaded store is sized to its blocks, a grown one doubled)
     same = [dataclasses.replace(m.stats(), host_bytes=0, device_bytes=0) for m in (a, b)]
     assert not b.wide and same[0] == same[1]
+
+
+@pytest.mark.parametrize("pattern", ["one_call", "chunks_of_32", "prefill_then_decode"])
+def test_a_wide_window_scores_each_key_by_the_queries_of_the_configured_window(pattern):
+    """While the window is wide, a key's score is the probability full attention gives it, summed over the
+    queries of the configured window (n_local 32) after it and over its group's query heads: what the blocks
+    it forms on narrowing would have been scored by without the option."""
+    n, n_local, group = 90, 32, 3
+    q, k, v = random_qkv(n, seed=26)
+    memory = make_memory("inf-llm", full_attention_tokens=LIMIT)
+    feed(memory, q, k, v, CALL_PATTERNS[pattern](n))
+    assert memory.wide
+    positions = torch.arange(n)
+    q_rot, k_rot = rotate(q, default_inv_freq(D), positions), rotate(k, default_inv_freq(D), positions)
+    scores = q_rot.view(2, group, n, D) @ k_rot[:, None].transpose(-1, -2) * default_scale(D)  # (Hkv, G, i, j)
+    causal = positions[None, :] <= positions[:, None]
+    probs = torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1)  # full attention's
+    near = causal & (positions[:, None] - positions[None, :] < n_local)
+    expected = (probs * near).sum(dim=(1, 2))  # (Hkv, j)
+    first = memory.tail.first_pos
+    torch.testing.assert_close(memory.tail.scores(first, n), expected[:, first:].float(), rtol=1e-5, atol=1e-6)
 
 
 def test_a_limit_within_the_window_changes_nothing():

@@ -34,7 +34,8 @@ from huggingface_hub import constants as hub_constants
 from huggingface_hub import try_to_load_from_cache
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from inf_llm.config import InfLLMConfig, ModelConfig
+from inf_llm.config import AUTO, InfLLMConfig, ModelConfig
+from inf_llm.engine.fp16_linear import store_weights_in_fp16
 from inf_llm.engine.packed_linear import pack_linear_layers
 from inf_llm.errors import ConfigError, ModelLoadError, ModelNotFoundError
 
@@ -95,6 +96,7 @@ class LoadedModel:
     load_seconds: float
     from_cache: bool  # True when the weights came from the converted-GGUF cache
     cache_dir: Path | None = None  # the converted-GGUF cache folder of this model, if any
+    linear: str = "F.linear"  # how the linear layers multiply (`_cpu_linear_path`), as /status reports it
 
 
 # ------------------------------------------------------------------------------------------ resolving
@@ -268,6 +270,21 @@ def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
     return _DTYPES[spec]
 
 
+def _cpu_linear_path(model: PreTrainedModel, model_cfg: ModelConfig, device: torch.device) -> str:
+    """Repack a CPU model's linear layers for the CPU's fastest kernel of the same computation: bf16 weights
+    prepacked for oneDNN (`cpu_packed_linear`, bit-identical), float32 weights stored in fp16
+    (`cpu_fp16_weights`; auto: where `dtype: auto` chose float32, i.e. the CPU has no native bf16; an explicit
+    `dtype: float32` stays exact). Returns what runs, for /status."""
+    if device.type != "cpu" or model_cfg.device_map is not None:
+        return "F.linear"
+    if model_cfg.cpu_packed_linear and pack_linear_layers(model):
+        return "bf16, prepacked for oneDNN"
+    fp16 = model_cfg.cpu_fp16_weights
+    if (fp16 is True or (fp16 == AUTO and model_cfg.dtype == AUTO)) and store_weights_in_fp16(model):
+        return "float32 with fp16 weights (fbgemm)"
+    return "F.linear"
+
+
 def _placement(model_cfg: ModelConfig, device: torch.device) -> dict[str, Any]:
     """from_pretrained arguments that place the weights: one device, or an accelerate device map."""
     if model_cfg.device_map is None:
@@ -314,8 +331,7 @@ def load_model(cfg: InfLLMConfig, progress: ProgressCallback | None = None) -> L
     if tokenizer is None:  # cached weights, tokenizer from model.tokenizer_path (or missing from the cache)
         tokenizer = _load_tokenizer(tokenizer_source or source, model_cfg.trust_remote_code)
     _ensure_pad_token(tokenizer, model)
-    if model_cfg.cpu_packed_linear and device.type == "cpu" and model_cfg.device_map is None:
-        pack_linear_layers(model)  # after the cache write: packed weights are not saveable tensors
+    linear_path = _cpu_linear_path(model, model_cfg, device)  # after the cache write: packed weights are not saveable
 
     seconds = time.perf_counter() - start
     loaded = LoadedModel(
@@ -327,13 +343,15 @@ def load_model(cfg: InfLLMConfig, progress: ProgressCallback | None = None) -> L
         load_seconds=seconds,
         from_cache=cached is not None,
         cache_dir=cache_dir,
+        linear=linear_path,
     )
     logger.info(
-        "loaded %s (%s) on %s in %s in %.1f s%s",
+        "loaded %s (%s) on %s in %s (linear layers: %s) in %.1f s%s",
         source,
         type(model).__name__,
         loaded.device,
         dtype,
+        linear_path,
         seconds,
         " from converted cache" if loaded.from_cache else "",
     )

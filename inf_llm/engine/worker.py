@@ -89,6 +89,7 @@ class EngineInfo:
     load_seconds: float
     auto: dict | None = None  # each auto key's value and reason (inf_llm.auto_config.Resolution.as_status)
     warmup_seconds: float | None = None  # the kernels' warm-up before ready (None: none ran)
+    linear: str = "F.linear"  # how the linear layers multiply (`LoadedModel.linear`)
 
 
 class _Channel:
@@ -559,7 +560,7 @@ def load_engine(cfg: InfLLMConfig, progress: Callable[[str, float], None] | None
     info = EngineInfo(
         model_name=cfg.server.model_name or str(loaded.source.origin or loaded.source),
         device=str(loaded.device), dtype=str(loaded.dtype).removeprefix("torch."),
-        load_seconds=round(loaded.load_seconds, 2), auto=resolution.as_status(),
+        load_seconds=round(loaded.load_seconds, 2), auto=resolution.as_status(), linear=loaded.linear,
     )
     engine = Engine(resolved, model, loaded.tokenizer, info)
     freeze_long_lived_objects()

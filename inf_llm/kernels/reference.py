@@ -104,7 +104,13 @@ def windowed_attention(
     `token_major_out`: out (B, Hq, Lq, D) is a view of (B, Lq, Hq, D) storage, so that out.transpose(1, 2),
     the layout transformers reshapes the attention output from, is contiguous (no copy there). Same values.
     """
-    mask = window_mask(q.shape[2], k.shape[2], q_offset, window, q.device)
+    lq, lk = q.shape[2], k.shape[2]
+    if _causal_prefix_case(q, k, q_offset, window):
+        out, lse = _causal_with_prefix(q, k, v, scale=scale, q_offset=q_offset)
+        if token_major_out:
+            out = out.transpose(1, 2).contiguous().transpose(1, 2)
+        return out, lse
+    mask = window_mask(lq, lk, q_offset, window, q.device)
     # query i sees keys lo..hi: empty exactly when lo > hi (cheaper than scanning the mask)
     pos = torch.arange(q.shape[2], device=q.device) + q_offset
     lo = torch.zeros_like(pos) if window is None else (pos - window + 1).clamp_min(0)
@@ -113,6 +119,35 @@ def windowed_attention(
     if token_major_out:
         out = out.transpose(1, 2).contiguous().transpose(1, 2)
     return out, lse
+
+
+def _causal_prefix_case(q: torch.Tensor, k: torch.Tensor, q_offset: int, window: int | None) -> bool:
+    """The window reaches every key (full attention, or a window as wide as the conversation) and the keys
+    end at the last query: on a CPU the attention is then a prefix every query sees whole, plus a causal
+    square, two flash calls that skip the masked half instead of one over an explicit (Lq, Lk) mask."""
+    lq, lk, group = q.shape[2], k.shape[2], q.shape[1] // k.shape[1]
+    return (q.device.type == "cpu" and lq > 1 and lq * group > SMALL_QUERY_ROWS and lk == q_offset + lq
+            and (window is None or window >= lk))
+
+
+def _causal_with_prefix(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, q_offset: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`windowed_attention` where query i sees keys 0 .. q_offset + i (see `_causal_prefix_case`)."""
+    b, hq, lq, d = q.shape
+    hkv = k.shape[1]
+    group = hq // hkv
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    # the square: causal rows need one query head per key head (the K/V copy is Lq rows, not Lk)
+    k_sq, v_sq = k[:, :, q_offset:], v[:, :, q_offset:]
+    if group > 1:
+        k_sq, v_sq = k_sq.repeat_interleave(group, dim=1), v_sq.repeat_interleave(group, dim=1)
+    out, lse = flash(q, k_sq, v_sq, 0.0, True, scale=scale)
+    if q_offset == 0:
+        return out, lse.float()
+    # the prefix: every query sees every key, so the group's queries stack on one key head (no K/V copy)
+    out_p, lse_p = flash(_fold_groups(q, hkv), k[:, :, :q_offset], v[:, :, :q_offset], 0.0, False, scale=scale)
+    return merge_partials(out, lse.float(), _unfold_groups(out_p, hq, lq), _unfold_groups(lse_p.float(), hq, lq))
 
 
 def prefix_attention(

@@ -119,6 +119,10 @@ class ContextMemory:
         limit = cfg.full_attention_tokens if self.policy.windowed else None
         self.full_until = limit if isinstance(limit, int) and limit > cfg.n_local else None
         self.n_local = (self.full_until or cfg.n_local) if self.policy.windowed else None
+        # A key's score sums the probability it receives from the queries of the configured window, also while
+        # the window is wide (full_attention_tokens): the blocks it forms on narrowing are scored as they would
+        # have been without the option, and a wide prefill scores 512 keys per query, not the whole context.
+        self.score_window = cfg.n_local
         self.n_init = cfg.n_init if self.policy.windowed else 0
         self.exc = cfg.exc_block_size if self.policy.windowed else None
         self.seen = 0
@@ -244,10 +248,10 @@ class ContextMemory:
             if has_global and e - 1 - self.n_local >= 0:
                 self._attend_global(q_rows[i], q_glb_rows[i], out_rows[i], lse_rows[i], s, e, i, scale)
             if self.policy.keeps_blocks:  # probability each window key receives from the final softmax
-                w_start = max(s - self.n_local + 1, self.tail.first_pos)
+                w_start = max(s - self.score_window + 1, self.tail.first_pos)
                 self.ops.window_key_scores(
                     q_loc_rows[i], self.tail.rotated_keys(w_start, e)[None], scale=scale,
-                    q_offset=s - w_start, window=self.n_local, lse=lse_rows4[i],
+                    q_offset=s - w_start, window=self.score_window, lse=lse_rows4[i],
                     into=self.tail.scores(w_start, e)[None], check=self.residency.check,
                 )
             self.seen = e
@@ -259,7 +263,8 @@ class ContextMemory:
                      ) -> tuple[torch.Tensor, torch.Tensor]:
         """The windowed attention of queries start..end-1 (q_loc (Hq, L, D) rotated to the window's base) over
         their window keys, in pieces of the ops' `LOCAL_STAGE_ROWS` queries: out (Hq, L, D), lse (Hq, L) fp32."""
-        piece = self.ops.LOCAL_STAGE_ROWS or self.exc or LOCAL_STAGE_ROWS
+        # (a wide window sees every key: pieces as large as the call cost no extra work)
+        piece = self.ops.LOCAL_STAGE_ROWS or (None if self.wide else self.exc) or LOCAL_STAGE_ROWS
         out = lse = None
         a = start
         while a < end:  # pieces aligned to multiples of `piece` positions, as execution blocks are
@@ -311,8 +316,9 @@ class ContextMemory:
             received_into=self.tail.scores(window_start, p + 1) if per_query else None,
         )
         self.residency.report_received(q_glb, k_glb[:, self.init_len :], lse[:, None], selected, scale)
-        if self.policy.keeps_blocks and not per_query:
-            self.tail.scores(window_start, p + 1).add_(received)
+        if self.policy.keeps_blocks and not per_query:  # the keys of the score window (wide: its last ones)
+            scored = min(received.shape[1], self.score_window)
+            self.tail.scores(p + 1 - scored, p + 1).add_(received[:, -scored:])
         self.seen = p + 1
         self._form_memory(p + 1)
         self.lookup.flush_counts()

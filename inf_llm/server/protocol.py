@@ -337,6 +337,11 @@ class StatusResponse(PublicStatus):
         "host_pool_tokens, max_cached_block, async_global_stream): its value and why; null until loaded"
     )
     warmup_s: float | None = Field(description="seconds the kernels' warm-up took before ready; null: none ran")
+    dtype: str | None = Field(description="the dtype the model computes in (e.g. bfloat16, float32); null until loaded")
+    linear: str | None = Field(
+        description="how the linear layers multiply: F.linear, bf16 prepacked for oneDNN, or float32 with fp16 "
+        "weights (fbgemm) (model.cpu_packed_linear, model.cpu_fp16_weights); null until loaded"
+    )
 
 
 # ------------------------------------------------------------------------------------------ OpenAI API

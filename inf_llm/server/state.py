@@ -122,6 +122,8 @@ class ServerState:
             "generation_fields": self.generation_fields(),
             "auto": engine.info.auto if engine is not None else None,
             "warmup_s": engine.info.warmup_seconds if engine is not None else None,
+            "dtype": engine.info.dtype if engine is not None else None,
+            "linear": engine.info.linear if engine is not None else None,
         }
 
     def generation_fields(self) -> list[dict]:
