@@ -154,6 +154,7 @@ def generate_greedy(
     cache = cache if cache is not None else InfLLMCache(model)
     kw = cache_kwargs(model, cache)
 
+    cache.plan(len(ids))  # as the engine: a prompt past full_attention_tokens reads with the configured window
     start = time.perf_counter()
     prefill_chunks(model, cfg, cache, input_ids, reused_tokens, prefill)  # returns when the GPU is done
     prefill_s = time.perf_counter() - start

@@ -7,8 +7,9 @@ plain transformers (full attention, SDPA, one forward, greedy loop) and llama-cp
 Each row reads a document of that many tokens (benchmark/serving_speed.py's varied prose) and decodes
 `--decode` greedy tokens (never stopping early):
   inf_llm        the served config through the engine's path (chunked prefill, `model.generate` decode)
-  transformers   the same weights unpatched (full attention, SDPA), one forward over the prompt, then a
-                 greedy loop over its KV cache; skipped past the model's native context (8192 for SmolLM2)
+  transformers   the same weights unpatched and as loaded (full attention, SDPA, `F.linear`: no prepacked or
+                 fp16 weights), one forward over the prompt, then a greedy loop over its KV cache; skipped
+                 for prompts past the model's native context (8192 for SmolLM2)
   llama.cpp      llama-cpp-python on the GGUF the default model ships (its own Q4_1 weights, llama.cpp's
                  kernels), `--threads` threads; skipped with a message where llama_cpp cannot be imported
                  (it has no wheel on PyPI: `scripts/install_llama_cpp.sh` builds one, about 15 min on 2 cores)
@@ -152,7 +153,10 @@ def main(argv=None) -> int:
     report.update(dtype=str(loaded.dtype).removeprefix("torch."), linear=loaded.linear)
     tokenizer, gguf = loaded.tokenizer, loaded.source.gguf_path
     native = getattr(loaded.model.config, "max_position_embeddings", None)
-    plain = load_model(cfg).model if "transformers" in args.system_list else None
+    # stock transformers: the same weights without this project's repacking of the linear layers
+    stock = cfg.model_copy(update={"model": cfg.model.model_copy(update={"cpu_packed_linear": False,
+                                                                           "cpu_fp16_weights": False})})
+    plain = load_model(stock).model if "transformers" in args.system_list else None
     ours = patch_model(loaded.model, cfg.model) if "inf_llm" in args.system_list else None
     llm, no_llama = (None, None)
     if "llama.cpp" in args.system_list:
@@ -164,7 +168,7 @@ def main(argv=None) -> int:
             if system == "inf_llm":
                 record({**base, **run_inf_llm(ours, tokenizer, cfg, ids, args.decode)})
             elif system == "transformers":
-                if native is not None and n + args.decode > native:
+                if native is not None and n > native:
                     record({**base, "skipped": f"beyond the model's native context ({native})"})
                 else:
                     record({**base, **run_transformers(plain, ids, args.decode)})

@@ -139,6 +139,7 @@ def profile_context(model, tokenizer, cfg, n_tokens: int, steps: int) -> dict:
     x = torch.tensor([ids], dtype=torch.long)
     n_layers = model.config.num_hidden_layers
     cache = InfLLMCache(model)
+    cache.plan(n_tokens)  # as the engine plans a prompt (full_attention_tokens)
     last = max((n_tokens - 1) // cfg.chunk_size * cfg.chunk_size, 0)
     if last == n_tokens - 1:
         last -= cfg.chunk_size

@@ -59,3 +59,40 @@ def test_host_overhead_measures_the_glue_per_execution_block(tmp_path):
     assert result["execution_blocks_per_chunk"] == 16 and len(result["chunk_layer_ms"]) == 2
     assert 0 < result["us_per_execution_block"] < 1e5
     assert "per execution block" in proc.stdout
+
+
+def test_cpu_peers_measures_each_system_on_the_same_prompt_or_says_why_not(tmp_path):
+    out = tmp_path / "peers.json"
+    proc = _run(["benchmark/cpu_peers.py", "--contexts", "64,96", "--decode", "3", "--out", str(out)])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    rows = {(r["context"], r["system"]): r for r in report["rows"]}
+    assert set(rows) == {(n, s) for n in (64, 96) for s in ("inf_llm", "transformers", "llama.cpp")}
+    for (n, system), row in rows.items():
+        if system == "llama.cpp" and "skipped" in row:  # no llama-cpp-python here: the reason, never a number
+            assert "llama_cpp" in row["skipped"] and "prefill_tokens_per_s" not in row
+            continue
+        assert row["prefill_tokens_per_s"] > 0 and row["decode_tokens_per_s"] > 0
+        assert row["prefill_tokens"] in (n - 1, n)  # the engine's path feeds the last prompt token to generate
+    assert report["linear"] and report["dtype"] in ("bfloat16", "float32")
+    assert "| 96 | inf_llm |" in proc.stdout
+
+
+def test_cpu_peers_refuses_bad_arguments_by_name():
+    for args, named in ((["--contexts", "8"], "--contexts"), (["--decode", "0"], "--decode"),
+                        (["--systems", "vllm"], "--systems")):
+        proc = _run(["benchmark/cpu_peers.py", *args])
+        assert proc.returncode == 2 and named in proc.stderr, (args, proc.stderr[-500:])
+
+
+def test_linear_accuracy_puts_fp16_weights_next_to_float32_and_int8_far_from_it(tmp_path):
+    out = tmp_path / "accuracy.json"
+    proc = _run(["benchmark/linear_accuracy.py", "--tokens", "200", "--decode", "3",
+                 "--variants", "fp16-weights,int8-dynamic", "--out", str(out)])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = json.loads(out.read_text())["results"]
+    fp16, int8 = results["fp16-weights"], results["int8-dynamic"]
+    assert fp16["prefill"]["positions"] == 200 and fp16["decode"]["positions"] == 3
+    assert fp16["prefill"]["mean_kl"] < 1e-3 and fp16["prefill"]["top1_agreement"] > 0.95
+    assert int8["prefill"]["mean_kl"] > 100 * fp16["prefill"]["mean_kl"]
+    assert "| fp16-weights |" in proc.stdout

@@ -9,8 +9,8 @@ and multiplies float32 activations by it in float32 (AVX2 + F16C converts on the
 projection of a decode step takes 1.5 ms, the other projections about half their float32 time, and a
 prefill chunk's many-row products are as fast as float32's. The one change of numerics is the weight
 rounded once to fp16 (11 significant bits, finer than the bf16 the model runs in on other CPUs):
-`benchmark/linear_accuracy.py` measures it (SmolLM2: mean KL against float32 below 1e-4 nats, the same greedy
-tokens).
+`benchmark/linear_accuracy.py` measures it (SmolLM2 over 12K positions of natural text: mean next-token KL
+against float32 1.9e-5 nats, the same top token at 99.8% of positions; bf16 weights: 2.6e-3 and 96.2%).
 
 `torch.ops.quantized` is torch's eager quantized-kernel API; the pinned torch has it, and `fp16_supported`
 probes it: where the ops are gone the model stays float32, with a log line.
