@@ -110,7 +110,7 @@ def run_llama_cpp(llm, ids: list[int], decode: int) -> dict:
     return _row(len(ids), prefill_s, decode - 1, decode_s)
 
 
-def _llama(cfg, gguf: Path | None, n_ctx: int, threads: int):
+def _llama(gguf: Path | None, n_ctx: int, threads: int):
     """A llama-cpp-python model of the served GGUF, or the reason there is none."""
     if gguf is None:
         return None, "the served model is not a GGUF file"
@@ -160,7 +160,7 @@ def main(argv=None) -> int:
     ours = patch_model(loaded.model, cfg.model) if "inf_llm" in args.system_list else None
     llm, no_llama = (None, None)
     if "llama.cpp" in args.system_list:
-        llm, no_llama = _llama(cfg, gguf, max(args.context_list) + args.decode + 8, threads)
+        llm, no_llama = _llama(gguf, max(args.context_list) + args.decode + 8, threads)
     for n in args.context_list:
         ids = tokenizer(document(tokenizer, n), add_special_tokens=False)["input_ids"][:n]
         for system in args.system_list:

@@ -35,6 +35,7 @@ from torch import nn  # noqa: E402
 from benchmark.common import Agreement, load_for_eval  # noqa: E402
 from benchmark.offload_accuracy import DEFAULT_TEXTS, _text_ids  # noqa: E402
 from inf_llm.adapter import InfLLMCache, cache_kwargs  # noqa: E402
+from inf_llm.engine.packed_linear import cpu_linear_layers, replace_submodule  # noqa: E402
 
 BASE = ["model.dtype=float32", "model.cpu_fp16_weights=false"]
 VARIANTS = {
@@ -64,10 +65,8 @@ class _DynamicInt8Linear(nn.Module):
 
 
 def _quantize_int8(model: nn.Module) -> None:
-    for name, module in list(model.named_modules()):
-        if type(module) is nn.Linear:
-            parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name) if parent_name else model, child, _DynamicInt8Linear(module))
+    for name, linear in cpu_linear_layers(model, torch.float32):
+        replace_submodule(model, name, _DynamicInt8Linear(linear))
 
 
 def _parse(argv=None) -> argparse.Namespace:

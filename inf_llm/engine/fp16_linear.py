@@ -6,7 +6,7 @@ token reads every weight once: SmolLM2-135M's 0.54 GB of float32 weights are mos
 49152 x 576 vocabulary projection alone takes 10 ms through `F.linear`. fbgemm's FP16 GEMM (the kernel of
 torch's `linear_dynamic_fp16`, which `torch.ao`'s dynamic fp16 linear uses) keeps the weight packed in fp16
 and multiplies float32 activations by it in float32 (AVX2 + F16C converts on the fly): the vocabulary
-projection of a decode step takes 1.5 ms, the other projections about half their float32 time, and a
+projection of a decode step takes 1.5 ms, the MLP projections about half their float32 time, and a
 prefill chunk's many-row products are as fast as float32's. The one change of numerics is the weight
 rounded once to fp16 (11 significant bits, finer than the bf16 the model runs in on other CPUs):
 `benchmark/linear_accuracy.py` measures it (SmolLM2 over 12K positions of natural text: mean next-token KL
@@ -22,6 +22,8 @@ import logging
 
 import torch
 from torch import nn
+
+from inf_llm.engine.packed_linear import cpu_linear_layers, replace_submodule
 
 logger = logging.getLogger(__name__)
 
@@ -70,10 +72,7 @@ def store_weights_in_fp16(model: nn.Module) -> int:
     """Replace every float32 `nn.Linear` on the CPU whose weight fits fp16's range (the vocabulary projection
     too) by an `FP16WeightLinear`; returns how many were replaced (0, the model untouched, when
     `fp16_supported` says no)."""
-    targets = [
-        (name, module) for name, module in model.named_modules()
-        if type(module) is nn.Linear and module.weight.device.type == "cpu" and module.weight.dtype == torch.float32
-    ]
+    targets = cpu_linear_layers(model, torch.float32)
     if not targets or not fp16_supported():
         if targets:
             logger.info("fp16-weight linear layers unavailable in this torch build; using float32 F.linear")
@@ -83,9 +82,7 @@ def store_weights_in_fp16(model: nn.Module) -> int:
         if float(linear.weight.detach().abs().max()) > FP16_MAX:  # would overflow: this one stays float32
             logger.info("%s keeps float32 weights (values beyond fp16's range)", name)
             continue
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, FP16WeightLinear(linear))
+        replace_submodule(model, name, FP16WeightLinear(linear))
         replaced += 1
     logger.info("%d float32 linear layers keep their weights in fp16 (fbgemm, CPU)", replaced)
     return replaced

@@ -36,7 +36,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from inf_llm.config import AUTO, InfLLMConfig, ModelConfig
 from inf_llm.engine.fp16_linear import store_weights_in_fp16
-from inf_llm.engine.packed_linear import pack_linear_layers
+from inf_llm.engine.packed_linear import PLAIN_LINEAR, pack_linear_layers
 from inf_llm.errors import ConfigError, ModelLoadError, ModelNotFoundError
 
 logger = logging.getLogger(__name__)
@@ -96,7 +96,7 @@ class LoadedModel:
     load_seconds: float
     from_cache: bool  # True when the weights came from the converted-GGUF cache
     cache_dir: Path | None = None  # the converted-GGUF cache folder of this model, if any
-    linear: str = "F.linear"  # how the linear layers multiply (`_cpu_linear_path`), as /status reports it
+    linear: str = PLAIN_LINEAR  # how the linear layers multiply (`_cpu_linear_path`), as /status reports it
 
 
 # ------------------------------------------------------------------------------------------ resolving
@@ -276,13 +276,13 @@ def _cpu_linear_path(model: PreTrainedModel, model_cfg: ModelConfig, device: tor
     (`cpu_fp16_weights`; auto: where `dtype: auto` chose float32, i.e. the CPU has no native bf16; an explicit
     `dtype: float32` stays exact). Returns what runs, for /status."""
     if device.type != "cpu" or model_cfg.device_map is not None:
-        return "F.linear"
+        return PLAIN_LINEAR
     if model_cfg.cpu_packed_linear and pack_linear_layers(model):
         return "bf16, prepacked for oneDNN"
     fp16 = model_cfg.cpu_fp16_weights
     if (fp16 is True or (fp16 == AUTO and model_cfg.dtype == AUTO)) and store_weights_in_fp16(model):
         return "float32 with fp16 weights (fbgemm)"
-    return "F.linear"
+    return PLAIN_LINEAR
 
 
 def _placement(model_cfg: ModelConfig, device: torch.device) -> dict[str, Any]:

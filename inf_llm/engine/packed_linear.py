@@ -21,6 +21,9 @@ from torch import nn
 
 logger = logging.getLogger(__name__)
 
+# what `LoadedModel.linear` and /status say when the linear layers are the model's own
+PLAIN_LINEAR = "F.linear"
+
 
 def _ops_available() -> bool:
     mkldnn = getattr(torch.ops, "mkldnn", None)
@@ -79,21 +82,30 @@ def packing_supported() -> bool:
     return packing_is_exact(linear.to(torch.bfloat16))
 
 
+def cpu_linear_layers(model: nn.Module, dtype: torch.dtype) -> list[tuple[str, nn.Linear]]:
+    """(name, layer) of every plain `nn.Linear` of `model` with a CPU weight in `dtype`."""
+    return [
+        (name, module) for name, module in model.named_modules()
+        if type(module) is nn.Linear and module.weight.device.type == "cpu" and module.weight.dtype == dtype
+    ]
+
+
+def replace_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put `module` where `model.get_submodule(name)` is."""
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
 def pack_linear_layers(model: nn.Module) -> int:
     """Replace every bf16 `nn.Linear` on the CPU by a `PackedLinear`; returns how many were replaced
     (0, the model untouched, when `packing_is_exact` says no for its first layer)."""
-    targets = [
-        (name, module) for name, module in model.named_modules()
-        if type(module) is nn.Linear and module.weight.device.type == "cpu" and module.weight.dtype == torch.bfloat16
-    ]
+    targets = cpu_linear_layers(model, torch.bfloat16)
     if not targets:
         return 0
     if not packing_is_exact(targets[0][1]):
         logger.info("packed linear layers unavailable or not exact on this CPU and torch build; using F.linear")
         return 0
     for name, linear in targets:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, PackedLinear(linear))
+        replace_submodule(model, name, PackedLinear(linear))
     logger.info("packed %d bf16 linear layers for oneDNN (CPU decoding)", len(targets))
     return len(targets)

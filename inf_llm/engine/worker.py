@@ -54,6 +54,7 @@ from inf_llm.engine.contexts import ContextInfo
 from inf_llm.engine.events import Done, Error, Event, PreparedPrompt, SamplingParams, Timings, Usage
 from inf_llm.engine.generation import Generator, prepare_chat, prepare_text, sampling_params
 from inf_llm.engine.library import Document, DocumentLibrary
+from inf_llm.engine.packed_linear import PLAIN_LINEAR
 from inf_llm.engine.sessions import SavedSession, SessionInfo, SessionState, read_session, write_session
 from inf_llm.engine.templates import Message, encode_text
 from inf_llm.errors import ConfigError, InfLLMError, NotReadyError, QueueFullError
@@ -89,7 +90,7 @@ class EngineInfo:
     load_seconds: float
     auto: dict | None = None  # each auto key's value and reason (inf_llm.auto_config.Resolution.as_status)
     warmup_seconds: float | None = None  # the kernels' warm-up before ready (None: none ran)
-    linear: str = "F.linear"  # how the linear layers multiply (`LoadedModel.linear`)
+    linear: str = PLAIN_LINEAR  # how the linear layers multiply (`LoadedModel.linear`)
 
 
 class _Channel:

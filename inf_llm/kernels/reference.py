@@ -104,18 +104,15 @@ def windowed_attention(
     `token_major_out`: out (B, Hq, Lq, D) is a view of (B, Lq, Hq, D) storage, so that out.transpose(1, 2),
     the layout transformers reshapes the attention output from, is contiguous (no copy there). Same values.
     """
-    lq, lk = q.shape[2], k.shape[2]
     if _causal_prefix_case(q, k, q_offset, window):
         out, lse = _causal_with_prefix(q, k, v, scale=scale, q_offset=q_offset)
-        if token_major_out:
-            out = out.transpose(1, 2).contiguous().transpose(1, 2)
-        return out, lse
-    mask = window_mask(lq, lk, q_offset, window, q.device)
-    # query i sees keys lo..hi: empty exactly when lo > hi (cheaper than scanning the mask)
-    pos = torch.arange(q.shape[2], device=q.device) + q_offset
-    lo = torch.zeros_like(pos) if window is None else (pos - window + 1).clamp_min(0)
-    hi = pos.clamp_max(k.shape[2] - 1)
-    out, lse = masked_attention(q, k, v, mask, scale=scale, empty_rows=lo > hi)
+    else:
+        mask = window_mask(q.shape[2], k.shape[2], q_offset, window, q.device)
+        # query i sees keys lo..hi: empty exactly when lo > hi (cheaper than scanning the mask)
+        pos = torch.arange(q.shape[2], device=q.device) + q_offset
+        lo = torch.zeros_like(pos) if window is None else (pos - window + 1).clamp_min(0)
+        hi = pos.clamp_max(k.shape[2] - 1)
+        out, lse = masked_attention(q, k, v, mask, scale=scale, empty_rows=lo > hi)
     if token_major_out:
         out = out.transpose(1, 2).contiguous().transpose(1, 2)
     return out, lse
